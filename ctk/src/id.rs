@@ -1,0 +1,146 @@
+//! `ChangeId`: which tracking generation, and which cut within it.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A tracking generation: a random 128-bit value, new whenever continuity of tracking is
+/// lost (journal missing, torn past recovery, or belonging to another disk). ChangeIds of
+/// one generation are meaningless in another.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Generation(pub u128);
+
+impl Generation {
+    /// A fresh generation from the operating system's random source.
+    pub fn random() -> Generation {
+        let mut bytes = [0u8; 16];
+        // The OS random source failing is not recoverable and not caused by input.
+        getrandom::fill(&mut bytes).expect("operating system random source failed");
+        Generation(u128::from_le_bytes(bytes))
+    }
+}
+
+impl fmt::Debug for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// An opaque point in a disk's change history, like VMware's `changeId`: the generation and
+/// the sequence number of a cut. Sequence 0 is the start of the generation (nothing sealed
+/// yet); every cut gets the next number.
+///
+/// Text form: `<32 hex digits of the generation>/<decimal sequence>`, e.g.
+/// `5f0c...e1/42`. It round-trips through [`fmt::Display`] and [`FromStr`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChangeId {
+    pub generation: Generation,
+    pub seq: u64,
+}
+
+impl ChangeId {
+    pub fn new(generation: Generation, seq: u64) -> ChangeId {
+        ChangeId { generation, seq }
+    }
+}
+
+impl fmt::Debug for ChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for ChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.generation, self.seq)
+    }
+}
+
+/// Why a ChangeId text did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseChangeIdError {
+    /// No `/` separates the generation from the sequence number.
+    #[error("malformed ChangeId {0:?}: expected <32 hex digits>/<sequence number>")]
+    MissingSeparator(String),
+    /// The generation is not exactly 32 hexadecimal digits.
+    #[error("malformed ChangeId {0:?}: the generation must be exactly 32 hex digits")]
+    BadGeneration(String),
+    /// The sequence number is not a decimal u64.
+    #[error("malformed ChangeId {0:?}: the sequence number must be a decimal integer")]
+    BadSequence(String),
+}
+
+impl FromStr for ChangeId {
+    type Err = ParseChangeIdError;
+
+    fn from_str(text: &str) -> Result<ChangeId, ParseChangeIdError> {
+        let shown: String = text.chars().take(80).collect();
+        let (generation, seq) = text
+            .split_once('/')
+            .ok_or_else(|| ParseChangeIdError::MissingSeparator(shown.clone()))?;
+        if generation.len() != 32 || !generation.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ParseChangeIdError::BadGeneration(shown));
+        }
+        let generation = u128::from_str_radix(generation, 16)
+            .map_err(|_| ParseChangeIdError::BadGeneration(shown.clone()))?;
+        // from_str accepts a leading '+', which the canonical form never has.
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ParseChangeIdError::BadSequence(shown));
+        }
+        let seq = seq
+            .parse::<u64>()
+            .map_err(|_| ParseChangeIdError::BadSequence(shown))?;
+        Ok(ChangeId {
+            generation: Generation(generation),
+            seq,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_form_round_trips() {
+        for (g, s) in [(0u128, 0u64), (u128::MAX, u64::MAX), (0x1234, 7)] {
+            let id = ChangeId::new(Generation(g), s);
+            let text = id.to_string();
+            assert_eq!(text.parse::<ChangeId>().unwrap(), id, "{text}");
+        }
+        let random = ChangeId::new(Generation::random(), 42);
+        assert_eq!(random.to_string().parse::<ChangeId>().unwrap(), random);
+    }
+
+    #[test]
+    fn malformed_text_is_a_typed_error() {
+        let good_gen = "0123456789abcdef0123456789ABCDEF";
+        assert!(matches!(
+            "".parse::<ChangeId>(),
+            Err(ParseChangeIdError::MissingSeparator(_))
+        ));
+        assert!(matches!(
+            "abc/1".parse::<ChangeId>(),
+            Err(ParseChangeIdError::BadGeneration(_))
+        ));
+        assert!(matches!(
+            format!("{}g/1", &good_gen[..31]).parse::<ChangeId>(),
+            Err(ParseChangeIdError::BadGeneration(_))
+        ));
+        for seq in ["", "-1", "+1", "1.5", "18446744073709551616", " 1"] {
+            assert!(
+                matches!(
+                    format!("{good_gen}/{seq}").parse::<ChangeId>(),
+                    Err(ParseChangeIdError::BadSequence(_))
+                ),
+                "{seq:?}"
+            );
+        }
+        assert_eq!(format!("{good_gen}/9").parse::<ChangeId>().unwrap().seq, 9);
+    }
+}

@@ -1,0 +1,15 @@
+//! ctk: changed-block tracking for offsite replication.
+//!
+//! The library holds everything that decides what must be replicated, and nothing that
+//! talks to a network: the change map ([`map`]), its durable journal ([`journal`]), the
+//! tracker that makes the intent-before-write order impossible to get wrong ([`tracker`]),
+//! and the delta format ([`delta`]). No async, no sockets.
+
+pub mod geometry;
+pub mod id;
+pub mod limits;
+pub mod map;
+
+pub use geometry::{Extent, Geometry, GeometryError};
+pub use id::{ChangeId, Generation, ParseChangeIdError};
+pub use map::{ChangeMap, CursorError, MapOptions, QueryError, Since};
