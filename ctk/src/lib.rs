@@ -7,9 +7,13 @@
 
 pub mod geometry;
 pub mod id;
+pub mod journal;
 pub mod limits;
 pub mod map;
+pub mod tracker;
 
 pub use geometry::{Extent, Geometry, GeometryError};
 pub use id::{ChangeId, Generation, ParseChangeIdError};
+pub use journal::storage::{CrashMode, FileStorage, JournalStorage, MemStorage};
 pub use map::{ChangeMap, CursorError, MapOptions, QueryError, Since};
+pub use tracker::{OpenOutcome, Tracker, TrackerConfig, TrackerError, WriteIntent};

@@ -303,6 +303,11 @@ impl ChangeMap {
         self.generation
     }
 
+    /// Whether `Since::All` answers the whole disk (tracking began on existing data).
+    pub fn baseline_all(&self) -> bool {
+        self.baseline_all
+    }
+
     /// The latest cut (sequence 0 before the first cut).
     pub fn latest(&self) -> ChangeId {
         ChangeId::new(self.generation, self.latest)
@@ -350,6 +355,34 @@ impl ChangeMap {
     /// The blocks of the open epoch, without sealing it.
     pub fn open_blocks(&self) -> RoaringBitmap {
         self.open.snapshot()
+    }
+
+    /// Replaces the open epoch's blocks (journal replay: a sealed record holds the whole
+    /// epoch, including blocks an earlier snapshot had as open).
+    pub(crate) fn replace_open(&mut self, blocks: RoaringBitmap) {
+        self.open.take();
+        self.open.put_back(blocks);
+    }
+
+    /// Changes the tunables; compaction follows the new ones from the next operation on.
+    pub fn set_options(&mut self, options: MapOptions) {
+        self.options = MapOptions {
+            keep_recent: options.keep_recent.max(1),
+        };
+    }
+
+    pub fn options(&self) -> MapOptions {
+        self.options
+    }
+
+    /// Records a range, clipping whatever lies past the end of the disk (a write whose
+    /// intent was taken before the disk shrank).
+    pub(crate) fn record_clipped(&mut self, offset: u64, length: u64) {
+        let size = self.geometry.disk_size();
+        if offset < size {
+            let length = length.min(size - offset);
+            self.record(offset, length).expect("clipped to the disk");
+        }
     }
 
     /// Seals the open epoch as the next cut. `persist` sees the epoch's blocks and its

@@ -1,0 +1,587 @@
+//! The tracker: a change map kept durable by its journal.
+//!
+//! The order that keeps the invariant is enforced by types. A data write needs a
+//! [`WriteIntent`], which only [`Tracker::intend`] makes, and only after the intent for every
+//! region the write touches is durable. Recording the write consumes the intent. So a write
+//! can reach the disk only after the journal knows its region might change, and after a crash
+//! every such region is reported as changed.
+//!
+//! Intents are kept across cuts (like md's write-intent bitmap and DRBD's activity log): a
+//! hot region costs one fsync, not one per cut. At a cut, regions not touched for
+//! `intent_linger_cuts` cuts and older than every outstanding intent are cleared, after the
+//! sealed epoch that holds their writes is durable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+
+use roaring::RoaringBitmap;
+use tracing::{info, warn};
+
+use crate::geometry::{Extent, Geometry, GeometryError};
+use crate::id::{ChangeId, Generation};
+use crate::journal::record::{self, Header, JOURNAL_VERSION, Record, SealKind};
+use crate::journal::storage::JournalStorage;
+use crate::journal::{self, Replay};
+use crate::limits::{
+    DISK_ID_LEN_MAX, JOURNAL_REGIONS_PER_RECORD_MAX, REGION_SIZE_DEFAULT, REGION_SIZE_MAX,
+    REGION_SIZE_MIN,
+};
+use crate::map::{ChangeMap, CursorError, MapOptions, QueryError, Since};
+
+/// How a tracker is set up for one disk.
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    /// Identity of the disk (a name or UUID). A journal written for another id is not used.
+    pub disk_id: String,
+    pub disk_size: u64,
+    /// Tracking granularity: a power of two from 4 KiB to 1 MiB.
+    pub block_size: u64,
+    /// Write-intent region: a power of two from 1 MiB to 1 GiB. Larger regions mean fewer
+    /// fsyncs and more over-reporting after a crash.
+    pub region_size: u64,
+    pub map: MapOptions,
+    /// Cuts a region's intent outlives its last write.
+    pub intent_linger_cuts: u64,
+    /// When a new generation starts, may the disk already hold data tracking never saw?
+    /// Only a disk created empty together with its journal may say `false`.
+    pub existing_data: bool,
+    /// The journal is rewritten (compacted) once it exceeds this many bytes and four times
+    /// its last snapshot.
+    pub compact_after_bytes: u64,
+}
+
+impl TrackerConfig {
+    pub fn new(disk_id: impl Into<String>, disk_size: u64) -> TrackerConfig {
+        TrackerConfig {
+            disk_id: disk_id.into(),
+            disk_size,
+            block_size: crate::limits::BLOCK_SIZE_DEFAULT as u64,
+            region_size: REGION_SIZE_DEFAULT,
+            map: MapOptions::default(),
+            intent_linger_cuts: 2,
+            existing_data: true,
+            compact_after_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Why a tracker operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    /// Reading or writing the journal failed. After a failed write or sync the journal is
+    /// poisoned.
+    #[error("journal I/O failed while {doing}: {source}")]
+    Io {
+        doing: &'static str,
+        source: io::Error,
+    },
+    /// An earlier write or fsync of the journal failed. An fsync error is never retried and
+    /// forgotten: reopen the tracker (which replays what is durable) to go on.
+    #[error("the journal failed earlier ({0}); it refuses further work until it is reopened")]
+    Poisoned(String),
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    #[error(
+        "region size {0} is not supported: it must be a power of two from {REGION_SIZE_MIN} to {REGION_SIZE_MAX} bytes"
+    )]
+    BadRegionSize(u64),
+    #[error("disk id must be 1 to {DISK_ID_LEN_MAX} bytes")]
+    BadDiskId,
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
+}
+
+/// What opening found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpenOutcome {
+    /// No journal existed: a new generation starts.
+    Created,
+    /// The journal was closed cleanly: the map is exactly as it was.
+    Clean,
+    /// The journal was not closed cleanly. Every region with write intent was sealed as a
+    /// recovery epoch (if there were any), so no write can be missing.
+    Recovered {
+        recovery_cut: Option<ChangeId>,
+        recovered_blocks: u64,
+        torn_at: Option<u64>,
+    },
+    /// The journal could not prove continuity: a new generation starts, and every earlier
+    /// ChangeId is refused (consumers fall back to a full or compare pass).
+    NewGeneration { reason: String },
+}
+
+/// Proof that the intent for a range is durable. Only [`Tracker::intend`] makes one;
+/// [`Tracker::record`] consumes it after the data write. Dropping one without recording
+/// keeps its regions' intent forever (safe: it only over-reports after a crash).
+#[must_use = "record the write with Tracker::record after the data write"]
+#[derive(Debug)]
+pub struct WriteIntent {
+    offset: u64,
+    length: u64,
+    /// The open epoch's sequence number when the intent was taken.
+    stamp: u64,
+}
+
+impl WriteIntent {
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    pub fn length(&self) -> u64 {
+        self.length
+    }
+}
+
+/// A multiplicative hash for region numbers: the hot path looks one up per write.
+#[derive(Default, Clone, Copy)]
+struct RegionHasher(u64);
+
+impl Hasher for RegionHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type RegionMap = HashMap<u32, u64, BuildHasherDefault<RegionHasher>>;
+
+/// Change tracking for one disk, durable across crashes.
+pub struct Tracker<S: JournalStorage> {
+    map: ChangeMap,
+    storage: S,
+    config: TrackerConfig,
+    header: Header,
+    region_shift: u32,
+    /// Regions whose intent is durable, and the open-epoch stamp of their newest intent.
+    live: RegionMap,
+    /// Intents taken in the open epoch and not yet recorded.
+    outstanding_open: u64,
+    /// Intents taken in earlier epochs and not yet recorded, by stamp.
+    outstanding_older: BTreeMap<u64, u64>,
+    poisoned: Option<String>,
+    journal_len: u64,
+    snapshot_len: u64,
+    scratch: Vec<u8>,
+    syncs: u64,
+}
+
+impl<S: JournalStorage> Tracker<S> {
+    /// Opens (or creates) the journal in `storage` and rebuilds the map.
+    /// `new_generation` is called only if a new generation must start.
+    pub fn open(
+        mut storage: S,
+        config: TrackerConfig,
+        new_generation: impl FnOnce() -> Generation,
+    ) -> Result<(Tracker<S>, OpenOutcome), TrackerError> {
+        let geometry = Geometry::new(config.disk_size, config.block_size)?;
+        if !config.region_size.is_power_of_two()
+            || !(REGION_SIZE_MIN..=REGION_SIZE_MAX).contains(&config.region_size)
+        {
+            return Err(TrackerError::BadRegionSize(config.region_size));
+        }
+        if config.disk_id.is_empty() || config.disk_id.len() > DISK_ID_LEN_MAX {
+            return Err(TrackerError::BadDiskId);
+        }
+        let io = |doing| move |source| TrackerError::Io { doing, source };
+        let replay = journal::replay(&mut storage).map_err(io("reading the journal"))?;
+        let disk_id = config.disk_id.as_bytes();
+        let (mut map, outcome, recovery) = match replay {
+            Replay::Missing => (None, OpenOutcome::Created, None),
+            Replay::Unusable(reason) => (None, OpenOutcome::NewGeneration { reason }, None),
+            Replay::Replayed(r) if r.header.disk_id != disk_id => {
+                let reason = format!(
+                    "the journal belongs to disk {:?}, not {:?}",
+                    String::from_utf8_lossy(&r.header.disk_id),
+                    config.disk_id
+                );
+                (None, OpenOutcome::NewGeneration { reason }, None)
+            }
+            Replay::Replayed(r) if r.map.geometry().block_size() as u64 != config.block_size => {
+                let reason = format!(
+                    "the journal tracks {}-byte blocks, the configuration asks for {}",
+                    r.map.geometry().block_size(),
+                    config.block_size
+                );
+                (None, OpenOutcome::NewGeneration { reason }, None)
+            }
+            Replay::Replayed(r) if r.map.geometry().disk_size() != config.disk_size => {
+                let reason = format!(
+                    "the disk is {} bytes but the journal last saw {} bytes: it was resized outside ctk",
+                    config.disk_size,
+                    r.map.geometry().disk_size()
+                );
+                (None, OpenOutcome::NewGeneration { reason }, None)
+            }
+            Replay::Replayed(r) if r.clean => (Some(r.map), OpenOutcome::Clean, None),
+            Replay::Replayed(r) => {
+                let torn_at = r.torn_at;
+                let mut map = r.map;
+                // Every block of every region that had intent may have been written.
+                let blocks_per_region = r.header.region_size / geometry.block_size() as u64;
+                for &region in &r.live_intents {
+                    let first = region as u64 * blocks_per_region;
+                    map.record_blocks(
+                        first as u32,
+                        (first + blocks_per_region - 1).min(u32::MAX as u64) as u32,
+                    );
+                }
+                let recovered = map.open_blocks().len();
+                (
+                    Some(map),
+                    OpenOutcome::Recovered {
+                        recovery_cut: None,
+                        recovered_blocks: recovered,
+                        torn_at,
+                    },
+                    Some(()),
+                )
+            }
+        };
+        let outcome = match (&mut map, outcome, recovery) {
+            (
+                Some(m),
+                OpenOutcome::Recovered {
+                    recovered_blocks,
+                    torn_at,
+                    ..
+                },
+                Some(()),
+            ) => {
+                let recovery_cut = (recovered_blocks > 0).then(|| m.seal());
+                OpenOutcome::Recovered {
+                    recovery_cut,
+                    recovered_blocks,
+                    torn_at,
+                }
+            }
+            (_, outcome, _) => outcome,
+        };
+        let map = match map {
+            Some(mut m) => {
+                m.set_options(config.map);
+                m
+            }
+            None => {
+                let generation = new_generation();
+                let baseline_all = config.existing_data || !matches!(outcome, OpenOutcome::Created);
+                ChangeMap::new(geometry, generation, baseline_all, config.map)
+            }
+        };
+        match &outcome {
+            OpenOutcome::Created => {
+                info!(disk = %config.disk_id, generation = %map.generation(), "new change journal")
+            }
+            OpenOutcome::Clean => {
+                info!(disk = %config.disk_id, latest = %map.latest(), "change journal reopened cleanly")
+            }
+            OpenOutcome::Recovered {
+                recovery_cut,
+                recovered_blocks,
+                torn_at,
+            } => warn!(
+                disk = %config.disk_id, ?recovery_cut, recovered_blocks, ?torn_at,
+                "change journal was not closed cleanly: regions with write intent are reported as changed"
+            ),
+            OpenOutcome::NewGeneration { reason } => warn!(
+                disk = %config.disk_id, generation = %map.generation(), %reason,
+                "CHANGE TRACKING CONTINUITY LOST: new generation; every consumer needs a full or compare pass"
+            ),
+        }
+        let header = Header {
+            version: JOURNAL_VERSION,
+            disk_id: disk_id.to_vec(),
+            disk_size: config.disk_size,
+            block_size: config.block_size as u32,
+            region_size: config.region_size,
+            generation: map.generation().0,
+            baseline_all: map.baseline_all(),
+            keep_recent: map.options().keep_recent,
+        };
+        let mut tracker = Tracker {
+            map,
+            storage,
+            region_shift: config.region_size.trailing_zeros(),
+            config,
+            header,
+            live: RegionMap::default(),
+            outstanding_open: 0,
+            outstanding_older: BTreeMap::new(),
+            poisoned: None,
+            journal_len: 0,
+            snapshot_len: 0,
+            scratch: Vec::new(),
+            syncs: 0,
+        };
+        // Start every session from a fresh snapshot: a torn tail is never appended to, and a
+        // recovery epoch is durable before any new write is accepted.
+        tracker.rewrite()?;
+        Ok((tracker, outcome))
+    }
+
+    /// The change map, for queries.
+    pub fn map(&self) -> &ChangeMap {
+        &self.map
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.map.geometry()
+    }
+
+    pub fn latest(&self) -> ChangeId {
+        self.map.latest()
+    }
+
+    /// Journal syncs issued by this tracker (for benchmarks and tests).
+    pub fn syncs(&self) -> u64 {
+        self.syncs
+    }
+
+    pub fn journal_len(&self) -> u64 {
+        self.journal_len
+    }
+
+    fn check_healthy(&self) -> Result<(), TrackerError> {
+        match &self.poisoned {
+            Some(why) => Err(TrackerError::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends `self.scratch` and syncs it. Any failure poisons the journal.
+    fn append_synced(&mut self, doing: &'static str) -> Result<(), TrackerError> {
+        let result = self
+            .storage
+            .append(&self.scratch)
+            .and_then(|()| self.storage.sync());
+        self.syncs += 1;
+        self.journal_len += self.scratch.len() as u64;
+        self.scratch.clear();
+        result.map_err(|source| {
+            self.poisoned = Some(format!("{doing}: {source}"));
+            TrackerError::Io { doing, source }
+        })
+    }
+
+    /// Makes the intent for `[offset, offset + length)` durable and returns the token that
+    /// allows the data write. Costs no I/O when every region touched already has intent.
+    pub fn intend(&mut self, offset: u64, length: u64) -> Result<WriteIntent, TrackerError> {
+        self.check_healthy()?;
+        let stamp = self.map.latest().seq + 1;
+        if self.map.geometry().blocks_of(offset, length)?.is_some() {
+            let first = (offset >> self.region_shift) as u32;
+            let last = ((offset + length - 1) >> self.region_shift) as u32;
+            let mut missing = Vec::new();
+            for region in first..=last {
+                match self.live.get_mut(&region) {
+                    Some(s) => *s = stamp,
+                    None => missing.push(region),
+                }
+            }
+            if !missing.is_empty() {
+                for regions in missing.chunks(JOURNAL_REGIONS_PER_RECORD_MAX) {
+                    record::encode(&Record::Intent(regions.to_vec()), &mut self.scratch);
+                }
+                self.append_synced("writing a write intent")?;
+                self.live.extend(missing.into_iter().map(|r| (r, stamp)));
+            }
+        }
+        self.outstanding_open += 1;
+        Ok(WriteIntent {
+            offset,
+            length,
+            stamp,
+        })
+    }
+
+    /// Records a completed data write (or trim, or write-zeroes) in the open epoch. Call it
+    /// after the data write, whether or not that write succeeded: a failed write may still
+    /// have changed some of the range.
+    pub fn record(&mut self, intent: WriteIntent) {
+        self.map.record_clipped(intent.offset, intent.length);
+        if intent.stamp == self.map.latest().seq + 1 {
+            self.outstanding_open -= 1;
+        } else if let Some(n) = self.outstanding_older.get_mut(&intent.stamp) {
+            *n -= 1;
+            if *n == 0 {
+                self.outstanding_older.remove(&intent.stamp);
+            }
+        }
+    }
+
+    /// Seals the open epoch: a cut. The sealed epoch is durable before its ChangeId is
+    /// returned. The caller must have quiesced writes it wants inside this cut; writes still
+    /// in flight land in the next epoch.
+    pub fn cut(&mut self) -> Result<ChangeId, TrackerError> {
+        self.check_healthy()?;
+        let sealing = self.map.latest().seq + 1;
+        let oldest_outstanding = self
+            .outstanding_older
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(u64::MAX)
+            .min(if self.outstanding_open > 0 {
+                sealing
+            } else {
+                u64::MAX
+            });
+        let linger = self.config.intent_linger_cuts.max(1);
+        // A region may be cleared only if every write under its intents is recorded (so it is
+        // in this seal or an earlier one) and it has been idle for `linger` cuts.
+        let mut clear: Vec<u32> = self
+            .live
+            .iter()
+            .filter(|&(_, &stamp)| stamp + linger <= sealing && stamp < oldest_outstanding)
+            .map(|(&r, _)| r)
+            .collect();
+        clear.sort_unstable();
+        let Tracker {
+            map,
+            scratch,
+            storage,
+            ..
+        } = self;
+        let result = map.seal_with(|blocks, seq| {
+            let len = journal::push_bitmap(scratch, blocks);
+            record::encode(
+                &Record::Seal {
+                    seq,
+                    kind: SealKind::Cut,
+                    len,
+                },
+                scratch,
+            );
+            for regions in clear.chunks(JOURNAL_REGIONS_PER_RECORD_MAX) {
+                record::encode(&Record::Clear(regions.to_vec()), scratch);
+            }
+            storage.append(scratch).and_then(|()| storage.sync())
+        });
+        self.syncs += 1;
+        self.journal_len += self.scratch.len() as u64;
+        self.scratch.clear();
+        let id = result.map_err(|source| {
+            self.poisoned = Some(format!("sealing a cut: {source}"));
+            TrackerError::Io {
+                doing: "sealing a cut",
+                source,
+            }
+        })?;
+        for region in clear {
+            self.live.remove(&region);
+        }
+        if self.outstanding_open > 0 {
+            self.outstanding_older
+                .insert(sealing, self.outstanding_open);
+            self.outstanding_open = 0;
+        }
+        self.maybe_compact()?;
+        Ok(id)
+    }
+
+    /// Blocks changed after `since` up to cut `upto`, as sorted merged extents.
+    pub fn changed(&self, since: Since, upto: ChangeId) -> Result<Vec<Extent>, TrackerError> {
+        Ok(self.map.changed(since, upto)?)
+    }
+
+    /// The same answer as a set of block numbers.
+    pub fn changed_blocks(
+        &self,
+        since: Since,
+        upto: ChangeId,
+    ) -> Result<RoaringBitmap, TrackerError> {
+        Ok(self.map.changed_blocks(since, upto)?)
+    }
+
+    /// Registers a consumer cursor at `at` (durable before it returns).
+    pub fn register_cursor(&mut self, name: &str, at: ChangeId) -> Result<(), TrackerError> {
+        self.check_healthy()?;
+        self.map.register_cursor(name, at)?;
+        record::encode(&Record::CursorSet { name, seq: at.seq }, &mut self.scratch);
+        self.append_synced("registering a cursor")
+    }
+
+    /// Moves a consumer cursor forward (durable before it returns).
+    pub fn advance_cursor(&mut self, name: &str, to: ChangeId) -> Result<(), TrackerError> {
+        self.check_healthy()?;
+        self.map.advance_cursor(name, to)?;
+        record::encode(&Record::CursorSet { name, seq: to.seq }, &mut self.scratch);
+        self.append_synced("advancing a cursor")?;
+        self.maybe_compact()
+    }
+
+    pub fn drop_cursor(&mut self, name: &str) -> Result<(), TrackerError> {
+        self.check_healthy()?;
+        self.map.drop_cursor(name)?;
+        record::encode(&Record::CursorDrop { name }, &mut self.scratch);
+        self.append_synced("dropping a cursor")?;
+        self.maybe_compact()
+    }
+
+    /// Records a resize of the disk. Call it before growing the backing (a crash in between
+    /// then over-reports) and before shrinking it.
+    pub fn resize(&mut self, disk_size: u64) -> Result<(), TrackerError> {
+        self.check_healthy()?;
+        self.map.geometry().resized(disk_size)?;
+        record::encode(&Record::Resize { disk_size }, &mut self.scratch);
+        self.append_synced("recording a resize")?;
+        self.map.resize(disk_size)?;
+        let regions = disk_size.div_ceil(1 << self.region_shift);
+        self.live.retain(|&r, _| (r as u64) < regions);
+        self.config.disk_size = disk_size;
+        self.header.disk_size = disk_size;
+        Ok(())
+    }
+
+    /// Closes cleanly: the open epoch is persisted, so a reopen answers exactly the same.
+    /// Every intent must have been recorded.
+    pub fn close(mut self) -> Result<(), TrackerError> {
+        self.check_healthy()?;
+        let open = self.map.open_blocks();
+        let len = journal::push_bitmap(&mut self.scratch, &open);
+        record::encode(&Record::Close { len }, &mut self.scratch);
+        self.append_synced("closing the journal")
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), TrackerError> {
+        if self.journal_len > self.config.compact_after_bytes
+            && self.journal_len > 4 * self.snapshot_len
+        {
+            self.rewrite()?;
+        }
+        Ok(())
+    }
+
+    /// Atomically replaces the journal with a snapshot of the current state.
+    fn rewrite(&mut self) -> Result<(), TrackerError> {
+        self.header.generation = self.map.generation().0;
+        self.header.keep_recent = self.map.options().keep_recent;
+        let mut live: Vec<u32> = self.live.keys().copied().collect();
+        live.sort_unstable();
+        let bytes = journal::snapshot_bytes(&self.header, &self.map.state(), &live);
+        self.syncs += 1;
+        self.storage.replace(&bytes).map_err(|source| {
+            self.poisoned = Some(format!("rewriting the journal: {source}"));
+            TrackerError::Io {
+                doing: "rewriting the journal",
+                source,
+            }
+        })?;
+        self.journal_len = bytes.len() as u64;
+        self.snapshot_len = bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Hands back the storage (tests use this to crash it and reopen).
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+}
