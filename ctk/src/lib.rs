@@ -5,6 +5,7 @@
 //! tracker that makes the intent-before-write order impossible to get wrong ([`tracker`]),
 //! and the delta format ([`delta`]). No async, no sockets.
 
+pub mod delta;
 pub mod geometry;
 pub mod id;
 pub mod journal;

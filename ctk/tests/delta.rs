@@ -1,0 +1,251 @@
+//! The delta format: round trips, and every corruption and truncation refused.
+
+use std::io::Cursor;
+
+use ctk::delta::{
+    self, DeltaError, DeltaHeader, DeltaReader, DeltaRecord, DeltaWriter, WriteOptions,
+};
+use ctk::{ChangeId, Generation};
+use proptest::prelude::*;
+
+const BS: u64 = 4096;
+
+fn header(disk_size: u64) -> DeltaHeader {
+    DeltaHeader {
+        disk_id: "vm-01/disk0".into(),
+        disk_size,
+        block_size: BS as u32,
+        from: Some(ChangeId::new(Generation(0xabc), 3)),
+        to: ChangeId::new(Generation(0xabc), 7),
+    }
+}
+
+/// Deterministic mixed content: zeros, noise, and text-like runs.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let run = (x % 9000) as usize + 1;
+        match x % 3 {
+            0 => out.extend(std::iter::repeat_n(0u8, run)),
+            1 => out.extend((0..run).map(|i| (x >> (i % 56)) as u8 ^ i as u8)),
+            _ => out.extend(
+                b"the quick brown fox jumps over the lazy dog "
+                    .iter()
+                    .cycle()
+                    .take(run),
+            ),
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads a delta back into (offset, bytes) pairs, zeros expanded.
+fn read_all(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, DeltaError> {
+    let mut reader = DeltaReader::new(Cursor::new(bytes))?;
+    let mut out = Vec::new();
+    while let Some(record) = reader.next_record()? {
+        match record {
+            DeltaRecord::Data { offset, data } => out.push((offset, data.to_vec())),
+            DeltaRecord::Zero { offset, length } => out.push((offset, vec![0; length as usize])),
+        }
+    }
+    Ok(out)
+}
+
+/// Joins adjacent pieces so two readings of the same bytes compare equal.
+fn coalesce(pieces: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (offset, data) in pieces {
+        match out.last_mut() {
+            Some((o, d)) if *o + d.len() as u64 == offset => d.extend(data),
+            _ => out.push((offset, data)),
+        }
+    }
+    out
+}
+
+fn sample() -> Vec<u8> {
+    let disk = 64 * BS + 100;
+    let mut w = DeltaWriter::new(Vec::new(), &header(disk), WriteOptions::default()).unwrap();
+    w.write_extent(0, &content(1, 3 * BS as usize)).unwrap(); // mixed
+    w.write_extent(5 * BS, &[0u8; 2 * BS as usize]).unwrap(); // all zero
+    w.write_zero(10 * BS, 4 * BS).unwrap();
+    let compressible = b"abcd".repeat(BS as usize / 4);
+    w.write_extent(20 * BS, &compressible).unwrap(); // zstd
+    let noise: Vec<u8> = (0..BS).map(|i| (i * 2654435761 >> 13) as u8).collect();
+    w.write_extent(30 * BS, &noise).unwrap(); // raw
+    w.write_extent(64 * BS, &[7u8; 100]).unwrap(); // partial last block
+    w.finish().unwrap().0
+}
+
+#[test]
+fn sample_uses_every_record_type_and_round_trips() {
+    let bytes = sample();
+    let (h, summary) = delta::verify(Cursor::new(&bytes)).unwrap();
+    assert_eq!(h, header(64 * BS + 100));
+    assert!(summary.zero_bytes >= 6 * BS);
+    assert!(summary.encoded_bytes < summary.data_bytes, "{summary:?}");
+    assert_eq!(summary.stream_bytes, bytes.len() as u64);
+    let got = read_all(&bytes).unwrap();
+    assert!(
+        got.iter()
+            .any(|(o, d)| *o == 64 * BS && d == &vec![7u8; 100])
+    );
+}
+
+#[test]
+fn every_single_byte_corruption_is_rejected() {
+    let bytes = sample();
+    let mut checked = 0u64;
+    for i in 0..bytes.len() {
+        for flip in 1..=255u8 {
+            let mut bad = bytes.clone();
+            bad[i] ^= flip;
+            assert!(
+                read_all(&bad).is_err(),
+                "flip {flip:#x} at byte {i} was accepted"
+            );
+            checked += 1;
+        }
+    }
+    eprintln!("{checked} corrupted deltas, all rejected");
+}
+
+#[test]
+fn every_truncation_and_any_trailing_byte_is_rejected() {
+    let bytes = sample();
+    for len in 0..bytes.len() {
+        assert!(
+            read_all(&bytes[..len]).is_err(),
+            "truncation to {len} bytes was accepted"
+        );
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(read_all(&longer), Err(DeltaError::TrailingBytes)));
+}
+
+#[test]
+fn the_writer_refuses_what_a_reader_would_refuse() {
+    let mut w = DeltaWriter::new(Vec::new(), &header(16 * BS), WriteOptions::default()).unwrap();
+    assert!(w.write_extent(1, &[1u8; 4096]).is_err(), "unaligned");
+    assert!(
+        w.write_extent(15 * BS, &[1u8; 8192]).is_err(),
+        "past the end"
+    );
+    assert!(w.write_extent(0, &[]).is_err(), "empty");
+    w.write_extent(4 * BS, &[1u8; 4096]).unwrap();
+    assert!(w.write_extent(4 * BS, &[1u8; 4096]).is_err(), "overlap");
+    assert!(w.write_extent(0, &[1u8; 4096]).is_err(), "descending");
+    let mut h = header(16 * BS);
+    h.block_size = 1000;
+    assert!(DeltaWriter::new(Vec::new(), &h, WriteOptions::default()).is_err());
+}
+
+#[test]
+fn a_lying_length_is_refused_before_anything_is_allocated() {
+    // A record head claiming a 4 GiB raw payload, with a correct head CRC: the reader must
+    // refuse it by the limit, not try to read it.
+    let disk = 1u64 << 40;
+    let w = DeltaWriter::new(
+        Vec::new(),
+        &DeltaHeader {
+            disk_size: disk,
+            ..header(disk)
+        },
+        WriteOptions::default(),
+    )
+    .unwrap();
+    let mut bytes = w.finish().unwrap().0;
+    bytes.truncate(bytes.len() - 41); // drop the trailer
+    let mut head = vec![1u8];
+    head.extend_from_slice(&0u64.to_le_bytes());
+    head.extend_from_slice(&(4u64 << 30).to_le_bytes());
+    head.extend_from_slice(&u32::MAX.to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32fast::hash(&head);
+    head.extend_from_slice(&crc.to_le_bytes());
+    bytes.extend_from_slice(&head);
+    assert!(matches!(
+        read_all(&bytes),
+        Err(DeltaError::RecordInvalid { .. })
+    ));
+}
+
+#[test]
+fn export_then_apply_reproduces_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 300 * BS + 1234;
+    let source_bytes = content(42, size as usize);
+    let source = dir.path().join("source.img");
+    std::fs::write(&source, &source_bytes).unwrap();
+    let mut target_bytes = content(7, (200 * BS) as usize);
+    // The target is an older copy: equal except in the changed extents, and shorter.
+    target_bytes[..(200 * BS) as usize].copy_from_slice(&source_bytes[..(200 * BS) as usize]);
+    target_bytes[(10 * BS) as usize..(12 * BS) as usize].fill(0x55);
+    let target = dir.path().join("target.img");
+    std::fs::write(&target, &target_bytes).unwrap();
+    let extents = vec![
+        ctk::Extent::new(10 * BS, 2 * BS),
+        ctk::Extent::new(200 * BS, size - 200 * BS),
+    ];
+    let image = std::fs::File::open(&source).unwrap();
+    let (bytes, _) = delta::export(
+        &image,
+        &extents,
+        &header(size),
+        WriteOptions::default(),
+        Vec::new(),
+    )
+    .unwrap();
+    let target_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&target)
+        .unwrap();
+    delta::apply(Cursor::new(&bytes), &target_file, Some("vm-01/disk0")).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), source_bytes);
+    assert!(matches!(
+        delta::apply(Cursor::new(&bytes), &target_file, Some("other")),
+        Err(DeltaError::Mismatch(_))
+    ));
+}
+
+proptest! {
+    #[test]
+    fn random_extents_round_trip(
+        seed in any::<u64>(),
+        level in prop_oneof![Just(None), Just(Some(1)), Just(Some(3))],
+        raw_extents in prop::collection::vec((0u64..200, 1u64..80), 0..12),
+    ) {
+        let disk = 256 * BS + 777;
+        let blocks = disk.div_ceil(BS);
+        // Make the extents ascending and disjoint.
+        let mut extents: Vec<(u64, u64)> = Vec::new();
+        let mut next = 0;
+        for (gap, len) in raw_extents {
+            let first = next + gap % 20;
+            if first >= blocks { break; }
+            let len = len.min(blocks - first);
+            extents.push((first, len));
+            next = first + len;
+        }
+        let image = content(seed, disk as usize);
+        let mut w = DeltaWriter::new(Vec::new(), &header(disk), WriteOptions { zstd_level: level }).unwrap();
+        let mut expect = Vec::new();
+        for &(first, len) in &extents {
+            let start = (first * BS) as usize;
+            let end = ((first + len) * BS).min(disk) as usize;
+            w.write_extent(start as u64, &image[start..end]).unwrap();
+            expect.push((start as u64, image[start..end].to_vec()));
+        }
+        let (bytes, summary) = w.finish().unwrap();
+        prop_assert_eq!(summary.stream_bytes, bytes.len() as u64);
+        prop_assert_eq!(coalesce(read_all(&bytes).unwrap()), coalesce(expect));
+    }
+}
