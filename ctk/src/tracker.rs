@@ -229,6 +229,9 @@ impl<S: JournalStorage> Tracker<S> {
                 let blocks_per_region = r.header.region_size / geometry.block_size() as u64;
                 for &region in &r.live_intents {
                     let first = region as u64 * blocks_per_region;
+                    if first >= map.geometry().blocks() {
+                        continue; // Past a shrunk end: nothing there to report.
+                    }
                     map.record_blocks(
                         first as u32,
                         (first + blocks_per_region - 1).min(u32::MAX as u64) as u32,
@@ -534,8 +537,8 @@ impl<S: JournalStorage> Tracker<S> {
         record::encode(&Record::Resize { disk_size }, &mut self.scratch);
         self.append_synced("recording a resize")?;
         self.map.resize(disk_size)?;
-        let regions = disk_size.div_ceil(1 << self.region_shift);
-        self.live.retain(|&r, _| (r as u64) < regions);
+        // Intents past a shrunk end are kept: a write in flight may still land there, and a
+        // later grow makes it visible again. Recovery clips them to the size it finds.
         self.config.disk_size = disk_size;
         self.header.disk_size = disk_size;
         Ok(())

@@ -221,7 +221,6 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
                 .is_none_or(|m| (m as u64) < g.blocks())
                 .then_some(bitmap)
         };
-        let regions = g.disk_size().div_ceil(h.region_size);
 
         match (record, snap.as_mut(), map.as_mut()) {
             (Record::Chunk(bytes), _, _) => {
@@ -265,12 +264,9 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
                 Some(b) => s.open = b,
                 None => unusable!("open-epoch bitmap at byte {this} is inconsistent"),
             },
-            (Record::Intent(regions_list), _, _) => {
-                if regions_list.iter().any(|&r| r as u64 >= regions) {
-                    unusable!("intent at byte {this} names a region past the end of the disk");
-                }
-                live.extend(regions_list);
-            }
+            // Regions past the current end are legitimate after a shrink (see
+            // Tracker::resize); recovery clips them.
+            (Record::Intent(regions_list), _, _) => live.extend(regions_list),
             (Record::SnapshotEnd, Some(_), None) => {
                 let state = snap.take().expect("matched Some");
                 let options = MapOptions {
@@ -306,8 +302,6 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
                     unusable!("resize at byte {this}: {e}");
                 }
                 geometry = Some(m.geometry());
-                let regions = disk_size.div_ceil(h.region_size);
-                live.retain(|&r| (r as u64) < regions);
             }
             (Record::CursorSet { name, seq }, None, Some(m)) => {
                 let id = crate::id::ChangeId::new(m.generation(), seq);
