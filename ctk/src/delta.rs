@@ -112,6 +112,30 @@ impl Default for WriteOptions {
     }
 }
 
+/// The one definition of a valid extent, shared by writer and reader so they cannot
+/// disagree: non-empty, inside the disk, whole blocks (but for a partial last block), and
+/// after the previous extent.
+fn check_range(
+    geometry: &Geometry,
+    next_offset: u64,
+    offset: u64,
+    length: u64,
+) -> Result<(), &'static str> {
+    let bs = geometry.block_size() as u64;
+    let size = geometry.disk_size();
+    let end = offset.checked_add(length).ok_or("range overflows")?;
+    if length == 0 || end > size {
+        return Err("range is empty or past the end of the disk");
+    }
+    if !offset.is_multiple_of(bs) || (!length.is_multiple_of(bs) && end != size) {
+        return Err("range is not aligned to whole blocks");
+    }
+    if offset < next_offset {
+        return Err("extents are not ascending and disjoint");
+    }
+    Ok(())
+}
+
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
@@ -184,30 +208,13 @@ impl<W: Write> DeltaWriter<W> {
     }
 
     fn check_extent(&self, offset: u64, length: u64) -> Result<(), DeltaError> {
-        let bad = |why| {
-            Err(DeltaError::BadExtent {
+        check_range(&self.geometry, self.next_offset, offset, length).map_err(|why| {
+            DeltaError::BadExtent {
                 offset,
                 length,
                 why,
-            })
-        };
-        let bs = self.geometry.block_size() as u64;
-        let Some(end) = offset.checked_add(length) else {
-            return bad("overflows");
-        };
-        if length == 0 {
-            return bad("empty");
-        }
-        if end > self.geometry.disk_size() {
-            return bad("past the end of the disk");
-        }
-        if offset % bs != 0 || (length % bs != 0 && end != self.geometry.disk_size()) {
-            return bad("not aligned to whole blocks");
-        }
-        if offset < self.next_offset {
-            return bad("extents must be ascending and must not overlap");
-        }
-        Ok(())
+            }
+        })
     }
 
     fn emit(
@@ -471,20 +478,10 @@ impl<R: Read> DeltaReader<R> {
         let encoded_len = u32::from_le_bytes(head[17..21].try_into().expect("4")) as usize;
         let data_crc = u32::from_le_bytes(head[21..25].try_into().expect("4"));
         let invalid = |why| Err(DeltaError::RecordInvalid { at, why });
-        let bs = self.geometry.block_size() as u64;
-        let size = self.geometry.disk_size();
-        let Some(end) = offset.checked_add(length) else {
-            return invalid("range overflows");
-        };
-        if length == 0 || end > size {
-            return invalid("range is empty or past the end of the disk");
+        if let Err(why) = check_range(&self.geometry, self.next_offset, offset, length) {
+            return invalid(why);
         }
-        if offset % bs != 0 || (length % bs != 0 && end != size) {
-            return invalid("range is not aligned to whole blocks");
-        }
-        if offset < self.next_offset {
-            return invalid("records are not ascending and disjoint");
-        }
+        let end = offset + length;
         match tag[0] {
             TAG_ZERO if encoded_len == 0 && data_crc == 0 => {}
             TAG_ZERO => return invalid("zero record carries data"),

@@ -77,7 +77,7 @@ fn sample() -> Vec<u8> {
     w.write_zero(10 * BS, 4 * BS).unwrap();
     let compressible = b"abcd".repeat(BS as usize / 4);
     w.write_extent(20 * BS, &compressible).unwrap(); // zstd
-    let noise: Vec<u8> = (0..BS).map(|i| (i * 2654435761 >> 13) as u8).collect();
+    let noise: Vec<u8> = (0..BS).map(|i| ((i * 2654435761) >> 13) as u8).collect();
     w.write_extent(30 * BS, &noise).unwrap(); // raw
     w.write_extent(64 * BS, &[7u8; 100]).unwrap(); // partial last block
     w.finish().unwrap().0
