@@ -42,7 +42,8 @@ impl Rng {
 
 /// Fills `buf` with disk-like content: a third zeros, a third noise, a third text.
 fn fill(rng: &mut Rng, buf: &mut [u8]) {
-    const TEXT: &[u8] = b"INSERT INTO orders VALUES (42, 'widget', 3.50, '2026-11-22'); -- ctk demo\n";
+    const TEXT: &[u8] =
+        b"INSERT INTO orders VALUES (42, 'widget', 3.50, '2026-11-22'); -- ctk demo\n";
     match rng.below(3) {
         0 => buf.fill(0),
         1 => {
@@ -106,15 +107,25 @@ fn export_and_apply(
         to,
     };
     let started = Instant::now();
-    let out = BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
-    let options = WriteOptions { zstd_level: Some(opts.zstd_level) };
+    let out =
+        BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let options = WriteOptions {
+        zstd_level: Some(opts.zstd_level),
+    };
     let (out, summary) = delta::export(source, &extents, &header, options, out)?;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     let export_s = started.elapsed().as_secs_f64();
     // Verify the file as a receiver would, then apply it.
     let (read_header, verified) = delta::verify(std::io::BufReader::new(File::open(path)?))?;
-    ensure!(read_header == header && verified == summary, "delta did not read back as written");
-    delta::apply(std::io::BufReader::new(File::open(path)?), replica, Some("demo-disk"))?;
+    ensure!(
+        read_header == header && verified == summary,
+        "delta did not read back as written"
+    );
+    delta::apply(
+        std::io::BufReader::new(File::open(path)?),
+        replica,
+        Some("demo-disk"),
+    )?;
     replica.sync_all()?;
     Ok(json!({
         "to": to.to_string(),
@@ -131,8 +142,12 @@ fn export_and_apply(
 
 pub fn run(opts: DemoOptions) -> Result<()> {
     ensure!(opts.size >= 1 << 20, "--size must be at least 1 MiB");
-    ensure!(opts.size % 4096 == 0, "--size must be a multiple of 4096 bytes");
-    std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+    ensure!(
+        opts.size.is_multiple_of(4096),
+        "--size must be a multiple of 4096 bytes"
+    );
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("creating {}", opts.dir.display()))?;
     let source_path = opts.dir.join("source.img");
     let replica_path = opts.dir.join("replica.img");
     let journal_path = opts.dir.join("source.img.ctk");
@@ -146,7 +161,11 @@ pub fn run(opts: DemoOptions) -> Result<()> {
 
     // A source image with existing data that tracking never saw.
     let started = Instant::now();
-    let source = OpenOptions::new().read(true).write(true).create_new(true).open(&source_path)?;
+    let source = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&source_path)?;
     source.set_len(opts.size)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
@@ -159,29 +178,56 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         pos += n as u64;
     }
     source.sync_all()?;
-    say(&opts, format!(
-        "  generated {} MiB source image (zeros, noise, text) in {:.1} s",
-        opts.size >> 20,
-        started.elapsed().as_secs_f64()
-    ));
+    say(
+        &opts,
+        format!(
+            "  generated {} MiB source image (zeros, noise, text) in {:.1} s",
+            opts.size >> 20,
+            started.elapsed().as_secs_f64()
+        ),
+    );
 
     let config = TrackerConfig::new("demo-disk", opts.size);
     let (mut tracker, outcome) =
         Tracker::open(FileStorage::new(&journal_path), config, Generation::random)?;
-    say(&opts, format!("  change journal {} opened: {outcome:?}", journal_path.display()));
-    let replica = OpenOptions::new().read(true).write(true).create_new(true).open(&replica_path)?;
+    say(
+        &opts,
+        format!(
+            "  change journal {} opened: {outcome:?}",
+            journal_path.display()
+        ),
+    );
+    let replica = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&replica_path)?;
 
     // First full: every block that may hold data.
     let first = tracker.cut()?;
     tracker.register_cursor("demo-replica", first)?;
-    let full = export_and_apply(&opts, &tracker, &source, Since::All, first, &opts.dir.join("full.ctkd"), &replica)?;
-    ensure!(files_equal(&source_path, &replica_path)?, "replica differs from source after the full");
-    say(&opts, format!(
-        "  full   {first}: {} MiB of data, {} MiB zeros -> {} MiB delta; replica == source",
-        full["data_bytes"].as_u64().unwrap_or(0) >> 20,
-        full["zero_bytes"].as_u64().unwrap_or(0) >> 20,
-        full["delta_file_bytes"].as_u64().unwrap_or(0) >> 20,
-    ));
+    let full = export_and_apply(
+        &opts,
+        &tracker,
+        &source,
+        Since::All,
+        first,
+        &opts.dir.join("full.ctkd"),
+        &replica,
+    )?;
+    ensure!(
+        files_equal(&source_path, &replica_path)?,
+        "replica differs from source after the full"
+    );
+    say(
+        &opts,
+        format!(
+            "  full   {first}: {} MiB of data, {} MiB zeros -> {} MiB delta; replica == source",
+            full["data_bytes"].as_u64().unwrap_or(0) >> 20,
+            full["zero_bytes"].as_u64().unwrap_or(0) >> 20,
+            full["delta_file_bytes"].as_u64().unwrap_or(0) >> 20,
+        ),
+    );
 
     let mut cycles = vec![full];
     let mut previous = first;
@@ -205,34 +251,57 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         // The demo holds writes during export (point-in-time copy-on-write is the agent's).
         let cut = tracker.cut()?;
         let path = opts.dir.join(format!("delta-{cycle}.ctkd"));
-        let mut report = export_and_apply(&opts, &tracker, &source, Since::Id(previous), cut, &path, &replica)?;
-        ensure!(files_equal(&source_path, &replica_path)?, "replica differs from source at cut {cut}");
+        let mut report = export_and_apply(
+            &opts,
+            &tracker,
+            &source,
+            Since::Id(previous),
+            cut,
+            &path,
+            &replica,
+        )?;
+        ensure!(
+            files_equal(&source_path, &replica_path)?,
+            "replica differs from source at cut {cut}"
+        );
         tracker.advance_cursor("demo-replica", cut)?;
-        say(&opts, format!(
-            "  cycle {cycle} {cut}: {} writes ({} KiB) -> {} extents, {} KiB changed -> {} KiB delta; replica == source",
-            opts.writes_per_cycle,
-            written >> 10,
-            report["extents"],
-            report["changed_bytes"].as_u64().unwrap_or(0) >> 10,
-            report["delta_file_bytes"].as_u64().unwrap_or(0) >> 10,
-        ));
+        say(
+            &opts,
+            format!(
+                "  cycle {cycle} {cut}: {} writes ({} KiB) -> {} extents, {} KiB changed -> {} KiB delta; replica == source",
+                opts.writes_per_cycle,
+                written >> 10,
+                report["extents"],
+                report["changed_bytes"].as_u64().unwrap_or(0) >> 10,
+                report["delta_file_bytes"].as_u64().unwrap_or(0) >> 10,
+            ),
+        );
         report["written_bytes"] = json!(written);
         cycles.push(report);
         previous = cut;
     }
     tracker.close()?;
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&json!({
-            "dir": opts.dir.display().to_string(),
-            "source": source_path.display().to_string(),
-            "replica": replica_path.display().to_string(),
-            "journal": journal_path.display().to_string(),
-            "verified": true,
-            "cuts": cycles,
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "dir": opts.dir.display().to_string(),
+                "source": source_path.display().to_string(),
+                "replica": replica_path.display().to_string(),
+                "journal": journal_path.display().to_string(),
+                "verified": true,
+                "cuts": cycles,
+            }))?
+        );
     } else {
-        println!("ok: the replica equals the source at every cut ({} cuts).", opts.cycles + 1);
-        println!("next: ctk-agent verify-delta {}   (check a delta file)", opts.dir.join("delta-1.ctkd").display());
+        println!(
+            "ok: the replica equals the source at every cut ({} cuts).",
+            opts.cycles + 1
+        );
+        println!(
+            "next: ctk-agent verify-delta {}   (check a delta file)",
+            opts.dir.join("delta-1.ctkd").display()
+        );
     }
     Ok(())
 }

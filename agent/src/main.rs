@@ -81,8 +81,11 @@ fn parse_size(text: &str) -> Result<u64, String> {
         }
         _ => (t, 0),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 256M"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 256M"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn random_seed() -> u64 {
@@ -93,31 +96,60 @@ fn random_seed() -> u64 {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo { dir, size, cycles, writes, zstd_level, seed, json } => {
+        Command::Demo {
+            dir,
+            size,
+            cycles,
+            writes,
+            zstd_level,
+            seed,
+            json,
+        } => {
             let seed = seed.unwrap_or_else(random_seed);
             let dir = match dir {
                 Some(d) => d,
                 None => std::env::temp_dir().join(format!("ctk-demo-{seed:016x}")),
             };
-            demo::run(demo::DemoOptions { dir, size, cycles, writes_per_cycle: writes, zstd_level, seed, json })
+            demo::run(demo::DemoOptions {
+                dir,
+                size,
+                cycles,
+                writes_per_cycle: writes,
+                zstd_level,
+                seed,
+                json,
+            })
         }
         Command::VerifyDelta { file, json } => {
-            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
             let (h, s) = ctk::delta::verify(std::io::BufReader::new(f))
                 .with_context(|| format!("{} is not a valid ctk delta", file.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&json!({
-                    "file": file.display().to_string(),
-                    "disk_id": h.disk_id, "disk_size": h.disk_size, "block_size": h.block_size,
-                    "from": h.from.map(|f| f.to_string()), "to": h.to.to_string(),
-                    "records": s.records, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,
-                    "encoded_bytes": s.encoded_bytes, "stream_bytes": s.stream_bytes,
-                }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "file": file.display().to_string(),
+                        "disk_id": h.disk_id, "disk_size": h.disk_size, "block_size": h.block_size,
+                        "from": h.from.map(|f| f.to_string()), "to": h.to.to_string(),
+                        "records": s.records, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,
+                        "encoded_bytes": s.encoded_bytes, "stream_bytes": s.stream_bytes,
+                    }))?
+                );
             } else {
                 let from = h.from.map_or("(full)".to_string(), |f| f.to_string());
-                println!("{}: valid ctk delta of disk {:?} ({} bytes, {}-byte blocks)", file.display(), h.disk_id, h.disk_size, h.block_size);
+                println!(
+                    "{}: valid ctk delta of disk {:?} ({} bytes, {}-byte blocks)",
+                    file.display(),
+                    h.disk_id,
+                    h.disk_size,
+                    h.block_size
+                );
                 println!("  from {from}\n  to   {}", h.to);
-                println!("  {} records: {} data bytes ({} encoded), {} zero bytes", s.records, s.data_bytes, s.encoded_bytes, s.zero_bytes);
+                println!(
+                    "  {} records: {} data bytes ({} encoded), {} zero bytes",
+                    s.records, s.data_bytes, s.encoded_bytes, s.zero_bytes
+                );
             }
             Ok(())
         }

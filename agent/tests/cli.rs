@@ -11,11 +11,18 @@ fn demo_proves_the_replica_equals_the_source_at_every_cut() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("demo");
     let out = agent()
-        .args(["demo", "--size", "16M", "--cycles", "2", "--writes", "300", "--seed", "7", "--json", "--dir"])
+        .args([
+            "demo", "--size", "16M", "--cycles", "2", "--writes", "300", "--seed", "7", "--json",
+            "--dir",
+        ])
         .arg(&work)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verified"], true);
     let cuts = report["cuts"].as_array().unwrap();
@@ -27,7 +34,11 @@ fn demo_proves_the_replica_equals_the_source_at_every_cut() {
         assert!(cut["delta_file_bytes"].as_u64().unwrap() < 16 << 20);
     }
     // Running again into the same directory is refused, not silently overwritten.
-    let again = agent().args(["demo", "--size", "16M", "--dir"]).arg(&work).output().unwrap();
+    let again = agent()
+        .args(["demo", "--size", "16M", "--dir"])
+        .arg(&work)
+        .output()
+        .unwrap();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
@@ -44,7 +55,10 @@ fn demo_proves_the_replica_equals_the_source_at_every_cut() {
     let out = agent().arg("verify-delta").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is not a valid ctk delta") && err.contains("corrupt"), "{err}");
+    assert!(
+        err.contains("is not a valid ctk delta") && err.contains("corrupt"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,9 +7,10 @@
 //! every such region is reported as changed.
 //!
 //! Intents are kept across cuts (like md's write-intent bitmap and DRBD's activity log): a
-//! hot region costs one fsync, not one per cut. At a cut, regions not touched for
-//! `intent_linger_cuts` cuts and older than every outstanding intent are cleared, after the
-//! sealed epoch that holds their writes is durable.
+//! hot region costs one fsync, not one per cut. At a cut, once the sealed epoch that holds
+//! their writes is durable, regions idle for `intent_linger_cuts` cuts are cleared, and so are
+//! the least recently written beyond `intent_regions_max`; never a region written in the
+//! epoch being sealed or one with an intent not yet recorded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -41,8 +42,13 @@ pub struct TrackerConfig {
     /// fsyncs and more over-reporting after a crash.
     pub region_size: u64,
     pub map: MapOptions,
-    /// Cuts a region's intent outlives its last write.
+    /// Cuts a region's intent outlives its last write, however few regions are live.
     pub intent_linger_cuts: u64,
+    /// Most live intent regions kept after a cut (like DRBD's activity-log extents): beyond
+    /// it the least recently written are cleared. This bounds the over-report after a crash
+    /// to `intent_regions_max * region_size` bytes, and a hot set smaller than that costs no
+    /// intent fsync at all once warm.
+    pub intent_regions_max: usize,
     /// When a new generation starts, may the disk already hold data tracking never saw?
     /// Only a disk created empty together with its journal may say `false`.
     pub existing_data: bool,
@@ -59,7 +65,8 @@ impl TrackerConfig {
             block_size: crate::limits::BLOCK_SIZE_DEFAULT as u64,
             region_size: REGION_SIZE_DEFAULT,
             map: MapOptions::default(),
-            intent_linger_cuts: 2,
+            intent_linger_cuts: 256,
+            intent_regions_max: 16 * 1024,
             existing_data: true,
             compact_after_bytes: 8 << 20,
         }
@@ -439,12 +446,23 @@ impl<S: JournalStorage> Tracker<S> {
             });
         let linger = self.config.intent_linger_cuts.max(1);
         // A region may be cleared only if every write under its intents is recorded (so it is
-        // in this seal or an earlier one) and it has been idle for `linger` cuts.
-        let mut clear: Vec<u32> = self
+        // in this seal or an earlier one) and it was not written in the epoch being sealed.
+        let mut idle: Vec<(u64, u32)> = self
             .live
             .iter()
-            .filter(|&(_, &stamp)| stamp + linger <= sealing && stamp < oldest_outstanding)
-            .map(|(&r, _)| r)
+            .filter(|&(_, &stamp)| stamp < sealing && stamp < oldest_outstanding)
+            .map(|(&r, &stamp)| (stamp, r))
+            .collect();
+        // Long idle regions go; then the least recently written, down to the cap.
+        idle.sort_unstable();
+        let long_idle = idle.partition_point(|&(stamp, _)| stamp + linger <= sealing);
+        let over_cap = self
+            .live
+            .len()
+            .saturating_sub(self.config.intent_regions_max);
+        let mut clear: Vec<u32> = idle[..long_idle.max(over_cap).min(idle.len())]
+            .iter()
+            .map(|&(_, r)| r)
             .collect();
         clear.sort_unstable();
         let Tracker {

@@ -11,6 +11,7 @@ const MIB: u64 = 1 << 20;
 fn config() -> TrackerConfig {
     let mut c = TrackerConfig::new("disk-a", 64 * MIB);
     c.existing_data = false;
+    c.intent_linger_cuts = 2;
     c
 }
 
@@ -115,6 +116,31 @@ fn a_hot_region_costs_one_sync_not_one_per_write() {
         write(&mut t, 0, 4096);
     }
     assert_eq!(storage.syncs() - before, 1 + 5);
+}
+
+#[test]
+fn intents_beyond_the_cap_are_cleared_least_recently_written_first() {
+    let storage = MemStorage::new();
+    let mut c = config();
+    c.intent_linger_cuts = 1000;
+    c.intent_regions_max = 4;
+    let (mut t, _) = open(&storage, c.clone());
+    for region in 0..10 {
+        write(&mut t, region * MIB, 4096);
+        t.cut().unwrap();
+    }
+    // Ten regions written, the cap is four: the six oldest were cleared, so a crash
+    // re-reports only the four newest.
+    drop(t);
+    storage.crash(CrashMode::KeepAll);
+    let (_, outcome) = open(&storage, c);
+    let OpenOutcome::Recovered {
+        recovered_blocks, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(recovered_blocks, 4 * 256);
 }
 
 #[test]

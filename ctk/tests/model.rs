@@ -96,7 +96,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(disk_size: u64, block_size: u64) -> Harness {
+    fn with_intents(disk_size: u64, block_size: u64, linger: u64, regions_max: usize) -> Harness {
         let storage = MemStorage::new();
         let mut config = TrackerConfig::new("model-disk", disk_size);
         config.block_size = block_size;
@@ -104,6 +104,9 @@ impl Harness {
         config.map.keep_recent = 2;
         // Small threshold so journal rewrites happen during the run.
         config.compact_after_bytes = 4096;
+        // Small intent limits, so both ways of clearing happen often.
+        config.intent_linger_cuts = linger;
+        config.intent_regions_max = regions_max;
         let (tracker, outcome) =
             Tracker::open(storage.clone(), config.clone(), || Generation(0x5eed)).unwrap();
         assert_eq!(outcome, OpenOutcome::Created);
@@ -384,7 +387,11 @@ impl Harness {
 }
 
 fn run(disk_size: u64, block_size: u64, ops: &[Op]) {
-    let mut h = Harness::new(disk_size, block_size);
+    run_with(disk_size, block_size, 2, 2, ops)
+}
+
+fn run_with(disk_size: u64, block_size: u64, linger: u64, regions_max: usize, ops: &[Op]) {
+    let mut h = Harness::with_intents(disk_size, block_size, linger, regions_max);
     for (step, op) in ops.iter().enumerate() {
         h.apply(op);
         h.check(step);
@@ -401,9 +408,11 @@ proptest! {
     fn tracker_never_misses_a_write(
         disk_size in REGION / 2..10 * REGION,
         block_size in prop_oneof![3 => Just(4096u64), 1 => Just(65536u64)],
+        linger in 1u64..6,
+        regions_max in 0usize..6,
         ops in prop::collection::vec(op(), 1..120),
     ) {
-        run(disk_size, block_size, &ops);
+        run_with(disk_size, block_size, linger, regions_max, &ops);
     }
 }
 
