@@ -257,15 +257,20 @@ impl<W: Write> DeltaWriter<W> {
     pub fn write_extent(&mut self, offset: u64, data: &[u8]) -> Result<(), DeltaError> {
         self.check_extent(offset, data.len() as u64)?;
         let bs = self.geometry.block_size() as usize;
+        let block_zero = |at: usize| is_zero(&data[at..(at + bs).min(data.len())]);
         let mut pos = 0usize;
+        // The class of the block at `pos`, when the previous run already scanned it.
+        let mut known: Option<bool> = None;
         while pos < data.len() {
-            // Classify a run of blocks as all-zero or not, up to one record's worth.
-            let zero = is_zero(&data[pos..(pos + bs).min(data.len())]);
-            let mut end = pos;
-            while end < data.len()
-                && end - pos < DELTA_RECORD_DATA_MAX
-                && is_zero(&data[end..(end + bs).min(data.len())]) == zero
-            {
+            let zero = known.take().unwrap_or_else(|| block_zero(pos));
+            // Extend a run of blocks that are all zero or all not, up to one record's worth.
+            let mut end = (pos + bs).min(data.len());
+            while end < data.len() && end - pos < DELTA_RECORD_DATA_MAX {
+                let next = block_zero(end);
+                if next != zero {
+                    known = Some(next);
+                    break;
+                }
                 end = (end + bs).min(data.len());
             }
             let at = offset + pos as u64;
@@ -284,24 +289,13 @@ impl<W: Write> DeltaWriter<W> {
         let crc = crc32fast::hash(data);
         self.summary.data_bytes += data.len() as u64;
         let mut encoded = std::mem::take(&mut self.encoded);
+        encoded.clear();
+        // zstd writes into the spare capacity (no zero-fill); the data is stored compressed
+        // only if that made it smaller.
         let compressed = match self.compressor.as_mut() {
             Some(c) => {
-                encoded.clear();
-                // A buffer one byte short of the input: success means it shrank.
                 encoded.reserve(data.len());
-                let mut room = std::mem::take(&mut encoded);
-                room.resize(data.len() - 1, 0);
-                match c.compress_to_buffer(data, &mut room[..]) {
-                    Ok(n) => {
-                        room.truncate(n);
-                        encoded = room;
-                        true
-                    }
-                    Err(_) => {
-                        encoded = room;
-                        false
-                    }
-                }
+                matches!(c.compress_to_buffer(data, &mut encoded), Ok(n) if n < data.len())
             }
             None => false,
         };

@@ -672,17 +672,33 @@ fn remove_from(blocks: &mut RoaringBitmap, first: u64) {
 
 /// Converts a set of blocks into sorted, merged byte extents clipped to the disk.
 pub fn blocks_to_extents(blocks: &RoaringBitmap, geometry: &Geometry) -> Vec<Extent> {
-    let mut extents: Vec<Extent> = Vec::new();
-    let mut runs = blocks.iter();
-    while let Some(run) = runs.next_range() {
-        let (first, last) = (*run.start() as u64, *run.end() as u64);
-        let extent = geometry.extent_of_blocks(first, last - first + 1);
-        match extents.last_mut() {
-            // Runs split at container edges are joined back.
-            Some(prev) if prev.end() == extent.offset => prev.length += extent.length,
-            _ => extents.push(extent),
+    // Plain value iteration with run detection here is several times faster than roaring's
+    // per-run iterator on scattered blocks (the common case for random writes).
+    let mut extents: Vec<Extent> = Vec::with_capacity((blocks.len() as usize).min(1 << 20));
+    let shift = geometry.block_shift();
+    let mut values = blocks.iter();
+    let Some(first) = values.next() else {
+        return extents;
+    };
+    let (mut start, mut end) = (first as u64, first as u64 + 1);
+    for block in values {
+        let block = block as u64;
+        if block != end {
+            extents.push(Extent {
+                offset: start << shift,
+                length: (end - start) << shift,
+            });
+            start = block;
         }
+        end = block + 1;
     }
+    let offset = start << shift;
+    // Only the last run can reach the partial last block.
+    let last_end = (end << shift).min(geometry.disk_size());
+    extents.push(Extent {
+        offset,
+        length: last_end - offset,
+    });
     extents
 }
 

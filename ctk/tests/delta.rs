@@ -216,6 +216,41 @@ fn export_then_apply_reproduces_the_image() {
     ));
 }
 
+/// Runs longer than one record (1 MiB) must keep their class at the record boundary: a data
+/// block right after a full record of zeros is data (a rewrite of the run loop once got this
+/// wrong before it was committed).
+#[test]
+fn runs_longer_than_one_record_keep_their_class_at_the_boundary() {
+    const MIB: usize = 1 << 20;
+    let layouts: [&[(bool, usize)]; 4] = [
+        &[(true, MIB), (false, 4096), (true, 4096)],
+        &[(false, MIB), (true, 4096), (false, 4096)],
+        &[(true, 2 * MIB + 8192), (false, MIB + 4096)],
+        &[(false, 3 * MIB), (true, 3 * MIB), (false, 4096)],
+    ];
+    for layout in layouts {
+        let mut image = Vec::new();
+        for (i, &(zero, len)) in layout.iter().enumerate() {
+            if zero {
+                image.resize(image.len() + len, 0);
+            } else {
+                image.extend(content(i as u64 + 3, len).iter().map(|b| b | 1));
+            }
+        }
+        let disk = image.len() as u64;
+        let mut w = DeltaWriter::new(Vec::new(), &header(disk), WriteOptions::default()).unwrap();
+        w.write_extent(0, &image).unwrap();
+        let (bytes, summary) = w.finish().unwrap();
+        let zeros: usize = layout.iter().filter(|l| l.0).map(|l| l.1).sum();
+        assert_eq!(summary.zero_bytes, zeros as u64, "{layout:?}");
+        assert_eq!(
+            coalesce(read_all(&bytes).unwrap()),
+            vec![(0, image)],
+            "{layout:?}"
+        );
+    }
+}
+
 proptest! {
     #[test]
     fn random_extents_round_trip(
