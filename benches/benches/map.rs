@@ -89,8 +89,15 @@ fn query(c: &mut Criterion) {
     let to = map.seal();
     let mut g = c.benchmark_group("changed_since_1TiB_1pct_random");
     g.sample_size(20);
-    g.bench_function("extents", |b| {
+    g.bench_function("extents_vec", |b| {
         b.iter(|| black_box(map.changed(Since::Id(start), to).unwrap()))
+    });
+    // The whole answer, streamed: the union and every extent produced and consumed.
+    g.bench_function("extents_streamed", |b| {
+        b.iter(|| {
+            let extents = map.changed_extents(Since::Id(start), to).unwrap();
+            black_box(extents.map(|e| e.length).sum::<u64>())
+        })
     });
     g.bench_function("blocks", |b| {
         b.iter(|| black_box(map.changed_blocks(Since::Id(start), to).unwrap()))
