@@ -15,7 +15,7 @@
 //! This module does no I/O. Durability is the journal's job (`crate::journal`), and the
 //! `Tracker` ties both together so that no write can be recorded without its intent.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use roaring::{MultiOps, RoaringBitmap};
 
@@ -112,6 +112,12 @@ pub struct MapOptions {
     /// (at least 1: the latest cut is always a valid starting point).
     pub keep_recent: u64,
 }
+
+/// Most cuts `keep_recent` may keep exact (registered cursors have no such limit).
+pub const KEEP_RECENT_MAX: u64 = 4096;
+/// Highest sequence number: far beyond any real use (a cut per millisecond for 146 million
+/// years), and low enough that nothing near it overflows.
+pub const SEQ_MAX: u64 = 1 << 62;
 
 impl Default for MapOptions {
     fn default() -> MapOptions {
@@ -283,7 +289,7 @@ impl ChangeMap {
             geometry,
             generation,
             options: MapOptions {
-                keep_recent: options.keep_recent.max(1),
+                keep_recent: options.keep_recent.clamp(1, KEEP_RECENT_MAX),
             },
             open: OpenEpoch::new(geometry.blocks()),
             epochs: VecDeque::new(),
@@ -367,7 +373,7 @@ impl ChangeMap {
     /// Changes the tunables; compaction follows the new ones from the next operation on.
     pub fn set_options(&mut self, options: MapOptions) {
         self.options = MapOptions {
-            keep_recent: options.keep_recent.max(1),
+            keep_recent: options.keep_recent.clamp(1, KEEP_RECENT_MAX),
         };
     }
 
@@ -544,22 +550,19 @@ impl ChangeMap {
         Ok(())
     }
 
-    /// Sequence numbers that must stay exact query points.
-    fn boundaries(&self) -> BTreeSet<u64> {
-        let recent_from = self.latest.saturating_sub(self.options.keep_recent - 1);
-        self.cursors
-            .values()
-            .copied()
-            .chain(recent_from..=self.latest)
-            .collect()
+    /// Is `seq` a point that must stay an exact query point (a cursor, or one of the newest
+    /// `keep_recent` cuts)? Computed, never materialised: `keep_recent` and `latest` may be
+    /// large.
+    fn is_boundary(cursors: &BTreeMap<String, u64>, seq: u64, recent_from: u64) -> bool {
+        seq >= recent_from || cursors.values().any(|&c| c == seq)
     }
 
     /// Merges epochs that no boundary separates and folds those below the oldest boundary
     /// into history. Deterministic in the sequence of operations, so a replayed journal
     /// compacts exactly as the live map did.
     fn compact(&mut self) {
-        let boundaries = self.boundaries();
-        let oldest = boundaries.first().copied().unwrap_or(self.latest);
+        let recent_from = self.latest.saturating_sub(self.options.keep_recent - 1);
+        let oldest = self.cursors.values().copied().fold(recent_from, u64::min);
         let new_floor = self.floor.max(oldest);
         while self.epochs.front().is_some_and(|e| e.upto <= new_floor) {
             let epoch = self.epochs.pop_front().expect("checked non-empty");
@@ -569,7 +572,7 @@ impl ChangeMap {
         let mut merged: VecDeque<Epoch> = VecDeque::with_capacity(self.epochs.len());
         for epoch in self.epochs.drain(..) {
             match merged.back_mut() {
-                Some(prev) if !boundaries.contains(&epoch.after) => {
+                Some(prev) if !Self::is_boundary(&self.cursors, epoch.after, recent_from) => {
                     prev.blocks |= epoch.blocks;
                     prev.upto = epoch.upto;
                 }
@@ -632,6 +635,9 @@ impl ChangeMap {
         let in_range = |bm: &RoaringBitmap| bm.max().is_none_or(|m| (m as u64) < blocks);
         if state.floor > state.latest {
             return Err(StateError("floor above latest cut"));
+        }
+        if state.latest > SEQ_MAX {
+            return Err(StateError("sequence number out of range"));
         }
         let mut expect = state.floor;
         for epoch in &state.epochs {

@@ -95,6 +95,11 @@ pub enum TrackerError {
     BadRegionSize(u64),
     #[error("disk id must be 1 to {DISK_ID_LEN_MAX} bytes")]
     BadDiskId,
+    /// `close` was called while intents were not yet recorded.
+    #[error(
+        "{0} write(s) still in flight: record them before closing (the journal was left unclean, so a reopen recovers them)"
+    )]
+    WritesInFlight(u64),
     #[error(transparent)]
     Query(#[from] QueryError),
     #[error(transparent)]
@@ -130,6 +135,8 @@ pub struct WriteIntent {
     length: u64,
     /// The open epoch's sequence number when the intent was taken.
     stamp: u64,
+    /// Which tracker instance made it durable: an intent is proof only for its own journal.
+    tracker: u64,
 }
 
 impl WriteIntent {
@@ -161,6 +168,8 @@ impl Hasher for RegionHasher {
 
 type RegionMap = HashMap<u32, u64, BuildHasherDefault<RegionHasher>>;
 
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Change tracking for one disk, durable across crashes.
 pub struct Tracker<S: JournalStorage> {
     map: ChangeMap,
@@ -175,6 +184,8 @@ pub struct Tracker<S: JournalStorage> {
     /// Intents taken in earlier epochs and not yet recorded, by stamp.
     outstanding_older: BTreeMap<u64, u64>,
     poisoned: Option<String>,
+    /// Distinguishes this instance's intents from any other's.
+    instance: u64,
     journal_len: u64,
     snapshot_len: u64,
     scratch: Vec<u8>,
@@ -326,6 +337,7 @@ impl<S: JournalStorage> Tracker<S> {
             outstanding_open: 0,
             outstanding_older: BTreeMap::new(),
             poisoned: None,
+            instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             journal_len: 0,
             snapshot_len: 0,
             scratch: Vec::new(),
@@ -409,13 +421,22 @@ impl<S: JournalStorage> Tracker<S> {
             offset,
             length,
             stamp,
+            tracker: self.instance,
         })
     }
 
     /// Records a completed data write (or trim, or write-zeroes) in the open epoch. Call it
     /// after the data write, whether or not that write succeeded: a failed write may still
     /// have changed some of the range.
+    ///
+    /// Panics if the intent was made by another tracker (another disk, or this disk before
+    /// a reopen): its durability says nothing about this journal. That is a bug in the
+    /// caller, not bad input, and continuing would risk an unreported write.
     pub fn record(&mut self, intent: WriteIntent) {
+        assert_eq!(
+            intent.tracker, self.instance,
+            "WriteIntent recorded on a tracker that did not make it durable"
+        );
         self.map.record_clipped(intent.offset, intent.length);
         if intent.stamp == self.map.latest().seq + 1 {
             self.outstanding_open -= 1;
@@ -566,6 +587,12 @@ impl<S: JournalStorage> Tracker<S> {
     /// Every intent must have been recorded.
     pub fn close(mut self) -> Result<(), TrackerError> {
         self.check_healthy()?;
+        // A Close clears every intent on replay; with a write still in flight that write
+        // could land untracked. Leave the journal unclean instead: recovery covers it.
+        let in_flight = self.outstanding_open + self.outstanding_older.values().sum::<u64>();
+        if in_flight > 0 {
+            return Err(TrackerError::WritesInFlight(in_flight));
+        }
         let open = self.map.open_blocks();
         let len = journal::push_bitmap(&mut self.scratch, &open);
         record::encode(&Record::Close { len }, &mut self.scratch);

@@ -284,3 +284,17 @@ proptest! {
         prop_assert_eq!(coalesce(read_all(&bytes).unwrap()), coalesce(expect));
     }
 }
+
+/// The committed fuzz seeds stay valid deltas as the format evolves (regenerate them with
+/// `cargo run -p ctk --example fuzz_seeds -- fuzz/seeds`).
+#[test]
+fn fuzz_seeds_are_valid_deltas() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/delta_reader");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        delta::verify(Cursor::new(&bytes)).unwrap();
+        n += 1;
+    }
+    assert!(n >= 2, "seeds missing in {}", dir.display());
+}

@@ -190,9 +190,8 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
         };
         let this = offset;
         offset += frame.len() as u64;
-        if !matches!(record, Record::Chunk(_)) {
-            clean = false;
-        }
+        // Only a Close that is the very last record makes the journal clean.
+        clean = false;
 
         // The header comes first, then one snapshot, then live records.
         let Some(h) = header.as_ref() else {
@@ -205,6 +204,13 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
             match Geometry::new(h.disk_size, h.block_size as u64) {
                 Ok(g) => geometry = Some(g),
                 Err(e) => unusable!("journal header has a bad geometry: {e}"),
+            }
+            let regions = crate::limits::REGION_SIZE_MIN..=crate::limits::REGION_SIZE_MAX;
+            if !h.region_size.is_power_of_two() || !regions.contains(&h.region_size) {
+                unusable!(
+                    "journal header has an unsupported region size {}",
+                    h.region_size
+                );
             }
             header = Some(h);
             continue;
