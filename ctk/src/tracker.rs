@@ -380,6 +380,7 @@ impl<S: JournalStorage> Tracker<S> {
 
     /// Appends `self.scratch` and syncs it. Any failure poisons the journal.
     fn append_synced(&mut self, doing: &'static str) -> Result<(), TrackerError> {
+        record::encode(&Record::Synced, &mut self.scratch);
         let result = self
             .storage
             .append(&self.scratch)
@@ -505,6 +506,7 @@ impl<S: JournalStorage> Tracker<S> {
             for regions in clear.chunks(JOURNAL_REGIONS_PER_RECORD_MAX) {
                 record::encode(&Record::Clear(regions.to_vec()), scratch);
             }
+            record::encode(&Record::Synced, scratch);
             storage.append(scratch).and_then(|()| storage.sync())
         });
         self.syncs += 1;

@@ -97,6 +97,7 @@ pub(crate) fn snapshot_bytes(header: &Header, state: &MapState, live_intents: &[
         record::encode(&Record::Intent(regions.to_vec()), &mut out);
     }
     record::encode(&Record::SnapshotEnd, &mut out);
+    record::encode(&Record::Synced, &mut out);
     out
 }
 
@@ -190,8 +191,11 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
         };
         let this = offset;
         offset += frame.len() as u64;
-        // Only a Close that is the very last record makes the journal clean.
-        clean = false;
+        // Only a Close that is the last record (but for its sync marker) makes the journal
+        // clean.
+        if record != Record::Synced {
+            clean = false;
+        }
 
         // The header comes first, then one snapshot, then live records.
         let Some(h) = header.as_ref() else {
@@ -325,6 +329,7 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
                     unusable!("cursor record at byte {this}: {e}");
                 }
             }
+            (Record::Synced, _, _) => {}
             (Record::Close { len }, None, Some(m)) => match take_bitmap(&mut blob, len, &g) {
                 Some(b) => {
                     m.replace_open(b);

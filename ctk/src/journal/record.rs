@@ -43,18 +43,46 @@ pub(crate) struct Header {
 pub(crate) enum Record<'a> {
     Header(Header),
     Chunk(&'a [u8]),
-    SnapshotBegin { floor: u64, latest: u64 },
-    History { len: u64 },
-    Epoch { after: u64, upto: u64, len: u64 },
-    Open { len: u64 },
+    SnapshotBegin {
+        floor: u64,
+        latest: u64,
+    },
+    History {
+        len: u64,
+    },
+    Epoch {
+        after: u64,
+        upto: u64,
+        len: u64,
+    },
+    Open {
+        len: u64,
+    },
     SnapshotEnd,
     Intent(Vec<u32>),
     Clear(Vec<u32>),
-    Seal { seq: u64, kind: SealKind, len: u64 },
-    Resize { disk_size: u64 },
-    CursorSet { name: &'a str, seq: u64 },
-    CursorDrop { name: &'a str },
-    Close { len: u64 },
+    Seal {
+        seq: u64,
+        kind: SealKind,
+        len: u64,
+    },
+    Resize {
+        disk_size: u64,
+    },
+    CursorSet {
+        name: &'a str,
+        seq: u64,
+    },
+    CursorDrop {
+        name: &'a str,
+    },
+    Close {
+        len: u64,
+    },
+    /// Ends every synced batch. Because of it, a record anything depends on is never the
+    /// last in the file once synced: damage to it is followed by a valid record and cannot
+    /// pass for a torn tail.
+    Synced,
 }
 
 mod kind {
@@ -72,6 +100,7 @@ mod kind {
     pub const CURSOR_SET: u8 = 12;
     pub const CURSOR_DROP: u8 = 13;
     pub const CLOSE: u8 = 14;
+    pub const SYNCED: u8 = 15;
 }
 
 /// Bytes of a chunk payload, so a chunk record stays under `JOURNAL_RECORD_MAX`.
@@ -163,6 +192,7 @@ pub(crate) fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             put_u64(out, *len);
             kind::CLOSE
         }
+        Record::Synced => kind::SYNCED,
     };
     let payload_len = out.len() - payload_start;
     debug_assert!(payload_len + FRAME_HEAD + FRAME_TAIL <= JOURNAL_RECORD_MAX);
@@ -271,6 +301,7 @@ pub(crate) fn decode(kind: u8, payload: &[u8]) -> Result<Record<'_>, &'static st
         }
         kind::CURSOR_DROP => Record::CursorDrop { name: r.name()? },
         kind::CLOSE => Record::Close { len: r.u64()? },
+        kind::SYNCED => Record::Synced,
         _ => return Err("unknown record kind"),
     };
     if !r.buf.is_empty() {
