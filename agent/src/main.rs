@@ -2,6 +2,9 @@
 //! calls library code; only this binary uses anyhow.
 
 mod demo;
+mod disk;
+mod nbd;
+mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +59,67 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the agent: serve each protected disk over NBD with change tracking, and answer
+    /// cut / changed / export / status on the control socket. Stops cleanly on SIGINT/SIGTERM.
+    ///
+    /// Example: ctk-agent serve --disk vm1=/var/lib/images/vm1.img --listen unix:/run/ctk-agent/nbd.sock
+    /// then: qemu-io -f raw 'nbd+unix:///vm1?socket=/run/ctk-agent/nbd.sock' -c 'write 0 4k'
+    Serve {
+        /// A disk to protect, as NAME=PATH (a raw image file or a block device). Repeatable.
+        /// The change journal is PATH.ctk unless --journal-dir is given.
+        #[arg(long = "disk", required = true, value_parser = parse_disk)]
+        disks: Vec<(String, PathBuf)>,
+        /// Where journals live (as NAME.ctk); default: beside each disk.
+        #[arg(long)]
+        journal_dir: Option<PathBuf>,
+        /// Where the NBD front listens: unix:PATH or tcp:ADDRESS:PORT (loopback unless you
+        /// mean it: NBD has no authentication). Repeatable.
+        #[arg(long = "listen", default_value = "unix:/run/ctk-agent/nbd.sock")]
+        listens: Vec<server::Listen>,
+        /// The control socket (mode 0600).
+        #[arg(long, default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+        /// Tracking granularity, a power of two from 4K to 1M.
+        #[arg(long, default_value = "4K", value_parser = parse_size)]
+        block_size: u64,
+        /// zstd level for exported deltas.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+    },
+    /// Cut now: hold NBD writes, let those in flight finish, flush the backing, seal the
+    /// epoch. Prints the new ChangeId.
+    Cut {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the extents changed since a ChangeId (or "all") up to the latest cut, like
+    /// VMware's QueryChangedDiskAreas.
+    Changed {
+        /// A ChangeId printed by `cut`, or "all" for every block that may hold data.
+        #[arg(long)]
+        since: String,
+        /// Up to this cut (default: the latest).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cut, and write the blocks changed since a ChangeId (or "all") up to that cut as a
+    /// delta file. Writes are held while the delta is written.
+    Export {
+        #[arg(long)]
+        since: String,
+        /// The delta file to write.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show each protected disk: latest cut, open epoch, journal syncs, I/O counters.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Read a delta file and check every record, checksum and the trailer; print its header
     /// and totals.
     VerifyDelta {
@@ -63,6 +127,74 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+const DEFAULT_CONTROL: &str = "/run/ctk-agent/control.sock";
+
+/// Which running agent and disk a client command talks to.
+#[derive(clap::Args)]
+struct Target {
+    /// The agent's control socket.
+    #[arg(long, default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
+    /// The disk (may be left out when the agent protects one disk).
+    #[arg(long)]
+    disk: Option<String>,
+    /// Print the agent's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_disk(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = text
+        .split_once('=')
+        .ok_or("use NAME=PATH, e.g. vm1=/images/vm1.img")?;
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        return Err(format!(
+            "disk name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with . or -"
+        ));
+    }
+    if path.is_empty() {
+        return Err("the disk path is empty".into());
+    }
+    Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+/// Sends one request to the agent's control socket and returns its answer.
+fn control(target: &Target, mut request: serde_json::Value) -> Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    if let Some(disk) = &target.disk {
+        request["disk"] = json!(disk);
+    }
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&target.control).with_context(|| {
+            format!(
+                "connecting to the agent at {} (is `ctk-agent serve` running? see --control)",
+                target.control.display()
+            )
+        })?;
+    let mut line = serde_json::to_vec(&request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer)?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+    if answer["ok"] != true {
+        anyhow::bail!(
+            "{}",
+            answer["error"]
+                .as_str()
+                .unwrap_or("the agent refused the request")
+        );
+    }
+    Ok(answer)
 }
 
 /// Parses sizes such as `4096`, `64K`, `256M`, `2G`, `1T` (binary units).
@@ -96,6 +228,98 @@ fn random_seed() -> u64 {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve {
+            disks,
+            journal_dir,
+            listens,
+            control,
+            block_size,
+            zstd_level,
+        } => {
+            let mut opened = Vec::new();
+            for (name, path) in disks {
+                if opened
+                    .iter()
+                    .any(|d: &std::sync::Arc<disk::ProtectedDisk>| d.name == name)
+                {
+                    anyhow::bail!("disk name {name:?} is given twice");
+                }
+                let journal = match &journal_dir {
+                    Some(dir) => dir.join(format!("{name}.ctk")),
+                    None => {
+                        let mut j = path.clone().into_os_string();
+                        j.push(".ctk");
+                        PathBuf::from(j)
+                    }
+                };
+                let (d, outcome) = disk::ProtectedDisk::open(&name, &path, &journal, block_size)?;
+                tracing::info!(disk = %name, ?outcome, size = d.size(), "protecting");
+                opened.push(std::sync::Arc::new(d));
+            }
+            let agent = std::sync::Arc::new(server::Agent {
+                disks: opened,
+                zstd_level,
+            });
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(server::run(agent, listens, control))
+        }
+        Command::Cut { target } => {
+            let answer = control(&target, json!({"cmd": "cut"}))?;
+            print_answer(&target, &answer, |a| {
+                a["change_id"].as_str().unwrap_or("").to_string()
+            })
+        }
+        Command::Changed { since, to, target } => {
+            let answer = control(&target, json!({"cmd": "changed", "since": since, "to": to}))?;
+            print_answer(&target, &answer, |a| {
+                let mut out = String::new();
+                for e in a["extents"].as_array().into_iter().flatten() {
+                    out.push_str(&format!("{} {}\n", e[0], e[1]));
+                }
+                out.push_str(&format!(
+                    "# {} bytes changed, up to {}",
+                    a["changed_bytes"],
+                    a["to"].as_str().unwrap_or("")
+                ));
+                out
+            })
+        }
+        Command::Export {
+            since,
+            output,
+            target,
+        } => {
+            let output = std::path::absolute(&output)?;
+            let answer = control(
+                &target,
+                json!({"cmd": "export", "since": since, "path": output}),
+            )?;
+            print_answer(&target, &answer, |a| {
+                format!(
+                    "{}: {} bytes changed -> {} byte delta, up to {}",
+                    a["path"].as_str().unwrap_or(""),
+                    a["changed_bytes"],
+                    a["delta_bytes"],
+                    a["to"].as_str().unwrap_or("")
+                )
+            })
+        }
+        Command::Status { target } => {
+            let answer = control(&target, json!({"cmd": "status"}))?;
+            print_answer(&target, &answer, |a| {
+                let mut out = String::new();
+                for d in a["disks"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "{}: {} ({} bytes), latest cut {}, {} blocks written since, {} writes, {} journal syncs\n",
+                        d["name"].as_str().unwrap_or(""), d["path"].as_str().unwrap_or(""), d["size"],
+                        d["latest"].as_str().unwrap_or("-"), d["open_epoch_blocks"], d["writes"], d["journal_syncs"]
+                    ));
+                }
+                out.trim_end().to_string()
+            })
+        }
         Command::Demo {
             dir,
             size,
@@ -154,6 +378,19 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_answer(
+    target: &Target,
+    answer: &serde_json::Value,
+    human: impl Fn(&serde_json::Value) -> String,
+) -> Result<()> {
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+    } else {
+        println!("{}", human(answer));
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,342 @@
+//! A protected disk: the backing file or block device, its tracker, and the write gate.
+//!
+//! Write path order (the invariant's): intent durable (`Tracker::intend`) -> data written to
+//! the backing -> block recorded (`Tracker::record`) -> reply. Every write holds the gate
+//! shared for that whole sequence; a cut or an export holds it exclusively, so a cut waits for
+//! writes in flight and holds new ones: every write acknowledged before the cut is in it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use ctk::delta::{self, DeltaHeader, DeltaSummary, WriteOptions};
+use ctk::{
+    ChangeId, Extent, FileStorage, Generation, OpenOutcome, Since, Tracker, TrackerConfig,
+    TrackerError,
+};
+use serde_json::json;
+
+/// Why a disk operation failed; each maps to an NBD error number.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("range at {offset} (+{length}) is outside the {size}-byte disk")]
+    OutOfRange { offset: u64, length: u64, size: u64 },
+    #[error("I/O error on the backing: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    #[error("the disk is shut down")]
+    Shutdown,
+    #[error("delta export failed: {0}")]
+    Delta(#[from] delta::DeltaError),
+}
+
+impl DiskError {
+    /// The errno an NBD reply carries for this error.
+    pub fn errno(&self, is_write: bool) -> u32 {
+        use crate::nbd::{EINVAL, EIO, ENOSPC, EPERM};
+        match self {
+            DiskError::OutOfRange { .. } if is_write => ENOSPC,
+            DiskError::OutOfRange { .. } => EINVAL,
+            DiskError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => ENOSPC,
+            DiskError::Shutdown => EPERM,
+            _ => EIO,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_written: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    zeroes: AtomicU64,
+}
+
+pub struct ProtectedDisk {
+    pub name: String,
+    pub path: PathBuf,
+    pub journal: PathBuf,
+    file: File,
+    size: u64,
+    /// `None` once closed at shutdown.
+    tracker: Mutex<Option<Tracker<FileStorage>>>,
+    gate: RwLock<()>,
+    counters: Counters,
+}
+
+impl ProtectedDisk {
+    /// Opens the backing read-write and the tracker beside it.
+    pub fn open(
+        name: &str,
+        path: &Path,
+        journal: &Path,
+        block_size: u64,
+    ) -> Result<(ProtectedDisk, OpenOutcome), anyhow::Error> {
+        use anyhow::Context;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening disk {name:?} at {}", path.display()))?;
+        // Seeking to the end gives the size of a file and of a block device alike.
+        let size = file.seek(SeekFrom::End(0))?;
+        let mut config = TrackerConfig::new(name, size);
+        config.block_size = block_size;
+        let (tracker, outcome) =
+            Tracker::open(FileStorage::new(journal), config, Generation::random)
+                .with_context(|| format!("opening the change journal {}", journal.display()))?;
+        Ok((
+            ProtectedDisk {
+                name: name.to_owned(),
+                path: path.to_owned(),
+                journal: journal.to_owned(),
+                file,
+                size,
+                tracker: Mutex::new(Some(tracker)),
+                gate: RwLock::new(()),
+                counters: Counters::default(),
+            },
+            outcome,
+        ))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn check(&self, offset: u64, length: u64) -> Result<(), DiskError> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(DiskError::OutOfRange {
+                offset,
+                length,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn tracker(&self) -> Result<MutexGuard<'_, Option<Tracker<FileStorage>>>, DiskError> {
+        // A panic while the tracker was held is a bug; refuse to go on with its state.
+        self.tracker
+            .lock()
+            .map_err(|_| DiskError::Io(io::Error::other("tracker lock poisoned")))
+    }
+
+    fn with_tracker<T>(
+        &self,
+        f: impl FnOnce(&mut Tracker<FileStorage>) -> Result<T, DiskError>,
+    ) -> Result<T, DiskError> {
+        let mut guard = self.tracker()?;
+        let tracker = guard.as_mut().ok_or(DiskError::Shutdown)?;
+        f(tracker)
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.check(offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset)?;
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Changes `[offset, offset + length)` with `apply`, in the order that keeps the
+    /// invariant. The block is recorded even if `apply` failed: part of it may have landed.
+    fn tracked_change(
+        &self,
+        offset: u64,
+        length: u64,
+        apply: impl FnOnce() -> io::Result<()>,
+    ) -> Result<(), DiskError> {
+        self.check(offset, length)?;
+        let _gate = self
+            .gate
+            .read()
+            .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
+        let intent = self.with_tracker(|t| Ok(t.intend(offset, length)?))?;
+        let result = apply();
+        self.with_tracker(|t| {
+            t.record(intent);
+            Ok(())
+        })?;
+        Ok(result?)
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {
+        self.tracked_change(offset, data.len() as u64, || {
+            self.file.write_all_at(data, offset)
+        })?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes every completed write durable. The tracking of those writes already is: their
+    /// intents were synced before the data was written.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.file.sync_data()?;
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Discards a range: it reads as zeros afterwards (a punched hole, or written zeros).
+    pub fn trim(&self, offset: u64, length: u64) -> Result<(), DiskError> {
+        self.tracked_change(offset, length, || self.zero_range(offset, length, true))?;
+        self.counters.trims.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), DiskError> {
+        self.tracked_change(offset, length, || {
+            self.zero_range(offset, length, may_punch)
+        })?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        self.counters.zeroes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn zero_range(&self, offset: u64, length: u64, may_punch: bool) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let mode = if may_punch {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        // SAFETY: fallocate on an open descriptor with in-range arguments touches no memory.
+        let rc =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, length as i64) };
+        if rc == 0 {
+            return Ok(());
+        }
+        // Block devices and some filesystems lack these modes: write the zeros.
+        let zeros = vec![0u8; (length.min(1 << 20)) as usize];
+        let mut pos = offset;
+        while pos < offset + length {
+            let n = (offset + length - pos).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// A crash-consistent cut: writes in flight finish, new ones wait, the backing is flushed
+    /// (destaged), the epoch sealed.
+    pub fn cut(&self) -> Result<ChangeId, DiskError> {
+        let _hold = self
+            .gate
+            .write()
+            .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
+        self.file.sync_data()?;
+        self.with_tracker(|t| Ok(t.cut()?))
+    }
+
+    pub fn changed(
+        &self,
+        since: Since,
+        upto: Option<ChangeId>,
+    ) -> Result<(ChangeId, Vec<Extent>), DiskError> {
+        self.with_tracker(|t| {
+            let upto = upto.unwrap_or(t.latest());
+            Ok((upto, t.changed(since, upto)?))
+        })
+    }
+
+    /// Cuts and exports the blocks changed since `since` up to that new cut into `out`,
+    /// holding writes for the duration so the data read is the data at the cut.
+    /// (Copy-on-write to let writes continue during an export is not built yet.)
+    pub fn export(
+        &self,
+        since: Since,
+        out: &Path,
+        zstd_level: i32,
+    ) -> Result<(ChangeId, u64, DeltaSummary), DiskError> {
+        let _hold = self
+            .gate
+            .write()
+            .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
+        self.file.sync_data()?;
+        let (to, extents) = self.with_tracker(|t| {
+            // Check `since` before cutting, so a refused ChangeId leaves no empty cut behind.
+            t.changed(since, t.latest())?;
+            let to = t.cut()?;
+            Ok((to, t.changed(since, to)?))
+        })?;
+        let header = DeltaHeader {
+            disk_id: self.name.clone(),
+            disk_size: self.size,
+            block_size: self.with_tracker(|t| Ok(t.geometry().block_size()))?,
+            from: match since {
+                Since::All => None,
+                Since::Id(id) => Some(id),
+            },
+            to,
+        };
+        let changed: u64 = extents.iter().map(|e| e.length).sum();
+        let file = File::create(out)?;
+        let options = WriteOptions {
+            zstd_level: Some(zstd_level),
+        };
+        let (writer, summary) =
+            delta::export(&self.file, &extents, &header, options, BufWriter::new(file))?;
+        writer
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        Ok((to, changed, summary))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let tracker = self.tracker().ok();
+        let t = tracker.as_ref().and_then(|g| g.as_ref());
+        json!({
+            "name": self.name,
+            "path": self.path.display().to_string(),
+            "journal": self.journal.display().to_string(),
+            "size": self.size,
+            "latest": t.map(|t| t.latest().to_string()),
+            "open_epoch_blocks": t.map(|t| t.map().open_blocks().len()),
+            "block_size": t.map(|t| t.geometry().block_size()),
+            "cursors": t.map(|t| t.map().cursors().map(|(n, id)| json!({"name": n, "at": id.to_string()})).collect::<Vec<_>>()),
+            "journal_syncs": t.map(|t| t.syncs()),
+            "reads": c.reads.load(Ordering::Relaxed),
+            "writes": c.writes.load(Ordering::Relaxed),
+            "bytes_written": c.bytes_written.load(Ordering::Relaxed),
+            "flushes": c.flushes.load(Ordering::Relaxed),
+            "trims": c.trims.load(Ordering::Relaxed),
+            "write_zeroes": c.zeroes.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Closes the tracker cleanly (after writes in flight finish), so a restart answers
+    /// exactly as before. Later operations fail with `Shutdown`.
+    pub fn close(&self) -> Result<(), DiskError> {
+        let _hold = self
+            .gate
+            .write()
+            .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
+        self.file.sync_data()?;
+        let tracker = self.tracker()?.take().ok_or(DiskError::Shutdown)?;
+        Ok(tracker.close()?)
+    }
+}

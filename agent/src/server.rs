@@ -1,0 +1,535 @@
+//! The daemon: NBD listeners (Unix socket and TCP), the control socket, and shutdown.
+//!
+//! Each NBD connection is one task: handshake, then requests handled in order. Disk I/O is
+//! synchronous (`block_in_place`), so a request's reply is sent only after its write,
+//! flush or tracking step has completed. A misbehaving client ends only its own connection.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use ctk::{ChangeId, Since};
+use serde_json::{Value, json};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::disk::ProtectedDisk;
+use crate::nbd::{self, Request};
+
+pub struct Agent {
+    pub disks: Vec<Arc<ProtectedDisk>>,
+    pub zstd_level: i32,
+}
+
+impl Agent {
+    fn disk(&self, name: &str) -> Option<&Arc<ProtectedDisk>> {
+        // The empty name is the default export: the first disk.
+        if name.is_empty() {
+            self.disks.first()
+        } else {
+            self.disks.iter().find(|d| d.name == name)
+        }
+    }
+}
+
+/// Where the NBD front listens.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, e.g. unix:/run/ctk-agent/nbd.sock".into());
+            }
+            Ok(Listen::Unix(path.into()))
+        } else if let Some(addr) = s.strip_prefix("tcp:") {
+            addr.parse()
+                .map(Listen::Tcp)
+                .map_err(|_| format!("{addr:?} is not an address such as 127.0.0.1:10809"))
+        } else {
+            Err(format!("{s:?}: use unix:PATH or tcp:ADDRESS:PORT"))
+        }
+    }
+}
+
+fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A stale socket from an earlier run would make bind fail.
+    if std::fs::symlink_metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, then closes every tracker cleanly.
+pub async fn run(agent: Arc<Agent>, listens: Vec<Listen>, control: PathBuf) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for listen in listens {
+        match listen {
+            Listen::Unix(path) => {
+                let listener = bind_unix(&path)?;
+                info!(socket = %path.display(), "NBD listening");
+                let agent = agent.clone();
+                tasks.spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, _)) => {
+                                spawn_connection(agent.clone(), stream, "unix".into())
+                            }
+                            Err(e) => warn!(error = %e, "accept failed"),
+                        }
+                    }
+                });
+            }
+            Listen::Tcp(addr) => {
+                if !addr.ip().is_loopback() {
+                    warn!(%addr, "NBD has no authentication: listening beyond loopback exposes the disks");
+                }
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr}"))?;
+                info!(%addr, "NBD listening");
+                let agent = agent.clone();
+                tasks.spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, peer)) => {
+                                let _ = stream.set_nodelay(true);
+                                spawn_connection(agent.clone(), stream, peer.to_string())
+                            }
+                            Err(e) => warn!(error = %e, "accept failed"),
+                        }
+                    }
+                });
+            }
+        }
+    }
+    let control_listener = bind_unix(&control)?;
+    // Only the owner may cut or export.
+    std::fs::set_permissions(
+        &control,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    info!(socket = %control.display(), "control socket listening");
+    let control_agent = agent.clone();
+    tasks.spawn(async move {
+        loop {
+            if let Ok((stream, _)) = control_listener.accept().await {
+                let agent = control_agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_control(agent, stream).await {
+                        debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+        }
+    });
+    // Tell whoever started us that we are ready (tests and scripts wait for this line).
+    println!("ctk-agent ready: control {}", control.display());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+    tasks.abort_all();
+    for disk in &agent.disks {
+        match tokio::task::block_in_place(|| disk.close()) {
+            Ok(()) => info!(disk = %disk.name, "change journal closed cleanly"),
+            Err(e) => {
+                warn!(disk = %disk.name, error = %e, "change journal left unclean; the next start recovers")
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&control);
+    Ok(())
+}
+
+fn spawn_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    agent: Arc<Agent>,
+    stream: S,
+    peer: String,
+) {
+    let span = info_span!("nbd", %peer);
+    tokio::spawn(
+        async move {
+            match handle_connection(agent, stream).await {
+                Ok(()) => debug!("connection closed"),
+                Err(e) => info!(error = %e, "connection ended"),
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// What the handshake settled on.
+struct Negotiated {
+    disk: Arc<ProtectedDisk>,
+}
+
+const TRANSMISSION_FLAGS: u16 = nbd::TFLAG_HAS_FLAGS
+    | nbd::TFLAG_SEND_FLUSH
+    | nbd::TFLAG_SEND_FUA
+    | nbd::TFLAG_SEND_TRIM
+    | nbd::TFLAG_SEND_WRITE_ZEROES
+    | nbd::TFLAG_CAN_MULTI_CONN;
+
+async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    agent: Arc<Agent>,
+    stream: S,
+) -> Result<()> {
+    let (read, write) = tokio::io::split(stream);
+    let mut r = BufReader::new(read);
+    let mut w = BufWriter::new(write);
+    let Some(negotiated) = handshake(&agent, &mut r, &mut w).await? else {
+        return Ok(());
+    };
+    transmission(negotiated.disk, &mut r, &mut w).await
+}
+
+async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    agent: &Agent,
+    r: &mut R,
+    w: &mut W,
+) -> Result<Option<Negotiated>> {
+    w.write_all(&nbd::NBD_MAGIC.to_be_bytes()).await?;
+    w.write_all(&nbd::IHAVEOPT.to_be_bytes()).await?;
+    w.write_all(&(nbd::FLAG_FIXED_NEWSTYLE | nbd::FLAG_NO_ZEROES).to_be_bytes())
+        .await?;
+    w.flush().await?;
+    let client_flags = r.read_u32().await?;
+    if client_flags & !(nbd::CLIENT_FLAG_FIXED_NEWSTYLE | nbd::CLIENT_FLAG_NO_ZEROES) != 0 {
+        bail!("client sent unknown handshake flags {client_flags:#x}");
+    }
+    let no_zeroes = client_flags & nbd::CLIENT_FLAG_NO_ZEROES != 0;
+    loop {
+        let magic = r.read_u64().await?;
+        if magic != nbd::IHAVEOPT {
+            bail!("bad option magic {magic:#x}");
+        }
+        let option = r.read_u32().await?;
+        let length = r.read_u32().await?;
+        if length > nbd::OPTION_LEN_MAX {
+            // Discard it without holding it, then refuse.
+            tokio::io::copy(&mut (&mut *r).take(length as u64), &mut tokio::io::sink()).await?;
+            w.write_all(&nbd::option_error(
+                option,
+                nbd::REP_ERR_TOO_BIG,
+                "option payload too large",
+            ))
+            .await?;
+            w.flush().await?;
+            continue;
+        }
+        let mut data = vec![0u8; length as usize];
+        r.read_exact(&mut data).await?;
+        match option {
+            nbd::OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                // This old option has no error reply: an unknown export closes the connection.
+                let Some(disk) = agent.disk(&name) else {
+                    bail!("unknown export {name:?}")
+                };
+                w.write_all(&disk.size().to_be_bytes()).await?;
+                w.write_all(&TRANSMISSION_FLAGS.to_be_bytes()).await?;
+                if !no_zeroes {
+                    w.write_all(&[0u8; 124]).await?;
+                }
+                w.flush().await?;
+                return Ok(Some(Negotiated { disk: disk.clone() }));
+            }
+            nbd::OPT_ABORT => {
+                w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
+                    .await?;
+                w.flush().await?;
+                return Ok(None);
+            }
+            nbd::OPT_LIST => {
+                if !data.is_empty() {
+                    w.write_all(&nbd::option_error(
+                        option,
+                        nbd::REP_ERR_INVALID,
+                        "LIST takes no data",
+                    ))
+                    .await?;
+                } else {
+                    for disk in &agent.disks {
+                        w.write_all(&nbd::option_reply(
+                            option,
+                            nbd::REP_SERVER,
+                            &nbd::list_entry(&disk.name),
+                        ))
+                        .await?;
+                    }
+                    w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
+                        .await?;
+                }
+            }
+            nbd::OPT_STARTTLS => {
+                w.write_all(&nbd::option_error(
+                    option,
+                    nbd::REP_ERR_POLICY,
+                    "TLS is not offered: use the Unix socket or loopback",
+                ))
+                .await?;
+            }
+            nbd::OPT_INFO | nbd::OPT_GO => match nbd::parse_info_request(&data) {
+                Err(why) => {
+                    w.write_all(&nbd::option_error(option, nbd::REP_ERR_INVALID, why))
+                        .await?
+                }
+                Ok(request) => match agent.disk(&request.name) {
+                    None => {
+                        let msg = format!("no export named {:?}", request.name);
+                        w.write_all(&nbd::option_error(option, nbd::REP_ERR_UNKNOWN, &msg))
+                            .await?;
+                    }
+                    Some(disk) => {
+                        w.write_all(&nbd::option_reply(
+                            option,
+                            nbd::REP_INFO,
+                            &nbd::info_export(disk.size(), TRANSMISSION_FLAGS),
+                        ))
+                        .await?;
+                        w.write_all(&nbd::option_reply(
+                            option,
+                            nbd::REP_INFO,
+                            &nbd::info_name(&disk.name),
+                        ))
+                        .await?;
+                        let block = nbd::info_block_size(1, 4096, nbd::PAYLOAD_MAX);
+                        w.write_all(&nbd::option_reply(option, nbd::REP_INFO, &block))
+                            .await?;
+                        w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
+                            .await?;
+                        if option == nbd::OPT_GO {
+                            w.flush().await?;
+                            return Ok(Some(Negotiated { disk: disk.clone() }));
+                        }
+                    }
+                },
+            },
+            _ => {
+                w.write_all(&nbd::option_error(
+                    option,
+                    nbd::REP_ERR_UNSUP,
+                    "option not supported",
+                ))
+                .await?;
+            }
+        }
+        w.flush().await?;
+    }
+}
+
+async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    disk: Arc<ProtectedDisk>,
+    r: &mut R,
+    w: &mut W,
+) -> Result<()> {
+    let mut header = [0u8; 28];
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        r.read_exact(&mut header).await?;
+        let Some(req) = nbd::parse_request(&header) else {
+            bail!("bad request magic: closing")
+        };
+        let Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        } = req;
+        let known_flags = nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE;
+        // A WRITE's payload follows its header whatever we think of it: read (or discard)
+        // it first, so that the stream stays in step.
+        if kind == nbd::CMD_WRITE {
+            if length > nbd::PAYLOAD_MAX {
+                tokio::io::copy(&mut (&mut *r).take(length as u64), &mut tokio::io::sink()).await?;
+                reply(w, nbd::EOVERFLOW, cookie, &[]).await?;
+                continue;
+            }
+            buf.resize(length as usize, 0);
+            r.read_exact(&mut buf).await?;
+        }
+        if flags & !known_flags != 0 {
+            reply(w, nbd::EINVAL, cookie, &[]).await?;
+            continue;
+        }
+        let fua = flags & nbd::CMD_FLAG_FUA != 0;
+        let result = match kind {
+            nbd::CMD_READ => {
+                if length > nbd::PAYLOAD_MAX {
+                    reply(w, nbd::EOVERFLOW, cookie, &[]).await?;
+                    continue;
+                }
+                buf.resize(length as usize, 0);
+                match tokio::task::block_in_place(|| disk.read(offset, &mut buf)) {
+                    Ok(()) => {
+                        reply(w, 0, cookie, &buf).await?;
+                        continue;
+                    }
+                    Err(e) => Err((e, false)),
+                }
+            }
+            nbd::CMD_WRITE => {
+                tokio::task::block_in_place(|| disk.write(offset, &buf, fua)).map_err(|e| (e, true))
+            }
+            nbd::CMD_FLUSH => tokio::task::block_in_place(|| disk.flush()).map_err(|e| (e, true)),
+            nbd::CMD_TRIM => tokio::task::block_in_place(|| disk.trim(offset, length as u64))
+                .map_err(|e| (e, true)),
+            nbd::CMD_WRITE_ZEROES => {
+                let may_punch = flags & nbd::CMD_FLAG_NO_HOLE == 0;
+                tokio::task::block_in_place(|| {
+                    disk.write_zeroes(offset, length as u64, may_punch, fua)
+                })
+                .map_err(|e| (e, true))
+            }
+            nbd::CMD_DISC => {
+                // Everything before it was answered; a flush makes it durable too.
+                let _ = tokio::task::block_in_place(|| disk.flush());
+                return Ok(());
+            }
+            _ => {
+                reply(w, nbd::EINVAL, cookie, &[]).await?;
+                continue;
+            }
+        };
+        match result {
+            Ok(()) => reply(w, 0, cookie, &[]).await?,
+            Err((e, is_write)) => {
+                debug!(error = %e, kind, offset, length, "request failed");
+                reply(w, e.errno(is_write), cookie, &[]).await?;
+            }
+        }
+    }
+}
+
+async fn reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    error: u32,
+    cookie: u64,
+    data: &[u8],
+) -> Result<()> {
+    w.write_all(&nbd::simple_reply(error, cookie)).await?;
+    if error == 0 {
+        w.write_all(data).await?;
+    }
+    w.flush().await?;
+    Ok(())
+}
+
+// ---- control socket: one JSON object per line each way ----
+
+/// Longest control request line.
+const CONTROL_LINE_MAX: u64 = 64 * 1024;
+
+async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(u64::MAX));
+    loop {
+        let mut line = String::new();
+        let n = (&mut lines)
+            .take(CONTROL_LINE_MAX)
+            .read_line(&mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let response = if !line.ends_with('\n') && n as u64 >= CONTROL_LINE_MAX {
+            json!({"ok": false, "error": "request line too long"})
+        } else {
+            let agent = agent.clone();
+            tokio::task::block_in_place(|| match control_request(&agent, &line) {
+                Ok(v) => v,
+                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            })
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        if response["error"] == "request line too long" {
+            return Ok(());
+        }
+    }
+}
+
+fn parse_since(v: &Value) -> Result<Since> {
+    match v.as_str() {
+        Some("all") => Ok(Since::All),
+        Some(text) => Ok(Since::Id(text.parse::<ChangeId>()?)),
+        None => bail!("\"since\" must be a ChangeId or \"all\""),
+    }
+}
+
+fn control_request(agent: &Agent, line: &str) -> Result<Value> {
+    let request: Value = serde_json::from_str(line).context("request is not JSON")?;
+    let cmd = request["cmd"].as_str().context("request has no \"cmd\"")?;
+    if cmd == "status" {
+        return Ok(
+            json!({"ok": true, "disks": agent.disks.iter().map(|d| d.status()).collect::<Vec<_>>()}),
+        );
+    }
+    let name = request["disk"].as_str().unwrap_or("");
+    let disk = match (name, agent.disks.len()) {
+        ("", 1) => &agent.disks[0],
+        ("", _) => bail!("several disks are protected: name one with \"disk\""),
+        (n, _) => agent
+            .disk(n)
+            .with_context(|| format!("no disk named {n:?}"))?,
+    };
+    match cmd {
+        "cut" => {
+            let id = disk.cut()?;
+            info!(disk = %disk.name, cut = %id, "cut");
+            Ok(json!({"ok": true, "disk": disk.name, "change_id": id.to_string()}))
+        }
+        "changed" => {
+            let since = parse_since(&request["since"])?;
+            let upto = match request["to"].as_str() {
+                Some(t) => Some(t.parse::<ChangeId>()?),
+                None => None,
+            };
+            let (upto, extents) = disk.changed(since, upto)?;
+            let bytes: u64 = extents.iter().map(|e| e.length).sum();
+            Ok(json!({
+                "ok": true, "disk": disk.name, "to": upto.to_string(), "changed_bytes": bytes,
+                "extents": extents.iter().map(|e| json!([e.offset, e.length])).collect::<Vec<_>>(),
+            }))
+        }
+        "export" => {
+            let since = parse_since(&request["since"])?;
+            let path = request["path"]
+                .as_str()
+                .context("export needs an absolute \"path\"")?;
+            let path = std::path::Path::new(path);
+            if !path.is_absolute() {
+                bail!(
+                    "export path {path:?} must be absolute (the daemon's working directory is not yours)"
+                );
+            }
+            let (to, changed, summary) = disk.export(since, path, agent.zstd_level)?;
+            info!(disk = %disk.name, to = %to, bytes = summary.stream_bytes, "exported");
+            Ok(json!({
+                "ok": true, "disk": disk.name, "to": to.to_string(), "path": path.display().to_string(),
+                "changed_bytes": changed, "data_bytes": summary.data_bytes, "zero_bytes": summary.zero_bytes,
+                "delta_bytes": summary.stream_bytes, "records": summary.records,
+            }))
+        }
+        other => bail!("unknown command {other:?}: use status, cut, changed or export"),
+    }
+}

@@ -1,0 +1,490 @@
+//! The NBD front with real clients (qemu-io, qemu-img, nbdinfo) and a raw client that
+//! misbehaves on purpose, against a real `ctk-agent serve` process.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A tool the test needs. Missing means failing, never skipping (CI installs them).
+fn tool(name: &str) -> &str {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is required (Debian: qemu-utils, libnbd-bin); .ci/run installs it"
+    );
+    name
+}
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, disks: &[(&str, &Path)]) -> Agent {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctk-agent"));
+        cmd.arg("serve");
+        for (name, path) in disks {
+            cmd.arg("--disk").arg(format!("{name}={}", path.display()));
+        }
+        cmd.arg("--listen")
+            .arg(format!("unix:{}", dir.join("nbd.sock").display()));
+        cmd.arg("--control").arg(dir.join("ctl.sock"));
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("ctk-agent ready"),
+            "agent did not start: {line:?}"
+        );
+        Agent {
+            child,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.dir.join("nbd.sock").display()
+        )
+    }
+
+    fn ctl(&self, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
+            .args(args)
+            .arg("--control")
+            .arg(self.dir.join("ctl.sock"))
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctk-agent {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn stop(mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "agent exited with {status}");
+    }
+}
+
+fn qemu_io(uri: &str, commands: &[String]) {
+    let mut cmd = Command::new(tool("qemu-io"));
+    cmd.args(["-f", "raw", uri]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("error"),
+        "qemu-io failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Random qemu-io writes: sizes from 512 bytes to 256 KiB at 512-byte aligned offsets, plus
+/// zeroing and discards.
+fn random_writes(rng: &mut Rng, size: u64, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let len = 512 * (1 + rng.next_u64() % 512);
+            let off = 512 * (rng.next_u64() % ((size - len) / 512));
+            match rng.next_u64() % 10 {
+                0 => format!("write -z {off} {len}"),
+                1 => format!("discard {off} {len}"),
+                _ => format!("write -P {} {off} {len}", rng.next_u64() % 255 + 1),
+            }
+        })
+        .collect()
+}
+
+fn apply(delta: &Path, replica: &Path) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(replica)
+        .unwrap();
+    ctk::delta::apply(
+        std::io::BufReader::new(std::fs::File::open(delta).unwrap()),
+        &file,
+        None,
+    )
+    .unwrap();
+}
+
+#[test]
+fn qemu_io_writes_cut_export_apply_reproduces_the_source_each_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    let size = 64u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let agent = Agent::start(dir.path(), &[("d0", &image)]);
+    let uri = agent.uri("d0");
+    let mut rng = Rng(0x5eed_1234);
+    // First full, from the start of tracking.
+    qemu_io(&uri, &random_writes(&mut rng, size, 40));
+    let full = dir.path().join("full.ctkd");
+    let answer = agent.ctl(&["export", "--since", "all", "-o", full.to_str().unwrap()]);
+    let mut previous = answer["to"].as_str().unwrap().to_string();
+    let replica = dir.path().join("replica.img");
+    std::fs::File::create(&replica).unwrap();
+    apply(&full, &replica);
+    assert!(
+        std::fs::read(&replica).unwrap() == std::fs::read(&image).unwrap(),
+        "full differs"
+    );
+    for cycle in 0..4 {
+        qemu_io(&uri, &random_writes(&mut rng, size, 60));
+        let delta = dir.path().join(format!("d{cycle}.ctkd"));
+        let answer = agent.ctl(&[
+            "export",
+            "--since",
+            &previous,
+            "-o",
+            delta.to_str().unwrap(),
+        ]);
+        // An incremental carries what changed, not the disk.
+        assert!(
+            answer["delta_bytes"].as_u64().unwrap() < size / 4,
+            "{answer}"
+        );
+        apply(&delta, &replica);
+        assert!(
+            std::fs::read(&replica).unwrap() == std::fs::read(&image).unwrap(),
+            "cycle {cycle}: replica differs"
+        );
+        previous = answer["to"].as_str().unwrap().to_string();
+    }
+    // Other real clients see the export as it is.
+    let info = Command::new(tool("nbdinfo")).arg(&uri).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("export-size: 67108864"));
+    let img = Command::new(tool("qemu-img"))
+        .args(["info", &uri])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&img.stdout).contains("64 MiB"));
+    // And so does the change map.
+    let changed = agent.ctl(&["changed", "--since", &previous]);
+    assert_eq!(changed["changed_bytes"], 0);
+    agent.stop();
+}
+
+/// A raw NBD client speaking just enough protocol to misbehave.
+struct Raw {
+    s: UnixStream,
+}
+
+impl Raw {
+    fn connect(dir: &Path) -> Raw {
+        let mut s = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        Raw { s }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) -> (u32, Vec<u8>) {
+        let mut m = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.send(&m);
+        self.option_reply()
+    }
+
+    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut head = [0u8; 20];
+        self.s.read_exact(&mut head).unwrap();
+        let reply = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        self.s.read_exact(&mut data).unwrap();
+        (reply, data)
+    }
+
+    /// Fixed newstyle, no zeroes, then NBD_OPT_GO for `name`.
+    fn go(dir: &Path, name: &str) -> Raw {
+        let mut raw = Raw::connect(dir);
+        raw.send(&3u32.to_be_bytes());
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut m = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        m.extend_from_slice(&7u32.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(&data);
+        raw.send(&m);
+        loop {
+            let (reply, _) = raw.option_reply();
+            if reply == 1 {
+                return raw;
+            }
+            assert_eq!(reply, 3, "expected INFO replies before ACK");
+        }
+    }
+
+    fn request(&mut self, kind: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&length.to_be_bytes());
+        r.extend_from_slice(payload);
+        self.send(&r);
+    }
+
+    /// Reads a simple reply; returns (error, cookie).
+    fn reply(&mut self, data_len: usize) -> (u32, u64) {
+        let mut head = [0u8; 16];
+        self.s.read_exact(&mut head).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(head[0..4].try_into().unwrap()),
+            0x6744_6698
+        );
+        let error = u32::from_be_bytes(head[4..8].try_into().unwrap());
+        if error == 0 && data_len > 0 {
+            let mut data = vec![0u8; data_len];
+            self.s.read_exact(&mut data).unwrap();
+        }
+        (error, u64::from_be_bytes(head[8..16].try_into().unwrap()))
+    }
+
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn bad_clients_get_protocol_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    let size = 16u64 << 20;
+    std::fs::write(&image, vec![0x5au8; size as usize]).unwrap();
+    let agent = Agent::start(dir.path(), &[("d0", &image)]);
+    let before = std::fs::read(&image).unwrap();
+
+    // Garbage instead of client flags and options: the connection is closed.
+    let mut raw = Raw::connect(dir.path());
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(raw.closed());
+
+    // Unknown option: an error reply, and the connection stays usable.
+    let mut raw = Raw::connect(dir.path());
+    raw.send(&1u32.to_be_bytes());
+    assert_eq!(raw.option(99, b"whatever").0, (1 << 31) + 1);
+    // An export that does not exist.
+    let mut go = 5u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"nope!");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    assert_eq!(raw.option(7, &go).0, (1 << 31) + 6);
+    // A GO payload whose name length lies.
+    let mut liar = 4000u32.to_be_bytes().to_vec();
+    liar.extend_from_slice(b"d0");
+    assert_eq!(raw.option(7, &liar).0, (1 << 31) + 3);
+    // An option claiming a payload far beyond the limit is discarded and refused.
+    let mut big = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    big.extend_from_slice(&6u32.to_be_bytes());
+    big.extend_from_slice(&(200_000u32).to_be_bytes());
+    raw.send(&big);
+    raw.send(&vec![0u8; 200_000]);
+    assert_eq!(raw.option_reply().0, (1 << 31) + 9);
+    // TLS is refused by policy.
+    assert_eq!(raw.option(5, &[]).0, (1 << 31) + 2);
+    assert_eq!(raw.option(2, &[]).0, 1); // ABORT is acknowledged
+
+    // Transmission-phase misuse.
+    let mut raw = Raw::go(dir.path(), "d0");
+    raw.request(0, 1, size - 100, 4096, &[]); // read past the end
+    assert_eq!(raw.reply(4096), (22, 1));
+    raw.request(1, 2, size - 100, 4096, &[0xee; 4096]); // write past the end
+    assert_eq!(raw.reply(0), (28, 2));
+    raw.request(1, 3, 0, 64 << 20, &[]); // a write longer than the maximum...
+    raw.send(&vec![0xee; 64 << 20]); // ...whose payload is discarded
+    assert_eq!(raw.reply(0), (75, 3));
+    raw.request(0, 4, 0, u32::MAX, &[]); // an oversized read
+    assert_eq!(raw.reply(0), (75, 4));
+    raw.request(42, 5, 0, 4096, &[]); // unknown command
+    assert_eq!(raw.reply(0), (22, 5));
+    raw.request(4, 6, u64::MAX - 10, 4096, &[]); // trim with an overflowing range
+    assert_eq!(raw.reply(0), (28, 6));
+    // Still in step: a valid read works.
+    raw.request(0, 7, 0, 4096, &[]);
+    assert_eq!(raw.reply(4096), (0, 7));
+    // Bad request magic: the server cannot resync and closes.
+    raw.send(&[0xffu8; 28]);
+    assert!(raw.closed());
+
+    // A client that disconnects in the middle of a write payload.
+    let mut raw = Raw::go(dir.path(), "d0");
+    raw.request(1, 8, 0, 65536, &[0xee; 1000]);
+    drop(raw);
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "a refused request changed the image"
+    );
+    // The agent is still up for everyone else, and nothing was tracked.
+    qemu_io(&agent.uri("d0"), &["read -P 0x5a 0 64k".to_string()]);
+    let answer = agent.ctl(&["status"]);
+    assert_eq!(answer["disks"][0]["writes"], 0, "{answer}");
+    agent.stop();
+}
+
+#[test]
+fn control_socket_refuses_bad_requests_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let agent = Agent::start(dir.path(), &[("d0", &image)]);
+    let ask = |line: &[u8]| -> serde_json::Value {
+        let mut s = UnixStream::connect(dir.path().join("ctl.sock")).unwrap();
+        s.write_all(line).unwrap();
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    };
+    for (line, expect) in [
+        (&b"not json\n"[..], "not JSON"),
+        (b"{\"cmd\":\"format-c\"}\n", "unknown command"),
+        (
+            b"{\"cmd\":\"changed\",\"since\":\"zz/1\"}\n",
+            "malformed ChangeId",
+        ),
+        (b"{\"cmd\":\"cut\",\"disk\":\"../etc\"}\n", "no disk named"),
+        (
+            b"{\"cmd\":\"export\",\"since\":\"all\",\"path\":\"relative.ctkd\"}\n",
+            "must be absolute",
+        ),
+    ] {
+        let answer = ask(line);
+        assert_eq!(answer["ok"], false);
+        assert!(
+            answer["error"].as_str().unwrap().contains(expect),
+            "{answer}"
+        );
+    }
+    let other = format!("{{\"cmd\":\"changed\",\"since\":\"{:032x}/1\"}}\n", 7);
+    assert!(
+        ask(other.as_bytes())["error"]
+            .as_str()
+            .unwrap()
+            .contains("full or compare pass")
+    );
+    let huge = vec![b'x'; 100_000];
+    assert!(ask(&huge)["error"].as_str().unwrap().contains("too long"));
+    // The agent still answers.
+    assert_eq!(agent.ctl(&["status"])["ok"], true);
+    agent.stop();
+}
+
+/// SIGKILL with writes in flight: after a restart, `changed --since` the last cut covers every
+/// write the client had seen acknowledged.
+#[test]
+fn sigkill_with_writes_in_flight_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    let size = 32u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let mut rng = Rng(0xdead_beef);
+    let trials = 8;
+    let mut acked_total = 0;
+    for trial in 0..trials {
+        let agent = Agent::start(dir.path(), &[("d0", &image)]);
+        let cut = agent.ctl(&["cut"])["change_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut raw = Raw::go(dir.path(), "d0");
+        let pid = agent.child.id() as i32;
+        let kill_after = 20 + rng.next_u64() % 200;
+        let mut acked = Vec::new();
+        for i in 0..10_000u64 {
+            if i == kill_after {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            let len = 4096 * (1 + rng.next_u64() % 16);
+            let off = 4096 * (rng.next_u64() % ((size - len) / 4096));
+            raw.request(1, i, off, len as u32, &vec![0x77; len as usize]);
+            let mut head = [0u8; 16];
+            if raw.s.read_exact(&mut head).is_err() {
+                break;
+            }
+            assert_eq!(u32::from_be_bytes(head[4..8].try_into().unwrap()), 0);
+            acked.push((off, len));
+        }
+        let mut child = agent.child;
+        let _ = child.wait();
+        // Restart: the journal recovers; every acknowledged write is reported since the cut.
+        let agent = Agent::start(dir.path(), &[("d0", &image)]);
+        let changed = agent.ctl(&["changed", "--since", &cut]);
+        let extents: Vec<(u64, u64)> = changed["extents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
+            .collect();
+        for &(off, len) in &acked {
+            let covered = extents.iter().any(|&(o, l)| o <= off && off + len <= o + l);
+            assert!(
+                covered,
+                "trial {trial}: acknowledged write at {off} (+{len}) is missing"
+            );
+        }
+        acked_total += acked.len();
+        agent.stop();
+    }
+    eprintln!("{trials} SIGKILL trials, {acked_total} acknowledged writes checked, none missing");
+    assert!(
+        acked_total >= trials * 20,
+        "too few writes were acknowledged to test anything"
+    );
+}
