@@ -12,6 +12,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::pipeline::{CutPolicy, CutReport};
 
 use ctk::delta::{self, DeltaHeader, DeltaSummary, WriteOptions};
 use ctk::{
@@ -69,6 +72,9 @@ pub struct ProtectedDisk {
     tracker: Mutex<Option<Tracker<FileStorage>>>,
     gate: RwLock<()>,
     counters: Counters,
+    /// The cut pipeline for this disk.
+    pub policy: CutPolicy,
+    last_cut: Mutex<Option<serde_json::Value>>,
 }
 
 impl ProtectedDisk {
@@ -78,6 +84,7 @@ impl ProtectedDisk {
         path: &Path,
         journal: &Path,
         block_size: u64,
+        policy: CutPolicy,
     ) -> Result<(ProtectedDisk, OpenOutcome), anyhow::Error> {
         use anyhow::Context;
         let mut file = OpenOptions::new()
@@ -102,6 +109,8 @@ impl ProtectedDisk {
                 tracker: Mutex::new(Some(tracker)),
                 gate: RwLock::new(()),
                 counters: Counters::default(),
+                policy,
+                last_cut: Mutex::new(None),
             },
             outcome,
         ))
@@ -239,15 +248,24 @@ impl ProtectedDisk {
         Ok(())
     }
 
-    /// A crash-consistent cut: writes in flight finish, new ones wait, the backing is flushed
-    /// (destaged), the epoch sealed.
-    pub fn cut(&self) -> Result<ChangeId, DiskError> {
+    /// Holds NBD writes (those in flight finish first), flushes the backing, runs `destage`,
+    /// seals the epoch, then runs `inside` with the new ChangeId while writes are still held.
+    /// Returns the ChangeId, how long writes were held, and what `inside` returned.
+    pub fn hold_and_seal(
+        &self,
+        destage: impl FnOnce() -> anyhow::Result<()>,
+        inside: impl FnOnce(ChangeId) -> anyhow::Result<serde_json::Value>,
+    ) -> anyhow::Result<(ChangeId, Duration, serde_json::Value)> {
         let _hold = self
             .gate
             .write()
             .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
-        self.file.sync_data()?;
-        self.with_tracker(|t| Ok(t.cut()?))
+        let started = Instant::now();
+        self.file.sync_data().map_err(DiskError::Io)?;
+        destage()?;
+        let id = self.with_tracker(|t| Ok(t.cut()?))?;
+        let value = inside(id)?;
+        Ok((id, started.elapsed(), value))
     }
 
     pub fn changed(
@@ -261,30 +279,22 @@ impl ProtectedDisk {
         })
     }
 
-    /// Cuts and exports the blocks changed since `since` up to that new cut into `out`,
-    /// holding writes for the duration so the data read is the data at the cut.
-    /// (Copy-on-write to let writes continue during an export is not built yet.)
-    pub fn export(
+    /// Writes the blocks changed from `since` to `to` into `out`. Only correct while writes
+    /// are held since cut `to` (inside `hold_and_seal`): the data read is the data at `to`.
+    /// (Copy-on-write, so writes could continue during an export, is not built yet.)
+    pub fn export_held(
         &self,
         since: Since,
+        to: ChangeId,
         out: &Path,
         zstd_level: i32,
-    ) -> Result<(ChangeId, u64, DeltaSummary), DiskError> {
-        let _hold = self
-            .gate
-            .write()
-            .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
-        self.file.sync_data()?;
-        let (to, extents) = self.with_tracker(|t| {
-            // Check `since` before cutting, so a refused ChangeId leaves no empty cut behind.
-            t.changed(since, t.latest())?;
-            let to = t.cut()?;
-            Ok((to, t.changed(since, to)?))
-        })?;
+    ) -> Result<(u64, DeltaSummary), DiskError> {
+        let (block_size, extents) =
+            self.with_tracker(|t| Ok((t.geometry().block_size(), t.changed(since, to)?)))?;
         let header = DeltaHeader {
             disk_id: self.name.clone(),
             disk_size: self.size,
-            block_size: self.with_tracker(|t| Ok(t.geometry().block_size()))?,
+            block_size,
             from: match since {
                 Since::All => None,
                 Since::Id(id) => Some(id),
@@ -302,7 +312,36 @@ impl ProtectedDisk {
             .into_inner()
             .map_err(|e| e.into_error())?
             .sync_all()?;
-        Ok((to, changed, summary))
+        Ok((changed, summary))
+    }
+
+    /// Records a cut: in memory for `status`, and appended to `<journal>.cuts` (one JSON
+    /// object per line) so the consistency level of every cut survives restarts.
+    pub fn log_cut(&self, report: &CutReport) {
+        let mut entry = report.to_json();
+        entry["time_unix_ms"] = json!(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        );
+        let mut path = self.journal.clone().into_os_string();
+        path.push(".cuts");
+        let line = format!("{entry}\n");
+        if let Err(e) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(line.as_bytes())
+            })
+        {
+            tracing::warn!(error = %e, "could not append to the cut log");
+        }
+        if let Ok(mut last) = self.last_cut.lock() {
+            *last = Some(entry);
+        }
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -325,6 +364,7 @@ impl ProtectedDisk {
             "flushes": c.flushes.load(Ordering::Relaxed),
             "trims": c.trims.load(Ordering::Relaxed),
             "write_zeroes": c.zeroes.load(Ordering::Relaxed),
+            "last_cut": self.last_cut.lock().ok().and_then(|l| l.clone()),
         })
     }
 

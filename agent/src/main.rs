@@ -1,9 +1,12 @@
 //! `ctk-agent`: the host-resident half of ctk. Parses and resolves the command line, then
 //! calls library code; only this binary uses anyhow.
 
+mod config;
 mod demo;
 mod disk;
+mod freeze;
 mod nbd;
+mod pipeline;
 mod server;
 
 use std::path::PathBuf;
@@ -67,28 +70,44 @@ enum Command {
     Serve {
         /// A disk to protect, as NAME=PATH (a raw image file or a block device). Repeatable.
         /// The change journal is PATH.ctk unless --journal-dir is given.
-        #[arg(long = "disk", required = true, value_parser = parse_disk)]
+        #[arg(long = "disk", value_parser = parse_disk, required_unless_present = "config")]
         disks: Vec<(String, PathBuf)>,
+        /// A TOML configuration: disks, hooks, freeze targets, destage steps, listeners
+        /// (an example is at the top of agent/src/config.rs).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Where journals live (as NAME.ctk); default: beside each disk.
         #[arg(long)]
         journal_dir: Option<PathBuf>,
         /// Where the NBD front listens: unix:PATH or tcp:ADDRESS:PORT (loopback unless you
-        /// mean it: NBD has no authentication). Repeatable.
-        #[arg(long = "listen", default_value = "unix:/run/ctk-agent/nbd.sock")]
+        /// mean it: NBD has no authentication). Repeatable. Default: unix:/run/ctk-agent/nbd.sock.
+        #[arg(long = "listen")]
         listens: Vec<server::Listen>,
-        /// The control socket (mode 0600).
-        #[arg(long, default_value = DEFAULT_CONTROL)]
-        control: PathBuf,
+        /// The control socket (mode 0600). Default: /run/ctk-agent/control.sock.
+        #[arg(long)]
+        control: Option<PathBuf>,
         /// Tracking granularity, a power of two from 4K to 1M.
         #[arg(long, default_value = "4K", value_parser = parse_size)]
         block_size: u64,
-        /// zstd level for exported deltas.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
-        zstd_level: i32,
+        /// zstd level for exported deltas (default 1).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: Option<i32>,
+    },
+    /// (internal) Freeze mount points and thaw them on request, on parent death or at the
+    /// timeout; started by the agent for application-consistent cuts.
+    #[command(hide = true)]
+    FreezeHelper {
+        #[arg(long)]
+        timeout_ms: u64,
+        mounts: Vec<PathBuf>,
     },
     /// Cut now: hold NBD writes, let those in flight finish, flush the backing, seal the
     /// epoch. Prints the new ChangeId.
     Cut {
+        /// crash (hold NBD writes only) or application (hooks and filesystem freeze first).
+        /// Default: application if the disk has hooks or freeze targets configured.
+        #[arg(long, value_parser = ["crash", "application"])]
+        consistency: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -112,6 +131,9 @@ enum Command {
         /// The delta file to write.
         #[arg(short = 'o', long)]
         output: PathBuf,
+        /// As for `cut`.
+        #[arg(long, value_parser = ["crash", "application"])]
+        consistency: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -230,43 +252,32 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
             disks,
+            config,
             journal_dir,
             listens,
             control,
             block_size,
             zstd_level,
-        } => {
-            let mut opened = Vec::new();
-            for (name, path) in disks {
-                if opened
-                    .iter()
-                    .any(|d: &std::sync::Arc<disk::ProtectedDisk>| d.name == name)
-                {
-                    anyhow::bail!("disk name {name:?} is given twice");
-                }
-                let journal = match &journal_dir {
-                    Some(dir) => dir.join(format!("{name}.ctk")),
-                    None => {
-                        let mut j = path.clone().into_os_string();
-                        j.push(".ctk");
-                        PathBuf::from(j)
-                    }
-                };
-                let (d, outcome) = disk::ProtectedDisk::open(&name, &path, &journal, block_size)?;
-                tracing::info!(disk = %name, ?outcome, size = d.size(), "protecting");
-                opened.push(std::sync::Arc::new(d));
-            }
-            let agent = std::sync::Arc::new(server::Agent {
-                disks: opened,
-                zstd_level,
-            });
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(server::run(agent, listens, control))
+        } => serve(
+            disks,
+            config,
+            journal_dir,
+            listens,
+            control,
+            block_size,
+            zstd_level,
+        ),
+        Command::FreezeHelper { timeout_ms, mounts } => {
+            freeze::helper_main(&mounts, std::time::Duration::from_millis(timeout_ms))
         }
-        Command::Cut { target } => {
-            let answer = control(&target, json!({"cmd": "cut"}))?;
+        Command::Cut {
+            consistency,
+            target,
+        } => {
+            let answer = control(&target, json!({"cmd": "cut", "consistency": consistency}))?;
+            for w in answer["warnings"].as_array().into_iter().flatten() {
+                eprintln!("warning: {}", w.as_str().unwrap_or(""));
+            }
             print_answer(&target, &answer, |a| {
                 a["change_id"].as_str().unwrap_or("").to_string()
             })
@@ -289,12 +300,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export {
             since,
             output,
+            consistency,
             target,
         } => {
             let output = std::path::absolute(&output)?;
             let answer = control(
                 &target,
-                json!({"cmd": "export", "since": since, "path": output}),
+                json!({"cmd": "export", "since": since, "path": output, "consistency": consistency}),
             )?;
             print_answer(&target, &answer, |a| {
                 format!(
@@ -378,6 +390,76 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Resolves flags and the configuration file into open disks, then runs the daemon.
+fn serve(
+    disks: Vec<(String, PathBuf)>,
+    config: Option<PathBuf>,
+    journal_dir: Option<PathBuf>,
+    mut listens: Vec<server::Listen>,
+    control: Option<PathBuf>,
+    block_size: u64,
+    zstd_level: Option<i32>,
+) -> Result<()> {
+    let file = match &config {
+        Some(path) => config::load(path)?,
+        None => config::Config::default(),
+    };
+    let journal_dir = journal_dir.or(file.journal_dir.clone());
+    let mut wanted: Vec<(String, PathBuf, u64, Option<PathBuf>, pipeline::CutPolicy)> = disks
+        .into_iter()
+        .map(|(name, path)| (name, path, block_size, None, pipeline::CutPolicy::default()))
+        .collect();
+    for d in file.disks {
+        parse_disk(&format!("{}={}", d.name, d.path.display())).map_err(anyhow::Error::msg)?;
+        let bs = match &d.block_size {
+            Some(text) => parse_size(text).map_err(anyhow::Error::msg)?,
+            None => block_size,
+        };
+        wanted.push((d.name, d.path, bs, d.journal, d.cut));
+    }
+    let mut opened: Vec<std::sync::Arc<disk::ProtectedDisk>> = Vec::new();
+    for (name, path, bs, journal, policy) in wanted {
+        if opened.iter().any(|d| d.name == name) {
+            anyhow::bail!("disk name {name:?} is given twice");
+        }
+        let journal = match (journal, &journal_dir) {
+            (Some(j), _) => j,
+            (None, Some(dir)) => dir.join(format!("{name}.ctk")),
+            (None, None) => {
+                let mut j = path.clone().into_os_string();
+                j.push(".ctk");
+                PathBuf::from(j)
+            }
+        };
+        let (d, outcome) = disk::ProtectedDisk::open(&name, &path, &journal, bs, policy)?;
+        tracing::info!(disk = %name, ?outcome, size = d.size(), "protecting");
+        opened.push(std::sync::Arc::new(d));
+    }
+    for l in &file.listen {
+        listens.push(l.parse().map_err(anyhow::Error::msg)?);
+    }
+    if listens.is_empty() {
+        listens.push(
+            "unix:/run/ctk-agent/nbd.sock"
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    let control = control
+        .or(file.control)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL));
+    let zstd_level = zstd_level.or(file.zstd_level).unwrap_or(1);
+    anyhow::ensure!((1..=19).contains(&zstd_level), "zstd_level must be 1 to 19");
+    let agent = std::sync::Arc::new(server::Agent {
+        disks: opened,
+        zstd_level,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(server::run(agent, listens, control))
 }
 
 fn print_answer(

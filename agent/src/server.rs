@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::disk::ProtectedDisk;
 use crate::nbd::{self, Request};
+use crate::pipeline::{self, Consistency};
 
 pub struct Agent {
     pub disks: Vec<Arc<ProtectedDisk>>,
@@ -492,11 +493,21 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             .disk(n)
             .with_context(|| format!("no disk named {n:?}"))?,
     };
+    let want = match request["consistency"].as_str() {
+        None if disk.policy.pre_freeze.is_empty() && disk.policy.freeze.is_empty() => {
+            Consistency::Crash
+        }
+        None | Some("application") => Consistency::Application,
+        Some("crash") => Consistency::Crash,
+        Some(other) => bail!("consistency {other:?}: use \"crash\" or \"application\""),
+    };
     match cmd {
         "cut" => {
-            let id = disk.cut()?;
-            info!(disk = %disk.name, cut = %id, "cut");
-            Ok(json!({"ok": true, "disk": disk.name, "change_id": id.to_string()}))
+            let report = pipeline::cut(disk, &disk.policy, want, |_| Ok(Value::Null))?;
+            let mut answer = report.to_json();
+            answer["ok"] = json!(true);
+            answer["disk"] = json!(disk.name);
+            Ok(answer)
         }
         "changed" => {
             let since = parse_since(&request["since"])?;
@@ -522,13 +533,26 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                     "export path {path:?} must be absolute (the daemon's working directory is not yours)"
                 );
             }
-            let (to, changed, summary) = disk.export(since, path, agent.zstd_level)?;
-            info!(disk = %disk.name, to = %to, bytes = summary.stream_bytes, "exported");
-            Ok(json!({
-                "ok": true, "disk": disk.name, "to": to.to_string(), "path": path.display().to_string(),
-                "changed_bytes": changed, "data_bytes": summary.data_bytes, "zero_bytes": summary.zero_bytes,
-                "delta_bytes": summary.stream_bytes, "records": summary.records,
-            }))
+            // Refuse a bad `since` before cutting, so it leaves no empty cut behind.
+            disk.changed(since, None)?;
+            let level = agent.zstd_level;
+            let report = pipeline::cut(disk, &disk.policy, want, |to| {
+                let (changed, s) = disk.export_held(since, to, path, level)?;
+                Ok(json!({
+                    "changed_bytes": changed, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,
+                    "delta_bytes": s.stream_bytes, "records": s.records,
+                }))
+            })?;
+            info!(disk = %disk.name, to = %report.change_id, "exported");
+            let mut answer = report.to_json();
+            for (k, v) in report.inside.as_object().into_iter().flatten() {
+                answer[k] = v.clone();
+            }
+            answer["ok"] = json!(true);
+            answer["disk"] = json!(disk.name);
+            answer["to"] = json!(report.change_id.to_string());
+            answer["path"] = json!(path.display().to_string());
+            Ok(answer)
         }
         other => bail!("unknown command {other:?}: use status, cut, changed or export"),
     }

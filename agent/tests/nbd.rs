@@ -262,6 +262,21 @@ impl Raw {
     }
 
     fn request(&mut self, kind: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+        assert!(
+            self.try_request(kind, cookie, offset, length, payload),
+            "send failed"
+        );
+    }
+
+    /// Sends a request; false if the server is gone.
+    fn try_request(
+        &mut self,
+        kind: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> bool {
         let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
         r.extend_from_slice(&0u16.to_be_bytes());
         r.extend_from_slice(&kind.to_be_bytes());
@@ -269,7 +284,7 @@ impl Raw {
         r.extend_from_slice(&offset.to_be_bytes());
         r.extend_from_slice(&length.to_be_bytes());
         r.extend_from_slice(payload);
-        self.send(&r);
+        self.s.write_all(&r).is_ok()
     }
 
     /// Reads a simple reply; returns (error, cookie).
@@ -453,7 +468,9 @@ fn sigkill_with_writes_in_flight_loses_no_acknowledged_write() {
             }
             let len = 4096 * (1 + rng.next_u64() % 16);
             let off = 4096 * (rng.next_u64() % ((size - len) / 4096));
-            raw.request(1, i, off, len as u32, &vec![0x77; len as usize]);
+            if !raw.try_request(1, i, off, len as u32, &vec![0x77; len as usize]) {
+                break;
+            }
             let mut head = [0u8; 16];
             if raw.s.read_exact(&mut head).is_err() {
                 break;

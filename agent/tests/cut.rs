@@ -1,0 +1,512 @@
+//! The cut pipeline against real filesystems on loop devices (root only; CI runs as root):
+//! hooks that fail or hang, the freeze watchdog when the agent is killed mid-cut or hangs,
+//! and the application-consistent ext4 scenario through nbdfuse.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests mount filesystems: run them as root (CI does)"
+    );
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A small ext4 filesystem on a loop device, unmounted (and thawed) on drop.
+struct Fs {
+    mnt: PathBuf,
+}
+
+impl Fs {
+    fn new(dir: &Path, name: &str) -> Fs {
+        let image = dir.join(format!("{name}.fs"));
+        let mnt = dir.join(name);
+        std::fs::create_dir_all(&mnt).unwrap();
+        sh(&format!(
+            "truncate -s 32M {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
+            image.display(),
+            mnt.display()
+        ));
+        Fs { mnt }
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        // Whatever went wrong, never leave the host with a frozen filesystem.
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// Is the filesystem frozen? A write to a frozen filesystem blocks (uninterruptibly) until
+/// it is thawed, so the probe runs in a child that we only wait for boundedly.
+fn frozen(mnt: &Path, wait: Duration) -> bool {
+    let mut probe = Command::new("touch")
+        .arg(mnt.join(".probe"))
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < wait {
+        if probe.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Still blocked: frozen. The probe finishes once something thaws it.
+    std::thread::spawn(move || probe.wait());
+    true
+}
+
+struct Agent {
+    child: Child,
+    control: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, config: &str) -> Agent {
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let control = dir.join("ctl.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .arg("--control")
+            .arg(&control)
+            .arg("--listen")
+            .arg(format!("unix:{}", dir.join("nbd.sock").display()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("ctk-agent ready"),
+            "agent did not start: {line:?}"
+        );
+        Agent { child, control }
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .arg("--json")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cmd(args);
+        assert!(
+            out.status.success(),
+            "ctk-agent {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn latest(&self, disk: &str) -> String {
+        let status = self.ok(&["status"]);
+        let d = status["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == disk)
+            .unwrap();
+        d["latest"].as_str().unwrap().to_string()
+    }
+
+    fn stop(mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+fn disk_image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.img"));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    path
+}
+
+#[test]
+fn hooks_that_fail_or_hang_abort_cleanly_or_fall_back_as_configured() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(dir.path(), "mnt");
+    let m = fs.mnt.display();
+    let config = format!(
+        r#"
+[[disk]]
+name = "ok"
+path = "{ok}"
+[disk.cut]
+pre_freeze = [{{ command = "echo pre > {m}/pre-hook-ran" }}]
+freeze = ["{m}"]
+post_thaw = [{{ command = "echo post > {m}/post-hook-ran" }}]
+
+[[disk]]
+name = "failing"
+path = "{failing}"
+[disk.cut]
+pre_freeze = [{{ command = "echo checkpoint refused >&2; exit 3" }}]
+freeze = ["{m}"]
+
+[[disk]]
+name = "hanging"
+path = "{hanging}"
+[disk.cut]
+pre_freeze = [{{ command = "sleep 600", timeout_ms = 300 }}]
+freeze = ["{m}"]
+
+[[disk]]
+name = "fallback"
+path = "{fallback}"
+[disk.cut]
+pre_freeze = [{{ command = "exit 1" }}]
+freeze = ["{m}"]
+on_failure = "crash-consistent"
+"#,
+        ok = disk_image(dir.path(), "ok").display(),
+        failing = disk_image(dir.path(), "failing").display(),
+        hanging = disk_image(dir.path(), "hanging").display(),
+        fallback = disk_image(dir.path(), "fallback").display(),
+    );
+    let agent = Agent::start(dir.path(), &config);
+
+    // Success: application-consistent, hooks ran around the freeze, thawed afterwards.
+    let cut = agent.ok(&["cut", "--disk", "ok"]);
+    assert_eq!(cut["consistency"], "application", "{cut}");
+    assert!(cut["frozen_ms"].as_f64().unwrap() > 0.0);
+    assert!(fs.mnt.join("pre-hook-ran").exists() && fs.mnt.join("post-hook-ran").exists());
+    assert!(
+        !frozen(&fs.mnt, Duration::from_secs(5)),
+        "left frozen after a cut"
+    );
+
+    // A failing hook aborts: a clear error, nothing frozen, the epoch still open.
+    let before = agent.latest("failing");
+    let out = agent.cmd(&["cut", "--disk", "failing"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("cut aborted") && err.contains("checkpoint refused"),
+        "{err}"
+    );
+    assert_eq!(
+        agent.latest("failing"),
+        before,
+        "an aborted cut must not seal"
+    );
+    assert!(!frozen(&fs.mnt, Duration::from_secs(5)));
+
+    // A hanging hook is killed at its timeout, and the cut aborts.
+    let started = Instant::now();
+    let out = agent.cmd(&["cut", "--disk", "hanging"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not finish"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!frozen(&fs.mnt, Duration::from_secs(5)));
+    let leftover = Command::new("pgrep")
+        .args(["-f", "sleep 600"])
+        .output()
+        .unwrap();
+    assert!(leftover.stdout.is_empty(), "the hung hook was not killed");
+
+    // Configured fallback: the cut happens and says it is only crash-consistent.
+    let cut = agent.ok(&["cut", "--disk", "fallback"]);
+    assert_eq!(cut["consistency"], "crash", "{cut}");
+    assert!(!cut["warnings"].as_array().unwrap().is_empty());
+    // An explicitly crash-consistent cut skips hooks and freeze altogether.
+    let cut = agent.ok(&["cut", "--disk", "failing", "--consistency", "crash"]);
+    assert_eq!(cut["consistency"], "crash");
+    agent.stop();
+    drop(fs);
+}
+
+#[test]
+fn the_watchdog_thaws_when_the_agent_is_killed_or_hangs_mid_cut() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(dir.path(), "mnt");
+    let m = fs.mnt.display();
+    // The destage step stands in for a cache that never reports clean: the cut sits in the
+    // middle, filesystem frozen and NBD writes held.
+    let config = format!(
+        r#"
+[[disk]]
+name = "stuck"
+path = "{stuck}"
+[disk.cut]
+freeze = ["{m}"]
+freeze_timeout_ms = 60000
+destage = [{{ clean_check = "sleep 600", timeout_ms = 600000 }}]
+
+[[disk]]
+name = "slow"
+path = "{slow}"
+[disk.cut]
+freeze = ["{m}"]
+freeze_timeout_ms = 300
+destage = [{{ clean_check = "sleep 1" }}]
+"#,
+        stuck = disk_image(dir.path(), "stuck").display(),
+        slow = disk_image(dir.path(), "slow").display(),
+    );
+
+    // The agent hangs past the freeze timeout: the watchdog thaws, and the cut that finally
+    // completes is recorded as crash-consistent, not application-consistent.
+    let agent = Agent::start(dir.path(), &config);
+    let cut = agent.ok(&["cut", "--disk", "slow"]);
+    assert_eq!(cut["consistency"], "crash", "{cut}");
+    assert!(
+        cut["warnings"][0].as_str().unwrap().contains("watchdog"),
+        "{cut}"
+    );
+    assert!(!frozen(&fs.mnt, Duration::from_secs(5)));
+
+    // The agent is SIGKILLed while the filesystem is frozen: the helper sees its parent go
+    // and thaws, long before its own 60 s timeout.
+    let mut cutter = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
+        .args(["cut", "--disk", "stuck", "--control"])
+        .arg(&agent.control)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !frozen(&fs.mnt, Duration::from_millis(300)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the cut never froze the filesystem"
+        );
+    }
+    let mut child = agent.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = Instant::now();
+    assert!(
+        !frozen(&fs.mnt, Duration::from_secs(10)),
+        "still frozen after the agent died"
+    );
+    eprintln!(
+        "thawed {:?} after the agent was killed",
+        killed_at.elapsed()
+    );
+    let _ = cutter.wait();
+    let _ = Command::new("pkill").args(["-f", "sleep 600"]).status();
+    drop(fs);
+}
+
+/// The issue's scenario: ext4 on a loop device over nbdfuse over the agent's NBD front.
+/// Files are written, an application-consistent cut with fsfreeze is exported, applied to the
+/// previous replica, and the replica passes e2fsck and holds the files.
+#[test]
+fn ext4_through_nbdfuse_application_consistent_cuts_rebuild_a_clean_replica() {
+    require_root();
+    for tool in ["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck"] {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}"))
+                .status()
+                .unwrap()
+                .success(),
+            "{tool} is required"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("vm.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let mnt = d.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let config = format!(
+        "[[disk]]\nname = \"vm\"\npath = \"{}\"\n[disk.cut]\nfreeze = [\"{}\"]\n",
+        image.display(),
+        mnt.display()
+    );
+    let agent = Agent::start(d, &config);
+    let fuse = d.join("fuse");
+    std::fs::create_dir_all(&fuse).unwrap();
+    let pidfile = d.join("nbdfuse.pid");
+    let mut nbdfuse = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(&fuse)
+        .arg(format!(
+            "nbd+unix:///vm?socket={}",
+            d.join("nbd.sock").display()
+        ))
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !pidfile.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "nbdfuse did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    struct Stack {
+        loopdev: Option<String>,
+        mnt: PathBuf,
+        fuse: PathBuf,
+    }
+    impl Drop for Stack {
+        fn drop(&mut self) {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("umount").arg(&self.mnt).status();
+            if let Some(dev) = &self.loopdev {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
+            }
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.fuse)
+                .status();
+        }
+    }
+    let mut stack = Stack {
+        loopdev: None,
+        mnt: mnt.clone(),
+        fuse: fuse.clone(),
+    };
+    let dev = sh(&format!("losetup -f --show {}", fuse.join("nbd").display()));
+    stack.loopdev = Some(dev.clone());
+    sh(&format!(
+        "mkfs.ext4 -q -F {dev} && mount {dev} {}",
+        mnt.display()
+    ));
+
+    // Generation 1 of the files, then a full.
+    let content = |i: usize, version: u8| -> Vec<u8> {
+        (0..(4096 * (1 + i % 7) + i))
+            .map(|j| (j as u8) ^ version ^ (i as u8))
+            .collect()
+    };
+    for i in 0..40 {
+        std::fs::write(mnt.join(format!("f{i}")), content(i, 1)).unwrap();
+    }
+    let replica = d.join("replica.img");
+    std::fs::File::create(&replica).unwrap();
+    let apply = |delta: &Path| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&replica)
+            .unwrap();
+        ctk::delta::apply(
+            BufReader::new(std::fs::File::open(delta).unwrap()),
+            &file,
+            Some("vm"),
+        )
+        .unwrap();
+    };
+    let full = d.join("full.ctkd");
+    let answer = agent.ok(&["export", "--since", "all", "-o", full.to_str().unwrap()]);
+    assert_eq!(answer["consistency"], "application", "{answer}");
+    apply(&full);
+    let first = answer["to"].as_str().unwrap().to_string();
+
+    // Generation 2: rewrite some, delete some, add some; then an incremental.
+    for i in 0..40 {
+        match i % 4 {
+            0 => std::fs::write(mnt.join(format!("f{i}")), content(i, 2)).unwrap(),
+            1 => std::fs::remove_file(mnt.join(format!("f{i}"))).unwrap(),
+            _ => {}
+        }
+    }
+    for i in 40..60 {
+        std::fs::write(mnt.join(format!("f{i}")), content(i, 2)).unwrap();
+    }
+    let delta = d.join("inc.ctkd");
+    let answer = agent.ok(&["export", "--since", &first, "-o", delta.to_str().unwrap()]);
+    assert_eq!(answer["consistency"], "application", "{answer}");
+    assert!(
+        answer["delta_bytes"].as_u64().unwrap() < 16 << 20,
+        "{answer}"
+    );
+    apply(&delta);
+
+    // Tear the stack down, then check the replica as the DR site would.
+    drop(stack);
+    let _ = nbdfuse.wait();
+    agent.stop();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&replica)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck on the replica: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let check = d.join("check");
+    std::fs::create_dir_all(&check).unwrap();
+    sh(&format!(
+        "mount -o loop,ro {} {}",
+        replica.display(),
+        check.display()
+    ));
+    let verify = (|| {
+        for i in 0..60 {
+            let path = check.join(format!("f{i}"));
+            let expect = match (i, i % 4) {
+                (0..40, 0) => Some(content(i, 2)),
+                (0..40, 1) => None,
+                (0..40, _) => Some(content(i, 1)),
+                _ => Some(content(i, 2)),
+            };
+            let found = std::fs::read(&path).ok();
+            if found != expect {
+                return Err(format!(
+                    "{}: expected {:?} bytes, found {:?}",
+                    path.display(),
+                    expect.map(|b| b.len()),
+                    found.map(|b| b.len())
+                ));
+            }
+        }
+        Ok(())
+    })();
+    let _ = Command::new("umount").arg(&check).status();
+    verify.unwrap();
+}
