@@ -5,13 +5,16 @@
 //! shared for that whole sequence; a cut or an export holds it exclusively, so a cut waits for
 //! writes in flight and holds new ones: every write acknowledged before the cut is in it.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+
+use roaring::RoaringBitmap;
 use std::time::{Duration, Instant};
 
 use crate::pipeline::{CutPolicy, CutReport};
@@ -34,6 +37,8 @@ pub enum DiskError {
     Tracker(#[from] TrackerError),
     #[error("the disk is shut down")]
     Shutdown,
+    #[error("an export of this disk is already running")]
+    Busy,
     #[error("delta export failed: {0}")]
     Delta(#[from] delta::DeltaError),
 }
@@ -60,7 +65,23 @@ struct Counters {
     flushes: AtomicU64,
     trims: AtomicU64,
     zeroes: AtomicU64,
+    cow_blocks: AtomicU64,
+    cow_waits: AtomicU64,
 }
+
+/// A point-in-time view for an export in progress.
+struct Snapshot {
+    shift: u32,
+    /// Blocks the export has yet to read.
+    pending: RoaringBitmap,
+    /// Contents at the cut of pending blocks that writes have since overwritten.
+    preserved: BTreeMap<u32, Box<[u8]>>,
+    preserved_bytes: u64,
+    peak_bytes: u64,
+}
+
+/// Most memory preserved copies may take before writers to not-yet-exported blocks wait.
+pub const COW_LIMIT_DEFAULT: u64 = 256 << 20;
 
 pub struct ProtectedDisk {
     pub name: String,
@@ -75,6 +96,9 @@ pub struct ProtectedDisk {
     /// The cut pipeline for this disk.
     pub policy: CutPolicy,
     last_cut: Mutex<Option<serde_json::Value>>,
+    snapshot: Mutex<Option<Snapshot>>,
+    snapshot_room: Condvar,
+    cow_limit: u64,
 }
 
 impl ProtectedDisk {
@@ -111,6 +135,9 @@ impl ProtectedDisk {
                 counters: Counters::default(),
                 policy,
                 last_cut: Mutex::new(None),
+                snapshot: Mutex::new(None),
+                snapshot_room: Condvar::new(),
+                cow_limit: COW_LIMIT_DEFAULT,
             },
             outcome,
         ))
@@ -168,7 +195,13 @@ impl ProtectedDisk {
             .read()
             .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
         let intent = self.with_tracker(|t| Ok(t.intend(offset, length)?))?;
-        let result = apply();
+        // A block an export still has to read is copied aside before it is overwritten. If
+        // that fails, the write is refused (the intent is recorded: nothing changed, only an
+        // over-report).
+        let result = match self.preserve(offset, length) {
+            Ok(()) => apply(),
+            Err(e) => Err(e),
+        };
         self.with_tracker(|t| {
             t.record(intent);
             Ok(())
@@ -279,10 +312,98 @@ impl ProtectedDisk {
         })
     }
 
-    /// Writes the blocks changed from `since` to `to` into `out`. Only correct while writes
-    /// are held since cut `to` (inside `hold_and_seal`): the data read is the data at `to`.
-    /// (Copy-on-write, so writes could continue during an export, is not built yet.)
-    pub fn export_held(
+    /// Copies the blocks of `[offset, offset + length)` that a running export has not read yet,
+    /// so it still reads them as of its cut. At the memory cap, waits for the export to move
+    /// on (backpressure) rather than grow without bound.
+    fn preserve(&self, offset: u64, length: u64) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let mut guard = self
+            .snapshot
+            .lock()
+            .map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+        loop {
+            let Some(snap) = guard.as_mut() else {
+                return Ok(());
+            };
+            let (first, last) = (
+                (offset >> snap.shift) as u32,
+                ((offset + length - 1) >> snap.shift) as u32,
+            );
+            let hits: Vec<u32> = snap.pending.range(first..=last).collect();
+            if hits.is_empty() {
+                return Ok(());
+            }
+            let need = hits.len() as u64 * (1 << snap.shift);
+            // Always let one write through when nothing is held, so a huge write still moves.
+            if snap.preserved_bytes > 0 && snap.preserved_bytes + need > self.cow_limit {
+                self.counters.cow_waits.fetch_add(1, Ordering::Relaxed);
+                guard = self
+                    .snapshot_room
+                    .wait(guard)
+                    .map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+                continue;
+            }
+            for block in hits {
+                let start = (block as u64) << snap.shift;
+                let len = ((1u64 << snap.shift).min(self.size - start)) as usize;
+                let mut data = vec![0u8; len].into_boxed_slice();
+                self.file.read_exact_at(&mut data, start)?;
+                snap.preserved_bytes += len as u64;
+                snap.preserved.insert(block, data);
+                snap.pending.remove(block);
+            }
+            snap.peak_bytes = snap.peak_bytes.max(snap.preserved_bytes);
+            self.counters
+                .cow_blocks
+                .fetch_add(need >> snap.shift, Ordering::Relaxed);
+            return Ok(());
+        }
+    }
+
+    /// Starts a point-in-time export of the blocks changed from `since` to `to`. Call it
+    /// inside `hold_and_seal` (no write can slip in between the seal and the snapshot).
+    pub fn begin_snapshot(&self, since: Since, to: ChangeId) -> Result<(), DiskError> {
+        let (shift, pending) =
+            self.with_tracker(|t| Ok((t.geometry().block_shift(), t.changed_blocks(since, to)?)))?;
+        let mut guard = self
+            .snapshot
+            .lock()
+            .map_err(|_| DiskError::Io(io::Error::other("snapshot lock poisoned")))?;
+        if guard.is_some() {
+            return Err(DiskError::Busy);
+        }
+        *guard = Some(Snapshot {
+            shift,
+            pending,
+            preserved: BTreeMap::new(),
+            preserved_bytes: 0,
+            peak_bytes: 0,
+        });
+        Ok(())
+    }
+
+    /// Writes the snapshot begun for `to` as a delta into `out` while writes continue, then
+    /// drops the snapshot. Returns the changed bytes, the delta's totals and the most memory
+    /// preserved copies took.
+    pub fn export_snapshot(
+        &self,
+        since: Since,
+        to: ChangeId,
+        out: &Path,
+        zstd_level: i32,
+    ) -> Result<(u64, DeltaSummary, u64), DiskError> {
+        let result = self.export_snapshot_inner(since, to, out, zstd_level);
+        let peak = match self.snapshot.lock() {
+            Ok(mut guard) => guard.take().map_or(0, |s| s.peak_bytes),
+            Err(_) => 0,
+        };
+        self.snapshot_room.notify_all();
+        result.map(|(changed, summary)| (changed, summary, peak))
+    }
+
+    fn export_snapshot_inner(
         &self,
         since: Since,
         to: ChangeId,
@@ -302,12 +423,43 @@ impl ProtectedDisk {
             to,
         };
         let changed: u64 = extents.iter().map(|e| e.length).sum();
+        let read_at = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
+            let mut guard = self
+                .snapshot
+                .lock()
+                .map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+            let snap = guard
+                .as_mut()
+                .ok_or_else(|| io::Error::other("the export's snapshot is gone"))?;
+            // Under the lock no writer can overwrite a pending block of this piece: it has to
+            // preserve it first, and it cannot until we are done.
+            self.file.read_exact_at(buf, offset)?;
+            let (first, last) = (
+                (offset >> snap.shift) as u32,
+                ((offset + buf.len() as u64 - 1) >> snap.shift) as u32,
+            );
+            let copies: Vec<u32> = snap
+                .preserved
+                .range(first..=last)
+                .map(|(&b, _)| b)
+                .collect();
+            for block in copies {
+                let data = snap.preserved.remove(&block).expect("listed above");
+                let at = (((block as u64) << snap.shift) - offset) as usize;
+                buf[at..at + data.len()].copy_from_slice(&data);
+                snap.preserved_bytes -= data.len() as u64;
+            }
+            snap.pending.remove_range(first..=last);
+            drop(guard);
+            self.snapshot_room.notify_all();
+            Ok(())
+        };
         let file = File::create(out)?;
         let options = WriteOptions {
             zstd_level: Some(zstd_level),
         };
         let (writer, summary) =
-            delta::export(&self.file, &extents, &header, options, BufWriter::new(file))?;
+            delta::export_with(read_at, &extents, &header, options, BufWriter::new(file))?;
         writer
             .into_inner()
             .map_err(|e| e.into_error())?
@@ -364,6 +516,8 @@ impl ProtectedDisk {
             "flushes": c.flushes.load(Ordering::Relaxed),
             "trims": c.trims.load(Ordering::Relaxed),
             "write_zeroes": c.zeroes.load(Ordering::Relaxed),
+            "cow_blocks_preserved": c.cow_blocks.load(Ordering::Relaxed),
+            "cow_waits": c.cow_waits.load(Ordering::Relaxed),
             "last_cut": self.last_cut.lock().ok().and_then(|l| l.clone()),
         })
     }

@@ -203,8 +203,8 @@ impl CutReport {
 }
 
 /// Runs the pipeline for `disk`. `inside` runs right after the seal while NBD writes are still
-/// held and the filesystems still frozen (an export reads the data as of the cut there; until
-/// copy-on-write exists, an export therefore keeps the freeze for its duration).
+/// held and the filesystems still frozen: keep it short (an export only installs its
+/// copy-on-write snapshot there, and reads the data after everything is released).
 pub fn cut(
     disk: &ProtectedDisk,
     policy: &CutPolicy,

@@ -535,14 +535,19 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             }
             // Refuse a bad `since` before cutting, so it leaves no empty cut behind.
             disk.changed(since, None)?;
-            let level = agent.zstd_level;
+            // The snapshot is taken inside the hold; NBD writes and the filesystems are
+            // released before the data is read, and copy-on-write keeps it as of the cut.
             let report = pipeline::cut(disk, &disk.policy, want, |to| {
-                let (changed, s) = disk.export_held(since, to, path, level)?;
-                Ok(json!({
-                    "changed_bytes": changed, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,
-                    "delta_bytes": s.stream_bytes, "records": s.records,
-                }))
+                disk.begin_snapshot(since, to)?;
+                Ok(Value::Null)
             })?;
+            let (changed, s, peak) =
+                disk.export_snapshot(since, report.change_id, path, agent.zstd_level)?;
+            let mut report = report;
+            report.inside = json!({
+                "changed_bytes": changed, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,
+                "delta_bytes": s.stream_bytes, "records": s.records, "cow_peak_bytes": peak,
+            });
             info!(disk = %disk.name, to = %report.change_id, "exported");
             let mut answer = report.to_json();
             for (k, v) in report.inside.as_object().into_iter().flatten() {

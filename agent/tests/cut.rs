@@ -81,6 +81,16 @@ struct Agent {
     control: PathBuf,
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // A failed assertion must not leave the agent running (it holds the test's pipes).
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Agent {
     fn start(dir: &Path, config: &str) -> Agent {
         let config_path = dir.join("agent.toml");
@@ -139,6 +149,10 @@ impl Agent {
     }
 
     fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
@@ -311,9 +325,9 @@ destage = [{{ clean_check = "sleep 1" }}]
             "the cut never froze the filesystem"
         );
     }
-    let mut child = agent.child;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut agent = agent;
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
     let killed_at = Instant::now();
     assert!(
         !frozen(&fs.mnt, Duration::from_secs(10)),
@@ -509,4 +523,131 @@ fn ext4_through_nbdfuse_application_consistent_cuts_rebuild_a_clean_replica() {
     })();
     let _ = Command::new("umount").arg(&check).status();
     verify.unwrap();
+}
+
+/// Point in time: writes continue during an export, yet the delta is the disk as of its
+/// cut. The destage step copies the image while NBD writes are held, just before the seal:
+/// that copy is the source at the cut instant, and replica + delta must equal it.
+#[test]
+fn export_while_writes_continue_is_the_disk_as_of_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("d0.img");
+    let size = 32u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let at_cut = d.join("at-cut.img");
+    // zstd level 19 makes the export slow enough for writes to race it.
+    let config = format!(
+        "zstd_level = 19\n[[disk]]\nname = \"d0\"\npath = \"{img}\"\n[disk.cut]\ndestage = [{{ clean_check = \"cp --sparse=always {img} {cut}\" }}]\n",
+        img = image.display(),
+        cut = at_cut.display()
+    );
+    let agent = Agent::start(d, &config);
+    let uri = format!("nbd+unix:///d0?socket={}", d.join("nbd.sock").display());
+    let qemu_io = |commands: Vec<String>| {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &uri]);
+        for c in &commands {
+            cmd.arg("-c").arg(c);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let writes = |seed: u64, n: u64, max_kib: u64| -> Vec<String> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = 4096 * (1 + x % (max_kib / 4));
+                let off = 4096 * ((x >> 20) % ((size - len) / 4096));
+                format!("write -P {} {off} {len}", (x >> 8) % 250 + 1)
+            })
+            .collect()
+    };
+    // Fill most of the disk so the full is large, then export it with nothing racing.
+    qemu_io(
+        (0..32)
+            .map(|i| format!("write -P {} {} 1M", i + 1, i << 20))
+            .collect(),
+    );
+    let replica = d.join("replica.img");
+    std::fs::File::create(&replica).unwrap();
+    let apply = |delta: &Path| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&replica)
+            .unwrap();
+        ctk::delta::apply(
+            BufReader::new(std::fs::File::open(delta).unwrap()),
+            &file,
+            Some("d0"),
+        )
+        .unwrap();
+    };
+    let full = d.join("full.ctkd");
+    let first = agent.ok(&["export", "--since", "all", "-o", full.to_str().unwrap()]);
+    apply(&full);
+    assert!(std::fs::read(&replica).unwrap() == std::fs::read(&at_cut).unwrap());
+    let first = first["to"].as_str().unwrap().to_string();
+
+    // Change everything again, then export while another client keeps writing.
+    qemu_io(
+        (0..32)
+            .map(|i| format!("write -P {} {} 1M", i + 100, i << 20))
+            .collect(),
+    );
+    let racer = {
+        let batch = writes(0xabcdef, 3000, 64);
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            let mut cmd = Command::new("qemu-io");
+            cmd.args(["-f", "raw", &uri]);
+            for c in &batch {
+                cmd.arg("-c").arg(c);
+            }
+            assert!(cmd.output().unwrap().status.success());
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let delta = d.join("inc.ctkd");
+    let answer = agent.ok(&["export", "--since", &first, "-o", delta.to_str().unwrap()]);
+    racer.join().unwrap();
+    apply(&delta);
+    assert!(
+        std::fs::read(&replica).unwrap() == std::fs::read(&at_cut).unwrap(),
+        "the delta is not the disk as of its cut"
+    );
+    let status = agent.ok(&["status"]);
+    let preserved = status["disks"][0]["cow_blocks_preserved"].as_u64().unwrap();
+    eprintln!(
+        "copy-on-write preserved {preserved} blocks (peak {} bytes)",
+        answer["cow_peak_bytes"]
+    );
+    assert!(
+        preserved > 0,
+        "no write raced the export: the test did not exercise copy-on-write"
+    );
+    // And the writes that raced it are in the next cut.
+    let next = agent.ok(&["changed", "--since", answer["to"].as_str().unwrap()]);
+    assert_eq!(next["changed_bytes"], 0, "nothing sealed yet");
+    let cut = agent.ok(&["cut"]);
+    let after = agent.ok(&[
+        "changed",
+        "--since",
+        answer["to"].as_str().unwrap(),
+        "--to",
+        cut["change_id"].as_str().unwrap(),
+    ]);
+    assert!(after["changed_bytes"].as_u64().unwrap() > 0);
+    agent.stop();
 }

@@ -26,6 +26,16 @@ struct Agent {
     dir: PathBuf,
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // A failed assertion must not leave the agent running (it holds the test's pipes).
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Agent {
     fn start(dir: &Path, disks: &[(&str, &Path)]) -> Agent {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctk-agent"));
@@ -79,6 +89,10 @@ impl Agent {
     }
 
     fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
@@ -478,8 +492,8 @@ fn sigkill_with_writes_in_flight_loses_no_acknowledged_write() {
             assert_eq!(u32::from_be_bytes(head[4..8].try_into().unwrap()), 0);
             acked.push((off, len));
         }
-        let mut child = agent.child;
-        let _ = child.wait();
+        let mut agent = agent;
+        let _ = agent.child.wait();
         // Restart: the journal recovers; every acknowledged write is reported since the cut.
         let agent = Agent::start(dir.path(), &[("d0", &image)]);
         let changed = agent.ctl(&["changed", "--since", &cut]);

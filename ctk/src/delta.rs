@@ -587,13 +587,33 @@ pub fn export<W: Write>(
     options: WriteOptions,
     out: W,
 ) -> Result<(W, DeltaSummary), DeltaError> {
+    export_with(
+        |offset, buf| image.read_exact_at(buf, offset),
+        extents,
+        header,
+        options,
+        out,
+    )
+}
+
+/// Writes the delta of `extents` into `out`, reading the data with `read_at(offset, buf)` in
+/// pieces of at most [`DELTA_RECORD_DATA_MAX`] bytes that never cross an extent's end (a
+/// point-in-time reader can serve each piece from the live image or from preserved copies).
+pub fn export_with<W: Write>(
+    mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+    extents: impl IntoIterator<Item = impl std::borrow::Borrow<Extent>>,
+    header: &DeltaHeader,
+    options: WriteOptions,
+    out: W,
+) -> Result<(W, DeltaSummary), DeltaError> {
     let mut writer = DeltaWriter::new(out, header, options)?;
     let mut buf = vec![0u8; DELTA_RECORD_DATA_MAX];
     for extent in extents {
+        let extent = extent.borrow();
         let mut pos = extent.offset;
         while pos < extent.end() {
             let n = (extent.end() - pos).min(DELTA_RECORD_DATA_MAX as u64) as usize;
-            image.read_exact_at(&mut buf[..n], pos)?;
+            read_at(pos, &mut buf[..n])?;
             writer.write_extent(pos, &buf[..n])?;
             pos += n as u64;
         }
