@@ -137,6 +137,19 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Register, advance or drop a consumer cursor: cuts after a registered cursor stay
+    /// answerable until it advances (without one, only the newest 8 cuts stay exact).
+    Cursor {
+        #[arg(value_parser = ["register", "advance", "drop"])]
+        op: String,
+        /// The consumer's name (A-Z a-z 0-9 . _ -).
+        name: String,
+        /// The ChangeId the consumer has (default: the latest cut).
+        #[arg(long)]
+        at: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Show each protected disk: latest cut, open epoch, journal syncs, I/O counters.
     Status {
         #[command(flatten)]
@@ -315,6 +328,24 @@ fn run(cli: Cli) -> Result<()> {
                     a["changed_bytes"],
                     a["delta_bytes"],
                     a["to"].as_str().unwrap_or("")
+                )
+            })
+        }
+        Command::Cursor {
+            op,
+            name,
+            at,
+            target,
+        } => {
+            let answer = control(
+                &target,
+                json!({"cmd": "cursor", "op": op, "name": name, "at": at}),
+            )?;
+            print_answer(&target, &answer, |a| {
+                format!(
+                    "cursor {} {}",
+                    a["name"].as_str().unwrap_or(""),
+                    a["op"].as_str().unwrap_or("")
                 )
             })
         }

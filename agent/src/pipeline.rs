@@ -6,9 +6,10 @@
 //! ext4-over-nbdfuse test, which deadlocked the other way round).
 //!
 //! The filesystem freeze comes before NBD writes are held: freezing flushes the filesystem,
-//! and that flush travels down through the NBD front. Destaging (flushing the backing, then
-//! any write-back cache below the tracking point) happens while writes are held, so the
-//! backing holds every acknowledged write when the epoch is sealed.
+//! and that flush travels down through the NBD front. Destaging a write-back cache below the
+//! tracking point happens while writes are held, so what lies below holds every acknowledged
+//! write when the epoch is sealed. The backing file itself is flushed right after the
+//! release (it is read through this host, so only durability depends on that flush).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

@@ -559,6 +559,21 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             answer["path"] = json!(path.display().to_string());
             Ok(answer)
         }
-        other => bail!("unknown command {other:?}: use status, cut, changed or export"),
+        "cursor" => {
+            let op = request["op"].as_str().unwrap_or("");
+            if !["register", "advance", "drop"].contains(&op) {
+                bail!("cursor \"op\" must be register, advance or drop");
+            }
+            let name = request["name"]
+                .as_str()
+                .context("cursor needs a \"name\"")?;
+            let at = match request["at"].as_str() {
+                Some(t) => Some(t.parse::<ChangeId>()?),
+                None => None,
+            };
+            disk.cursor(op, name, at)?;
+            Ok(json!({"ok": true, "disk": disk.name, "op": op, "name": name}))
+        }
+        other => bail!("unknown command {other:?}: use status, cut, changed, export or cursor"),
     }
 }

@@ -519,3 +519,30 @@ fn sigkill_with_writes_in_flight_loses_no_acknowledged_write() {
         "too few writes were acknowledged to test anything"
     );
 }
+
+/// Regression: a full export of a disk with whole 64 Ki-block chunks (256 MiB at 4 KiB) was
+/// answered with no extents at all (roaring 0.12's next_many on full containers), a silent
+/// under-report. The delta of "all" must carry the whole disk.
+#[test]
+fn a_full_export_of_a_large_disk_carries_every_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("big.img");
+    let size = 320u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let agent = Agent::start(dir.path(), &[("big", &image)]);
+    qemu_io(
+        &agent.uri("big"),
+        &["write -P 0x42 0 1M".into(), "write -P 0x43 300M 1M".into()],
+    );
+    let full = dir.path().join("full.ctkd");
+    let answer = agent.ctl(&["export", "--since", "all", "-o", full.to_str().unwrap()]);
+    assert_eq!(answer["changed_bytes"].as_u64(), Some(size), "{answer}");
+    let replica = dir.path().join("replica.img");
+    std::fs::File::create(&replica).unwrap();
+    apply(&full, &replica);
+    assert!(std::fs::read(&replica).unwrap() == std::fs::read(&image).unwrap());
+    agent.stop();
+}
