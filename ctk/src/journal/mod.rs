@@ -45,11 +45,17 @@ pub(crate) struct Replayed {
     pub torn_at: Option<u64>,
 }
 
-/// Worst-case serialized size of a roaring bitmap of `blocks` block numbers: bitmap
-/// containers of 8 KiB plus descriptors. A bitmap blob longer than this is corruption.
+/// Worst-case serialized size of a roaring bitmap of `blocks` block numbers. A container that
+/// was never `optimize()`d can be a run container with up to 32,768 runs (4 bytes each), far
+/// larger than the 8 KiB of a bitmap container: the open epoch grows such containers when a
+/// large write (a run) is later merged with many single blocks. An 8 KiB bound rejected valid
+/// journals and started needless new generations (found by the SIGKILL crash test). A bitmap
+/// blob longer than this is corruption. The blob only grows with chunks actually read from
+/// the file, so this bounds plausibility, not an up-front allocation.
 pub(crate) fn bitmap_len_max(blocks: u64) -> u64 {
+    const CONTAINER_MAX: u64 = 8 + 2 + 4 * 32_768 + 1;
     let containers = blocks.div_ceil(1 << 16);
-    64 + containers * (8 + 8192 + 1)
+    64 + containers * CONTAINER_MAX
 }
 
 /// Appends a bitmap as chunk records and returns its serialized length.

@@ -30,8 +30,11 @@ fn main() {
         .open(&args[2])
         .expect("image");
     let config = TrackerConfig::new("crash-disk", disk_size);
-    let (mut tracker, _) =
+    let (mut tracker, outcome) =
         Tracker::open(FileStorage::new(&args[1]), config, Generation::random).expect("open");
+    if std::env::var("CTK_CRASH_DEBUG").is_ok() {
+        eprintln!("child open: {outcome:?}");
+    }
     if tracker.map().cursors().next().is_none() {
         tracker
             .register_cursor("crash-test", tracker.latest())
