@@ -21,7 +21,8 @@ fio_bw() { # $1 seconds -> write bytes/s
     python3 -c 'import json,sys; t=sys.stdin.read(); print(json.loads(t[t.index("{"):])["jobs"][0]["write"]["bw_bytes"])'
 }
 
-# 1. Cut hold time under load.
+# 1. Cut hold time under load (COW_ONLY=1 skips it).
+if [ "${COW_ONLY:-}" != 1 ]; then
 fio --name=load --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=16 --size=4G \
     --time_based --runtime=3600 > /dev/null 2>&1 &
 load=$!
@@ -37,16 +38,17 @@ v = sorted(float(x) for x in open(sys.argv[1]))
 p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
 print(f"| cut hold (drain in-flight writes + seal) under 4 KiB random writes at QD16, {len(v)} cuts | p50 {p(0.5):.2f} ms | p99 {p(0.99):.2f} ms | max {v[-1]:.2f} ms |")
 PY
-
+fi
 [ "${HOLD_ONLY:-}" = 1 ] && exit 0
 
 # 2. Copy-on-write cost: write throughput alone, then while a 10% delta is exported.
 fio --name=fill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=4G > /dev/null 2>&1
+# Throughput alone first: measured after the base it would dirty the whole disk.
+alone=$(fio_bw 8)
 base=$("$agent" cut --control "$work/ctl.sock")
 # Keep the base answerable however many exports follow.
 "$agent" cursor register bench --at "$base" --control "$work/ctl.sock" > /dev/null
 fio --name=dirty --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=8 --size=4G --io_size=410M > /dev/null 2>&1
-alone=$(fio_bw 8)
 # Export the >= 10% delta back to back for the whole fio window: every write meets a running
 # export.
 ( n=0; while [ ! -e "$work/stop" ]; do
