@@ -196,7 +196,7 @@ freeze = ["{m}"]
 name = "hanging"
 path = "{hanging}"
 [disk.cut]
-pre_freeze = [{{ command = "sleep 600", timeout_ms = 300 }}]
+pre_freeze = [{{ command = "sleep 601", timeout_ms = 300 }}]
 freeze = ["{m}"]
 
 [[disk]]
@@ -252,7 +252,7 @@ on_failure = "crash-consistent"
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!frozen(&fs.mnt, Duration::from_secs(5)));
     let leftover = Command::new("pgrep")
-        .args(["-f", "sleep 600"])
+        .args(["-f", "sleep 601"])
         .output()
         .unwrap();
     assert!(leftover.stdout.is_empty(), "the hung hook was not killed");
@@ -284,7 +284,7 @@ path = "{stuck}"
 [disk.cut]
 freeze = ["{m}"]
 freeze_timeout_ms = 60000
-destage = [{{ clean_check = "sleep 600", timeout_ms = 600000 }}]
+destage = [{{ clean_check = "sleep 602", timeout_ms = 600000 }}]
 
 [[disk]]
 name = "slow"
@@ -338,7 +338,7 @@ destage = [{{ clean_check = "sleep 1" }}]
         killed_at.elapsed()
     );
     let _ = cutter.wait();
-    let _ = Command::new("pkill").args(["-f", "sleep 600"]).status();
+    let _ = Command::new("pkill").args(["-f", "sleep 602"]).status();
     drop(fs);
 }
 
