@@ -8,6 +8,12 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
@@ -20,10 +26,14 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
@@ -47,9 +57,28 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// `base:allocation` status bits.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+/// `ctk:changed:<ChangeId>` status bit: the block was written after that cut (in a later
+/// cut or in the open epoch).
+pub const STATE_CHANGED: u32 = 1 << 0;
+
+/// The meta context ctk-agent always offers.
+pub const CONTEXT_ALLOCATION: &str = "base:allocation";
+/// Prefix of ctk's own meta contexts: `ctk:changed:<ChangeId>`.
+pub const CONTEXT_CHANGED_PREFIX: &str = "ctk:changed:";
+/// Most meta contexts one connection may select (each costs a chunk per BLOCK_STATUS).
+pub const CONTEXTS_MAX: usize = 8;
+/// Most descriptors in one BLOCK_STATUS chunk (8 bytes each); the spec lets a server
+/// answer a prefix of the range, and the client asks again for the rest.
+pub const DESCRIPTORS_MAX: usize = 16 * 1024;
 
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
@@ -98,6 +127,117 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
     out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out[4..8].copy_from_slice(&error.to_be_bytes());
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out
+}
+
+/// The header of one structured reply chunk (20 bytes); `length` payload bytes follow.
+pub fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> [u8; 20] {
+    let mut out = [0u8; 20];
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&length.to_be_bytes());
+    out
+}
+
+/// A final NBD_REPLY_TYPE_ERROR chunk: header and payload (errno, message).
+pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
+    // Messages are ours, but keep them within the spec's string limit all the same.
+    let message = &message.as_bytes()[..message.len().min(NAME_LEN_MAX)];
+    let length = 4 + 2 + message.len() as u32;
+    let mut out = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, length).to_vec();
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// One NBD_REPLY_TYPE_BLOCK_STATUS chunk for `context`: header and descriptors.
+pub fn block_status_chunk(cookie: u64, done: bool, context: u32, runs: &[(u32, u32)]) -> Vec<u8> {
+    assert!(!runs.is_empty(), "a BLOCK_STATUS chunk needs a descriptor");
+    let length = 4 + 8 * runs.len() as u32;
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    let mut out = chunk_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, length).to_vec();
+    out.extend_from_slice(&context.to_be_bytes());
+    for &(len, status) in runs {
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&status.to_be_bytes());
+    }
+    out
+}
+
+/// Builds BLOCK_STATUS descriptors from `(length, status)` runs in order: neighbours with
+/// the same status merge, zero lengths vanish, and the list stops at `max` descriptors or
+/// where a descriptor would overflow 32 bits (the client asks again for the rest).
+pub fn descriptors(runs: impl IntoIterator<Item = (u64, u32)>, max: usize) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for (len, status) in runs {
+        if len == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some((l, s)) if *s == status && (*l as u64) + len <= u32::MAX as u64 => {
+                *l += len as u32;
+            }
+            _ => {
+                if out.len() == max {
+                    break;
+                }
+                // The request length is 32 bits, so no run is longer; clip all the same.
+                out.push((len.min(u32::MAX as u64) as u32, status));
+            }
+        }
+    }
+    out
+}
+
+/// The body of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MetaRequest {
+    pub export: String,
+    pub queries: Vec<String>,
+}
+
+fn take_string<'a>(data: &mut &'a [u8], what: &'static str) -> Result<&'a str, &'static str> {
+    let len = take_u32(data, what)? as usize;
+    if len > NAME_LEN_MAX {
+        return Err("string longer than 4096 bytes");
+    }
+    let bytes = data.get(..len).ok_or("string runs past the payload")?;
+    *data = &data[len..];
+    std::str::from_utf8(bytes).map_err(|_| "string is not UTF-8")
+}
+
+fn take_u32(data: &mut &[u8], what: &'static str) -> Result<u32, &'static str> {
+    let bytes: [u8; 4] = data.get(..4).ok_or(what)?.try_into().expect("4");
+    *data = &data[4..];
+    Ok(u32::from_be_bytes(bytes))
+}
+
+/// Parses a meta context option payload: export name, query count, queries. The count is
+/// checked against the bytes present before anything is allocated for it.
+pub fn parse_meta_request(mut data: &[u8]) -> Result<MetaRequest, &'static str> {
+    let export = take_string(&mut data, "payload too short for the export name")?.to_owned();
+    let count = take_u32(&mut data, "missing query count")? as usize;
+    // Each query takes at least its 4-byte length.
+    if count > data.len() / 4 {
+        return Err("query count does not fit the payload");
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(take_string(&mut data, "query runs past the payload")?.to_owned());
+    }
+    if !data.is_empty() {
+        return Err("bytes after the last query");
+    }
+    Ok(MetaRequest { export, queries })
+}
+
+/// NBD_REP_META_CONTEXT payload: context id and name.
+pub fn meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut out = id.to_be_bytes().to_vec();
+    out.extend_from_slice(name.as_bytes());
     out
 }
 
@@ -215,6 +355,78 @@ mod tests {
         );
         bytes[0] ^= 1;
         assert_eq!(parse_request(&bytes), None);
+    }
+
+    fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
+        let mut out = (export.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(export.as_bytes());
+        out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            out.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            out.extend_from_slice(q.as_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn meta_requests_are_checked_against_their_payload() {
+        let good = meta_payload("vm1", &["base:allocation", "ctk:changed:x"]);
+        assert_eq!(
+            parse_meta_request(&good),
+            Ok(MetaRequest {
+                export: "vm1".into(),
+                queries: vec!["base:allocation".into(), "ctk:changed:x".into()]
+            })
+        );
+        assert_eq!(
+            parse_meta_request(&meta_payload("", &[])).unwrap().queries,
+            Vec::<String>::new()
+        );
+        // A count that claims billions of queries is refused before any allocation.
+        let mut liar = meta_payload("vm1", &[]);
+        liar[7..11].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_meta_request(&liar).is_err());
+        // Truncated anywhere, trailing junk, a query length past the end, bad UTF-8.
+        for cut in 0..good.len() {
+            assert!(parse_meta_request(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut junk = good.clone();
+        junk.push(0);
+        assert!(parse_meta_request(&junk).is_err());
+        let mut long = good.clone();
+        long[14] = 0xff;
+        assert!(parse_meta_request(&long).is_err());
+        let mut utf = good.clone();
+        utf[15] = 0xff;
+        assert!(parse_meta_request(&utf).is_err());
+    }
+
+    #[test]
+    fn descriptors_merge_equal_neighbours_and_stop_at_the_bound() {
+        let runs = [(512, 0), (0, 3), (1024, 0), (4096, 3), (4096, 3), (512, 0)];
+        assert_eq!(descriptors(runs, 16), vec![(1536, 0), (8192, 3), (512, 0)]);
+        assert_eq!(descriptors(runs, 2), vec![(1536, 0), (8192, 3)]);
+        assert_eq!(descriptors(runs, 1), vec![(1536, 0)]);
+        // Runs that would overflow a 32-bit descriptor start a new one.
+        let big = [(u32::MAX as u64 - 10, 1), (100, 1)];
+        assert_eq!(descriptors(big, 16), vec![(u32::MAX - 10, 1), (100, 1)]);
+    }
+
+    #[test]
+    fn chunks_have_the_spec_layout() {
+        let c = block_status_chunk(9, true, 2, &[(4096, STATE_CHANGED), (512, 0)]);
+        assert_eq!(&c[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&c[4..6], &REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&c[6..8], &REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+        assert_eq!(&c[8..16], &9u64.to_be_bytes());
+        assert_eq!(&c[16..20], &20u32.to_be_bytes());
+        assert_eq!(c.len(), 20 + 20);
+        assert_eq!(&c[20..24], &2u32.to_be_bytes());
+        let e = error_chunk(3, EINVAL, "no");
+        assert_eq!(&e[16..20], &8u32.to_be_bytes());
+        assert_eq!(&e[20..24], &EINVAL.to_be_bytes());
+        assert_eq!(&e[24..26], &2u16.to_be_bytes());
+        assert_eq!(&e[26..], b"no");
     }
 
     #[test]

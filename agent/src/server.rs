@@ -176,9 +176,101 @@ fn spawn_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     );
 }
 
+/// A meta context a client selected: what BLOCK_STATUS reports for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MetaContext {
+    /// `base:allocation`: holes in the backing.
+    Allocation,
+    /// `ctk:changed:<ChangeId>`: blocks written after that cut.
+    Changed(ChangeId),
+}
+
+impl MetaContext {
+    fn name(&self) -> String {
+        match self {
+            MetaContext::Allocation => nbd::CONTEXT_ALLOCATION.to_owned(),
+            MetaContext::Changed(id) => format!("{}{id}", nbd::CONTEXT_CHANGED_PREFIX),
+        }
+    }
+}
+
 /// What the handshake settled on.
 struct Negotiated {
     disk: Arc<ProtectedDisk>,
+    structured: bool,
+    /// Selected meta contexts with the ids the client knows them by.
+    contexts: Vec<(u32, MetaContext)>,
+}
+
+/// Resolves meta context queries against a disk: the distinct contexts they name, in order.
+/// `list` is NBD_OPT_LIST_META_CONTEXT, where a namespace alone (`base:`, `ctk:`) lists what
+/// is there and no query at all lists everything. A query in ctk's namespace that does not
+/// parse is an error (the spec's "syntactically invalid"); one naming a ChangeId the map
+/// cannot answer selects nothing, with the reason logged. Work is bounded: a SET naming more
+/// than `CONTEXTS_MAX` contexts stops at the first one too many; a LIST answer is cut at
+/// `LIST_MAX`.
+fn resolve_queries(
+    disk: &ProtectedDisk,
+    queries: &[String],
+    list: bool,
+) -> Result<Vec<MetaContext>, (u32, String)> {
+    const LIST_MAX: usize = 64;
+    let mut out: Vec<MetaContext> = Vec::new();
+    let add = |out: &mut Vec<MetaContext>, c: MetaContext| -> Result<(), (u32, String)> {
+        if out.contains(&c) {
+            return Ok(());
+        }
+        if list {
+            if out.len() < LIST_MAX {
+                out.push(c);
+            }
+            return Ok(());
+        }
+        if out.len() == nbd::CONTEXTS_MAX {
+            let why = format!("at most {} meta contexts", nbd::CONTEXTS_MAX);
+            return Err((nbd::REP_ERR_TOO_BIG, why));
+        }
+        out.push(c);
+        Ok(())
+    };
+    let recent = disk.recent_ids(16);
+    if list && queries.is_empty() {
+        add(&mut out, MetaContext::Allocation)?;
+        for id in &recent {
+            add(&mut out, MetaContext::Changed(*id))?;
+        }
+        return Ok(out);
+    }
+    for q in queries {
+        match q.as_str() {
+            "base:allocation" => add(&mut out, MetaContext::Allocation)?,
+            "base:" if list => add(&mut out, MetaContext::Allocation)?,
+            "ctk:" | "ctk:changed:" if list => {
+                for id in &recent {
+                    add(&mut out, MetaContext::Changed(*id))?;
+                }
+            }
+            q => {
+                if let Some(id) = q.strip_prefix(nbd::CONTEXT_CHANGED_PREFIX) {
+                    let id: ChangeId = id.parse().map_err(|e| {
+                        let why = format!(
+                            "{q:?}: {e}; use ctk:changed:<ChangeId> (see ctk-agent status)"
+                        );
+                        (nbd::REP_ERR_INVALID, why)
+                    })?;
+                    match disk.check_answerable(id) {
+                        Ok(()) => add(&mut out, MetaContext::Changed(id))?,
+                        Err(e) => info!(query = %q, error = %e, "meta context not selected"),
+                    }
+                } else if q.starts_with("ctk:") {
+                    let why = format!("{q:?}: ctk offers ctk:changed:<ChangeId> only");
+                    return Err((nbd::REP_ERR_INVALID, why));
+                }
+                // Other namespaces are not ours: they select nothing.
+            }
+        }
+    }
+    Ok(out)
 }
 
 const TRANSMISSION_FLAGS: u16 = nbd::TFLAG_HAS_FLAGS
@@ -198,7 +290,7 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(negotiated) = handshake(&agent, &mut r, &mut w).await? else {
         return Ok(());
     };
-    transmission(negotiated.disk, &mut r, &mut w).await
+    transmission(negotiated, &mut r, &mut w).await
 }
 
 async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
@@ -216,6 +308,10 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         bail!("client sent unknown handshake flags {client_flags:#x}");
     }
     let no_zeroes = client_flags & nbd::CLIENT_FLAG_NO_ZEROES != 0;
+    let mut structured = false;
+    // The contexts of the last SET_META_CONTEXT and the export it named: GO for another
+    // export drops them (the spec ties contexts to an export).
+    let mut selected: Option<(String, Vec<(u32, MetaContext)>)> = None;
     loop {
         let magic = r.read_u64().await?;
         if magic != nbd::IHAVEOPT {
@@ -250,7 +346,12 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     w.write_all(&[0u8; 124]).await?;
                 }
                 w.flush().await?;
-                return Ok(Some(Negotiated { disk: disk.clone() }));
+                let contexts = take_contexts(&mut selected, &disk.name, &name);
+                return Ok(Some(Negotiated {
+                    disk: disk.clone(),
+                    structured,
+                    contexts,
+                }));
             }
             nbd::OPT_ABORT => {
                 w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
@@ -318,11 +419,73 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                             .await?;
                         if option == nbd::OPT_GO {
                             w.flush().await?;
-                            return Ok(Some(Negotiated { disk: disk.clone() }));
+                            let contexts = take_contexts(&mut selected, &disk.name, &request.name);
+                            return Ok(Some(Negotiated {
+                                disk: disk.clone(),
+                                structured,
+                                contexts,
+                            }));
                         }
                     }
                 },
             },
+            nbd::OPT_STRUCTURED_REPLY => {
+                let reply = if data.is_empty() {
+                    structured = true;
+                    nbd::option_reply(option, nbd::REP_ACK, &[])
+                } else {
+                    nbd::option_error(option, nbd::REP_ERR_INVALID, "takes no data")
+                };
+                w.write_all(&reply).await?;
+            }
+            nbd::OPT_LIST_META_CONTEXT | nbd::OPT_SET_META_CONTEXT => {
+                let set = option == nbd::OPT_SET_META_CONTEXT;
+                let resolved = if set && !structured {
+                    Err((
+                        nbd::REP_ERR_INVALID,
+                        "negotiate structured replies first".to_owned(),
+                    ))
+                } else {
+                    nbd::parse_meta_request(&data)
+                        .map_err(|why| (nbd::REP_ERR_INVALID, why.to_owned()))
+                        .and_then(|req| match agent.disk(&req.export) {
+                            None => Err((
+                                nbd::REP_ERR_UNKNOWN,
+                                format!("no export named {:?}", req.export),
+                            )),
+                            Some(disk) => resolve_queries(disk, &req.queries, !set)
+                                .map(|c| (disk.name.clone(), c)),
+                        })
+                };
+                match resolved {
+                    Err((code, why)) => {
+                        if set {
+                            // A failed SET leaves nothing selected.
+                            selected = None;
+                        }
+                        w.write_all(&nbd::option_error(option, code, &why)).await?;
+                    }
+                    Ok((export, contexts)) => {
+                        // Ids start at 1; LIST replies carry 0, as the spec asks.
+                        let mut numbered = Vec::with_capacity(contexts.len());
+                        for (i, context) in contexts.into_iter().enumerate() {
+                            let id = if set { i as u32 + 1 } else { 0 };
+                            w.write_all(&nbd::option_reply(
+                                option,
+                                nbd::REP_META_CONTEXT,
+                                &nbd::meta_context(id, &context.name()),
+                            ))
+                            .await?;
+                            numbered.push((id, context));
+                        }
+                        w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
+                            .await?;
+                        if set {
+                            selected = Some((export, numbered));
+                        }
+                    }
+                }
+            }
             _ => {
                 w.write_all(&nbd::option_error(
                     option,
@@ -336,11 +499,33 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
+/// The contexts selected for the export a client finally chose: none if it selected them
+/// for another one (or the empty default name resolved elsewhere).
+fn take_contexts(
+    selected: &mut Option<(String, Vec<(u32, MetaContext)>)>,
+    disk: &str,
+    asked: &str,
+) -> Vec<(u32, MetaContext)> {
+    match selected.take() {
+        Some((export, contexts)) if export == disk => contexts,
+        Some((export, _)) => {
+            debug!(%export, chosen = %asked, "meta contexts were set for another export: dropped");
+            Vec::new()
+        }
+        None => Vec::new(),
+    }
+}
+
 async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    disk: Arc<ProtectedDisk>,
+    negotiated: Negotiated,
     r: &mut R,
     w: &mut W,
 ) -> Result<()> {
+    let Negotiated {
+        disk,
+        structured,
+        contexts,
+    } = negotiated;
     let mut header = [0u8; 28];
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -355,37 +540,58 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             offset,
             length,
         } = req;
-        let known_flags = nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE;
+        let known_flags = nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE | nbd::CMD_FLAG_REQ_ONE;
         // A WRITE's payload follows its header whatever we think of it: read (or discard)
         // it first, so that the stream stays in step.
         if kind == nbd::CMD_WRITE {
             if length > nbd::PAYLOAD_MAX {
                 tokio::io::copy(&mut (&mut *r).take(length as u64), &mut tokio::io::sink()).await?;
-                reply(w, nbd::EOVERFLOW, cookie, &[]).await?;
+                let why = "write longer than the advertised maximum";
+                error_reply(w, structured, cookie, nbd::EOVERFLOW, why).await?;
                 continue;
             }
             buf.resize(length as usize, 0);
             r.read_exact(&mut buf).await?;
         }
         if flags & !known_flags != 0 {
-            reply(w, nbd::EINVAL, cookie, &[]).await?;
+            error_reply(w, structured, cookie, nbd::EINVAL, "unknown command flag").await?;
             continue;
         }
         let fua = flags & nbd::CMD_FLAG_FUA != 0;
         let result = match kind {
             nbd::CMD_READ => {
                 if length > nbd::PAYLOAD_MAX {
-                    reply(w, nbd::EOVERFLOW, cookie, &[]).await?;
+                    let why = "read longer than the advertised maximum";
+                    error_reply(w, structured, cookie, nbd::EOVERFLOW, why).await?;
                     continue;
                 }
                 buf.resize(length as usize, 0);
                 match tokio::task::block_in_place(|| disk.read(offset, &mut buf)) {
+                    Ok(()) if structured => {
+                        // One data chunk for the whole read (what NBD_CMD_FLAG_DF would ask).
+                        let mut head = nbd::chunk_header(
+                            nbd::REPLY_FLAG_DONE,
+                            nbd::REPLY_TYPE_OFFSET_DATA,
+                            cookie,
+                            8 + length,
+                        )
+                        .to_vec();
+                        head.extend_from_slice(&offset.to_be_bytes());
+                        w.write_all(&head).await?;
+                        w.write_all(&buf).await?;
+                        w.flush().await?;
+                        continue;
+                    }
                     Ok(()) => {
                         reply(w, 0, cookie, &buf).await?;
                         continue;
                     }
                     Err(e) => Err((e, false)),
                 }
+            }
+            nbd::CMD_BLOCK_STATUS => {
+                block_status(w, &disk, structured, &contexts, req).await?;
+                continue;
             }
             nbd::CMD_WRITE => {
                 tokio::task::block_in_place(|| disk.write(offset, &buf, fua)).map_err(|e| (e, true))
@@ -406,7 +612,7 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 return Ok(());
             }
             _ => {
-                reply(w, nbd::EINVAL, cookie, &[]).await?;
+                error_reply(w, structured, cookie, nbd::EINVAL, "unknown command").await?;
                 continue;
             }
         };
@@ -414,9 +620,81 @@ async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Ok(()) => reply(w, 0, cookie, &[]).await?,
             Err((e, is_write)) => {
                 debug!(error = %e, kind, offset, length, "request failed");
-                reply(w, e.errno(is_write), cookie, &[]).await?;
+                error_reply(w, structured, cookie, e.errno(is_write), &e.to_string()).await?;
             }
         }
+    }
+}
+
+/// Answers NBD_CMD_BLOCK_STATUS: one chunk per selected meta context, the last one final.
+async fn block_status<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    disk: &ProtectedDisk,
+    structured: bool,
+    contexts: &[(u32, MetaContext)],
+    req: Request,
+) -> Result<()> {
+    let fail = |errno, why: String| (errno, why);
+    let answer = if !structured || contexts.is_empty() {
+        Err(fail(nbd::EINVAL, "no meta context was negotiated".into()))
+    } else if req.length == 0 {
+        Err(fail(nbd::EINVAL, "BLOCK_STATUS of zero bytes".into()))
+    } else {
+        let one = req.flags & nbd::CMD_FLAG_REQ_ONE != 0;
+        let max = if one { 1 } else { nbd::DESCRIPTORS_MAX };
+        tokio::task::block_in_place(|| {
+            let mut chunks = Vec::with_capacity(contexts.len());
+            for (id, context) in contexts {
+                let runs = match context {
+                    MetaContext::Allocation => {
+                        disk.allocation_runs(req.offset, req.length as u64, max + 1)
+                    }
+                    MetaContext::Changed(since) => {
+                        disk.changed_runs(*since, req.offset, req.length as u64, max + 1)
+                    }
+                }
+                .map_err(|e| {
+                    let errno = e.errno(false);
+                    fail(errno, format!("{}: {e}", context.name()))
+                })?;
+                chunks.push((*id, nbd::descriptors(runs, max)));
+            }
+            Ok(chunks)
+        })
+    };
+    match answer {
+        Ok(chunks) => {
+            let last = chunks.len() - 1;
+            for (i, (id, runs)) in chunks.iter().enumerate() {
+                w.write_all(&nbd::block_status_chunk(req.cookie, i == last, *id, runs))
+                    .await?;
+            }
+            w.flush().await?;
+        }
+        Err((errno, why)) => {
+            debug!(%why, "BLOCK_STATUS refused");
+            error_reply(w, structured, req.cookie, errno, &why).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A failed request's reply: an error chunk with a message once structured replies are on
+/// (required for READ, and it tells the client why), a simple reply otherwise.
+async fn error_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    structured: bool,
+    cookie: u64,
+    error: u32,
+    why: &str,
+) -> Result<()> {
+    debug_assert!(error != 0);
+    if structured {
+        w.write_all(&nbd::error_chunk(cookie, error, why)).await?;
+        w.flush().await?;
+        Ok(())
+    } else {
+        reply(w, error, cookie, &[]).await
     }
 }
 

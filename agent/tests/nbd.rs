@@ -600,3 +600,346 @@ fn fio_writes_verify_through_the_agent_and_are_all_tracked() {
     assert_eq!(changed["extents"][0][0], 0);
     agent.stop();
 }
+
+/// `nbdinfo --json --map=CONTEXT`: the `(offset, length, type)` rows.
+fn nbdinfo_map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    let out = Command::new(tool("nbdinfo"))
+        .args(["--json", &format!("--map={context}"), uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nbdinfo --map={context}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["offset"].as_u64().unwrap(),
+                r["length"].as_u64().unwrap(),
+                r["type"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The byte ranges of `rows` whose type has `bit`, merged.
+fn ranges_with(rows: &[(u64, u64, u64)], bit: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(off, len, ty) in rows {
+        if ty & bit == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+#[test]
+fn nbdinfo_maps_allocation_and_the_changed_blocks_of_a_running_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    let size = 32u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let agent = Agent::start(dir.path(), &[("d0", &image)]);
+    let uri = agent.uri("d0");
+    qemu_io(
+        &uri,
+        &["write -P 1 1M 64k".into(), "write -P 2 20M 4k".into()],
+    );
+    // base:allocation: the sparse file's data where it was written, holes elsewhere.
+    let alloc = nbdinfo_map(&uri, "base:allocation");
+    assert_eq!(alloc.iter().map(|r| r.1).sum::<u64>(), size, "{alloc:?}");
+    let data: Vec<(u64, u64)> = alloc
+        .iter()
+        .filter(|r| r.2 & 1 == 0)
+        .map(|r| (r.0, r.1))
+        .collect();
+    assert_eq!(data, vec![(1 << 20, 64 << 10), (20 << 20, 4 << 10)]);
+
+    let cut = agent.ctl(&["cut"]);
+    let id = cut["change_id"].as_str().unwrap().to_string();
+    // Nothing written since the cut: the whole disk is clean.
+    let context = format!("ctk:changed:{id}");
+    assert_eq!(nbdinfo_map(&uri, &context), vec![(0, size, 0)]);
+    // Writes after the cut, not cut yet: reported at block granularity (4 KiB), a
+    // sub-block write as its whole block, and exactly those.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 3 2M 8k".into(),
+            "write -P 4 9000 100".into(),
+            "write -z 30M 1M".into(),
+        ],
+    );
+    let expected = vec![(8192, 4096), (2 << 20, 8192), (30 << 20, 1 << 20)];
+    let rows = nbdinfo_map(&uri, &context);
+    assert_eq!(rows.iter().map(|r| r.1).sum::<u64>(), size, "{rows:?}");
+    assert_eq!(ranges_with(&rows, 1), expected);
+    // After another cut the same ChangeId answers the same, and agrees with `changed`.
+    let cut2 = agent.ctl(&["cut"]);
+    assert_eq!(ranges_with(&nbdinfo_map(&uri, &context), 1), expected);
+    let changed = agent.ctl(&[
+        "changed",
+        "--since",
+        &id,
+        "--to",
+        cut2["change_id"].as_str().unwrap(),
+    ]);
+    let from_ctl: Vec<(u64, u64)> = changed["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(from_ctl, expected);
+    // The contexts on offer are listed, so a user can discover the ChangeIds to ask for.
+    let list = Command::new(tool("nbdinfo"))
+        .args(["--list", &uri])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("base:allocation"), "{text}");
+    assert!(text.contains(&context), "{text}");
+    // A ChangeId of another generation, or one that does not parse, selects nothing.
+    for bad in [
+        "ctk:changed:00000000000000000000000000000001/1",
+        "ctk:changed:zz",
+    ] {
+        let out = Command::new(tool("nbdinfo"))
+            .args([&format!("--map={bad}"), uri.as_str()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} was accepted");
+    }
+    agent.stop();
+}
+
+#[test]
+fn nbdcopy_copies_out_and_in_and_every_byte_copied_in_is_tracked() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    let size = 24u64 << 20;
+    let mut content = vec![0u8; size as usize];
+    let mut rng = Rng(0xc0ffee);
+    for chunk in content[..8 << 20].chunks_mut(8) {
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    std::fs::write(&image, &content).unwrap();
+    let agent = Agent::start(dir.path(), &[("d0", &image)]);
+    let uri = agent.uri("d0");
+    // Out: the export, copied by nbdcopy (which reads base:allocation to skip holes).
+    let out = dir.path().join("out.img");
+    let status = Command::new(tool("nbdcopy"))
+        .args([uri.as_str(), out.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(std::fs::read(&out).unwrap() == content, "copy out differs");
+
+    // In: a different image written over the export, after a cut.
+    let id = agent.ctl(&["cut"])["change_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let source = dir.path().join("src.img");
+    let mut other = vec![0u8; size as usize];
+    for chunk in other[4 << 20..12 << 20].chunks_mut(8) {
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    std::fs::write(&source, &other).unwrap();
+    let status = Command::new(tool("nbdcopy"))
+        .args([source.to_str().unwrap(), uri.as_str()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(std::fs::read(&image).unwrap() == other, "copy in differs");
+    // Every block whose contents changed is reported at the next cut (nbdcopy may also
+    // zero ranges that were zero already: an over-report, which is allowed).
+    agent.ctl(&["cut"]);
+    let changed = agent.ctl(&["changed", "--since", &id]);
+    let extents: Vec<(u64, u64)> = changed["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
+        .collect();
+    for block in 0..size / 4096 {
+        let at = (block * 4096) as usize;
+        if content[at..at + 4096] != other[at..at + 4096] {
+            let off = block * 4096;
+            assert!(
+                extents.iter().any(|&(o, l)| o <= off && off < o + l),
+                "block at {off} changed but is not reported"
+            );
+        }
+    }
+    agent.stop();
+}
+
+impl Raw {
+    /// Reads one structured reply chunk: (flags, type, cookie, payload).
+    fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let mut head = [0u8; 20];
+        self.s.read_exact(&mut head).unwrap();
+        assert_eq!(&head[0..4], &0x668e_33efu32.to_be_bytes(), "not a chunk");
+        let flags = u16::from_be_bytes(head[4..6].try_into().unwrap());
+        let kind = u16::from_be_bytes(head[6..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(head[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        self.s.read_exact(&mut payload).unwrap();
+        (flags, kind, cookie, payload)
+    }
+}
+
+fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut out = (export.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(export.as_bytes());
+    out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        out.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        out.extend_from_slice(q.as_bytes());
+    }
+    out
+}
+
+#[test]
+fn meta_context_and_block_status_misuse_gets_errors_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    let size = 8u64 << 20;
+    std::fs::write(&image, vec![0x33u8; size as usize]).unwrap();
+    let agent = Agent::start(dir.path(), &[("d0", &image)]);
+    let before = std::fs::read(&image).unwrap();
+    const INVALID: u32 = (1 << 31) + 3;
+    const UNKNOWN: u32 = (1 << 31) + 6;
+    const TOO_BIG: u32 = (1 << 31) + 9;
+
+    let mut raw = Raw::connect(dir.path());
+    raw.send(&3u32.to_be_bytes());
+    // SET before structured replies: refused.
+    let set = meta_payload("d0", &["base:allocation"]);
+    assert_eq!(raw.option(10, &set).0, INVALID);
+    // Structured replies take no data.
+    assert_eq!(raw.option(8, b"x").0, INVALID);
+    assert_eq!(raw.option(8, &[]).0, 1);
+    // A query count that claims more queries than bytes; a truncated payload; an unknown
+    // export; a malformed ChangeId in ctk's namespace; an unknown ctk context.
+    let mut liar = meta_payload("d0", &[]);
+    liar[6..10].copy_from_slice(&1_000_000u32.to_be_bytes());
+    assert_eq!(raw.option(10, &liar).0, INVALID);
+    assert_eq!(raw.option(10, &set[..set.len() - 3]).0, INVALID);
+    assert_eq!(raw.option(10, &meta_payload("nope", &[])).0, UNKNOWN);
+    let (code, why) = raw.option(10, &meta_payload("d0", &["ctk:changed:12/x"]));
+    assert_eq!(code, INVALID);
+    assert!(
+        String::from_utf8_lossy(&why).contains("ctk:changed:"),
+        "no reason given"
+    );
+    assert_eq!(
+        raw.option(9, &meta_payload("d0", &["ctk:bogus"])).0,
+        INVALID
+    );
+    // Too many contexts at once: base:allocation plus the 8 newest cuts (repeats count once).
+    let mut latest = String::new();
+    for _ in 0..9 {
+        latest = agent.ctl(&["cut"])["change_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    }
+    let (generation, seq) = latest.split_once('/').unwrap();
+    let seq: u64 = seq.parse().unwrap();
+    let mut queries = vec!["base:allocation".to_string(); 2];
+    for s in seq - 7..=seq {
+        queries.push(format!("ctk:changed:{generation}/{s}"));
+        queries.push(format!("ctk:changed:{generation}/{s}"));
+    }
+    let q: Vec<&str> = queries.iter().map(|s| s.as_str()).collect();
+    assert_eq!(raw.option(10, &meta_payload("d0", &q)).0, TOO_BIG);
+    // One fewer fits, and every context comes back with its own id.
+    let (mut code, mut data) = raw.option(10, &meta_payload("d0", &q[2..]));
+    let mut ids = Vec::new();
+    while code == 4 {
+        ids.push(u32::from_be_bytes(data[0..4].try_into().unwrap()));
+        (code, data) = raw.option_reply();
+    }
+    assert_eq!((code, ids), (1, (1..=8).collect::<Vec<u32>>()));
+    drop(raw);
+
+    // Transmission: structured, but no context selected -> BLOCK_STATUS is an error chunk.
+    let mut raw = Raw::connect(dir.path());
+    raw.send(&3u32.to_be_bytes());
+    assert_eq!(raw.option(8, &[]).0, 1);
+    let mut go = 2u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"d0");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    let mut m = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.extend_from_slice(&(go.len() as u32).to_be_bytes());
+    m.extend_from_slice(&go);
+    raw.send(&m);
+    while raw.option_reply().0 != 1 {}
+    raw.request(7, 1, 0, 4096, &[]);
+    let (flags, kind, cookie, payload) = raw.chunk();
+    assert_eq!((flags & 1, kind, cookie), (1, (1 << 15) + 1, 1));
+    assert_eq!(&payload[0..4], &22u32.to_be_bytes());
+    // A structured read: one data chunk carrying the offset, then the bytes.
+    raw.request(0, 2, 4096, 512, &[]);
+    let (flags, kind, cookie, payload) = raw.chunk();
+    assert_eq!((flags & 1, kind, cookie), (1, 1, 2));
+    assert_eq!(&payload[0..8], &4096u64.to_be_bytes());
+    assert!(payload[8..].iter().all(|&b| b == 0x33));
+    // A read past the end: an error chunk (a simple reply is not allowed for READ).
+    raw.request(0, 3, size - 10, 512, &[]);
+    let (_, kind, cookie, payload) = raw.chunk();
+    assert_eq!((kind, cookie), ((1 << 15) + 1, 3));
+    assert_eq!(&payload[0..4], &22u32.to_be_bytes());
+    drop(raw);
+
+    // With base:allocation selected: out of range and zero-length queries are refused,
+    // REQ_ONE answers one descriptor, and the stream stays in step throughout.
+    let mut raw = Raw::connect(dir.path());
+    raw.send(&3u32.to_be_bytes());
+    assert_eq!(raw.option(8, &[]).0, 1);
+    let (code, data) = raw.option(10, &meta_payload("d0", &["base:allocation"]));
+    assert_eq!(code, 4);
+    assert_eq!(&data[0..4], &1u32.to_be_bytes());
+    assert_eq!(raw.option_reply().0, 1);
+    raw.send(&m);
+    while raw.option_reply().0 != 1 {}
+    raw.request(7, 4, size - 100, 4096, &[]);
+    assert_eq!(raw.chunk().1, (1 << 15) + 1);
+    raw.request(7, 5, 0, 0, &[]);
+    assert_eq!(raw.chunk().1, (1 << 15) + 1);
+    let mut one = 0x2560_9513u32.to_be_bytes().to_vec();
+    one.extend_from_slice(&(1u16 << 3).to_be_bytes());
+    one.extend_from_slice(&7u16.to_be_bytes());
+    one.extend_from_slice(&6u64.to_be_bytes());
+    one.extend_from_slice(&0u64.to_be_bytes());
+    one.extend_from_slice(&(size as u32).to_be_bytes());
+    raw.send(&one);
+    let (flags, kind, cookie, payload) = raw.chunk();
+    assert_eq!((flags & 1, kind, cookie, payload.len()), (1, 5, 6, 12));
+    raw.request(0, 7, 0, 4096, &[]);
+    assert_eq!(raw.chunk().2, 7);
+    drop(raw);
+
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the image changed"
+    );
+    qemu_io(&agent.uri("d0"), &["read -P 0x33 0 64k".to_string()]);
+    agent.stop();
+}
