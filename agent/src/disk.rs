@@ -80,6 +80,19 @@ struct Snapshot {
     peak_bytes: u64,
 }
 
+/// Where a cut's hold of NBD writes spent its time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HoldTimes {
+    /// From asking to hold writes to releasing them: what a writer can be stalled by.
+    pub total: Duration,
+    /// Waiting for writes in flight to finish.
+    pub drain: Duration,
+    /// Sealing the epoch in memory and appending its journal record.
+    pub seal: Duration,
+    /// Syncing the seal's record, after writes were released (not part of `total`).
+    pub sync: Duration,
+}
+
 /// Most memory preserved copies may take before writers to not-yet-exported blocks wait.
 pub const COW_LIMIT_DEFAULT: u64 = 256 << 20;
 
@@ -283,23 +296,46 @@ impl ProtectedDisk {
 
     /// Holds NBD writes (those in flight finish first), runs `destage` (caches below the
     /// tracking point), seals the epoch, runs `inside` with the new ChangeId while writes are
-    /// still held, releases them, then flushes the backing. Returns the ChangeId, how long
-    /// writes were held, and what `inside` returned.
+    /// still held, releases them, then flushes the backing. Returns the ChangeId, where the
+    /// hold's time went, and what `inside` returned.
     pub fn hold_and_seal(
         &self,
         destage: impl FnOnce() -> anyhow::Result<()>,
         inside: impl FnOnce(ChangeId) -> anyhow::Result<serde_json::Value>,
-    ) -> anyhow::Result<(ChangeId, Duration, serde_json::Value)> {
-        let (id, held, value) = {
-            let _hold = self
+    ) -> anyhow::Result<(ChangeId, HoldTimes, serde_json::Value)> {
+        // New writes wait from the moment the cut asks for the gate (the lock prefers
+        // writers), so the hold is timed from the request, not from when it was granted.
+        let asked = Instant::now();
+        let (id, times, value) = {
+            let hold = self
                 .gate
                 .write()
                 .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
-            let started = Instant::now();
+            let drained = asked.elapsed();
             destage()?;
-            let id = self.with_tracker(|t| Ok(t.cut()?))?;
-            let value = inside(id)?;
-            (id, started.elapsed(), value)
+            let before_seal = Instant::now();
+            // Sealed in memory and appended; the fsync waits until writes flow again.
+            let mut pending = self.with_tracker(|t| Ok(t.begin_cut()?))?;
+            let seal = before_seal.elapsed();
+            let value = inside(pending.undurable_id());
+            let times = HoldTimes {
+                total: asked.elapsed(),
+                drain: drained,
+                seal,
+                sync: Duration::ZERO,
+            };
+            drop(hold);
+            // The seal's fsync runs with no lock held: writes (which need the tracker lock
+            // for every intent and record) go on meanwhile. The ChangeId is returned only
+            // once it is durable.
+            let synced = Instant::now();
+            pending.sync();
+            let id = self.with_tracker(|t| Ok(t.finish_cut(pending)?))?;
+            let times = HoldTimes {
+                sync: synced.elapsed(),
+                ..times
+            };
+            (id, times, value?)
         };
         // Make the cut's data durable on the backing. This needs no hold: every write
         // acknowledged before the seal is flushed by it (later ones too, harmlessly), and
@@ -307,7 +343,7 @@ impl ProtectedDisk {
         // Flushing inside the hold made the hold as long as the page cache was dirty (tens of
         // ms under load; see BENCHMARKS.md).
         self.file.sync_data().map_err(DiskError::Io)?;
-        Ok((id, held, value))
+        Ok((id, times, value))
     }
 
     pub fn changed(
@@ -429,7 +465,8 @@ impl ProtectedDisk {
         })?;
         // Only the requested window is kept, so the answer's memory follows the request.
         let blocks = self.with_tracker(|t| {
-            let mut all = t.changed_blocks(Since::Id(since), t.latest())?;
+            // Up to the newest seal, durable or not, plus the open epoch: every write since.
+            let mut all = t.changed_blocks_unconfirmed(Since::Id(since), t.map().latest())?;
             all |= t.map().open_blocks();
             let mut window = RoaringBitmap::new();
             window.insert_range(first..=last);
@@ -498,8 +535,13 @@ impl ProtectedDisk {
     /// Starts a point-in-time export of the blocks changed from `since` to `to`. Call it
     /// inside `hold_and_seal` (no write can slip in between the seal and the snapshot).
     pub fn begin_snapshot(&self, since: Since, to: ChangeId) -> Result<(), DiskError> {
-        let (shift, pending) =
-            self.with_tracker(|t| Ok((t.geometry().block_shift(), t.changed_blocks(since, to)?)))?;
+        // `to` is the cut being made, not yet durable: this runs inside its hold.
+        let (shift, pending) = self.with_tracker(|t| {
+            Ok((
+                t.geometry().block_shift(),
+                t.changed_blocks_unconfirmed(since, to)?,
+            ))
+        })?;
         let mut guard = self
             .snapshot
             .lock()
@@ -515,6 +557,15 @@ impl ProtectedDisk {
             peak_bytes: 0,
         });
         Ok(())
+    }
+
+    /// Drops a snapshot begun inside a cut that then failed, so later exports are not
+    /// refused as busy and writers stop preserving blocks for it.
+    pub fn abort_snapshot(&self) {
+        if let Ok(mut guard) = self.snapshot.lock() {
+            guard.take();
+        }
+        self.snapshot_room.notify_all();
     }
 
     /// Writes the snapshot begun for `to` as a delta into `out` while writes continue, then

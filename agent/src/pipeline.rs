@@ -182,8 +182,8 @@ fn destage(steps: &[Destage]) -> Result<()> {
 pub struct CutReport {
     pub change_id: ctk::ChangeId,
     pub consistency: Consistency,
-    /// From holding NBD writes to releasing them.
-    pub hold: Duration,
+    /// From asking to hold NBD writes to releasing them, and its parts.
+    pub hold: crate::disk::HoldTimes,
     /// From freeze to thaw, if a filesystem was frozen.
     pub frozen: Option<Duration>,
     pub warnings: Vec<String>,
@@ -196,7 +196,10 @@ impl CutReport {
         json!({
             "change_id": self.change_id.to_string(),
             "consistency": self.consistency.as_str(),
-            "hold_ms": self.hold.as_secs_f64() * 1000.0,
+            "hold_ms": self.hold.total.as_secs_f64() * 1000.0,
+            "drain_ms": self.hold.drain.as_secs_f64() * 1000.0,
+            "seal_ms": self.hold.seal.as_secs_f64() * 1000.0,
+            "seal_sync_ms": self.hold.sync.as_secs_f64() * 1000.0,
             "frozen_ms": self.frozen.map(|d| d.as_secs_f64() * 1000.0),
             "warnings": self.warnings,
         })
@@ -301,6 +304,6 @@ pub fn cut(
         inside: inside_value,
     };
     disk.log_cut(&report);
-    info!(disk = %disk.name, cut = %change_id, consistency = consistency.as_str(), hold_us = hold.as_micros() as u64, "cut");
+    info!(disk = %disk.name, cut = %change_id, consistency = consistency.as_str(), hold_us = hold.total.as_micros() as u64, drain_us = hold.drain.as_micros() as u64, seal_us = hold.seal.as_micros() as u64, "cut");
     Ok(report)
 }

@@ -815,9 +815,18 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             disk.changed(since, None)?;
             // The snapshot is taken inside the hold; NBD writes and the filesystems are
             // released before the data is read, and copy-on-write keeps it as of the cut.
+            let mut began = false;
             let report = pipeline::cut(disk, &disk.policy, want, |to| {
                 disk.begin_snapshot(since, to)?;
+                began = true;
                 Ok(Value::Null)
+            });
+            // A cut that failed after this export's snapshot began leaves it behind; one
+            // refused as busy must not touch the running export's snapshot.
+            let report = report.inspect_err(|_| {
+                if began {
+                    disk.abort_snapshot()
+                }
             })?;
             let (changed, s, peak) =
                 disk.export_snapshot(since, report.change_id, path, agent.zstd_level)?;

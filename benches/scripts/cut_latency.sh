@@ -28,15 +28,18 @@ fio --name=load --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=16 
 load=$!
 sleep 1
 for _ in $(seq "$cuts"); do
-  "$agent" cut --control "$work/ctl.sock" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["hold_ms"])'
+  "$agent" cut --control "$work/ctl.sock" --json |
+    python3 -c 'import json,sys; a=json.load(sys.stdin); print(a["hold_ms"], a["drain_ms"], a["seal_ms"])'
   sleep 0.02
 done > "$work/holds"
 kill $load; wait $load 2>/dev/null || true
 python3 - "$work/holds" <<'PY'
-import statistics, sys
-v = sorted(float(x) for x in open(sys.argv[1]))
-p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
-print(f"| cut hold (drain in-flight writes + seal) under 4 KiB random writes at QD16, {len(v)} cuts | p50 {p(0.5):.2f} ms | p99 {p(0.99):.2f} ms | max {v[-1]:.2f} ms |")
+import sys
+rows = [[float(x) for x in line.split()] for line in open(sys.argv[1])]
+for i, what in enumerate(["hold (from asking to release)", "  of which drain", "  of which seal"]):
+    v = sorted(r[i] for r in rows)
+    p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
+    print(f"| cut {what}, 4 KiB random writes at QD16, {len(v)} cuts | p50 {p(0.5):.2f} ms | p99 {p(0.99):.2f} ms | max {v[-1]:.2f} ms |")
 PY
 fi
 [ "${HOLD_ONLY:-}" = 1 ] && exit 0

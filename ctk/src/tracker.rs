@@ -125,6 +125,33 @@ pub enum OpenOutcome {
     NewGeneration { reason: String },
 }
 
+/// A cut sealed in memory whose journal record is appended but not yet known durable. Its
+/// ChangeId is reachable only through `Tracker::finish_cut`, after `sync`.
+#[must_use = "a cut's ChangeId comes only from finish_cut"]
+#[derive(Debug)]
+pub struct PendingCut {
+    id: ChangeId,
+    tracker: u64,
+    syncer: Option<crate::journal::storage::Syncer>,
+    synced: Option<std::io::Result<()>>,
+}
+
+impl PendingCut {
+    /// Makes the cut's record durable. Needs no access to the tracker, so a caller can run
+    /// it with every lock released.
+    pub fn sync(&mut self) {
+        if let Some(syncer) = self.syncer.take() {
+            self.synced = Some(syncer.run());
+        }
+    }
+
+    /// The cut's ChangeId before it is durable, to address the sealed epoch while writes
+    /// are still held (an export's snapshot). Never hand it out: only `finish_cut` may.
+    pub fn undurable_id(&self) -> ChangeId {
+        self.id
+    }
+}
+
 /// Proof that the intent for a range is durable. Only [`Tracker::intend`] makes one;
 /// [`Tracker::record`] consumes it after the data write. Dropping one without recording
 /// keeps its regions' intent forever (safe: it only over-reports after a crash).
@@ -186,6 +213,9 @@ pub struct Tracker<S: JournalStorage> {
     poisoned: Option<String>,
     /// Distinguishes this instance's intents from any other's.
     instance: u64,
+    /// Cuts begun and not yet finished: sealed in memory, not known durable. `latest` and
+    /// every query stay below the oldest of them.
+    unconfirmed: std::collections::BTreeSet<u64>,
     journal_len: u64,
     snapshot_len: u64,
     scratch: Vec<u8>,
@@ -338,6 +368,7 @@ impl<S: JournalStorage> Tracker<S> {
             outstanding_older: BTreeMap::new(),
             poisoned: None,
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            unconfirmed: std::collections::BTreeSet::new(),
             journal_len: 0,
             snapshot_len: 0,
             scratch: Vec::new(),
@@ -358,8 +389,26 @@ impl<S: JournalStorage> Tracker<S> {
         self.map.geometry()
     }
 
+    /// The latest cut known durable. A cut begun and not finished does not count: its
+    /// ChangeId must not be handed out before its record is synced.
     pub fn latest(&self) -> ChangeId {
-        self.map.latest()
+        match self.unconfirmed.first() {
+            Some(&seq) => ChangeId::new(self.map.generation(), seq - 1),
+            None => self.map.latest(),
+        }
+    }
+
+    /// Refuses a ChangeId of this generation past the latest durable cut.
+    fn check_confirmed(&self, id: ChangeId) -> Result<(), TrackerError> {
+        let latest = self.latest();
+        if id.generation == latest.generation && id.seq > latest.seq {
+            return Err(QueryError::Future {
+                id,
+                latest: latest.seq,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Journal syncs issued by this tracker (for benchmarks and tests).
@@ -453,6 +502,22 @@ impl<S: JournalStorage> Tracker<S> {
     /// returned. The caller must have quiesced writes it wants inside this cut; writes still
     /// in flight land in the next epoch.
     pub fn cut(&mut self) -> Result<ChangeId, TrackerError> {
+        let mut pending = self.begin_cut()?;
+        pending.sync();
+        self.finish_cut(pending)
+    }
+
+    /// The first half of a cut, for callers that hold writes while cutting: seals the open
+    /// epoch in memory and appends its record, but does not sync. Writes may resume at once
+    /// (they land in the next epoch); then `PendingCut::sync` (no lock on this tracker
+    /// needed) and `finish_cut`, which is the only way to the ChangeId.
+    ///
+    /// Why this is safe: until the seal record is durable, a crash replays the journal
+    /// without it, and the epoch's writes are still covered by their durable intents (the
+    /// regions this cut clears are cleared only by the same unsynced record). A write after
+    /// the seal to a region this cut cleared appends a new intent after the seal record and
+    /// syncs it, which makes the seal durable too.
+    pub fn begin_cut(&mut self) -> Result<PendingCut, TrackerError> {
         self.check_healthy()?;
         let sealing = self.map.latest().seq + 1;
         let oldest_outstanding = self
@@ -493,6 +558,7 @@ impl<S: JournalStorage> Tracker<S> {
             storage,
             ..
         } = self;
+        let mut syncer = None;
         let result = map.seal_with(|blocks, seq| {
             let len = journal::push_bitmap(scratch, blocks);
             record::encode(
@@ -507,12 +573,14 @@ impl<S: JournalStorage> Tracker<S> {
                 record::encode(&Record::Clear(regions.to_vec()), scratch);
             }
             record::encode(&Record::Synced, scratch);
-            storage.append(scratch).and_then(|()| storage.sync())
+            storage.append(scratch)?;
+            syncer = Some(storage.syncer()?);
+            Ok::<(), std::io::Error>(())
         });
-        self.syncs += 1;
         self.journal_len += self.scratch.len() as u64;
         self.scratch.clear();
         let id = result.map_err(|source| {
+            // The record may be partly appended: nothing after it can be trusted.
             self.poisoned = Some(format!("sealing a cut: {source}"));
             TrackerError::Io {
                 doing: "sealing a cut",
@@ -527,13 +595,69 @@ impl<S: JournalStorage> Tracker<S> {
                 .insert(sealing, self.outstanding_open);
             self.outstanding_open = 0;
         }
+        self.unconfirmed.insert(id.seq);
+        Ok(PendingCut {
+            id,
+            tracker: self.instance,
+            syncer,
+            synced: None,
+        })
+    }
+
+    /// The second half of a cut: returns its ChangeId if its record was synced and no
+    /// journal failure happened since (after a failed fsync nothing appended before it can
+    /// be trusted, whatever a later fsync says). Any failure poisons the tracker.
+    ///
+    /// Panics if `pending` was begun on another tracker (a caller bug, like a foreign
+    /// `WriteIntent`).
+    pub fn finish_cut(&mut self, pending: PendingCut) -> Result<ChangeId, TrackerError> {
+        assert_eq!(
+            pending.tracker, self.instance,
+            "PendingCut finished on a tracker that did not begin it"
+        );
+        self.syncs += 1;
+        // Not synced by the caller: sync here, under whatever lock guards this tracker.
+        let synced = match pending.synced {
+            Some(result) => result,
+            None => self.storage.sync(),
+        };
+        if let Err(source) = synced {
+            self.poisoned = Some(format!("syncing a cut: {source}"));
+            return Err(TrackerError::Io {
+                doing: "syncing a cut",
+                source,
+            });
+        }
+        self.check_healthy()?;
+        // The sync covered every record appended before it: earlier cuts begun and never
+        // finished are durable too. A failed one stays unconfirmed (latest stays below it).
+        self.unconfirmed.retain(|&seq| seq > pending.id.seq);
         self.maybe_compact()?;
-        Ok(id)
+        Ok(pending.id)
     }
 
     /// Blocks changed after `since` up to cut `upto`, as sorted merged extents.
     pub fn changed(&self, since: Since, upto: ChangeId) -> Result<Vec<Extent>, TrackerError> {
+        self.check_query(since, upto)?;
         Ok(self.map.changed(since, upto)?)
+    }
+
+    fn check_query(&self, since: Since, upto: ChangeId) -> Result<(), TrackerError> {
+        if let Since::Id(id) = since {
+            self.check_confirmed(id)?;
+        }
+        self.check_confirmed(upto)
+    }
+
+    /// `changed_blocks` that may also name a cut begun and not yet finished. For the
+    /// caller's own use while it holds that cut (an export's snapshot taken inside the
+    /// hold), and for maps that include writes not cut yet; never to hand out a ChangeId.
+    pub fn changed_blocks_unconfirmed(
+        &self,
+        since: Since,
+        upto: ChangeId,
+    ) -> Result<RoaringBitmap, TrackerError> {
+        Ok(self.map.changed_blocks(since, upto)?)
     }
 
     /// The same answer as a set of block numbers.
@@ -542,12 +666,14 @@ impl<S: JournalStorage> Tracker<S> {
         since: Since,
         upto: ChangeId,
     ) -> Result<RoaringBitmap, TrackerError> {
+        self.check_query(since, upto)?;
         Ok(self.map.changed_blocks(since, upto)?)
     }
 
     /// Registers a consumer cursor at `at` (durable before it returns).
     pub fn register_cursor(&mut self, name: &str, at: ChangeId) -> Result<(), TrackerError> {
         self.check_healthy()?;
+        self.check_confirmed(at)?;
         self.map.register_cursor(name, at)?;
         record::encode(&Record::CursorSet { name, seq: at.seq }, &mut self.scratch);
         self.append_synced("registering a cursor")
@@ -556,6 +682,7 @@ impl<S: JournalStorage> Tracker<S> {
     /// Moves a consumer cursor forward (durable before it returns).
     pub fn advance_cursor(&mut self, name: &str, to: ChangeId) -> Result<(), TrackerError> {
         self.check_healthy()?;
+        self.check_confirmed(to)?;
         self.map.advance_cursor(name, to)?;
         record::encode(&Record::CursorSet { name, seq: to.seq }, &mut self.scratch);
         self.append_synced("advancing a cursor")?;

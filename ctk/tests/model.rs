@@ -23,8 +23,14 @@ const REGION: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { at: u64, len: u64 },
-    InFlight { at: u64, len: u64 },
+    Write {
+        at: u64,
+        len: u64,
+    },
+    InFlight {
+        at: u64,
+        len: u64,
+    },
     Settle,
     Cut,
     Register(u8),
@@ -33,8 +39,22 @@ enum Op {
     Resize(u64),
     CleanReopen,
     Crash(u8, u64),
-    FailingWrite { at: u64, len: u64, crash: u8 },
-    FailingCut { crash: u8 },
+    FailingWrite {
+        at: u64,
+        len: u64,
+        crash: u8,
+    },
+    FailingCut {
+        crash: u8,
+    },
+    /// A cut in two halves with writes between them (as the agent does: seal under the
+    /// hold, release, sync): `end` 0 syncs and finishes, 1 crashes before the sync, 2 has
+    /// the sync fail and then crashes.
+    SplitCut {
+        between: Vec<(u64, u64)>,
+        end: u8,
+        crash: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -54,8 +74,10 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (REGION / 2..12 * REGION).prop_map(Op::Resize),
         4 => Just(Op::CleanReopen),
         5 => (0u8..4, any::<u64>()).prop_map(|(m, s)| Op::Crash(m, s)),
-        2 => (any::<u64>(), len, 0u8..4).prop_map(|(at, len, crash)| Op::FailingWrite { at, len, crash }),
+        2 => (any::<u64>(), len.clone(), 0u8..4).prop_map(|(at, len, crash)| Op::FailingWrite { at, len, crash }),
         2 => (0u8..4).prop_map(|crash| Op::FailingCut { crash }),
+        6 => (prop::collection::vec((any::<u64>(), len), 0..4), 0u8..3, 0u8..4)
+            .prop_map(|(between, end, crash)| Op::SplitCut { between, end, crash }),
     ]
 }
 
@@ -243,6 +265,45 @@ impl Harness {
     fn apply(&mut self, op: &Op) {
         self.now += 1;
         match *op {
+            Op::SplitCut {
+                ref between,
+                end,
+                crash,
+            } => {
+                let mut pending = self.t().begin_cut().unwrap();
+                let seq = pending.undurable_id().seq;
+                let cut_at = self.now;
+                // Writes after the seal belong to the next epoch.
+                self.now += 1;
+                for &(at, len) in between {
+                    let (o, l) = self.range(at, len);
+                    self.note_regions(o, l);
+                    let intent = self.t().intend(o, l).unwrap();
+                    self.t().record(intent);
+                    self.mark_written(o, l);
+                }
+                match end {
+                    0 => {
+                        pending.sync();
+                        let id = self.t().finish_cut(pending).unwrap();
+                        assert_eq!(id.seq, seq);
+                        self.cut_time.insert(id.seq, cut_at);
+                    }
+                    1 => {
+                        // The seal may have become durable through a write's intent sync.
+                        drop(pending);
+                        self.failed_cut = Some((seq, cut_at));
+                        self.reopen_after_crash(crash_mode(crash, seq));
+                    }
+                    _ => {
+                        self.storage.fail_sync_after(0);
+                        pending.sync();
+                        assert!(self.t().finish_cut(pending).is_err());
+                        self.failed_cut = Some((seq, cut_at));
+                        self.reopen_after_crash(crash_mode(crash, seq));
+                    }
+                }
+            }
             Op::Write { at, len } => {
                 let (o, l) = self.range(at, len);
                 self.note_regions(o, l);
@@ -345,7 +406,9 @@ impl Harness {
 
     fn check(&mut self, step: usize) {
         let latest = self.t().latest();
-        let upto = self.cut_time[&latest.seq];
+        let upto = *self.cut_time.get(&latest.seq).unwrap_or_else(|| {
+            panic!("step {step}: latest() names cut {latest}, never confirmed durable")
+        });
         let queries: Vec<(String, Since, u64)> = self
             .cursors
             .iter()
@@ -457,4 +520,44 @@ fn regression_shrink_keeps_intents_of_writes_in_flight() {
             Op::Write { at: 0, len: 1 },
         ],
     );
+}
+
+/// The two halves of a cut: until `finish_cut`, the new cut's ChangeId is nowhere to be seen
+/// (`latest`, queries and cursors stay below it), and a crash before its sync loses nothing.
+#[test]
+fn a_split_cut_is_invisible_until_durable_and_a_crash_in_between_loses_nothing() {
+    let storage = MemStorage::new();
+    let mut config = TrackerConfig::new("split", 8 * REGION);
+    config.existing_data = false;
+    let (mut t, _) = Tracker::open(storage.clone(), config.clone(), || Generation(9)).unwrap();
+    let w = t.intend(0, 4096).unwrap();
+    t.record(w);
+    let first = t.cut().unwrap();
+    let w = t.intend(3 * REGION, 4096).unwrap();
+    t.record(w);
+    let pending = t.begin_cut().unwrap();
+    let hidden = pending.undurable_id();
+    assert_eq!(t.latest(), first, "an unsynced cut showed in latest()");
+    assert!(t.changed(Since::Id(first), hidden).is_err());
+    assert!(t.register_cursor("early", hidden).is_err());
+    // The caller holding the cut may address it (an export's snapshot).
+    let blocks = t
+        .changed_blocks_unconfirmed(Since::Id(first), hidden)
+        .unwrap();
+    assert!(blocks.contains((3 * REGION / 4096) as u32));
+    // A write after the seal, then a power loss before the seal's sync.
+    let w = t.intend(5 * REGION, 4096).unwrap();
+    t.record(w);
+    drop(pending);
+    drop(t);
+    storage.crash(CrashMode::DropUnsynced);
+    let (t, outcome) = Tracker::open(storage, config, || Generation(10)).unwrap();
+    assert!(
+        matches!(outcome, OpenOutcome::Recovered { .. }),
+        "{outcome:?}"
+    );
+    let after = t.changed_blocks(Since::Id(first), t.latest()).unwrap();
+    for at in [3 * REGION, 5 * REGION] {
+        assert!(after.contains((at / 4096) as u32), "write at {at} lost");
+    }
 }

@@ -26,6 +26,31 @@ pub trait JournalStorage {
     fn sync(&mut self) -> io::Result<()>;
     /// Atomically and durably replaces the whole journal with `data`.
     fn replace(&mut self, data: &[u8]) -> io::Result<()>;
+    /// A sync to run later without this storage: when run, it makes durable every byte
+    /// appended before it was made (later ones too, perhaps). It lets a caller release its
+    /// locks around the fsync. If the journal is replaced in between, the replacement was
+    /// durable already and the sync is harmless.
+    fn syncer(&mut self) -> io::Result<Syncer>;
+}
+
+/// A detached sync made by [`JournalStorage::syncer`].
+pub struct Syncer(Box<dyn FnOnce() -> io::Result<()> + Send>);
+
+impl Syncer {
+    pub fn new(sync: impl FnOnce() -> io::Result<()> + Send + 'static) -> Syncer {
+        Syncer(Box::new(sync))
+    }
+
+    /// Runs the sync.
+    pub fn run(self) -> io::Result<()> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Syncer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Syncer")
+    }
 }
 
 /// The sidecar file beside a disk (the role of VMware's `-ctk` file).
@@ -88,6 +113,12 @@ impl JournalStorage for FileStorage {
         self.file()?.sync_data()
     }
 
+    fn syncer(&mut self) -> io::Result<Syncer> {
+        // fsync on a second descriptor of the same open file flushes the same inode.
+        let file = self.file()?.try_clone()?;
+        Ok(Syncer::new(move || file.sync_data()))
+    }
+
     fn replace(&mut self, data: &[u8]) -> io::Result<()> {
         let mut tmp_name = self.path.as_os_str().to_owned();
         tmp_name.push(".tmp");
@@ -134,6 +165,8 @@ struct MemDisk {
     syncs: u64,
     fail_sync_at: Option<u64>,
     fail_append: bool,
+    /// Bumped by every replace, so a detached sync made before one knows it is moot.
+    replaced: u64,
 }
 
 /// An in-memory journal store that knows what is durable, for crash tests and simulation.
@@ -182,6 +215,8 @@ impl MemStorage {
             }
             disk.synced_len = data.len();
         }
+        // A sync made before the crash must not vouch for what is written after it.
+        disk.replaced += 1;
     }
 
     /// The `n`th sync from now (0: the next one) fails, and so does every later one.
@@ -212,10 +247,28 @@ impl MemStorage {
         let mut disk = self.disk();
         disk.synced_len = data.as_ref().map_or(0, Vec::len);
         disk.data = data;
+        disk.replaced += 1;
     }
 
     pub fn syncs(&self) -> u64 {
         self.disk().syncs
+    }
+
+    /// Makes the first `len` bytes durable, unless the journal was replaced since `replaced`
+    /// (the replacement is durable whole). Counts as a sync for `fail_sync_after`.
+    fn sync_upto(&self, len: usize, replaced: u64) -> io::Result<()> {
+        let mut disk = self.disk();
+        let n = disk.syncs;
+        disk.syncs += 1;
+        if disk.fail_sync_at.is_some_and(|at| n >= at) {
+            // Like Linux after a writeback error: the dirty bytes may or may not be there.
+            return Err(io::Error::other("simulated fsync failure"));
+        }
+        if disk.replaced == replaced {
+            let len = len.min(disk.data.as_ref().map_or(0, Vec::len));
+            disk.synced_len = disk.synced_len.max(len);
+        }
+        Ok(())
     }
 }
 
@@ -254,15 +307,18 @@ impl JournalStorage for MemStorage {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        let mut disk = self.disk();
-        let n = disk.syncs;
-        disk.syncs += 1;
-        if disk.fail_sync_at.is_some_and(|at| n >= at) {
-            // Like Linux after a writeback error: the dirty bytes may or may not be there.
-            return Err(io::Error::other("simulated fsync failure"));
-        }
-        disk.synced_len = disk.data.as_ref().map_or(0, Vec::len);
-        Ok(())
+        let len = self.disk().data.as_ref().map_or(0, Vec::len);
+        let replaced = self.disk().replaced;
+        self.sync_upto(len, replaced)
+    }
+
+    fn syncer(&mut self) -> io::Result<Syncer> {
+        let (len, replaced) = {
+            let disk = self.disk();
+            (disk.data.as_ref().map_or(0, Vec::len), disk.replaced)
+        };
+        let this = self.clone();
+        Ok(Syncer::new(move || this.sync_upto(len, replaced)))
     }
 
     fn replace(&mut self, data: &[u8]) -> io::Result<()> {
@@ -276,6 +332,7 @@ impl JournalStorage for MemStorage {
         }
         disk.data = Some(data.to_vec());
         disk.synced_len = data.len();
+        disk.replaced += 1;
         Ok(())
     }
 }
