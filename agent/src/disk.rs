@@ -207,7 +207,16 @@ impl ProtectedDisk {
             .gate
             .read()
             .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
-        let intent = self.with_tracker(|t| Ok(t.intend(offset, length)?))?;
+        // The intent's fsync (a region's first write) runs without the tracker lock, so
+        // writes to regions already live go on meanwhile; concurrent fsyncs of the journal
+        // coalesce in the filesystem's own commit.
+        let intent = match self.with_tracker(|t| Ok(t.begin_intend(offset, length)?))? {
+            ctk::Intend::Ready(intent) => intent,
+            ctk::Intend::Sync(mut pending) => {
+                pending.sync();
+                self.with_tracker(|t| Ok(t.finish_intend(pending)?))?
+            }
+        };
         // A block an export still has to read is copied aside before it is overwritten. If
         // that fails, the write is refused (the intent is recorded: nothing changed, only an
         // over-report).
@@ -220,6 +229,16 @@ impl ProtectedDisk {
             Ok(())
         })?;
         Ok(result?)
+    }
+
+    /// Would a change of this range wait on an fsync (an intent not yet durable, or FUA)?
+    /// A scheduling hint for the NBD front: such requests go to a thread of their own.
+    pub fn change_would_sync(&self, offset: u64, length: u64, fua: bool) -> bool {
+        fua || self
+            .tracker()
+            .ok()
+            .and_then(|g| g.as_ref().map(|t| !t.intent_ready(offset, length)))
+            .unwrap_or(false)
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {

@@ -17,4 +17,7 @@ pub use geometry::{Extent, Geometry, GeometryError};
 pub use id::{ChangeId, Generation, ParseChangeIdError};
 pub use journal::storage::{CrashMode, FileStorage, JournalStorage, MemStorage, Syncer};
 pub use map::{ChangeMap, CursorError, MapOptions, QueryError, Since};
-pub use tracker::{OpenOutcome, PendingCut, Tracker, TrackerConfig, TrackerError, WriteIntent};
+pub use tracker::{
+    Intend, OpenOutcome, PendingCut, PendingIntent, Tracker, TrackerConfig, TrackerError,
+    WriteIntent,
+};

@@ -125,6 +125,37 @@ pub enum OpenOutcome {
     NewGeneration { reason: String },
 }
 
+/// What `Tracker::begin_intend` says about a write.
+#[derive(Debug)]
+pub enum Intend {
+    /// Every region's intent is durable: the write may go ahead.
+    Ready(WriteIntent),
+    /// Intent records were appended (by this writer or another); they must be synced first.
+    Sync(PendingIntent),
+}
+
+/// A write intent whose records are appended but not yet known durable. Only
+/// `Tracker::finish_intend`, after `sync`, turns it into a `WriteIntent`.
+#[must_use = "the write may go ahead only with the WriteIntent from finish_intend"]
+#[derive(Debug)]
+pub struct PendingIntent {
+    intent: WriteIntent,
+    /// Intent batches appended when the syncer was made: all durable once it succeeds.
+    covers: u64,
+    syncer: Option<crate::journal::storage::Syncer>,
+    synced: Option<std::io::Result<()>>,
+}
+
+impl PendingIntent {
+    /// Makes the intent durable. Needs no access to the tracker, so a caller can run it
+    /// with every lock released.
+    pub fn sync(&mut self) {
+        if let Some(syncer) = self.syncer.take() {
+            self.synced = Some(syncer.run());
+        }
+    }
+}
+
 /// A cut sealed in memory whose journal record is appended but not yet known durable. Its
 /// ChangeId is reachable only through `Tracker::finish_cut`, after `sync`.
 #[must_use = "a cut's ChangeId comes only from finish_cut"]
@@ -216,6 +247,12 @@ pub struct Tracker<S: JournalStorage> {
     /// Cuts begun and not yet finished: sealed in memory, not known durable. `latest` and
     /// every query stay below the oldest of them.
     unconfirmed: std::collections::BTreeSet<u64>,
+    /// Batches of intent records appended, and the newest known durable; regions whose
+    /// intent is in a batch not yet durable, with that batch. A writer touching one of them
+    /// must sync before its write, even though the region already counts as live.
+    intent_batches: u64,
+    intent_batches_durable: u64,
+    unsynced_regions: BTreeMap<u32, u64>,
     journal_len: u64,
     snapshot_len: u64,
     scratch: Vec<u8>,
@@ -369,6 +406,9 @@ impl<S: JournalStorage> Tracker<S> {
             poisoned: None,
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             unconfirmed: std::collections::BTreeSet::new(),
+            intent_batches: 0,
+            intent_batches_durable: 0,
+            unsynced_regions: BTreeMap::new(),
             journal_len: 0,
             snapshot_len: 0,
             scratch: Vec::new(),
@@ -440,21 +480,65 @@ impl<S: JournalStorage> Tracker<S> {
         result.map_err(|source| {
             self.poisoned = Some(format!("{doing}: {source}"));
             TrackerError::Io { doing, source }
-        })
+        })?;
+        // That sync covered every intent appended before it.
+        self.mark_intents_durable(self.intent_batches);
+        Ok(())
     }
 
     /// Makes the intent for `[offset, offset + length)` durable and returns the token that
     /// allows the data write. Costs no I/O when every region touched already has intent.
     pub fn intend(&mut self, offset: u64, length: u64) -> Result<WriteIntent, TrackerError> {
+        match self.begin_intend(offset, length)? {
+            Intend::Ready(intent) => Ok(intent),
+            Intend::Sync(mut pending) => {
+                pending.sync();
+                self.finish_intend(pending)
+            }
+        }
+    }
+
+    /// Would `intend` for this range need no I/O now (every region's intent durable)? A hint
+    /// for scheduling (a caller may run such writes inline and hand the others to a thread);
+    /// `intend` decides for itself either way.
+    pub fn intent_ready(&self, offset: u64, length: u64) -> bool {
+        if length == 0 {
+            return true;
+        }
+        let Some(last_byte) = offset.checked_add(length - 1) else {
+            return false;
+        };
+        let first = offset >> self.region_shift;
+        let last = last_byte >> self.region_shift;
+        // A huge range is answered no without walking it.
+        last - first < 64
+            && (first..=last).all(|r| {
+                let r = r as u32;
+                self.live.contains_key(&r) && !self.unsynced_regions.contains_key(&r)
+            })
+    }
+
+    /// `intend` in halves, so the fsync can run with the caller's lock on this tracker
+    /// released and other writers (to live regions) go on meanwhile: appends the intent
+    /// records a range needs and returns `Intend::Sync` if a sync must come before the write,
+    /// `Intend::Ready` if every region's intent is durable already.
+    pub fn begin_intend(&mut self, offset: u64, length: u64) -> Result<Intend, TrackerError> {
         self.check_healthy()?;
         let stamp = self.map.latest().seq + 1;
+        // The newest intent batch this write depends on.
+        let mut needs = 0u64;
         if self.map.geometry().blocks_of(offset, length)?.is_some() {
             let first = (offset >> self.region_shift) as u32;
             let last = ((offset + length - 1) >> self.region_shift) as u32;
             let mut missing = Vec::new();
             for region in first..=last {
                 match self.live.get_mut(&region) {
-                    Some(s) => *s = stamp,
+                    Some(s) => {
+                        *s = stamp;
+                        if let Some(&batch) = self.unsynced_regions.get(&region) {
+                            needs = needs.max(batch);
+                        }
+                    }
                     None => missing.push(region),
                 }
             }
@@ -462,17 +546,83 @@ impl<S: JournalStorage> Tracker<S> {
                 for regions in missing.chunks(JOURNAL_REGIONS_PER_RECORD_MAX) {
                     record::encode(&Record::Intent(regions.to_vec()), &mut self.scratch);
                 }
-                self.append_synced("writing a write intent")?;
-                self.live.extend(missing.into_iter().map(|r| (r, stamp)));
+                record::encode(&Record::Synced, &mut self.scratch);
+                let appended = self.storage.append(&self.scratch);
+                self.journal_len += self.scratch.len() as u64;
+                self.scratch.clear();
+                if let Err(source) = appended {
+                    self.poisoned = Some(format!("writing a write intent: {source}"));
+                    return Err(TrackerError::Io {
+                        doing: "writing a write intent",
+                        source,
+                    });
+                }
+                self.intent_batches += 1;
+                needs = self.intent_batches;
+                for region in missing {
+                    self.live.insert(region, stamp);
+                    self.unsynced_regions.insert(region, self.intent_batches);
+                }
             }
         }
         self.outstanding_open += 1;
-        Ok(WriteIntent {
+        let intent = WriteIntent {
             offset,
             length,
             stamp,
             tracker: self.instance,
-        })
+        };
+        if needs <= self.intent_batches_durable {
+            return Ok(Intend::Ready(intent));
+        }
+        let syncer = match self.storage.syncer() {
+            Ok(s) => s,
+            Err(source) => {
+                self.poisoned = Some(format!("syncing a write intent: {source}"));
+                return Err(TrackerError::Io {
+                    doing: "syncing a write intent",
+                    source,
+                });
+            }
+        };
+        Ok(Intend::Sync(PendingIntent {
+            intent,
+            covers: self.intent_batches,
+            syncer: Some(syncer),
+            synced: None,
+        }))
+    }
+
+    /// Completes `begin_intend` after `PendingIntent::sync`: the write may go ahead if the
+    /// sync succeeded and no journal failure happened meanwhile (any failure poisons).
+    pub fn finish_intend(&mut self, pending: PendingIntent) -> Result<WriteIntent, TrackerError> {
+        assert_eq!(
+            pending.intent.tracker, self.instance,
+            "PendingIntent finished on a tracker that did not begin it"
+        );
+        self.syncs += 1;
+        let synced = match pending.synced {
+            Some(result) => result,
+            None => self.storage.sync(),
+        };
+        if let Err(source) = synced {
+            self.poisoned = Some(format!("writing a write intent: {source}"));
+            return Err(TrackerError::Io {
+                doing: "writing a write intent",
+                source,
+            });
+        }
+        self.check_healthy()?;
+        self.mark_intents_durable(pending.covers);
+        Ok(pending.intent)
+    }
+
+    /// Every intent batch up to `batch` is durable.
+    fn mark_intents_durable(&mut self, batch: u64) {
+        if batch > self.intent_batches_durable {
+            self.intent_batches_durable = batch;
+            self.unsynced_regions.retain(|_, &mut b| b > batch);
+        }
     }
 
     /// Records a completed data write (or trim, or write-zeroes) in the open epoch. Call it
@@ -538,6 +688,9 @@ impl<S: JournalStorage> Tracker<S> {
             .live
             .iter()
             .filter(|&(_, &stamp)| stamp < sealing && stamp < oldest_outstanding)
+            // An intent not yet durable is never cleared (a caller that holds writes across
+            // cuts cannot get here with one, but the journal must not rely on that).
+            .filter(|&(r, _)| !self.unsynced_regions.contains_key(r))
             .map(|(&r, &stamp)| (stamp, r))
             .collect();
         // Long idle regions go; then the least recently written, down to the cap.
@@ -754,6 +907,8 @@ impl<S: JournalStorage> Tracker<S> {
         })?;
         self.journal_len = bytes.len() as u64;
         self.snapshot_len = bytes.len() as u64;
+        // The snapshot holds every live region, durably.
+        self.mark_intents_durable(self.intent_batches);
         Ok(())
     }
 

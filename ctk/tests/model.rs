@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ctk::{
-    ChangeId, CrashMode, Generation, MemStorage, OpenOutcome, Since, Tracker, TrackerConfig,
-    WriteIntent,
+    ChangeId, CrashMode, Generation, Intend, MemStorage, OpenOutcome, Since, Tracker,
+    TrackerConfig, WriteIntent,
 };
 use proptest::prelude::*;
 
@@ -55,6 +55,15 @@ enum Op {
         end: u8,
         crash: u8,
     },
+    /// Concurrent writers (as the agent's): every intent begun, then each synced, finished
+    /// and recorded in order or in reverse; a crash after `crash_after` of them (none if it
+    /// is past the end). A writer not finished at the crash never issued its data write.
+    Overlapping {
+        writes: Vec<(u64, u64)>,
+        reverse: bool,
+        crash_after: u8,
+        mode: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -76,8 +85,12 @@ fn op() -> impl Strategy<Value = Op> {
         5 => (0u8..4, any::<u64>()).prop_map(|(m, s)| Op::Crash(m, s)),
         2 => (any::<u64>(), len.clone(), 0u8..4).prop_map(|(at, len, crash)| Op::FailingWrite { at, len, crash }),
         2 => (0u8..4).prop_map(|crash| Op::FailingCut { crash }),
-        6 => (prop::collection::vec((any::<u64>(), len), 0..4), 0u8..3, 0u8..4)
+        6 => (prop::collection::vec((any::<u64>(), len.clone()), 0..4), 0u8..3, 0u8..4)
             .prop_map(|(between, end, crash)| Op::SplitCut { between, end, crash }),
+        6 => (prop::collection::vec((any::<u64>(), len), 1..5), any::<bool>(), 0u8..8, 0u8..4)
+            .prop_map(|(writes, reverse, crash_after, mode)| Op::Overlapping {
+                writes, reverse, crash_after, mode,
+            }),
     ]
 }
 
@@ -265,6 +278,37 @@ impl Harness {
     fn apply(&mut self, op: &Op) {
         self.now += 1;
         match *op {
+            Op::Overlapping {
+                ref writes,
+                reverse,
+                crash_after,
+                mode,
+            } => {
+                let mut begun = Vec::new();
+                for &(at, len) in writes {
+                    let (o, l) = self.range(at, len);
+                    self.note_regions(o, l);
+                    begun.push((o, l, self.t().begin_intend(o, l).unwrap()));
+                }
+                if reverse {
+                    begun.reverse();
+                }
+                for (i, (o, l, begun)) in begun.into_iter().enumerate() {
+                    if i == crash_after as usize {
+                        self.reopen_after_crash(crash_mode(mode, o));
+                        return;
+                    }
+                    let intent = match begun {
+                        Intend::Ready(intent) => intent,
+                        Intend::Sync(mut pending) => {
+                            pending.sync();
+                            self.t().finish_intend(pending).unwrap()
+                        }
+                    };
+                    self.t().record(intent);
+                    self.mark_written(o, l);
+                }
+            }
             Op::SplitCut {
                 ref between,
                 end,
