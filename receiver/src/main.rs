@@ -1,19 +1,288 @@
-//! `ctk-receiver`: the offsite half of ctk (accepts deltas over QUIC, merges them into a
-//! synthetic full with restore points). Not built yet: see ARCHITECTURE.md.
+//! `ctk-receiver`: the offsite half of ctk. It keeps, per disk, a synthetic full and restore
+//! points (reverse increments), merged crash-atomically from ctk deltas. This version takes
+//! deltas from files (`ingest`); serving agents over QUIC is not built yet.
 
+mod store;
+
+use std::io::{BufReader, IsTerminal};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--version" || a == "-V") {
-        println!("ctk-receiver {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use store::{DiskStore, Ingested, Recovery};
+
+#[derive(Parser)]
+#[command(
+    name = "ctk-receiver",
+    version,
+    about = "Keeps offsite replicas of ctk-protected disks: a synthetic full per disk with restore points",
+    long_about = "Keeps offsite replicas of ctk-protected disks. Per disk, a store directory holds \
+a synthetic full (a sparse raw image of the newest point) and restore points kept as reverse \
+increments (the blocks each merge overwrote). Every delta is staged and verified whole before it \
+touches the full, and the merge is crash-atomic: killed at any moment, the store reopens at its \
+newest committed point, with a half-done merge finished or undone.\n\n\
+Typical use (deltas from `ctk-agent export`):\n  \
+ctk-receiver ingest --store /srv/ctk --disk vm1 full.ctkd inc1.ctkd\n  \
+ctk-receiver points --store /srv/ctk --disk vm1\n  \
+ctk-receiver restore --store /srv/ctk --disk vm1 --point <ChangeId> -o vm1-restored.img\n  \
+ctk-receiver verify --store /srv/ctk\n\n\
+Receiving over QUIC from agents (`serve`, pairing) is not built yet."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge delta files (oldest first; `-` reads standard input) into a disk's store.
+    Ingest {
+        /// The store's root directory (one subdirectory per disk).
+        #[arg(long)]
+        store: PathBuf,
+        /// The disk's name: 1-64 of A-Z a-z 0-9 . _ - (it must match the deltas' disk id).
+        #[arg(long)]
+        disk: String,
+        /// Restore points to keep; older ones are dropped after each merge.
+        #[arg(long, default_value_t = store::KEEP_DEFAULT)]
+        keep: usize,
+        /// Print one JSON object per delta.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        deltas: Vec<PathBuf>,
+    },
+    /// List the restore points of one disk, or of every disk in the store.
+    Points {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a restore point out as a raw image (sparse), with progress on stderr.
+    Restore {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// The point's ChangeId (see `points`); `latest` for the newest.
+        #[arg(long)]
+        point: String,
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every stored increment and check every checksum.
+    Verify {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve agents over QUIC (not built yet).
+    Serve,
+}
+
+fn open(store: &Path, disk: &str) -> Result<DiskStore> {
+    let (s, recovery) = DiskStore::open(store, disk)
+        .with_context(|| format!("opening the store of {disk:?} in {}", store.display()))?;
+    match recovery {
+        Recovery::Clean => {}
+        Recovery::RolledForward(id) => {
+            tracing::warn!(disk, point = %id, "an interrupted merge was finished")
+        }
+        Recovery::RolledBack(id) => {
+            tracing::warn!(disk, point = %id, "an interrupted merge was undone")
+        }
     }
-    eprintln!(
-        "ctk-receiver {}: no commands yet. The receiver (QUIC, synthetic full, restore points) is \
-         not implemented in this version; deltas can be exported with `ctk-agent demo` and checked \
-         with `ctk-agent verify-delta`.",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(1)
+    Ok(s)
+}
+
+/// The disks of a store: the one named, or every subdirectory with a manifest.
+fn disks(store: &Path, disk: Option<String>) -> Result<Vec<String>> {
+    if let Some(d) = disk {
+        return Ok(vec![d]);
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(store).with_context(|| format!("reading {}", store.display()))? {
+        let entry = entry?;
+        if entry.path().join("manifest.json").exists() {
+            out.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Ingest {
+            store,
+            disk,
+            keep,
+            json,
+            deltas,
+        } => {
+            let mut s = open(&store, &disk)?;
+            for path in deltas {
+                let input: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
+                    Box::new(std::io::stdin().lock())
+                } else {
+                    Box::new(BufReader::new(
+                        std::fs::File::open(&path)
+                            .with_context(|| format!("opening {}", path.display()))?,
+                    ))
+                };
+                let done = s
+                    .ingest(input, keep)
+                    .with_context(|| format!("merging {}", path.display()))?;
+                let answer = match &done {
+                    Ingested::Committed { point, dropped } => json!({
+                        "disk": disk, "delta": path.display().to_string(), "committed": point.change_id,
+                        "from": point.from, "disk_size": point.disk_size, "dropped_points": dropped,
+                    }),
+                    Ingested::AlreadyCommitted { change_id } => json!({
+                        "disk": disk, "delta": path.display().to_string(), "committed": change_id,
+                        "already_committed": true,
+                    }),
+                };
+                if json {
+                    println!("{answer}");
+                } else {
+                    match done {
+                        Ingested::Committed { point, dropped } => println!(
+                            "{disk}: committed {} ({} bytes){}",
+                            point.change_id,
+                            point.disk_size,
+                            if dropped > 0 {
+                                format!("; dropped {dropped} old point(s)")
+                            } else {
+                                String::new()
+                            }
+                        ),
+                        Ingested::AlreadyCommitted { change_id } => {
+                            println!("{disk}: {change_id} was committed already; nothing applied")
+                        }
+                    }
+                }
+            }
+        }
+        Command::Points { store, disk, json } => {
+            let mut all = Vec::new();
+            for d in disks(&store, disk)? {
+                let s = open(&store, &d)?;
+                all.push(json!({"disk": d, "points": s.points()}));
+            }
+            if json {
+                println!("{}", serde_json::Value::Array(all));
+            } else {
+                for d in &all {
+                    println!("{}:", d["disk"].as_str().unwrap_or(""));
+                    for p in d["points"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {}  {} bytes  committed at unix ms {}",
+                            p["change_id"].as_str().unwrap_or(""),
+                            p["disk_size"],
+                            p["committed_unix_ms"]
+                        );
+                    }
+                }
+            }
+        }
+        Command::Restore {
+            store,
+            disk,
+            point,
+            output,
+            json,
+        } => {
+            let s = open(&store, &disk)?;
+            let point = if point == "latest" {
+                s.points()
+                    .last()
+                    .map(|p| p.change_id.clone())
+                    .context("the store holds no point yet")?
+            } else {
+                point
+            };
+            let tty = std::io::stderr().is_terminal();
+            let mut last_pct = u64::MAX;
+            let p = s.restore(&point, &output, |done, total| {
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
+                if pct != last_pct && (tty || pct % 25 == 0) {
+                    eprint!(
+                        "{}restoring: {pct}%{}",
+                        if tty { "\r" } else { "" },
+                        if tty { "" } else { "\n" }
+                    );
+                    last_pct = pct;
+                }
+            })?;
+            if tty {
+                eprintln!();
+            }
+            if json {
+                println!(
+                    "{}",
+                    json!({"disk": disk, "point": p.change_id, "output": output.display().to_string(), "disk_size": p.disk_size})
+                );
+            } else {
+                println!(
+                    "{disk}: point {} written to {}",
+                    p.change_id,
+                    output.display()
+                );
+            }
+        }
+        Command::Verify { store, disk, json } => {
+            let mut bad = 0;
+            for d in disks(&store, disk)? {
+                let result = open(&store, &d).and_then(|s| Ok(s.verify()?));
+                match (&result, json) {
+                    (Ok(n), true) => {
+                        println!("{}", json!({"disk": d, "ok": true, "files_checked": n}))
+                    }
+                    (Ok(n), false) => println!("{d}: ok ({n} increments checked)"),
+                    (Err(e), true) => println!(
+                        "{}",
+                        json!({"disk": d, "ok": false, "error": format!("{e:#}")})
+                    ),
+                    (Err(e), false) => println!("{d}: DAMAGED: {e:#}"),
+                }
+                bad += result.is_err() as usize;
+            }
+            if bad > 0 {
+                bail!("{bad} disk(s) failed verification");
+            }
+        }
+        Command::Serve => bail!(
+            "serving agents over QUIC is not built yet; merge delta files with `ctk-receiver ingest`"
+        ),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
