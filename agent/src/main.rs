@@ -7,6 +7,7 @@ mod disk;
 mod freeze;
 mod nbd;
 mod pipeline;
+mod replicate;
 mod server;
 
 use std::path::PathBuf;
@@ -147,6 +148,34 @@ enum Command {
         /// The ChangeId the consumer has (default: the latest cut).
         #[arg(long)]
         at: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Create this agent's identity (key and self-signed certificate) and print its
+    /// fingerprint: the receiver allows the agent by it (`ctk-receiver serve --allow`).
+    Init {
+        /// Where the identity lives (cert.der, key.der; never overwritten).
+        #[arg(long)]
+        identity: PathBuf,
+    },
+    /// Bring a disk's replica on a receiver up to a new cut: export the changes since the
+    /// receiver's newest point (a full the first time), push them over QUIC, and advance
+    /// this agent's cursor for the receiver once the receiver has committed them.
+    Replicate {
+        #[arg(long)]
+        identity: PathBuf,
+        /// The receiver's UDP address.
+        #[arg(long)]
+        receiver: std::net::SocketAddr,
+        /// The receiver's certificate fingerprint, as its `init` printed it.
+        #[arg(long)]
+        receiver_fingerprint: String,
+        /// The cursor that keeps the receiver's point answerable between runs.
+        #[arg(long, default_value = "replica")]
+        cursor: String,
+        /// Where the delta is staged before it is sent.
+        #[arg(long, default_value_os_t = std::env::temp_dir())]
+        work_dir: PathBuf,
         #[command(flatten)]
         target: Target,
     },
@@ -328,6 +357,61 @@ fn run(cli: Cli) -> Result<()> {
                     a["changed_bytes"],
                     a["delta_bytes"],
                     a["to"].as_str().unwrap_or("")
+                )
+            })
+        }
+        Command::Init { identity } => {
+            let id = ctk_net::Identity::generate("ctk-agent")?;
+            id.save(&identity)?;
+            println!("{}", id.fingerprint());
+            eprintln!(
+                "identity written to {}; allow it on the receiver with --allow NAME=<the fingerprint above>",
+                identity.display()
+            );
+            Ok(())
+        }
+        Command::Replicate {
+            identity,
+            receiver,
+            receiver_fingerprint,
+            cursor,
+            work_dir,
+            target,
+        } => {
+            let disk = match &target.disk {
+                Some(d) => d.clone(),
+                None => {
+                    let status = control(&target, json!({"cmd": "status"}))?;
+                    let disks = status["disks"].as_array().cloned().unwrap_or_default();
+                    if disks.len() != 1 {
+                        anyhow::bail!(
+                            "the agent protects {} disks: name one with --disk",
+                            disks.len()
+                        );
+                    }
+                    disks[0]["name"].as_str().unwrap_or("").to_owned()
+                }
+            };
+            let r = replicate::Replicate {
+                identity,
+                receiver,
+                pinned: receiver_fingerprint.parse()?,
+                cursor,
+                work_dir,
+            };
+            let answer = replicate::run(&r, &disk, &|req| control(&target, req))?;
+            print_answer(&target, &answer, |a| {
+                format!(
+                    "{}: committed {} on the receiver ({} bytes changed, {} sent){}",
+                    a["disk"].as_str().unwrap_or(""),
+                    a["committed"].as_str().unwrap_or(""),
+                    a["changed_bytes"],
+                    a["delta_bytes"],
+                    if a["already_committed"] == true {
+                        "; it had it already"
+                    } else {
+                        ""
+                    }
                 )
             })
         }

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod limits;
 pub mod map;
 pub mod tracker;
+pub mod wire;
 
 pub use geometry::{Extent, Geometry, GeometryError};
 pub use id::{ChangeId, Generation, ParseChangeIdError};

@@ -1,7 +1,8 @@
 //! `ctk-receiver`: the offsite half of ctk. It keeps, per disk, a synthetic full and restore
-//! points (reverse increments), merged crash-atomically from ctk deltas. This version takes
-//! deltas from files (`ingest`); serving agents over QUIC is not built yet.
+//! points (reverse increments), merged crash-atomically from ctk deltas pushed by agents
+//! over QUIC (`serve`) or given as files (`ingest`).
 
+mod server;
 mod store;
 
 use std::io::{BufReader, IsTerminal};
@@ -29,7 +30,9 @@ ctk-receiver ingest --store /srv/ctk --disk vm1 full.ctkd inc1.ctkd\n  \
 ctk-receiver points --store /srv/ctk --disk vm1\n  \
 ctk-receiver restore --store /srv/ctk --disk vm1 --point <ChangeId> -o vm1-restored.img\n  \
 ctk-receiver verify --store /srv/ctk\n\n\
-Receiving over QUIC from agents (`serve`, pairing) is not built yet."
+Receiving from agents over QUIC:\n  \
+ctk-receiver init --identity /etc/ctk-receiver      # prints this receiver's fingerprint\n  \
+ctk-receiver serve --identity /etc/ctk-receiver --store /srv/ctk --allow host1=sha256:..."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,7 +46,7 @@ enum Command {
         /// The store's root directory (one subdirectory per disk).
         #[arg(long)]
         store: PathBuf,
-        /// The disk's name: 1-64 of A-Z a-z 0-9 . _ - (it must match the deltas' disk id).
+        /// The disk's name: 1-128 of A-Z a-z 0-9 . _ - (it must match the deltas' disk id).
         #[arg(long)]
         disk: String,
         /// Restore points to keep; older ones are dropped after each merge.
@@ -87,8 +90,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve agents over QUIC (not built yet).
-    Serve,
+    /// Create this receiver's identity (key and self-signed certificate) and print its
+    /// fingerprint: give it to each agent (`ctk-agent replicate --receiver-fingerprint`).
+    Init {
+        /// Where the identity lives (cert.der, key.der; never overwritten).
+        #[arg(long)]
+        identity: PathBuf,
+    },
+    /// Serve agents over QUIC: merge the deltas they push, answer where each disk stands.
+    Serve {
+        #[arg(long)]
+        identity: PathBuf,
+        #[arg(long)]
+        store: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        listen: std::net::SocketAddr,
+        /// Allowed agents, one `NAME FINGERPRINT` per line (like SSH's known_hosts). Each
+        /// agent's disks live under STORE/NAME/.
+        #[arg(long)]
+        agents: Option<PathBuf>,
+        /// An allowed agent as NAME=FINGERPRINT (repeatable; adds to --agents).
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// Restore points to keep per disk.
+        #[arg(long, default_value_t = store::KEEP_DEFAULT)]
+        keep: usize,
+    },
 }
 
 fn open(store: &Path, disk: &str) -> Result<DiskStore> {
@@ -263,9 +291,62 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{bad} disk(s) failed verification");
             }
         }
-        Command::Serve => bail!(
-            "serving agents over QUIC is not built yet; merge delta files with `ctk-receiver ingest`"
-        ),
+        Command::Init { identity } => {
+            let id = ctk_net::Identity::generate("ctk-receiver")?;
+            id.save(&identity)?;
+            println!("{}", id.fingerprint());
+            eprintln!(
+                "identity written to {}; give agents the fingerprint above",
+                identity.display()
+            );
+        }
+        Command::Serve {
+            identity,
+            store,
+            listen,
+            agents,
+            allow,
+            keep,
+        } => {
+            let id = ctk_net::Identity::load(&identity)?;
+            let mut list = Vec::new();
+            if let Some(path) = agents {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                list = server::parse_agents(&text)
+                    .with_context(|| format!("in {}", path.display()))?;
+            }
+            for a in allow {
+                let (name, fp) = a
+                    .split_once('=')
+                    .context("--allow takes NAME=FINGERPRINT")?;
+                store::validate_name(name)?;
+                list.push((name.to_owned(), fp.parse()?));
+            }
+            if list.is_empty() {
+                bail!("no agent is allowed: give --agents FILE or --allow NAME=FINGERPRINT");
+            }
+            let mut map = std::collections::HashMap::new();
+            for (name, fp) in list {
+                if map.values().any(|n| *n == name) || map.insert(fp, name.clone()).is_some() {
+                    bail!("agent {name:?} or its fingerprint is listed twice");
+                }
+            }
+            std::fs::create_dir_all(&store)
+                .with_context(|| format!("creating {}", store.display()))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(server::run(
+                id,
+                server::Config {
+                    store,
+                    listen,
+                    agents: map,
+                    keep,
+                },
+            ))?;
+        }
     }
     Ok(())
 }

@@ -47,7 +47,7 @@ const CHUNK: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "disk name {0:?} is not valid: use 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -"
+        "disk name {0:?} is not valid: use 1-128 of A-Z a-z 0-9 . _ -, not starting with . or -"
     )]
     BadName(String),
     #[error("I/O error while {doing}")]
@@ -76,7 +76,7 @@ fn io_err(doing: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
 /// Validates a disk name: it becomes a directory name, so no path may come from outside.
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= 128
         && !name.starts_with(['.', '-'])
         && name
             .bytes()
@@ -708,7 +708,7 @@ mod tests {
             "-rf",
             "a b",
             "é",
-            &"x".repeat(65),
+            &"x".repeat(129),
             &"y".repeat(300),
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");

@@ -1,0 +1,135 @@
+//! `ctk-agent replicate`: bring a disk's replica on a receiver up to a new cut, once.
+//!
+//! Ask the receiver for its newest committed point of the disk; export (through the running
+//! agent, copy-on-write, point in time) the delta since that point, or a full when there is
+//! none; push it over QUIC; and only when the receiver acknowledges the commit, move this
+//! agent's cursor for the receiver to the new point, so it stays answerable next time.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use ctk_net::wire::{Request, Response};
+use ctk_net::{Fingerprint, Identity};
+use serde_json::{Value, json};
+
+pub struct Replicate {
+    pub identity: PathBuf,
+    pub receiver: SocketAddr,
+    pub pinned: Fingerprint,
+    pub cursor: String,
+    pub work_dir: PathBuf,
+}
+
+/// Sends one request (and for a push, the delta file after it) and reads the answer.
+async fn call(
+    conn: &quinn::Connection,
+    request: &Request,
+    delta: Option<&std::path::Path>,
+) -> Result<Response> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
+    ctk_net::write_frame(&mut send, &request.encode()).await?;
+    if let Some(path) = delta {
+        let mut file = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            send.write_all(&buf[..n])
+                .await
+                .map_err(|e| closed(conn, anyhow::Error::from(e).context("sending the delta")))?;
+        }
+    }
+    send.finish()?;
+    let frame = ctk_net::read_frame(&mut recv)
+        .await
+        .map_err(|e| closed(conn, e.into()))?;
+    Ok(Response::decode(&frame)?)
+}
+
+/// Says why the receiver closed the connection, when it did (a refused agent learns it
+/// only after its own side of the handshake is done).
+fn closed(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
+    match conn.close_reason() {
+        Some(reason) => e.context(format!("the receiver closed the connection: {reason}")),
+        None => e,
+    }
+}
+
+/// Runs one replication of `disk`. `control` calls the running agent.
+pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) -> Result<Value> {
+    let identity = Identity::load(&r.identity)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let conn = ctk_net::connect(&identity, r.receiver, r.pinned)
+            .await
+            .context("reaching the receiver")?;
+        let newest = match call(&conn, &Request::Newest { disk: disk.into() }, None).await? {
+            Response::Newest { change_id } => change_id,
+            Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
+            other => bail!("unexpected answer from the receiver: {other:?}"),
+        };
+        let since = newest.clone().unwrap_or_else(|| "all".into());
+        std::fs::create_dir_all(&r.work_dir)?;
+        let path = std::path::absolute(
+            r.work_dir
+                .join(format!("ctk-replicate-{disk}-{}.ctkd", std::process::id())),
+        )?;
+        let exported = control(json!({"cmd": "export", "since": since, "path": path}))
+            .with_context(|| match &newest {
+                Some(id) => format!(
+                    "exporting the changes since the receiver's newest point {id} (if this \
+                     agent cannot answer it, e.g. after its journal was lost, the replica \
+                     needs a resync, which is not built yet)"
+                ),
+                None => "exporting a first full".into(),
+            })?;
+        let sent = std::fs::metadata(&path)?.len();
+        let answer = call(
+            &conn,
+            &Request::Push {
+                disk: disk.into(),
+                delta_len: sent,
+            },
+            Some(&path),
+        )
+        .await;
+        let _ = std::fs::remove_file(&path);
+        let (committed, already) = match answer? {
+            Response::Committed { change_id, already } => (change_id, already),
+            Response::Refused { refusal, message } => {
+                bail!("the receiver refused the delta ({refusal:?}): {message}")
+            }
+            other => bail!("unexpected answer from the receiver: {other:?}"),
+        };
+        if committed != exported["to"] {
+            bail!(
+                "the receiver committed {committed}, not the exported {}",
+                exported["to"]
+            );
+        }
+        // Only now, with the commit acknowledged, does the cursor move.
+        let moved =
+            control(json!({"cmd": "cursor", "op": "advance", "name": r.cursor, "at": committed}));
+        if moved.is_err() {
+            control(json!({"cmd": "cursor", "op": "register", "name": r.cursor, "at": committed}))
+                .context("registering the replication cursor")?;
+        }
+        conn.close(0u32.into(), b"done");
+        Ok(json!({
+            "disk": disk,
+            "from": newest,
+            "committed": committed,
+            "already_committed": already,
+            "changed_bytes": exported["changed_bytes"],
+            "delta_bytes": sent,
+            "consistency": exported["consistency"],
+            "hold_ms": exported["hold_ms"],
+        }))
+    })
+}

@@ -1,0 +1,197 @@
+//! The messages an agent and a receiver exchange, and their encoding: bincode 2 with
+//! fixed-width little-endian integers, decoded under a size limit. This is the only module
+//! that knows the encoding, so the codec can be swapped.
+//!
+//! One request per QUIC bidirectional stream: the agent writes one framed `Request` (and, for
+//! `Push`, exactly `delta_len` bytes of a delta stream after it), then finishes its side; the
+//! receiver answers with one framed `Response`. A frame is a `u32` little-endian length and
+//! that many bytes; no frame may exceed [`FRAME_MAX`].
+
+use bincode::{Decode, Encode};
+
+/// Protocol name and version, offered as the TLS ALPN: a peer speaking another version fails
+/// the handshake before any disk data moves.
+pub const ALPN: &[u8] = b"ctk/1";
+/// Largest frame (a request or a response; delta bytes are not framed).
+pub const FRAME_MAX: usize = 64 * 1024;
+/// Longest string in a message (names, ChangeIds, error text).
+pub const STRING_MAX: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Request {
+    /// Which point is the newest committed for this disk (none before the first full)?
+    Newest { disk: String },
+    /// Merge the delta that follows (`delta_len` bytes) into this disk's replica.
+    Push { disk: String, delta_len: u64 },
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Refusal {
+    /// The request itself is malformed or names something invalid.
+    BadRequest,
+    /// The delta does not continue the replica (out of order, another disk, a second full).
+    Mismatch,
+    /// The delta is damaged (a CRC, the trailer, a length).
+    Damaged,
+    /// The receiver could not store it (disk full, I/O error); nothing committed changed.
+    Unavailable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Response {
+    Newest {
+        change_id: Option<String>,
+    },
+    /// The point is committed (durable). `already`: it was before this push.
+    Committed {
+        change_id: String,
+        already: bool,
+    },
+    Refused {
+        refusal: Refusal,
+        message: String,
+    },
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the {FRAME_MAX}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("a string in the frame is longer than {STRING_MAX} bytes")]
+    StringTooLong,
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<FRAME_MAX>()
+}
+
+fn encode<T: Encode>(value: &T) -> Vec<u8> {
+    bincode::encode_to_vec(value, config()).expect("messages of bounded size encode")
+}
+
+fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > FRAME_MAX {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    let (value, used) = bincode::decode_from_slice::<T, _>(bytes, config())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(WireError::Malformed("bytes after the message".into()));
+    }
+    Ok(value)
+}
+
+fn check(strings: &[&str]) -> Result<(), WireError> {
+    if strings.iter().any(|s| s.len() > STRING_MAX) {
+        return Err(WireError::StringTooLong);
+    }
+    Ok(())
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Request, WireError> {
+        let r: Request = decode(bytes)?;
+        match &r {
+            Request::Newest { disk } | Request::Push { disk, .. } => check(&[disk])?,
+        }
+        Ok(r)
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Response, WireError> {
+        let r: Response = decode(bytes)?;
+        match &r {
+            Response::Newest { change_id } => check(&[change_id.as_deref().unwrap_or("")])?,
+            Response::Committed { change_id, .. } => check(&[change_id])?,
+            Response::Refused { message, .. } => check(&[message])?,
+        }
+        Ok(r)
+    }
+
+    /// A refusal, with the message cut to the string limit.
+    pub fn refused(refusal: Refusal, message: impl Into<String>) -> Response {
+        let mut message = message.into();
+        if message.len() > STRING_MAX {
+            let mut cut = STRING_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Response::Refused { refusal, message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let msgs = [
+            Request::Newest { disk: "vm1".into() },
+            Request::Push {
+                disk: "vm1".into(),
+                delta_len: 1 << 40,
+            },
+        ];
+        for m in msgs {
+            assert_eq!(Request::decode(&m.encode()).unwrap(), m);
+        }
+        let r = Response::refused(Refusal::Mismatch, "x".repeat(10_000));
+        let back = Response::decode(&r.encode()).unwrap();
+        assert!(
+            matches!(back, Response::Refused { ref message, .. } if message.len() == STRING_MAX)
+        );
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_without_big_allocations() {
+        // A string length claiming 2^60 bytes: refused by the limit, not allocated.
+        let mut bad = Request::Newest { disk: "a".into() }.encode();
+        let at = bad.len() - 1 - 8;
+        bad[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(Request::decode(&bad).is_err());
+        // Unknown variant, truncation anywhere, trailing bytes, oversize, empty.
+        let good = Request::Push {
+            disk: "vm1".into(),
+            delta_len: 9,
+        }
+        .encode();
+        let mut unknown = good.clone();
+        unknown[0] = 77;
+        assert!(Request::decode(&unknown).is_err());
+        for cut in 0..good.len() {
+            assert!(Request::decode(&good[..cut]).is_err());
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(Request::decode(&long).is_err());
+        assert!(Request::decode(&vec![0u8; FRAME_MAX + 1]).is_err());
+        // A name over the string limit inside a frame that fits.
+        let big = Request::Newest {
+            disk: "n".repeat(STRING_MAX + 1),
+        }
+        .encode();
+        assert!(matches!(
+            Request::decode(&big),
+            Err(WireError::StringTooLong)
+        ));
+    }
+}

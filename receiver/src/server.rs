@@ -1,0 +1,252 @@
+//! `ctk-receiver serve`: accepts agents over QUIC and merges what they push into their
+//! stores. Each allowed agent has a name and a namespace (`<store>/<agent>/<disk>`), so an
+//! agent sees and writes only its own disks; names are validated, and no path comes from the
+//! wire. A misbehaving peer ends only its own stream or connection.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ctk_net::wire::{Refusal, Request, Response};
+use ctk_net::{Fingerprint, Identity};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::store::{self, DiskStore, Ingested, StoreError};
+
+pub struct Config {
+    pub store: PathBuf,
+    pub listen: SocketAddr,
+    /// Allowed agents: fingerprint -> agent name.
+    pub agents: HashMap<Fingerprint, String>,
+    pub keep: usize,
+}
+
+/// Parses an agents file: one `NAME FINGERPRINT` per line; `#` starts a comment.
+pub fn parse_agents(text: &str) -> Result<Vec<(String, Fingerprint)>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(fp), None) = (parts.next(), parts.next(), parts.next()) else {
+            anyhow::bail!("line {}: use NAME FINGERPRINT", n + 1);
+        };
+        store::validate_name(name).with_context(|| format!("line {}", n + 1))?;
+        out.push((
+            name.to_owned(),
+            fp.parse().with_context(|| format!("line {}", n + 1))?,
+        ));
+    }
+    Ok(out)
+}
+
+pub async fn run(identity: Identity, config: Config) -> Result<()> {
+    let allowed: Vec<Fingerprint> = config.agents.keys().copied().collect();
+    let endpoint = ctk_net::server_endpoint(&identity, allowed, config.listen)?;
+    let addr = endpoint.local_addr()?;
+    // Tests and scripts wait for this line.
+    println!(
+        "ctk-receiver ready: listening on {addr} as {}",
+        identity.fingerprint()
+    );
+    info!(%addr, agents = config.agents.len(), "serving");
+    let config = Arc::new(config);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let config = config.clone();
+                let peer = incoming.remote_address();
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = connection(incoming, config).await {
+                            info!(error = %e, "connection ended");
+                        }
+                    }
+                    .instrument(info_span!("agent", %peer)),
+                );
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    info!("shutting down");
+    endpoint.close(0u32.into(), b"shutting down");
+    Ok(())
+}
+
+async fn connection(incoming: quinn::Incoming, config: Arc<Config>) -> Result<()> {
+    // The TLS handshake refuses agents that are not on the allow-list.
+    let conn = incoming.await.context("handshake")?;
+    let fp = ctk_net::peer_fingerprint(&conn).context("no agent certificate")?;
+    let agent = config
+        .agents
+        .get(&fp)
+        .context("agent not on the allow-list")?
+        .clone();
+    info!(%agent, "agent connected");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(quinn::ConnectionError::ApplicationClosed(_))
+            | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let config = config.clone();
+        let agent = agent.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = stream(&agent, &config, send, recv).await {
+                    warn!(error = %e, "request failed");
+                }
+            }
+            .instrument(info_span!("request")),
+        );
+    }
+}
+
+async fn stream(
+    agent: &str,
+    config: &Config,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<()> {
+    let response = match ctk_net::read_frame(&mut recv).await {
+        Err(e) => Response::refused(Refusal::BadRequest, e.to_string()),
+        Ok(frame) => match Request::decode(&frame) {
+            Err(e) => Response::refused(Refusal::BadRequest, e.to_string()),
+            Ok(request) => handle(agent, config, request, recv).await,
+        },
+    };
+    if let Response::Refused { message, .. } = &response {
+        warn!(%agent, %message, "refused");
+    }
+    ctk_net::write_frame(&mut send, &response.encode()).await?;
+    send.finish()?;
+    // Wait until the agent has the answer before the stream goes away.
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+fn refusal(e: &StoreError) -> Refusal {
+    match e {
+        StoreError::BadName(_) | StoreError::NoSuchPoint(_) => Refusal::BadRequest,
+        StoreError::Delta(_) => Refusal::Damaged,
+        StoreError::Mismatch(_) => Refusal::Mismatch,
+        StoreError::Io { .. } | StoreError::Damaged { .. } => Refusal::Unavailable,
+    }
+}
+
+fn describe(e: &StoreError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn handle(
+    agent: &str,
+    config: &Config,
+    request: Request,
+    recv: quinn::RecvStream,
+) -> Response {
+    let root = config.store.join(agent);
+    match request {
+        Request::Newest { disk } => {
+            if let Err(e) = store::validate_name(&disk) {
+                return Response::refused(Refusal::BadRequest, describe(&e));
+            }
+            // A disk never pushed has no point; asking must not create its store.
+            if !root.join(&disk).join("manifest.json").exists() {
+                return Response::Newest { change_id: None };
+            }
+            let result = tokio::task::spawn_blocking(move || {
+                DiskStore::open(&root, &disk)
+                    .map(|(s, _)| s.points().last().map(|p| p.change_id.clone()))
+            })
+            .await;
+            match result {
+                Ok(Ok(change_id)) => Response::Newest { change_id },
+                Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),
+                Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
+            }
+        }
+        Request::Push { disk, delta_len } => {
+            if let Err(e) = store::validate_name(&disk) {
+                return Response::refused(Refusal::BadRequest, describe(&e));
+            }
+            let keep = config.keep;
+            let handle = tokio::runtime::Handle::current();
+            let span = info_span!("push", %disk, delta_len);
+            let result = tokio::task::spawn_blocking(move || {
+                let _guard = span.enter();
+                std::fs::create_dir_all(&root).map_err(|source| StoreError::Io {
+                    doing: "creating the agent's store".into(),
+                    source,
+                })?;
+                let (mut s, _) = DiskStore::open(&root, &disk)?;
+                let input = StreamReader {
+                    recv,
+                    remaining: delta_len,
+                    handle,
+                };
+                s.ingest(input, keep)
+            })
+            .await;
+            match result {
+                Ok(Ok(Ingested::Committed { point, .. })) => {
+                    info!(%agent, point = %point.change_id, "committed");
+                    Response::Committed {
+                        change_id: point.change_id,
+                        already: false,
+                    }
+                }
+                Ok(Ok(Ingested::AlreadyCommitted { change_id })) => Response::Committed {
+                    change_id,
+                    already: true,
+                },
+                Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),
+                Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
+            }
+        }
+    }
+}
+
+/// The delta bytes of a push, read from the QUIC stream on a blocking thread: exactly
+/// `remaining` bytes, then end of input (anything more is the agent's protocol error and is
+/// never read).
+struct StreamReader {
+    recv: quinn::RecvStream,
+    remaining: u64,
+    handle: tokio::runtime::Handle,
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.remaining == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.remaining) as usize;
+        match self.handle.block_on(self.recv.read(&mut buf[..n])) {
+            Ok(Some(k)) => {
+                self.remaining -= k as u64;
+                Ok(k)
+            }
+            Ok(None) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the agent ended the stream before the announced length",
+            )),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Replication end to end over real QUIC on 127.0.0.1, with real processes: `ctk-agent
+//! serve` tracking a disk that qemu-io writes through NBD, `ctk-agent replicate` pushing to
+//! `ctk-receiver serve`; every kept restore point equals the source as of its cut. Then the
+//! refusals: unpinned agents, a wrong receiver fingerprint, hostile frames and names, and
+//! one agent reaching for another's disk, while the receiver keeps serving.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use ctk_net::wire::{Refusal, Request, Response};
+use ctk_net::{Fingerprint, Identity};
+
+fn agent_bin() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_ctk-receiver")).with_file_name("ctk-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+fn tool(name: &str) -> &str {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .status()
+        .unwrap();
+    assert!(found.success(), "{name} is required; .ci/run installs it");
+    name
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a daemon and waits for its ready line; returns it and the line.
+fn start(cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("ready"), "did not start: {line:?}");
+    (Proc(child), line)
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn init(bin: &Path, dir: &Path) -> String {
+    let (ok, out, err) = run(Command::new(bin).arg("init").arg("--identity").arg(dir));
+    assert!(ok, "init: {err}");
+    out.trim().to_string()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// One request over a raw connection, as a misbehaving agent would send it.
+fn raw_call(
+    identity: &Identity,
+    addr: SocketAddr,
+    pin: Fingerprint,
+    frame: &[u8],
+    body: &[u8],
+) -> Response {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = ctk_net::connect(identity, addr, pin).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&(frame.len() as u32).to_le_bytes())
+            .await
+            .unwrap();
+        send.write_all(frame).await.unwrap();
+        send.write_all(body).await.unwrap();
+        send.finish().unwrap();
+        let answer = ctk_net::read_frame(&mut recv).await.unwrap();
+        Response::decode(&answer).unwrap()
+    })
+}
+
+#[test]
+fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_strangers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let receiver_bin = Path::new(env!("CARGO_BIN_EXE_ctk-receiver"));
+    let agent_bin = agent_bin();
+    let rfp = init(receiver_bin, &d.join("rid"));
+    let afp = init(&agent_bin, &d.join("aid"));
+    let other = Identity::generate("other").unwrap();
+    let stranger = Identity::generate("stranger").unwrap();
+    let (_receiver, ready) = start(
+        Command::new(receiver_bin)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--keep",
+                "3",
+                "--identity",
+            ])
+            .arg(d.join("rid"))
+            .arg("--store")
+            .arg(d.join("store"))
+            .arg("--allow")
+            .arg(format!("host1={afp}"))
+            .arg("--allow")
+            .arg(format!("host2={}", other.fingerprint())),
+    );
+    let addr: SocketAddr = ready.split_whitespace().nth(4).unwrap().parse().unwrap();
+    let pin: Fingerprint = rfp.parse().unwrap();
+
+    let image = d.join("vm1.img");
+    let size = 32u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let (_agent, _) = start(
+        Command::new(&agent_bin)
+            .arg("serve")
+            .arg("--disk")
+            .arg(format!("vm1={}", image.display()))
+            .arg("--listen")
+            .arg(format!("unix:{}", d.join("nbd.sock").display()))
+            .arg("--control")
+            .arg(d.join("ctl.sock")),
+    );
+    let uri = format!("nbd+unix:///vm1?socket={}", d.join("nbd.sock").display());
+    let replicate = |identity: &Path, fp: &str| {
+        run(Command::new(&agent_bin)
+            .arg("replicate")
+            .arg("--identity")
+            .arg(identity)
+            .arg("--receiver")
+            .arg(addr.to_string())
+            .arg("--receiver-fingerprint")
+            .arg(fp)
+            .arg("--control")
+            .arg(d.join("ctl.sock"))
+            .arg("--work-dir")
+            .arg(d)
+            .arg("--json"))
+    };
+
+    // Cycles of writes through NBD, each replicated; the test keeps the source at each cut.
+    let mut rng = Rng(0xfeed);
+    let mut expected: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut committed = Vec::new();
+    for cycle in 0..5 {
+        let mut cmd = Command::new(tool("qemu-io"));
+        cmd.args(["-f", "raw", &uri]);
+        for _ in 0..30 {
+            let len = 512 * (1 + rng.next() % 256);
+            let off = 512 * (rng.next() % ((size - len) / 512));
+            let op = match rng.next() % 8 {
+                0 => format!("write -z {off} {len}"),
+                _ => format!("write -P {} {off} {len}", rng.next() % 255 + 1),
+            };
+            cmd.arg("-c").arg(op);
+        }
+        let (ok, _, err) = run(&mut cmd);
+        assert!(ok, "qemu-io: {err}");
+        let (ok, out, err) = replicate(&d.join("aid"), &rfp);
+        assert!(ok, "cycle {cycle}: replicate failed: {err}");
+        let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(answer["already_committed"], false);
+        if cycle > 0 {
+            // An increment carries the change, not the disk.
+            assert!(
+                answer["delta_bytes"].as_u64().unwrap() < size / 2,
+                "{answer}"
+            );
+        }
+        let id = answer["committed"].as_str().unwrap().to_string();
+        expected.insert(id.clone(), std::fs::read(&image).unwrap());
+        committed.push(id);
+    }
+    // Every kept point (the newest 3) restores to the source as of its cut.
+    let (ok, out, err) = run(Command::new(receiver_bin)
+        .args(["points", "--json", "--store"])
+        .arg(d.join("store/host1")));
+    assert!(ok, "{err}");
+    let points: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kept: Vec<String> = points[0]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["change_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kept, committed[2..].to_vec());
+    for id in &kept {
+        let out = d.join("restored.img");
+        let (ok, _, err) = run(Command::new(receiver_bin)
+            .args(["restore", "--disk", "vm1", "--point", id, "-o"])
+            .arg(&out)
+            .arg("--store")
+            .arg(d.join("store/host1")));
+        assert!(ok, "{err}");
+        assert!(
+            std::fs::read(&out).unwrap() == expected[id],
+            "point {id} differs from the source"
+        );
+    }
+
+    // A wrong receiver fingerprint, and an agent the receiver does not know: refused at the
+    // handshake, with the reason.
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let (ok, _, err) = replicate(&d.join("aid"), &wrong);
+    assert!(!ok && err.contains("not the pinned"), "{err}");
+    stranger.save(&d.join("stranger")).unwrap();
+    let (ok, _, err) = replicate(&d.join("stranger"), &rfp);
+    assert!(!ok && err.contains("not on the allow-list"), "{err}");
+
+    // Hostile requests from an allowed agent: each refused, the receiver stays up.
+    let refused = |r: Response, want: Refusal| match r {
+        Response::Refused { refusal, message } => {
+            assert_eq!(refusal, want, "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    for name in ["../x", "a/b", "", &"n".repeat(300)] {
+        let frame = Request::Newest { disk: name.into() }.encode();
+        refused(
+            raw_call(&other, addr, pin, &frame, &[]),
+            Refusal::BadRequest,
+        );
+    }
+    refused(
+        raw_call(&other, addr, pin, b"\xff\xff\xff\xffgarbage", &[]),
+        Refusal::BadRequest,
+    );
+    let push = Request::Push {
+        disk: "vm1".into(),
+        delta_len: 4096,
+    }
+    .encode();
+    refused(
+        raw_call(&other, addr, pin, &push, &[0x5a; 4096]),
+        Refusal::Damaged,
+    );
+    // Another agent's disk of the same name is its own, empty: host1's vm1 is out of reach.
+    let frame = Request::Newest { disk: "vm1".into() }.encode();
+    assert_eq!(
+        raw_call(&other, addr, pin, &frame, &[]),
+        Response::Newest { change_id: None }
+    );
+    assert!(!d.join("store/host1/..").join("x").exists());
+
+    // And the real agent still replicates, from where it was.
+    let (ok, out, err) = replicate(&d.join("aid"), &rfp);
+    assert!(ok, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["from"], committed.last().unwrap().as_str());
+    // The cursor on the agent follows the receiver's commits.
+    let (ok, out, _) = run(Command::new(&agent_bin)
+        .args(["status", "--json", "--control"])
+        .arg(d.join("ctl.sock")));
+    assert!(ok);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["disks"][0]["cursors"][0]["at"], answer["committed"]);
+}
