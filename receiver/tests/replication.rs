@@ -275,6 +275,34 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     );
     assert!(!d.join("store/host1/..").join("x").exists());
 
+    // A push cut short: the stream ends before the announced length (refused, nothing
+    // committed), and a connection dropped mid-delta (no answer; nothing committed).
+    let push = Request::Push {
+        disk: "vm9".into(),
+        delta_len: 1 << 20,
+    }
+    .encode();
+    refused(
+        raw_call(&other, addr, pin, &push, &[0u8; 1000]),
+        Refusal::Damaged,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = ctk_net::connect(&other, addr, pin).await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        ctk_net::write_frame(&mut send, &push).await.unwrap();
+        send.write_all(&[7u8; 4096]).await.unwrap();
+        conn.close(1u32.into(), b"cable pulled");
+    });
+    let frame = Request::Newest { disk: "vm9".into() }.encode();
+    assert_eq!(
+        raw_call(&other, addr, pin, &frame, &[]),
+        Response::Newest { change_id: None }
+    );
+
     // And the real agent still replicates, from where it was.
     let (ok, out, err) = replicate(&d.join("aid"), &rfp);
     assert!(ok, "{err}");
