@@ -1,9 +1,8 @@
-//! `ctk-agent demo`: tracking and delta export end to end on a generated image.
-//!
-//! Until the NBD front and QUIC replication exist, this is the main job on an embedded
-//! default: a source image is written through the tracker (real journal, real fsync), cut
-//! several times, each delta exported to a file, verified, applied to a replica, and the
-//! replica compared with the source at every cut.
+//! `ctk-agent demo --local`: tracking and delta export on a generated image, in one process
+//! with no network: a source image is written through the tracker (real journal, real
+//! fsync), cut several times, each delta exported to a file, verified, applied to a replica,
+//! and the replica compared with the source at every cut. The main job (`demo` without
+//! `--local`) is `quickstart.rs`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read};
@@ -26,22 +25,22 @@ pub struct DemoOptions {
     pub json: bool,
 }
 
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
 /// Fills `buf` with disk-like content: a third zeros, a third noise, a third text.
-fn fill(rng: &mut Rng, buf: &mut [u8]) {
+pub(crate) fn fill(rng: &mut Rng, buf: &mut [u8]) {
     const TEXT: &[u8] =
         b"INSERT INTO orders VALUES (42, 'widget', 3.50, '2026-11-22'); -- ctk demo\n";
     match rng.below(3) {
@@ -61,7 +60,31 @@ fn fill(rng: &mut Rng, buf: &mut [u8]) {
     }
 }
 
-fn say(opts: &DemoOptions, line: impl AsRef<str>) {
+/// Creates `path` (which must not exist) with `size` bytes of disk-like content; zero
+/// stretches stay holes.
+pub(crate) fn generate_image(path: &Path, size: u64, rng: &mut Rng) -> Result<File> {
+    let source = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    source.set_len(size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        fill(rng, &mut buf[..n]);
+        if buf[..n].iter().any(|&b| b != 0) {
+            source.write_all_at(&buf[..n], pos)?;
+        }
+        pos += n as u64;
+    }
+    source.sync_all()?;
+    Ok(source)
+}
+
+pub(crate) fn say(opts: &DemoOptions, line: impl AsRef<str>) {
     if !opts.json {
         println!("{}", line.as_ref());
     }
@@ -161,23 +184,7 @@ pub fn run(opts: DemoOptions) -> Result<()> {
 
     // A source image with existing data that tracking never saw.
     let started = Instant::now();
-    let source = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&source_path)?;
-    source.set_len(opts.size)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0;
-    while pos < opts.size {
-        let n = (opts.size - pos).min(buf.len() as u64) as usize;
-        fill(&mut rng, &mut buf[..n]);
-        if buf[..n].iter().any(|&b| b != 0) {
-            source.write_all_at(&buf[..n], pos)?;
-        }
-        pos += n as u64;
-    }
-    source.sync_all()?;
+    let source = generate_image(&source_path, opts.size, &mut rng)?;
     say(
         &opts,
         format!(

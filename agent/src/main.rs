@@ -7,6 +7,7 @@ mod disk;
 mod freeze;
 mod nbd;
 mod pipeline;
+mod quickstart;
 mod replicate;
 mod server;
 
@@ -37,8 +38,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Track a generated disk image through several cuts, export each delta, apply it to a
-    /// replica, and check the replica equals the source at every cut.
+    /// The main job on a generated image: a receiver on 127.0.0.1 and this agent, paired;
+    /// writes through NBD; cuts replicated over QUIC; every restore point proven equal to
+    /// the source as of its cut.
     Demo {
         /// Working directory (must not already hold demo files). Default: a new directory
         /// under the system temp dir.
@@ -59,6 +61,10 @@ enum Command {
         /// Seed of the generated content and workload (random if not given).
         #[arg(long)]
         seed: Option<u64>,
+        /// Run the older in-process demo instead: tracker, delta files and a replica, no
+        /// NBD and no network.
+        #[arg(long)]
+        local: bool,
         /// Print one JSON document instead of progress lines.
         #[arg(long)]
         json: bool,
@@ -232,33 +238,10 @@ fn parse_disk(text: &str) -> Result<(String, PathBuf), String> {
 
 /// Sends one request to the agent's control socket and returns its answer.
 fn control(target: &Target, mut request: serde_json::Value) -> Result<serde_json::Value> {
-    use std::io::{BufRead, Write};
     if let Some(disk) = &target.disk {
         request["disk"] = json!(disk);
     }
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(&target.control).with_context(|| {
-            format!(
-                "connecting to the agent at {} (is `ctk-agent serve` running? see --control)",
-                target.control.display()
-            )
-        })?;
-    let mut line = serde_json::to_vec(&request)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut answer = String::new();
-    std::io::BufReader::new(&stream).read_line(&mut answer)?;
-    let answer: serde_json::Value =
-        serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
-    if answer["ok"] != true {
-        anyhow::bail!(
-            "{}",
-            answer["error"]
-                .as_str()
-                .unwrap_or("the agent refused the request")
-        );
-    }
-    Ok(answer)
+    replicate::control_call(&target.control, &request)
 }
 
 /// Parses sizes such as `4096`, `64K`, `256M`, `2G`, `1T` (binary units).
@@ -455,13 +438,14 @@ fn run(cli: Cli) -> Result<()> {
             zstd_level,
             seed,
             json,
+            local,
         } => {
             let seed = seed.unwrap_or_else(random_seed);
             let dir = match dir {
                 Some(d) => d,
                 None => std::env::temp_dir().join(format!("ctk-demo-{seed:016x}")),
             };
-            demo::run(demo::DemoOptions {
+            let opts = demo::DemoOptions {
                 dir,
                 size,
                 cycles,
@@ -469,7 +453,12 @@ fn run(cli: Cli) -> Result<()> {
                 zstd_level,
                 seed,
                 json,
-            })
+            };
+            if local {
+                demo::run(opts)
+            } else {
+                quickstart::run(&opts)
+            }
         }
         Command::VerifyDelta { file, json } => {
             let f = std::fs::File::open(&file)

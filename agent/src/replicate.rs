@@ -133,3 +133,30 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
         }))
     })
 }
+
+/// Sends one request to an agent's control socket and returns its answer (an error if the
+/// agent refused it).
+pub fn control_call(socket: &std::path::Path, request: &Value) -> Result<Value> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the agent at {} (is `ctk-agent serve` running? see --control)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer)?;
+    let answer: Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+    if answer["ok"] != true {
+        bail!(
+            "{}",
+            answer["error"]
+                .as_str()
+                .unwrap_or("the agent refused the request")
+        );
+    }
+    Ok(answer)
+}

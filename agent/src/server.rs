@@ -76,6 +76,24 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
 
 /// Runs the daemon until SIGINT or SIGTERM, then closes every tracker cleanly.
 pub async fn run(agent: Arc<Agent>, listens: Vec<Listen>, control: PathBuf) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    run_until(agent, listens, control, stop, true).await
+}
+
+/// Runs the daemon until `stop` completes, then closes every tracker cleanly.
+pub async fn run_until(
+    agent: Arc<Agent>,
+    listens: Vec<Listen>,
+    control: PathBuf,
+    stop: impl std::future::Future<Output = ()>,
+    announce: bool,
+) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for listen in listens {
         match listen {
@@ -138,13 +156,11 @@ pub async fn run(agent: Arc<Agent>, listens: Vec<Listen>, control: PathBuf) -> R
         }
     });
     // Tell whoever started us that we are ready (tests and scripts wait for this line).
-    println!("ctk-agent ready: control {}", control.display());
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    if announce {
+        println!("ctk-agent ready: control {}", control.display());
     }
+
+    stop.await;
     info!("shutting down");
     tasks.abort_all();
     for disk in &agent.disks {

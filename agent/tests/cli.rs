@@ -6,14 +6,63 @@ fn agent() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
 }
 
+/// The main job: a receiver and an agent in one process, paired, writes through NBD,
+/// replication over QUIC, and every kept point proven equal to the source at its cut.
+#[test]
+fn demo_replicates_over_quic_and_proves_every_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("demo");
+    let out = agent()
+        .args([
+            "demo", "--size", "16M", "--cycles", "2", "--writes", "300", "--seed", "9", "--json",
+            "--dir",
+        ])
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true);
+    let cycles = report["cycles"].as_array().unwrap();
+    assert_eq!(cycles.len(), 3);
+    assert!(
+        cycles[0]["from"].is_null(),
+        "the first replication is a full"
+    );
+    for pair in cycles.windows(2) {
+        // Each replication starts from the point the one before committed.
+        assert_eq!(pair[1]["from"], pair[0]["committed"]);
+        let c = &pair[1];
+        assert!(c["changed_bytes"].as_u64().unwrap() > 0);
+        assert!(c["delta_bytes"].as_u64().unwrap() < 16 << 20, "{c}");
+    }
+    assert_eq!(report["points"].as_array().unwrap().len(), 3);
+    assert_eq!(report["newest"], cycles[2]["committed"]);
+    // The restored newest point is the source, byte for byte.
+    let restored = std::fs::read(report["restored"].as_str().unwrap()).unwrap();
+    assert!(restored == std::fs::read(work.join("source.img")).unwrap());
+    // Running again into the same directory is refused.
+    let again = agent()
+        .args(["demo", "--size", "16M", "--dir"])
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
 #[test]
 fn demo_proves_the_replica_equals_the_source_at_every_cut() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("demo");
     let out = agent()
         .args([
-            "demo", "--size", "16M", "--cycles", "2", "--writes", "300", "--seed", "7", "--json",
-            "--dir",
+            "demo", "--local", "--size", "16M", "--cycles", "2", "--writes", "300", "--seed", "7",
+            "--json", "--dir",
         ])
         .arg(&work)
         .output()
@@ -35,7 +84,7 @@ fn demo_proves_the_replica_equals_the_source_at_every_cut() {
     }
     // Running again into the same directory is refused, not silently overwritten.
     let again = agent()
-        .args(["demo", "--size", "16M", "--dir"])
+        .args(["demo", "--local", "--size", "16M", "--dir"])
         .arg(&work)
         .output()
         .unwrap();

@@ -2,9 +2,6 @@
 //! points (reverse increments), merged crash-atomically from ctk deltas pushed by agents
 //! over QUIC (`serve`) or given as files (`ingest`).
 
-mod server;
-mod store;
-
 use std::io::{BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,7 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use store::{DiskStore, Ingested, Recovery};
+use ctk_receiver::store::{DiskStore, Ingested, Recovery};
+use ctk_receiver::{server, store};
 
 #[derive(Parser)]
 #[command(

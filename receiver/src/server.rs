@@ -45,18 +45,41 @@ pub fn parse_agents(text: &str) -> Result<Vec<(String, Fingerprint)>> {
     Ok(out)
 }
 
+/// Serves until SIGINT or SIGTERM.
 pub async fn run(identity: Identity, config: Config) -> Result<()> {
-    let allowed: Vec<Fingerprint> = config.agents.keys().copied().collect();
-    let endpoint = ctk_net::server_endpoint(&identity, allowed, config.listen)?;
-    let addr = endpoint.local_addr()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let endpoint = bind(&identity, &config)?;
     // Tests and scripts wait for this line.
     println!(
-        "ctk-receiver ready: listening on {addr} as {}",
+        "ctk-receiver ready: listening on {} as {}",
+        endpoint.local_addr()?,
         identity.fingerprint()
     );
+    serve(endpoint, config, stop).await
+}
+
+/// The receiver's endpoint, bound and ready to serve.
+pub fn bind(identity: &Identity, config: &Config) -> Result<quinn::Endpoint> {
+    let allowed: Vec<Fingerprint> = config.agents.keys().copied().collect();
+    Ok(ctk_net::server_endpoint(identity, allowed, config.listen)?)
+}
+
+/// Serves agents on `endpoint` until `stop` completes.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let addr = endpoint.local_addr()?;
     info!(%addr, agents = config.agents.len(), "serving");
     let config = Arc::new(config);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -72,8 +95,7 @@ pub async fn run(identity: Identity, config: Config) -> Result<()> {
                     .instrument(info_span!("agent", %peer)),
                 );
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            () = &mut stop => break,
         }
     }
     info!("shutting down");
