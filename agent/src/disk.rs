@@ -112,6 +112,9 @@ pub struct ProtectedDisk {
     snapshot: Mutex<Option<Snapshot>>,
     snapshot_room: Condvar,
     cow_limit: u64,
+    /// When each cursor was last set by this process (unix ms): for a replication cursor, when
+    /// the receiver last committed. Not journaled: unknown after a restart until it moves.
+    cursor_set_ms: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl ProtectedDisk {
@@ -151,6 +154,7 @@ impl ProtectedDisk {
                 snapshot: Mutex::new(None),
                 snapshot_room: Condvar::new(),
                 cow_limit: COW_LIMIT_DEFAULT,
+                cursor_set_ms: Mutex::new(std::collections::HashMap::new()),
             },
             outcome,
         ))
@@ -680,19 +684,22 @@ impl ProtectedDisk {
                 _ => t.drop_cursor(name)?,
             }
             Ok(())
-        })
+        })?;
+        if let Ok(mut times) = self.cursor_set_ms.lock() {
+            if op == "drop" {
+                times.remove(name);
+            } else {
+                times.insert(name.to_owned(), unix_ms());
+            }
+        }
+        Ok(())
     }
 
     /// Records a cut: in memory for `status`, and appended to `<journal>.cuts` (one JSON
     /// object per line) so the consistency level of every cut survives restarts.
     pub fn log_cut(&self, report: &CutReport) {
         let mut entry = report.to_json();
-        entry["time_unix_ms"] = json!(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0)
-        );
+        entry["time_unix_ms"] = json!(unix_ms());
         let mut path = self.journal.clone().into_os_string();
         path.push(".cuts");
         let line = format!("{entry}\n");
@@ -724,7 +731,15 @@ impl ProtectedDisk {
             "latest": t.map(|t| t.latest().to_string()),
             "open_epoch_blocks": t.map(|t| t.map().open_blocks().len()),
             "block_size": t.map(|t| t.geometry().block_size()),
-            "cursors": t.map(|t| t.map().cursors().map(|(n, id)| json!({"name": n, "at": id.to_string()})).collect::<Vec<_>>()),
+            "cursors": t.map(|t| t.map().cursors().map(|(n, id)| {
+                let set = self.cursor_set_ms.lock().ok().and_then(|m| m.get(n).copied());
+                json!({
+                    "name": n,
+                    "at": id.to_string(),
+                    "set_unix_ms": set,
+                    "age_s": set.map(|ms| unix_ms().saturating_sub(ms) as f64 / 1000.0),
+                })
+            }).collect::<Vec<_>>()),
             "journal_syncs": t.map(|t| t.syncs()),
             "reads": c.reads.load(Ordering::Relaxed),
             "writes": c.writes.load(Ordering::Relaxed),
@@ -749,6 +764,13 @@ impl ProtectedDisk {
         let tracker = self.tracker()?.take().ok_or(DiskError::Shutdown)?;
         Ok(tracker.close()?)
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Turns a set of blocks into `(length, status)` runs covering `[offset, offset + length)`

@@ -314,5 +314,9 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
         .arg(d.join("ctl.sock")));
     assert!(ok);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(status["disks"][0]["cursors"][0]["at"], answer["committed"]);
+    let cursor = &status["disks"][0]["cursors"][0];
+    assert_eq!(cursor["at"], answer["committed"]);
+    // ... with the age of the receiver's newest commit.
+    let age = cursor["age_s"].as_f64().unwrap();
+    assert!((0.0..60.0).contains(&age), "{cursor}");
 }

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# First full of a mixed image over QUIC on loopback, against the slowest stage measured alone
+# in the same run: cold disk read, delta encoding (zero detection, CRC32, zstd 1), QUIC.
+#
+#   cargo build --release -p ctk-agent -p ctk-receiver -p ctk-benches --bins &&
+#     benches/scripts/replicate_full.sh [SIZE_MIB] [RUNS]      (default 4096 MiB, 3 runs)
+#
+# Prints the medians and the ratio ctk / slowest stage (issue 4's goal: >= 0.8).
+set -euo pipefail
+size_mib=${1:-4096}
+runs=${2:-3}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bin="$root/target/release"
+for b in ctk-agent ctk-receiver ctk-stages; do
+  [ -x "$bin/$b" ] || { echo "build first: cargo build --release -p ctk-agent -p ctk-receiver -p ctk-benches --bins" >&2; exit 1; }
+done
+work=$(mktemp -d -p "${TMPDIR:-/var/tmp}")
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+bytes=$((size_mib << 20))
+
+echo "generating a ${size_mib} MiB mixed image..." >&2
+"$bin/ctk-stages" gen "$work/src.img" "$size_mib"
+rfp=$("$bin/ctk-receiver" init --identity "$work/rid" 2>/dev/null)
+afp=$("$bin/ctk-agent" init --identity "$work/aid" 2>/dev/null)
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+read_bps=(); enc_bps=(); quic_bps=(); ctk_bps=()
+for run in $(seq "$runs"); do
+  read_bps+=("$("$bin/ctk-stages" read "$work/src.img")")
+  enc_bps+=("$("$bin/ctk-stages" encode "$work/src.img")")
+  quic_bps+=("$("$bin/ctk-stages" quic "$bytes")")
+  # ctk: a fresh receiver store and a fresh journal each run, the image cold.
+  rm -rf "$work/store" "$work/src.img.ctk"* "$work"/*.sock
+  "$bin/ctk-receiver" serve --identity "$work/rid" --store "$work/store" --listen 127.0.0.1:0 \
+      --allow "bench=$afp" > "$work/r.out" 2>/dev/null &
+  rpid=$!
+  until grep -q ready "$work/r.out" 2>/dev/null; do sleep 0.05; done
+  addr=$(sed -n 's/.*listening on \([^ ]*\) as.*/\1/p' "$work/r.out")
+  "$bin/ctk-agent" serve --disk "vm1=$work/src.img" --listen "unix:$work/nbd.sock" \
+      --control "$work/ctl.sock" > "$work/a.out" 2>/dev/null &
+  apid=$!
+  until grep -q ready "$work/a.out" 2>/dev/null; do sleep 0.05; done
+  "$bin/ctk-stages" drop "$work/src.img"
+  start=$(date +%s.%N)
+  "$bin/ctk-agent" replicate --identity "$work/aid" --receiver "$addr" --receiver-fingerprint "$rfp" \
+      --control "$work/ctl.sock" --work-dir "$work" --json > "$work/rep.json"
+  end=$(date +%s.%N)
+  ctk_bps+=("$(python3 -c "print($bytes / ($end - $start))")")
+  sent=$(python3 -c "import json; print(json.load(open('$work/rep.json'))['delta_bytes'])")
+  kill $apid $rpid; wait $apid $rpid 2>/dev/null || true
+  echo "run $run: read ${read_bps[-1]} encode ${enc_bps[-1]} quic ${quic_bps[-1]} ctk ${ctk_bps[-1]} B/s; sent $sent bytes" >&2
+done
+r=$(printf '%s\n' "${read_bps[@]}" | median); e=$(printf '%s\n' "${enc_bps[@]}" | median)
+q=$(printf '%s\n' "${quic_bps[@]}" | median); c=$(printf '%s\n' "${ctk_bps[@]}" | median)
+python3 - "$r" "$e" "$q" "$c" "$size_mib" "$runs" "$sent" <<'PY'
+import sys
+r, e, q, c = map(float, sys.argv[1:5]); size, runs, sent = sys.argv[5], sys.argv[6], int(sys.argv[7])
+image = int(size) << 20
+# Every rate is in image bytes per second: QUIC only has to carry the delta (zeros skipped,
+# the rest compressed), so its rate is scaled by image / sent.
+q_image = q * image / sent
+slowest = min(("cold disk read", r), ("delta encoding", e), ("QUIC, carrying the delta", q_image), key=lambda x: x[1])
+print(f"| stage ({size} MiB mixed image, medians of {runs} runs) | image MB/s |")
+print("|---|---|")
+print(f"| cold disk read | {r/1e6:.0f} |")
+print(f"| delta encoding (zero detection, CRC32, zstd 1) | {e/1e6:.0f} |")
+print(f"| QUIC on loopback, ctk transport ({q/1e6:.0f} MB/s raw; the delta is {sent/image:.2f} of the image) | {q_image/1e6:.0f} |")
+print(f"| **ctk first full, end to end** (export, QUIC, stage, verify, merge, fsync) | **{c/1e6:.0f}** |")
+print(f"ratio ctk / slowest stage ({slowest[0]}): {c/slowest[1]:.2f} (goal >= 0.8); delta sent {sent/2**20:.0f} MiB")
+PY

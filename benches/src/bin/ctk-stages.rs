@@ -1,0 +1,136 @@
+//! The stages of a replication measured alone, for `benches/scripts/replicate_full.sh`:
+//!
+//!   ctk-stages gen FILE SIZE_MIB   a mixed image (25% zeros, 25% random, 50% text-like)
+//!   ctk-stages drop FILE           drop FILE's pages from the page cache (no root needed)
+//!   ctk-stages read FILE           cold sequential read, 1 MiB at a time -> bytes/s
+//!   ctk-stages encode FILE         delta encoding alone (zero detection, CRC32, zstd 1) of
+//!                                  FILE held in memory -> input bytes/s
+//!   ctk-stages quic BYTES          BYTES over QUIC on 127.0.0.1 with ctk's transport (TLS 1.3,
+//!                                  pinned certificates), both ends in this process -> bytes/s
+//!
+//! Each prints one number (bytes per second) on stdout.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use ctk::delta::{DeltaHeader, DeltaWriter, WriteOptions};
+use ctk::{ChangeId, Generation};
+
+fn drop_cache(path: &str) {
+    let f = std::fs::File::open(path).expect("open");
+    f.sync_all().expect("sync");
+    // SAFETY: fadvise on an open descriptor touches no memory.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| {
+        args.get(i).map(String::as_str).unwrap_or_else(|| {
+            eprintln!("usage: see the comment at the top of ctk-stages.rs");
+            std::process::exit(2)
+        })
+    };
+    match arg(0) {
+        "gen" => {
+            let size_mib: usize = arg(2).parse().expect("SIZE_MIB");
+            let mut f = std::io::BufWriter::new(std::fs::File::create(arg(1)).expect("create"));
+            for chunk in 0..size_mib.div_ceil(64) {
+                let n = (size_mib - chunk * 64).min(64) << 20;
+                f.write_all(&ctk_benches::mixed_data(n, chunk as u64 + 1))
+                    .expect("write");
+            }
+            f.into_inner().expect("flush").sync_all().expect("sync");
+        }
+        "drop" => drop_cache(arg(1)),
+        "read" => {
+            drop_cache(arg(1));
+            let mut f = std::fs::File::open(arg(1)).expect("open");
+            let mut buf = vec![0u8; 1 << 20];
+            let (started, mut total) = (Instant::now(), 0u64);
+            loop {
+                let n = f.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            println!("{:.0}", total as f64 / started.elapsed().as_secs_f64());
+        }
+        "encode" => {
+            let data = std::fs::read(arg(1)).expect("read");
+            let header = DeltaHeader {
+                disk_id: "bench".into(),
+                disk_size: data.len() as u64,
+                block_size: 4096,
+                from: None,
+                to: ChangeId::new(Generation(1), 1),
+            };
+            let started = Instant::now();
+            let mut w = DeltaWriter::new(std::io::sink(), &header, WriteOptions::default())
+                .expect("writer");
+            for (i, chunk) in data.chunks(1 << 20).enumerate() {
+                w.write_extent((i as u64) << 20, chunk).expect("encode");
+            }
+            w.finish().expect("finish");
+            println!("{:.0}", data.len() as f64 / started.elapsed().as_secs_f64());
+        }
+        "quic" => {
+            let bytes: u64 = arg(1).parse().expect("BYTES");
+            println!("{:.0}", quic(bytes));
+        }
+        other => {
+            eprintln!("unknown stage {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn quic(bytes: u64) -> f64 {
+    let server_id = ctk_net::Identity::generate("s").unwrap();
+    let client_id = ctk_net::Identity::generate("c").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let endpoint = ctk_net::server_endpoint(
+            &server_id,
+            vec![client_id.fingerprint()],
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut total = 0u64;
+            while let Some(chunk) = recv.read_chunk(1 << 20, true).await.unwrap() {
+                total += chunk.bytes.len() as u64;
+            }
+            send.write_all(&total.to_le_bytes()).await.unwrap();
+            send.finish().unwrap();
+            let _ = send.stopped().await;
+        });
+        let conn = ctk_net::connect(&client_id, addr, server_id.fingerprint())
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let block = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < bytes {
+            send.write_chunk(block.clone()).await.unwrap();
+            sent += block.len() as u64;
+        }
+        send.finish().unwrap();
+        let mut ack = [0u8; 8];
+        recv.read_exact(&mut ack).await.unwrap();
+        let rate = sent as f64 / started.elapsed().as_secs_f64();
+        assert_eq!(u64::from_le_bytes(ack), sent);
+        server.await.unwrap();
+        rate
+    })
+}
