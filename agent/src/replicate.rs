@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use ctk_net::wire::{Request, Response};
+use ctk_net::wire::{Consistency, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use serde_json::{Value, json};
 
@@ -95,6 +95,12 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
             &Request::Push {
                 disk: disk.into(),
                 delta_len: sent,
+                cut_unix_ms: exported["cut_unix_ms"].as_u64().unwrap_or(0),
+                consistency: if exported["consistency"] == "application" {
+                    Consistency::Application
+                } else {
+                    Consistency::Crash
+                },
             },
             Some(&path),
         )

@@ -942,6 +942,10 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             }
             // Refuse a bad `since` before cutting, so it leaves no empty cut behind.
             disk.changed(since, None)?;
+            let cut_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
             // The snapshot is taken inside the hold; NBD writes and the filesystems are
             // released before the data is read, and copy-on-write keeps it as of the cut.
             let mut began = false;
@@ -973,6 +977,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             answer["disk"] = json!(disk.name);
             answer["to"] = json!(report.change_id.to_string());
             answer["path"] = json!(path.display().to_string());
+            answer["cut_unix_ms"] = json!(cut_unix_ms);
             Ok(answer)
         }
         "cursor" => {

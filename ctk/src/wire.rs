@@ -21,8 +21,31 @@ pub const STRING_MAX: usize = 4096;
 pub enum Request {
     /// Which point is the newest committed for this disk (none before the first full)?
     Newest { disk: String },
-    /// Merge the delta that follows (`delta_len` bytes) into this disk's replica.
-    Push { disk: String, delta_len: u64 },
+    /// Merge the delta that follows (`delta_len` bytes) into this disk's replica, as a
+    /// restore point taken at `cut_unix_ms` with this consistency level.
+    Push {
+        disk: String,
+        delta_len: u64,
+        cut_unix_ms: u64,
+        consistency: Consistency,
+    },
+}
+
+/// How consistent a cut is: every acknowledged write in (crash), or applications quiesced
+/// and filesystems frozen first (application).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Consistency {
+    Crash,
+    Application,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Crash => "crash",
+            Consistency::Application => "application",
+        }
+    }
 }
 
 /// Why a request was refused.
@@ -149,6 +172,8 @@ mod tests {
             Request::Push {
                 disk: "vm1".into(),
                 delta_len: 1 << 40,
+                cut_unix_ms: 1_795_000_000_000,
+                consistency: Consistency::Application,
             },
         ];
         for m in msgs {
@@ -172,6 +197,8 @@ mod tests {
         let good = Request::Push {
             disk: "vm1".into(),
             delta_len: 9,
+            cut_unix_ms: 1,
+            consistency: Consistency::Crash,
         }
         .encode();
         let mut unknown = good.clone();

@@ -168,7 +168,7 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 };
                 let done = s
-                    .ingest(input, keep)
+                    .ingest(input, keep, store::PointMeta::default())
                     .with_context(|| format!("merging {}", path.display()))?;
                 let answer = match &done {
                     Ingested::Committed { point, dropped } => json!({

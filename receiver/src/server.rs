@@ -203,7 +203,16 @@ async fn handle(
                 Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
             }
         }
-        Request::Push { disk, delta_len } => {
+        Request::Push {
+            disk,
+            delta_len,
+            cut_unix_ms,
+            consistency,
+        } => {
+            let meta = store::PointMeta {
+                cut_unix_ms: Some(cut_unix_ms),
+                consistency: Some(consistency.as_str().to_owned()),
+            };
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));
             }
@@ -222,7 +231,7 @@ async fn handle(
                     remaining: delta_len,
                     handle,
                 };
-                s.ingest(input, keep)
+                s.ingest(input, keep, meta)
             })
             .await;
             match result {

@@ -99,6 +99,19 @@ pub struct Point {
     /// Undo file (relative to the disk directory) back to the previous point, if kept.
     pub undo: Option<String>,
     pub delta_bytes: u64,
+    /// When the agent cut it (unix ms), if the agent said.
+    #[serde(default)]
+    pub cut_unix_ms: Option<u64>,
+    /// "crash" or "application", if the agent said.
+    #[serde(default)]
+    pub consistency: Option<String>,
+}
+
+/// What the sender says about a point: when it was cut and how consistent it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointMeta {
+    pub cut_unix_ms: Option<u64>,
+    pub consistency: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,6 +119,8 @@ struct Applying {
     change_id: String,
     staged: String,
     undo: Option<String>,
+    #[serde(default)]
+    meta: PointMeta,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -256,7 +271,8 @@ impl DiskStore {
                 let f = File::open(&staged).map_err(io_err("opening the staged delta"))?;
                 apply_to(BufReader::new(f), &full)?;
                 full.sync_all().map_err(io_err("syncing full.img"))?;
-                let point = self.point_for(&staged, applying.undo.clone())?;
+                let point =
+                    self.point_for(&staged, applying.undo.clone(), applying.meta.clone())?;
                 let mut m = self.manifest.clone();
                 m.points.push(point);
                 m.applying = None;
@@ -309,7 +325,7 @@ impl DiskStore {
         }
     }
 
-    fn point_for(&self, staged: &Path, undo: Option<String>) -> Result<Point> {
+    fn point_for(&self, staged: &Path, undo: Option<String>, meta: PointMeta) -> Result<Point> {
         let f = File::open(staged).map_err(io_err("opening the staged delta"))?;
         let reader = DeltaReader::new(BufReader::new(f))?;
         let h = reader.header().clone();
@@ -321,12 +337,14 @@ impl DiskStore {
             committed_unix_ms: now_ms(),
             undo,
             delta_bytes,
+            cut_unix_ms: meta.cut_unix_ms,
+            consistency: meta.consistency,
         })
     }
 
     /// Merges the delta read from `input` as a new restore point, crash-atomically, and
     /// keeps the newest `keep` points. Returns once the point is committed (durable).
-    pub fn ingest(&mut self, input: impl Read, keep: usize) -> Result<Ingested> {
+    pub fn ingest(&mut self, input: impl Read, keep: usize, meta: PointMeta) -> Result<Ingested> {
         let keep = keep.clamp(1, POINTS_MAX);
         // 1. Stage the whole delta, durably, and verify every check while copying.
         let staging = self.dir.join("staging").join("incoming.ctkd");
@@ -396,6 +414,7 @@ impl DiskStore {
             change_id: header.to.to_string(),
             staged: staged_rel.clone(),
             undo: undo_rel.clone(),
+            meta: meta.clone(),
         });
         self.write_manifest(m)?;
         failpoint("applying_recorded");
@@ -408,7 +427,7 @@ impl DiskStore {
         failpoint("applied");
 
         // 5. Commit the point (and retention, in the same manifest).
-        let point = self.point_for(&self.dir.join(&staged_rel), undo_rel)?;
+        let point = self.point_for(&self.dir.join(&staged_rel), undo_rel, meta)?;
         let mut m = self.manifest.clone();
         m.points.push(point.clone());
         m.applying = None;

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use ctk_net::wire::{Refusal, Request, Response};
+use ctk_net::wire::{Consistency, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 
 fn agent_bin() -> PathBuf {
@@ -217,6 +217,14 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
         .map(|p| p["change_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(kept, committed[2..].to_vec());
+    // Each point records its cut time and consistency level, as the agent sent them.
+    for p in points[0]["points"].as_array().unwrap() {
+        assert_eq!(p["consistency"], "crash", "{p}");
+        assert!(
+            p["cut_unix_ms"].as_u64().unwrap() > 1_700_000_000_000,
+            "{p}"
+        );
+    }
     for id in &kept {
         let out = d.join("restored.img");
         let (ok, _, err) = run(Command::new(receiver_bin)
@@ -261,6 +269,8 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     let push = Request::Push {
         disk: "vm1".into(),
         delta_len: 4096,
+        cut_unix_ms: 1,
+        consistency: Consistency::Crash,
     }
     .encode();
     refused(
@@ -280,6 +290,8 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     let push = Request::Push {
         disk: "vm9".into(),
         delta_len: 1 << 20,
+        cut_unix_ms: 1,
+        consistency: Consistency::Crash,
     }
     .encode();
     refused(
