@@ -332,3 +332,177 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     let age = cursor["age_s"].as_f64().unwrap();
     assert!((0.0..60.0).contains(&age), "{cursor}");
 }
+
+fn start_receiver(bin: &Path, d: &Path, afp: &str) -> (Proc, SocketAddr) {
+    let (p, ready) = start(
+        Command::new(bin)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--keep",
+                "50",
+                "--identity",
+            ])
+            .arg(d.join("rid"))
+            .arg("--store")
+            .arg(d.join("store"))
+            .arg("--allow")
+            .arg(format!("host1={afp}")),
+    );
+    (p, ready.split_whitespace().nth(4).unwrap().parse().unwrap())
+}
+
+fn crc(bytes: &[u8]) -> u32 {
+    let mut h = 0xffff_ffffu32;
+    for &b in bytes {
+        h ^= b as u32;
+        for _ in 0..8 {
+            h = (h >> 1) ^ (0xedb8_8320 & (h & 1).wrapping_neg());
+        }
+    }
+    !h
+}
+
+/// Either side killed at a random moment of a replication, many times: the receiver
+/// (SIGKILL, restarted on the same store) or the agent's `replicate` (SIGKILL). Each time a
+/// new replication then runs to the end. Every point the receiver ever committed must equal
+/// the source as of the attempt that made it; nothing half-merged is ever listed.
+#[test]
+fn replication_survives_either_side_killed_at_random_moments() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let receiver_bin = Path::new(env!("CARGO_BIN_EXE_ctk-receiver"));
+    let agent_bin = agent_bin();
+    let rfp = init(receiver_bin, &d.join("rid"));
+    let afp = init(&agent_bin, &d.join("aid"));
+    let (mut receiver, mut addr) = start_receiver(receiver_bin, d, &afp);
+    let image = d.join("vm1.img");
+    let size = 48u64 << 20;
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let (_agent, _) = start(
+        Command::new(&agent_bin)
+            .arg("serve")
+            .arg("--disk")
+            .arg(format!("vm1={}", image.display()))
+            .arg("--listen")
+            .arg(format!("unix:{}", d.join("nbd.sock").display()))
+            .arg("--control")
+            .arg(d.join("ctl.sock")),
+    );
+    let uri = format!("nbd+unix:///vm1?socket={}", d.join("nbd.sock").display());
+    let replicate = |addr: SocketAddr| {
+        let mut c = Command::new(&agent_bin);
+        c.arg("replicate")
+            .arg("--identity")
+            .arg(d.join("aid"))
+            .arg("--receiver")
+            .arg(addr.to_string())
+            .arg("--receiver-fingerprint")
+            .arg(&rfp)
+            .arg("--control")
+            .arg(d.join("ctl.sock"))
+            .arg("--work-dir")
+            .arg(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    let points = || -> Vec<String> {
+        if !d.join("store/host1").exists() {
+            return Vec::new();
+        }
+        let (ok, out, err) = run(Command::new(receiver_bin)
+            .args(["points", "--json", "--store"])
+            .arg(d.join("store/host1")));
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .first()
+            .map(|disk| {
+                disk["points"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["change_id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut rng = Rng(0x0dd_ba11);
+    let mut content: HashMap<String, u32> = HashMap::new();
+    let (mut receiver_kills, mut agent_kills) = (0, 0);
+    let trials = 12;
+    for trial in 0..trials {
+        // Writes through NBD, then the source as this attempt will cut it.
+        let mut cmd = Command::new(tool("qemu-io"));
+        cmd.args(["-f", "raw", &uri]);
+        for _ in 0..20 {
+            let len = 4096 * (1 + rng.next() % 64);
+            let off = 4096 * (rng.next() % ((size - len) / 4096));
+            cmd.arg("-c")
+                .arg(format!("write -P {} {off} {len}", rng.next() % 255 + 1));
+        }
+        let (ok, _, err) = run(&mut cmd);
+        assert!(ok, "qemu-io: {err}");
+        let now = crc(&std::fs::read(&image).unwrap());
+        let mut child = replicate(addr).spawn().unwrap();
+        // The first full takes longest; aim the kills into the transfer and the merge.
+        std::thread::sleep(std::time::Duration::from_micros(rng.next() % 150_000));
+        if trial % 2 == 0 {
+            let _ = receiver.0.kill();
+            let _ = receiver.0.wait();
+            receiver_kills += 1;
+            // The orphaned client would wait out QUIC's idle timeout: end it too.
+            let _ = child.kill();
+            let _ = child.wait();
+            (receiver, addr) = start_receiver(receiver_bin, d, &afp);
+        } else {
+            let _ = child.kill();
+            agent_kills += 1;
+            let _ = child.wait();
+        }
+        // Whatever that attempt committed holds the source as of that attempt.
+        for p in points() {
+            content.entry(p).or_insert(now);
+        }
+        // Then a replication that runs to the end, from wherever the receiver stands.
+        let status = replicate(addr).status().unwrap();
+        assert!(
+            status.success(),
+            "trial {trial}: the replication after a kill failed"
+        );
+        for p in points() {
+            content.entry(p).or_insert(now);
+        }
+    }
+    // Every point the receiver keeps restores to what the source was when it was cut.
+    let kept = points();
+    assert!(kept.len() >= trials, "{} points", kept.len());
+    for id in &kept {
+        let out = d.join("r.img");
+        let (ok, _, err) = run(Command::new(receiver_bin)
+            .args(["restore", "--disk", "vm1", "--point", id, "-o"])
+            .arg(&out)
+            .arg("--store")
+            .arg(d.join("store/host1")));
+        assert!(ok, "{err}");
+        assert_eq!(
+            crc(&std::fs::read(&out).unwrap()),
+            content[id],
+            "point {id} diverged"
+        );
+    }
+    let (ok, _, err) = run(Command::new(receiver_bin)
+        .args(["verify", "--store"])
+        .arg(d.join("store/host1")));
+    assert!(ok, "{err}");
+    eprintln!(
+        "{trials} trials: receiver SIGKILLed {receiver_kills} times, replicate {agent_kills} times; {} points, none diverged",
+        kept.len()
+    );
+}
