@@ -117,8 +117,9 @@ enum Command {
     },
 }
 
+/// Opens a disk's store, waiting for a merge in progress (a running `serve`) to finish.
 fn open(store: &Path, disk: &str) -> Result<DiskStore> {
-    let (s, recovery) = DiskStore::open(store, disk)
+    let (s, recovery) = DiskStore::open_waiting(store, disk)
         .with_context(|| format!("opening the store of {disk:?} in {}", store.display()))?;
     match recovery {
         Recovery::Clean => {}
@@ -203,9 +204,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Points { store, disk, json } => {
             let mut all = Vec::new();
+            // Read without the store's lock, so a running receiver's merge does not block it.
             for d in disks(&store, disk)? {
-                let s = open(&store, &d)?;
-                all.push(json!({"disk": d, "points": s.points()}));
+                let points = store::committed_points(&store, &d)?;
+                all.push(json!({"disk": d, "points": points}));
             }
             if json {
                 println!("{}", serde_json::Value::Array(all));

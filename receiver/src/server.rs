@@ -188,15 +188,10 @@ async fn handle(
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));
             }
-            // A disk never pushed has no point; asking must not create its store.
-            if !root.join(&disk).join("manifest.json").exists() {
-                return Response::Newest { change_id: None };
-            }
-            let result = tokio::task::spawn_blocking(move || {
-                DiskStore::open(&root, &disk)
-                    .map(|(s, _)| s.points().last().map(|p| p.change_id.clone()))
-            })
-            .await;
+            // No lock: a merge in progress (say, of a push whose agent was killed) must not
+            // make the agent's next attempt fail. Asking never creates a store.
+            let result =
+                tokio::task::spawn_blocking(move || store::newest_point(&root, &disk)).await;
             match result {
                 Ok(Ok(change_id)) => Response::Newest { change_id },
                 Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),
@@ -225,7 +220,8 @@ async fn handle(
                     doing: "creating the agent's store".into(),
                     source,
                 })?;
-                let (mut s, _) = DiskStore::open(&root, &disk)?;
+                // A push waits for a merge in progress to finish, then continues from it.
+                let (mut s, _) = DiskStore::open_waiting(&root, &disk)?;
                 let input = StreamReader {
                     recv,
                     remaining: delta_len,

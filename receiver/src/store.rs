@@ -73,6 +73,33 @@ fn io_err(doing: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
     move |source| StoreError::Io { doing, source }
 }
 
+/// The newest committed point of a disk, read without taking the store's lock: the
+/// manifest is only ever replaced whole, so this sees one committed state or another (a
+/// merge in progress is not a point yet). `None` for a disk never merged into.
+pub fn newest_point(root: &Path, name: &str) -> Result<Option<String>> {
+    Ok(committed_points(root, name)?.pop().map(|p| p.change_id))
+}
+
+/// The committed points of a disk, read without the store's lock (see `newest_point`).
+pub fn committed_points(root: &Path, name: &str) -> Result<Vec<Point>> {
+    validate_name(name)?;
+    let path = root.join(name).join("manifest.json");
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("opening the manifest")(e)),
+    };
+    let mut text = String::new();
+    f.take(MANIFEST_LEN_MAX)
+        .read_to_string(&mut text)
+        .map_err(io_err("reading the manifest"))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Damaged {
+        disk: name.into(),
+        why: format!("manifest.json: {e}"),
+    })?;
+    Ok(m.points)
+}
+
 /// Validates a disk name: it becomes a directory name, so no path may come from outside.
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -170,8 +197,17 @@ pub struct DiskStore {
 
 impl DiskStore {
     /// Opens (creating if need be) the store of disk `name` under `root`, finishing or
-    /// undoing a merge a crash interrupted.
+    /// undoing a merge a crash interrupted. Fails at once if another process holds it.
     pub fn open(root: &Path, name: &str) -> Result<(DiskStore, Recovery)> {
+        Self::open_with(root, name, false)
+    }
+
+    /// `open`, waiting for a merge in progress elsewhere to finish instead of failing.
+    pub fn open_waiting(root: &Path, name: &str) -> Result<(DiskStore, Recovery)> {
+        Self::open_with(root, name, true)
+    }
+
+    fn open_with(root: &Path, name: &str, wait: bool) -> Result<(DiskStore, Recovery)> {
         validate_name(name)?;
         let dir = root.join(name);
         for sub in ["", "undo", "staging"] {
@@ -180,7 +216,12 @@ impl DiskStore {
         }
         let lock = File::create(dir.join("lock")).map_err(io_err("creating the lock file"))?;
         // SAFETY: flock on an open descriptor touches no memory.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mode = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        if unsafe { libc::flock(lock.as_raw_fd(), mode) } != 0 {
             return Err(StoreError::Io {
                 doing: format!("locking the store of {name:?} (is another ctk-receiver using it?)"),
                 source: io::Error::last_os_error(),

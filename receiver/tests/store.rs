@@ -385,6 +385,8 @@ fn bad_deltas_and_names_are_refused_and_change_nothing() {
 /// After a crash: the newest committed point is the one before the delta or the delta's
 /// own, and it restores exactly; so does every other kept point.
 fn check_consistent(s: &str, c: &Chain, dir: &Path, upto: usize) -> usize {
+    // Opening the store (verify does) finishes or undoes the interrupted merge.
+    ok(&["verify", "--store", s]);
     let kept = points(s, "vm1");
     let newest = kept.last().unwrap();
     let k = (0..c.states.len())
@@ -508,6 +510,9 @@ fn ingest_keep3(s: &str, delta: &Path) {
 }
 
 fn points_or_empty(s: &str) -> Vec<String> {
+    // Recovery first (verify opens the store), then the committed points.
+    let v = receiver(&["verify", "--store", s]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     let out = receiver(&["points", "--store", s, "--disk", "vm1", "--json"]);
     assert!(
         out.status.success(),
@@ -561,7 +566,7 @@ fn an_interrupted_merge_with_a_damaged_staged_copy_is_rolled_back_exactly() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&staged, &bytes).unwrap();
-    let out = receiver(&["points", "--store", s, "--disk", "vm1", "--json"]);
+    let out = receiver(&["verify", "--store", s, "--disk", "vm1"]);
     assert!(out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("undone"),
