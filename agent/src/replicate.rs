@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use ctk_net::wire::{Consistency, Request, Response};
+use ctk_net::wire::{Consistency, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use serde_json::{Value, json};
 
@@ -69,49 +69,64 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
         let conn = ctk_net::connect(&identity, r.receiver, r.pinned)
             .await
             .context("reaching the receiver")?;
-        let newest = match call(&conn, &Request::Newest { disk: disk.into() }, None).await? {
-            Response::Newest { change_id } => change_id,
-            Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
-            other => bail!("unexpected answer from the receiver: {other:?}"),
-        };
-        let since = newest.clone().unwrap_or_else(|| "all".into());
-        std::fs::create_dir_all(&r.work_dir)?;
-        let path = std::path::absolute(
-            r.work_dir
-                .join(format!("ctk-replicate-{disk}-{}.ctkd", std::process::id())),
-        )?;
-        let exported = control(json!({"cmd": "export", "since": since, "path": path}))
-            .with_context(|| match &newest {
-                Some(id) => format!(
-                    "exporting the changes since the receiver's newest point {id} (if this \
-                     agent cannot answer it, e.g. after its journal was lost, the replica \
-                     needs a resync, which is not built yet)"
-                ),
-                None => "exporting a first full".into(),
-            })?;
-        let sent = std::fs::metadata(&path)?.len();
-        let answer = call(
-            &conn,
-            &Request::Push {
-                disk: disk.into(),
-                delta_len: sent,
-                cut_unix_ms: exported["cut_unix_ms"].as_u64().unwrap_or(0),
-                consistency: if exported["consistency"] == "application" {
-                    Consistency::Application
-                } else {
-                    Consistency::Crash
+        // A push that does not fit is retried from where the receiver then stands: another
+        // push of this disk (say, of an earlier attempt that was killed after sending it all)
+        // may have committed between our question and our push. Each try is a new cut.
+        let mut tries = 0;
+        let (newest, exported, sent, committed, already) = loop {
+            tries += 1;
+            let newest = match call(&conn, &Request::Newest { disk: disk.into() }, None).await? {
+                Response::Newest { change_id } => change_id,
+                Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
+                other => bail!("unexpected answer from the receiver: {other:?}"),
+            };
+            let since = newest.clone().unwrap_or_else(|| "all".into());
+            std::fs::create_dir_all(&r.work_dir)?;
+            let path = std::path::absolute(
+                r.work_dir
+                    .join(format!("ctk-replicate-{disk}-{}.ctkd", std::process::id())),
+            )?;
+            let exported = control(json!({"cmd": "export", "since": since, "path": path}))
+                .with_context(|| match &newest {
+                    Some(id) => format!(
+                        "exporting the changes since the receiver's newest point {id} (if this \
+                         agent cannot answer it, e.g. after its journal was lost, the replica \
+                         needs a resync, which is not built yet)"
+                    ),
+                    None => "exporting a first full".into(),
+                })?;
+            let sent = std::fs::metadata(&path)?.len();
+            let answer = call(
+                &conn,
+                &Request::Push {
+                    disk: disk.into(),
+                    delta_len: sent,
+                    cut_unix_ms: exported["cut_unix_ms"].as_u64().unwrap_or(0),
+                    consistency: if exported["consistency"] == "application" {
+                        Consistency::Application
+                    } else {
+                        Consistency::Crash
+                    },
                 },
-            },
-            Some(&path),
-        )
-        .await;
-        let _ = std::fs::remove_file(&path);
-        let (committed, already) = match answer? {
-            Response::Committed { change_id, already } => (change_id, already),
-            Response::Refused { refusal, message } => {
-                bail!("the receiver refused the delta ({refusal:?}): {message}")
+                Some(&path),
+            )
+            .await;
+            let _ = std::fs::remove_file(&path);
+            match answer? {
+                Response::Committed { change_id, already } => {
+                    break (newest, exported, sent, change_id, already);
+                }
+                Response::Refused {
+                    refusal: Refusal::Mismatch,
+                    message,
+                } if tries < 3 => {
+                    tracing::info!(%message, "the receiver moved on meanwhile: trying again");
+                }
+                Response::Refused { refusal, message } => {
+                    bail!("the receiver refused the delta ({refusal:?}): {message}")
+                }
+                other => bail!("unexpected answer from the receiver: {other:?}"),
             }
-            other => bail!("unexpected answer from the receiver: {other:?}"),
         };
         if committed != exported["to"] {
             bail!(

@@ -281,6 +281,18 @@ impl ClientCertVerifier for AllowedAgents {
     }
 }
 
+/// Both ends: keep-alives every 2 s, so a connection waiting on a long merge stays up, and a
+/// 10 s idle timeout, so a peer that died (a SIGKILLed agent sends no close) is noticed and
+/// its half-sent push released soon.
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("in range"),
+    ));
+    t
+}
+
 /// A receiver's endpoint: serves agents whose certificates are in `allowed`.
 pub fn server_endpoint(
     identity: &Identity,
@@ -301,10 +313,7 @@ pub fn server_endpoint(
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    let transport = Arc::get_mut(&mut config.transport).expect("fresh config");
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).expect("in range"),
-    ));
+    config.transport_config(Arc::new(transport()));
     quinn::Endpoint::server(config, addr).map_err(io(format!("listening on {addr}")))
 }
 
@@ -334,7 +343,9 @@ pub async fn connect(
         "[::]:0".parse().expect("literal")
     };
     let mut endpoint = quinn::Endpoint::client(local).map_err(io("opening a UDP socket"))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport()));
+    endpoint.set_default_client_config(config);
     let fail = |why: String| NetError::Connect { addr, why };
     endpoint
         .connect(addr, "ctk-receiver")

@@ -471,10 +471,11 @@ fn replication_survives_either_side_killed_at_random_moments() {
             content.entry(p).or_insert(now);
         }
         // Then a replication that runs to the end, from wherever the receiver stands.
-        let status = replicate(addr).status().unwrap();
+        let out = replicate(addr).stderr(Stdio::piped()).output().unwrap();
         assert!(
-            status.success(),
-            "trial {trial}: the replication after a kill failed"
+            out.status.success(),
+            "trial {trial}: the replication after a kill failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
         for p in points() {
             content.entry(p).or_insert(now);
