@@ -436,6 +436,20 @@ impl DiskStore {
         fs::rename(&staging, self.dir.join(&staged_rel)).map_err(io_err("staging"))?;
         sync_dir(&self.dir.join("staging"))?;
 
+        // Can this filesystem hold the size the delta asks for? Probed on a scratch file,
+        // before anything is recorded: a size it cannot hold would otherwise fail the apply
+        // after "applying" is written, and every reopen would retry it and fail again.
+        let probe = self.dir.join("staging").join("size-probe");
+        let fits = File::create(&probe).and_then(|f| f.set_len(header.disk_size));
+        let _ = fs::remove_file(&probe);
+        if let Err(e) = fits {
+            let _ = fs::remove_file(self.dir.join(&staged_rel));
+            return Err(StoreError::Mismatch(format!(
+                "the delta's disk size {} cannot be stored here: {e}",
+                header.disk_size
+            )));
+        }
+
         // 2. The undo: what this merge will overwrite, as of the newest point.
         let full = self.full()?;
         let undo_rel = match self.points().last() {

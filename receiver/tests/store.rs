@@ -337,6 +337,50 @@ fn bad_deltas_and_names_are_refused_and_change_nothing() {
         &["ingest", "--store", s, "--disk", "vm1", p.to_str().unwrap()],
         "follow the delta trailer",
     );
+    // A valid full whose disk is larger than this filesystem can hold (4 KiB blocks allow
+    // 2^32 blocks = 16 TiB; ext4 files stop one block short): refused before anything is
+    // recorded, in a store of its own so the checks below are unaffected.
+    let huge = dir.path().join("huge.ctkd");
+    {
+        let header = DeltaHeader {
+            disk_id: "vm1".into(),
+            disk_size: 1 << 44,
+            block_size: BS as u32,
+            from: None,
+            to: id(1),
+        };
+        let f = std::fs::File::create(&huge).unwrap();
+        let mut w = DeltaWriter::new(f, &header, WriteOptions::default()).unwrap();
+        w.write_extent(0, &[7u8; BS]).unwrap();
+        w.finish().unwrap();
+    }
+    let huge_store = dir.path().join("huge-store");
+    let hs = huge_store.to_str().unwrap();
+    let out = receiver(&[
+        "ingest",
+        "--store",
+        hs,
+        "--disk",
+        "vm1",
+        huge.to_str().unwrap(),
+    ]);
+    if out.status.success() {
+        // This filesystem holds it (not ext4): nothing to refuse, and nothing wedged.
+        assert_eq!(points(hs, "vm1").len(), 1);
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot be stored here"), "{err}");
+        assert!(points(hs, "vm1").is_empty());
+        // Nothing half-done is left to wedge the store: a normal full goes in next.
+        ok(&[
+            "ingest",
+            "--store",
+            hs,
+            "--disk",
+            "vm1",
+            c.deltas[0].to_str().unwrap(),
+        ]);
+    }
     // Names that could be paths.
     for name in ["../x", "a/b", "", ".", &"n".repeat(300)] {
         refuse(
@@ -464,7 +508,12 @@ fn a_merge_killed_at_any_step_or_moment_leaves_a_consistent_store() {
     let window_us = (started.elapsed().as_micros() as u64 * 6 / 5).max(1000);
     let mut rng = Rng(0xdead_beef);
     let mut kills = 0;
-    for round in 0..4 {
+    // Rounds until enough kills landed mid-merge (later deltas merge faster than the timed
+    // full, so a round may see few), at least 4 and at most 16.
+    for round in 0..16 {
+        if round >= 4 && kills >= 8 {
+            break;
+        }
         let store = dir.path().join(format!("random-{round}"));
         let s = store.to_str().unwrap();
         let mut next = 0;
