@@ -1,4 +1,4 @@
-//! Writes small valid deltas and journals as seeds for the fuzz targets:
+//! Writes small valid deltas, journals and wire frames as seeds for the fuzz targets:
 //! `cargo run -p ctk --example fuzz_seeds -- fuzz/seeds`
 //! (random bytes rarely get past a CRC; valid seeds let the fuzzer explore past it).
 
@@ -11,6 +11,46 @@ fn main() -> std::io::Result<()> {
     let root = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "fuzz/seeds".into());
+    let wire = Path::new(&root).join("wire_frame");
+    std::fs::create_dir_all(&wire)?;
+    {
+        use ctk::wire::{Consistency, Refusal, Request, Response};
+        let frames = [
+            ("newest.bin", Request::Newest { disk: "vm1".into() }.encode()),
+            (
+                "push.bin",
+                Request::Push {
+                    disk: "vm1".into(),
+                    delta_len: 4096,
+                    cut_unix_ms: 1_795_000_000_000,
+                    consistency: Consistency::Application,
+                }
+                .encode(),
+            ),
+            (
+                "newest-answer.bin",
+                Response::Newest {
+                    change_id: Some(ChangeId::new(Generation(9), 4).to_string()),
+                }
+                .encode(),
+            ),
+            (
+                "committed.bin",
+                Response::Committed {
+                    change_id: ChangeId::new(Generation(9), 5).to_string(),
+                    already: false,
+                }
+                .encode(),
+            ),
+            (
+                "refused.bin",
+                Response::refused(Refusal::Mismatch, "delta starts at x").encode(),
+            ),
+        ];
+        for (name, bytes) in frames {
+            std::fs::write(wire.join(name), bytes)?;
+        }
+    }
     let deltas = Path::new(&root).join("delta_reader");
     let journals = Path::new(&root).join("journal_replay");
     std::fs::create_dir_all(&deltas)?;
