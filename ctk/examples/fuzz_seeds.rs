@@ -16,7 +16,10 @@ fn main() -> std::io::Result<()> {
     {
         use ctk::wire::{Consistency, Refusal, Request, Response};
         let frames = [
-            ("newest.bin", Request::Newest { disk: "vm1".into() }.encode()),
+            (
+                "newest.bin",
+                Request::Newest { disk: "vm1".into() }.encode(),
+            ),
             (
                 "push.bin",
                 Request::Push {
