@@ -325,12 +325,27 @@ impl DiskStore {
                 // unreadable now means the media lied. Put back what the merge may have
                 // overwritten.
                 tracing::warn!(disk = %self.name, error = %why, "staged delta unreadable: rolling back");
-                let undo = applying.undo.as_ref().ok_or_else(|| StoreError::Damaged {
-                    disk: self.name.clone(),
-                    why: "a first full was interrupted and its staged copy is unreadable".into(),
-                })?;
-                let f = File::open(self.dir.join(undo)).map_err(io_err("opening the undo"))?;
-                apply_to(BufReader::new(f), &full)?;
+                match &applying.undo {
+                    Some(undo) => {
+                        let f =
+                            File::open(self.dir.join(undo)).map_err(io_err("opening the undo"))?;
+                        apply_to(BufReader::new(f), &full)?;
+                    }
+                    // A first full: no point is committed, so nothing needs putting back;
+                    // the partial image is dropped and the store is empty again (refusing
+                    // to open would wedge the disk's store for good).
+                    None if self.manifest.points.is_empty() => {
+                        full.set_len(0).map_err(io_err("emptying full.img"))?
+                    }
+                    None => {
+                        return Err(StoreError::Damaged {
+                            disk: self.name.clone(),
+                            why: "an interrupted merge has no undo and its staged copy is \
+                                  unreadable"
+                                .into(),
+                        });
+                    }
+                }
                 full.sync_all().map_err(io_err("syncing full.img"))?;
                 let mut m = self.manifest.clone();
                 m.applying = None;
@@ -389,6 +404,7 @@ impl DiskStore {
         let keep = keep.clamp(1, POINTS_MAX);
         // 1. Stage the whole delta, durably, and verify every check while copying.
         let staging = self.dir.join("staging").join("incoming.ctkd");
+        let mut touched: Vec<Extent> = Vec::new();
         {
             let f = File::create(&staging).map_err(io_err("creating the staged delta"))?;
             let mut w = BufWriter::new(f);
@@ -396,7 +412,22 @@ impl DiskStore {
                 input,
                 copy: &mut w,
             };
-            let (header, _) = delta::verify(&mut tee)?;
+            // Every check of the delta, and the ranges it writes (merged): the undo needs
+            // them, and collecting them here saves decoding the staged copy once more.
+            let header = {
+                let mut reader = DeltaReader::new(&mut tee)?;
+                while let Some(record) = reader.next_record()? {
+                    let (offset, length) = match record {
+                        DeltaRecord::Data { offset, data } => (offset, data.len() as u64),
+                        DeltaRecord::Zero { offset, length } => (offset, length),
+                    };
+                    match touched.last_mut() {
+                        Some(last) if last.end() == offset => last.length += length,
+                        _ => touched.push(Extent::new(offset, length)),
+                    }
+                }
+                reader.header().clone()
+            };
             // Nothing may follow the trailer.
             let mut extra = [0u8; 1];
             if tee
@@ -456,7 +487,7 @@ impl DiskStore {
             None => None,
             Some(newest) => {
                 let rel = format!("undo/{seq}.ctkd");
-                self.write_undo(&full, newest, &header, &self.dir.join(&staged_rel), &rel)?;
+                self.write_undo(&full, newest, &header, &touched, &rel)?;
                 Some(rel)
             }
         };
@@ -547,19 +578,12 @@ impl DiskStore {
         full: &File,
         newest: &Point,
         header: &DeltaHeader,
-        staged: &Path,
+        touched: &[Extent],
         rel: &str,
     ) -> Result<()> {
         let old_size = newest.disk_size;
         let mut ranges: Vec<Extent> = Vec::new();
-        let mut reader = DeltaReader::new(BufReader::new(
-            File::open(staged).map_err(io_err("opening the staged delta"))?,
-        ))?;
-        while let Some(record) = reader.next_record()? {
-            let (offset, length) = match record {
-                DeltaRecord::Data { offset, data } => (offset, data.len() as u64),
-                DeltaRecord::Zero { offset, length } => (offset, length),
-            };
+        for &Extent { offset, length } in touched {
             let end = (offset + length).min(old_size);
             if offset >= end {
                 continue;

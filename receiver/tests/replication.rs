@@ -354,14 +354,7 @@ fn start_receiver(bin: &Path, d: &Path, afp: &str) -> (Proc, SocketAddr) {
 }
 
 fn crc(bytes: &[u8]) -> u32 {
-    let mut h = 0xffff_ffffu32;
-    for &b in bytes {
-        h ^= b as u32;
-        for _ in 0..8 {
-            h = (h >> 1) ^ (0xedb8_8320 & (h & 1).wrapping_neg());
-        }
-    }
-    !h
+    crc32fast::hash(bytes)
 }
 
 /// Either side killed at a random moment of a replication, many times: the receiver

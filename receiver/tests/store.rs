@@ -636,3 +636,53 @@ fn an_interrupted_merge_with_a_damaged_staged_copy_is_rolled_back_exactly() {
     ]);
     assert!(restored(s, "vm1", "latest", &dir.path().join("r.img")) == c.states[2]);
 }
+
+/// The same for a first full: there is no undo, and no committed point to protect. The
+/// partial image is dropped, the store is empty again, and the full can be sent again
+/// (before, the store refused to open for good).
+#[test]
+fn an_interrupted_first_full_with_a_damaged_staged_copy_leaves_an_empty_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = chain(dir.path(), "vm1", 2, 2 << 20, 11);
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ctk-receiver"))
+        .args(["ingest", "--store", s, "--disk", "vm1"])
+        .arg(&c.deltas[0])
+        .env("CTK_FAILPOINT", "applied")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let staged = std::fs::read_dir(store.join("vm1/staging"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&staged).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&staged, &bytes).unwrap();
+    let out = receiver(&["verify", "--store", s, "--disk", "vm1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(points(s, "vm1").is_empty());
+    assert_eq!(
+        std::fs::metadata(store.join("vm1/full.img")).unwrap().len(),
+        0
+    );
+    for delta in &c.deltas {
+        ok(&[
+            "ingest",
+            "--store",
+            s,
+            "--disk",
+            "vm1",
+            delta.to_str().unwrap(),
+        ]);
+    }
+    assert!(restored(s, "vm1", "latest", &dir.path().join("r.img")) == c.states[1]);
+}
