@@ -559,6 +559,10 @@ fn ingest_keep3(s: &str, delta: &Path) {
 }
 
 fn points_or_empty(s: &str) -> Vec<String> {
+    // A kill before the store existed leaves nothing to recover or list.
+    if !Path::new(s).exists() {
+        return Vec::new();
+    }
     // Recovery first (verify opens the store), then the committed points.
     let v = receiver(&["verify", "--store", s]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
