@@ -33,29 +33,48 @@ fn ioctl_mount(path: &Path, request: libc::c_ulong) -> std::io::Result<()> {
 }
 
 /// The helper's main: freeze, report, wait, thaw, report. Never leaves a mount frozen that it
-/// froze, whatever happens to its parent.
+/// froze, whatever happens to its parent: once a mount is frozen, every path out of this
+/// function goes through the thaw, including a failed report. (A `?` on the "frozen" line
+/// once returned early when the agent died mid-freeze, leaving the mount frozen for good.)
 pub fn helper_main(mounts: &[PathBuf], timeout: Duration) -> Result<()> {
     let mut frozen: Vec<&Path> = Vec::new();
-    let out = std::io::stdout();
+    let mut freeze_error = None;
     for mount in mounts {
-        if let Err(e) = ioctl_mount(mount, FIFREEZE) {
-            for m in frozen.iter().rev() {
-                let _ = ioctl_mount(m, FITHAW);
+        match ioctl_mount(mount, FIFREEZE) {
+            Ok(()) => frozen.push(mount),
+            Err(e) => {
+                freeze_error = Some(format!("error freezing {}: {e}", mount.display()));
+                break;
             }
-            let mut o = out.lock();
-            writeln!(o, "error freezing {}: {e}", mount.display())?;
-            o.flush()?;
-            return Ok(());
         }
-        frozen.push(mount);
     }
-    {
-        let mut o = out.lock();
-        writeln!(o, "frozen")?;
-        o.flush()?;
-    }
-    // Wait for "thaw", EOF, or the deadline. stdin is read on a thread so the deadline holds
-    // even if the parent is alive but silent.
+    let why = match freeze_error {
+        // Partly frozen: undo at once, then say why.
+        Some(_) => "error",
+        // The parent cannot hear us (it died mid-freeze, or stopped reading): nobody could
+        // ever ask for the thaw, so thaw now.
+        None if report("frozen").is_err() => "unheard",
+        None => wait_for_release(timeout),
+    };
+    let failed = thaw_all(&frozen);
+    // Best effort: after a parent death nobody reads this; the thaw is what mattered.
+    let _ = match (freeze_error, failed.is_empty()) {
+        (Some(e), _) => report(&e),
+        (None, true) => report(&format!("thawed {why}")),
+        (None, false) => report(&format!("thaw failed {why}: {}", failed.join("; "))),
+    };
+    Ok(())
+}
+
+fn report(line: &str) -> std::io::Result<()> {
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "{line}")?;
+    o.flush()
+}
+
+/// Waits for "thaw", EOF (the parent died), or the deadline, and says which came first.
+/// stdin is read on a thread so the deadline holds even if the parent is alive but silent.
+fn wait_for_release(timeout: Duration) -> &'static str {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -64,22 +83,18 @@ pub fn helper_main(mounts: &[PathBuf], timeout: Duration) -> Result<()> {
             .unwrap_or(0);
         let _ = tx.send(if n == 0 { "eof" } else { "asked" });
     });
-    let why = rx.recv_timeout(timeout).unwrap_or("timeout");
+    rx.recv_timeout(timeout).unwrap_or("timeout")
+}
+
+/// Thaws in reverse order; returns the mounts that would not thaw.
+fn thaw_all(frozen: &[&Path]) -> Vec<String> {
     let mut failed = Vec::new();
     for m in frozen.iter().rev() {
         if let Err(e) = ioctl_mount(m, FITHAW) {
             failed.push(format!("{}: {e}", m.display()));
         }
     }
-    // Best effort: after a parent death nobody reads this, and the thaw is what mattered.
-    let mut o = out.lock();
-    let _ = if failed.is_empty() {
-        writeln!(o, "thawed {why}")
-    } else {
-        writeln!(o, "thaw failed {why}: {}", failed.join("; "))
-    };
-    let _ = o.flush();
-    Ok(())
+    failed
 }
 
 /// Why the helper thawed.
@@ -139,10 +154,10 @@ impl Freeze {
                 bail!("freeze failed: {line}")
             }
             Err(_) => {
-                // The helper never answered: ending it makes it thaw (stdin EOF) or die.
-                freeze.stdin = None;
-                let _ = freeze.child.kill();
-                let _ = freeze.child.wait();
+                // The helper never answered, most likely stuck in FIFREEZE behind a slow
+                // sync. Killing it could land between its freeze and its thaw and leave the
+                // mount frozen for good; closing its stdin instead makes it thaw as soon as
+                // the freeze returns (Drop closes stdin and reaps it, boundedly).
                 bail!("the freeze helper did not answer within {timeout:?}")
             }
         }

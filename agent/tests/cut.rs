@@ -342,6 +342,110 @@ destage = [{{ clean_check = "sleep 1" }}]
     drop(fs);
 }
 
+/// The agent killed at random instants around the freeze: before the helper starts, while it
+/// is inside FIFREEZE, before its "frozen" reaches the agent, while frozen. Whatever the
+/// instant, the mount is thawed soon after. (CI once caught the helper exiting on a failed
+/// "frozen" report without thawing; this campaign aims at that window.)
+#[test]
+fn killing_the_agent_at_random_instants_of_a_freeze_never_leaves_a_mount_frozen() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(dir.path(), "mnt");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}");
+    let mut rng = seed;
+    const TRIALS: u64 = 10;
+    let mut frozen_when_killed = 0;
+    for trial in 0..TRIALS {
+        let tdir = dir.path().join(format!("t{trial}"));
+        std::fs::create_dir_all(&tdir).unwrap();
+        let config = format!(
+            r#"
+[[disk]]
+name = "stuck"
+path = "{}"
+[disk.cut]
+freeze = ["{}"]
+freeze_timeout_ms = 60000
+destage = [{{ clean_check = "sleep 603", timeout_ms = 600000 }}]
+"#,
+            disk_image(&tdir, "stuck").display(),
+            fs.mnt.display()
+        );
+        // Dirty the filesystem so FIFREEZE has a sync to do and the window is wider.
+        std::fs::write(fs.mnt.join("dirty"), vec![trial as u8; 4 << 20]).unwrap();
+        let mut agent = Agent::start(&tdir, &config);
+        let mut cutter = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
+            .args(["cut", "--disk", "stuck", "--control"])
+            .arg(&agent.control)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_micros(rng % 60_000));
+        // Was the helper already running at the kill (in FIFREEZE, reporting, or frozen)?
+        // Counted, so the campaign shows that it hit the window it aims at.
+        let helper_alive = Command::new("pgrep")
+            .args(["-f", "ctk-agent freeze-helper"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        agent.child.kill().unwrap();
+        agent.child.wait().unwrap();
+        frozen_when_killed += u32::from(helper_alive);
+        assert!(
+            !frozen(&fs.mnt, Duration::from_secs(10)),
+            "trial {trial} (seed {seed}): still frozen 10 s after the agent was killed"
+        );
+        let _ = cutter.wait();
+    }
+    let _ = Command::new("pkill").args(["-f", "sleep 603"]).status();
+    eprintln!(
+        "{TRIALS} trials, {frozen_when_killed} killed with the freeze helper running, none left a mount frozen"
+    );
+    drop(fs);
+}
+
+/// The helper itself, its parent alive but deaf (stdout closed before "frozen" is written):
+/// nobody could ever ask for the thaw, so it must thaw at once rather than exit frozen.
+#[test]
+fn a_freeze_helper_that_cannot_report_thaws_at_once() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(dir.path(), "mnt");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut helper = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
+        .args(["freeze-helper", "--timeout-ms", "60000"])
+        .arg(&fs.mnt)
+        .stdin(Stdio::piped())
+        .stdout(writer)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while helper.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the helper waited on a parent that cannot hear it"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !frozen(&fs.mnt, Duration::from_secs(5)),
+        "the helper exited and left the mount frozen"
+    );
+    drop(fs);
+}
+
 /// The issue's scenario: ext4 on a loop device over nbdfuse over the agent's NBD front.
 /// Files are written, an application-consistent cut with fsfreeze is exported, applied to the
 /// previous replica, and the replica passes e2fsck and holds the files.
