@@ -464,29 +464,13 @@ impl<R: Read> DeltaReader<R> {
         let mut head = [0u8; RECORD_HEAD];
         head[0] = tag[0];
         read_exact(&mut self.input, &mut head[1..], &mut self.position)?;
-        if crc32fast::hash(&head[..RECORD_HEAD - 4]).to_le_bytes() != head[RECORD_HEAD - 4..] {
-            return Err(DeltaError::RecordCorrupt { at });
-        }
-        let offset = u64::from_le_bytes(head[1..9].try_into().expect("8"));
-        let length = u64::from_le_bytes(head[9..17].try_into().expect("8"));
-        let encoded_len = u32::from_le_bytes(head[17..21].try_into().expect("4")) as usize;
-        let data_crc = u32::from_le_bytes(head[21..25].try_into().expect("4"));
-        let invalid = |why| Err(DeltaError::RecordInvalid { at, why });
-        if let Err(why) = check_range(&self.geometry, self.next_offset, offset, length) {
-            return invalid(why);
-        }
+        let Head {
+            offset,
+            length,
+            encoded_len,
+            data_crc,
+        } = parse_head(&head, at, &self.geometry, self.next_offset)?;
         let end = offset + length;
-        match tag[0] {
-            TAG_ZERO if encoded_len == 0 && data_crc == 0 => {}
-            TAG_ZERO => return invalid("zero record carries data"),
-            TAG_RAW if encoded_len as u64 == length && length <= DELTA_RECORD_DATA_MAX as u64 => {}
-            TAG_ZSTD
-                if encoded_len > 0
-                    && (encoded_len as u64) < length
-                    && length <= DELTA_RECORD_DATA_MAX as u64 => {}
-            TAG_RAW | TAG_ZSTD => return invalid("payload size does not fit the record length"),
-            _ => return invalid("unknown record type"),
-        }
         self.digest.update(&head);
         self.encoded.resize(encoded_len, 0);
         read_exact(&mut self.input, &mut self.encoded, &mut self.position)?;
@@ -526,17 +510,7 @@ impl<R: Read> DeltaReader<R> {
         let mut t = [0u8; TRAILER];
         t[0] = TAG_END;
         read_exact(&mut self.input, &mut t[1..], &mut self.position)?;
-        if crc32fast::hash(&t[..TRAILER - 4]).to_le_bytes() != t[TRAILER - 4..] {
-            return Err(DeltaError::TrailerMismatch("trailer checksum mismatch"));
-        }
-        let field = |i: usize| u64::from_le_bytes(t[1 + 8 * i..9 + 8 * i].try_into().expect("8"));
-        let s = self.summary;
-        if [field(0), field(1), field(2), field(3)]
-            != [s.records, s.data_bytes, s.zero_bytes, s.encoded_bytes]
-        {
-            return Err(DeltaError::TrailerMismatch("counts or byte totals differ"));
-        }
-        let digest = u32::from_le_bytes(t[33..37].try_into().expect("4"));
+        let digest = check_trailer(&t, &self.summary)?;
         if digest != self.digest.clone().finalize() {
             return Err(DeltaError::TrailerMismatch("record digest differs"));
         }
@@ -552,6 +526,244 @@ impl<R: Read> DeltaReader<R> {
         self.summary.stream_bytes = self.position;
         self.finished = true;
         Ok(())
+    }
+}
+
+/// Checks a trailer's own CRC and its counts and byte totals against `totals`; returns the
+/// record digest it carries.
+fn check_trailer(t: &[u8; TRAILER], totals: &DeltaSummary) -> Result<u32, DeltaError> {
+    if crc32fast::hash(&t[..TRAILER - 4]).to_le_bytes() != t[TRAILER - 4..] {
+        return Err(DeltaError::TrailerMismatch("trailer checksum mismatch"));
+    }
+    let field = |i: usize| u64::from_le_bytes(t[1 + 8 * i..9 + 8 * i].try_into().expect("8"));
+    if [field(0), field(1), field(2), field(3)]
+        != [
+            totals.records,
+            totals.data_bytes,
+            totals.zero_bytes,
+            totals.encoded_bytes,
+        ]
+    {
+        return Err(DeltaError::TrailerMismatch("counts or byte totals differ"));
+    }
+    Ok(u32::from_le_bytes(t[33..37].try_into().expect("4")))
+}
+
+/// A record head, checked: its own CRC, and a range and payload size that fit the disk and
+/// follow the previous record. The one definition the streaming reader and the index share.
+struct Head {
+    offset: u64,
+    length: u64,
+    encoded_len: usize,
+    data_crc: u32,
+}
+
+fn parse_head(
+    head: &[u8; RECORD_HEAD],
+    at: u64,
+    geometry: &Geometry,
+    next_offset: u64,
+) -> Result<Head, DeltaError> {
+    if crc32fast::hash(&head[..RECORD_HEAD - 4]).to_le_bytes() != head[RECORD_HEAD - 4..] {
+        return Err(DeltaError::RecordCorrupt { at });
+    }
+    let offset = u64::from_le_bytes(head[1..9].try_into().expect("8"));
+    let length = u64::from_le_bytes(head[9..17].try_into().expect("8"));
+    let encoded_len = u32::from_le_bytes(head[17..21].try_into().expect("4")) as usize;
+    let data_crc = u32::from_le_bytes(head[21..25].try_into().expect("4"));
+    let invalid = |why| Err(DeltaError::RecordInvalid { at, why });
+    if let Err(why) = check_range(geometry, next_offset, offset, length) {
+        return invalid(why);
+    }
+    match head[0] {
+        TAG_ZERO if encoded_len == 0 && data_crc == 0 => {}
+        TAG_ZERO => return invalid("zero record carries data"),
+        TAG_RAW if encoded_len as u64 == length && length <= DELTA_RECORD_DATA_MAX as u64 => {}
+        TAG_ZSTD
+            if encoded_len > 0
+                && (encoded_len as u64) < length
+                && length <= DELTA_RECORD_DATA_MAX as u64 => {}
+        TAG_RAW | TAG_ZSTD => return invalid("payload size does not fit the record length"),
+        _ => return invalid("unknown record type"),
+    }
+    Ok(Head {
+        offset,
+        length,
+        encoded_len,
+        data_crc,
+    })
+}
+
+/// Reads a `File` by position, so several readers can share one open file.
+struct ReadAt<'a> {
+    file: &'a File,
+    position: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.position)?;
+        self.position += n as u64;
+        Ok(n)
+    }
+}
+
+/// One record of an indexed delta file: what it covers, and where its payload is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexedRecord {
+    pub offset: u64,
+    pub length: u64,
+    /// True for a zero record (nothing to read).
+    pub zero: bool,
+    at: u64,
+    tag: u8,
+    encoded_len: u32,
+    data_crc: u32,
+}
+
+impl IndexedRecord {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// A delta file read by position: an index of its records built from their heads alone, so
+/// a reader fetches only the records it needs (a restore through a long chain of undo files
+/// reads each needed byte once, not every file whole). Every head is checked, the trailer's
+/// counts and byte totals are checked against the heads, and each fetched record's data is
+/// checked against its CRC; the trailer's digest over all payload bytes is not, since that
+/// would mean reading them all (`verify` does).
+pub struct DeltaFile {
+    file: File,
+    header: DeltaHeader,
+    records: Vec<IndexedRecord>,
+    encoded: Vec<u8>,
+    decoded: Vec<u8>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl DeltaFile {
+    pub fn open(file: File) -> Result<DeltaFile, DeltaError> {
+        let file_len = file.metadata()?.len();
+        let reader = DeltaReader::new(ReadAt {
+            file: &file,
+            position: 0,
+        })?;
+        let header = reader.header.clone();
+        let geometry = reader.geometry;
+        let mut position = reader.position;
+        drop(reader);
+        let mut records = Vec::new();
+        let mut totals = DeltaSummary::default();
+        let mut next_offset = 0;
+        loop {
+            let at = position;
+            let mut input = ReadAt {
+                file: &file,
+                position,
+            };
+            let mut tag = [0u8; 1];
+            read_exact(&mut input, &mut tag, &mut position)?;
+            if tag[0] == TAG_END {
+                let mut t = [0u8; TRAILER];
+                t[0] = TAG_END;
+                read_exact(&mut input, &mut t[1..], &mut position)?;
+                check_trailer(&t, &totals)?;
+                if position != file_len {
+                    return Err(DeltaError::TrailingBytes);
+                }
+                break;
+            }
+            let mut head = [0u8; RECORD_HEAD];
+            head[0] = tag[0];
+            read_exact(&mut input, &mut head[1..], &mut position)?;
+            let h = parse_head(&head, at, &geometry, next_offset)?;
+            let payload_end = position + h.encoded_len as u64;
+            if payload_end > file_len {
+                return Err(DeltaError::Truncated { at: file_len });
+            }
+            totals.records += 1;
+            totals.encoded_bytes += h.encoded_len as u64;
+            if head[0] == TAG_ZERO {
+                totals.zero_bytes += h.length;
+            } else {
+                totals.data_bytes += h.length;
+            }
+            records.push(IndexedRecord {
+                offset: h.offset,
+                length: h.length,
+                zero: head[0] == TAG_ZERO,
+                at: position,
+                tag: head[0],
+                encoded_len: h.encoded_len as u32,
+                data_crc: h.data_crc,
+            });
+            next_offset = h.offset + h.length;
+            position = payload_end;
+        }
+        let mut decompressor = zstd::bulk::Decompressor::new()?;
+        decompressor.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            ZSTD_WINDOW_LOG_MAX,
+        ))?;
+        Ok(DeltaFile {
+            file,
+            header,
+            records,
+            encoded: Vec::new(),
+            decoded: Vec::new(),
+            decompressor,
+        })
+    }
+
+    pub fn header(&self) -> &DeltaHeader {
+        &self.header
+    }
+
+    /// The records, ascending and disjoint.
+    pub fn records(&self) -> &[IndexedRecord] {
+        &self.records
+    }
+
+    /// Reads, decodes and checks the data of a (non-zero) record of this file.
+    pub fn read(&mut self, record: &IndexedRecord) -> Result<&[u8], DeltaError> {
+        let corrupt = |why| {
+            Err(DeltaError::DataCorrupt {
+                at: record.at,
+                offset: record.offset,
+                why,
+            })
+        };
+        if record.zero {
+            return corrupt("a zero record has no data to read");
+        }
+        self.encoded.resize(record.encoded_len as usize, 0);
+        let mut position = record.at;
+        read_exact(
+            &mut ReadAt {
+                file: &self.file,
+                position,
+            },
+            &mut self.encoded,
+            &mut position,
+        )?;
+        let data: &[u8] = if record.tag == TAG_RAW {
+            &self.encoded
+        } else {
+            self.decoded.resize(record.length as usize, 0);
+            match self
+                .decompressor
+                .decompress_to_buffer(&self.encoded[..], &mut self.decoded[..])
+            {
+                Ok(n) if n as u64 == record.length => {}
+                Ok(_) => return corrupt("decompressed to the wrong length"),
+                Err(_) => return corrupt("zstd data does not decode"),
+            }
+            &self.decoded
+        };
+        if crc32fast::hash(data) != record.data_crc {
+            return corrupt("checksum mismatch");
+        }
+        Ok(data)
     }
 }
 

@@ -173,8 +173,8 @@ fn chains_merge_and_every_kept_point_restores_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let s = store.to_str().unwrap();
-    let c = chain(dir.path(), "vm1", 9, 3 << 20, 42);
-    let keep = 5;
+    let c = chain(dir.path(), "vm1", 14, 3 << 20, 42);
+    let keep = 10;
     for (k, delta) in c.deltas.iter().enumerate() {
         let a = ok(&[
             "ingest",
