@@ -582,6 +582,30 @@ impl ProtectedDisk {
         Ok(())
     }
 
+    /// Waits (up to `timeout`) until no export of this disk is running. An export goes on
+    /// after the client that asked for it dies (its replication was killed, say), and the
+    /// next replication must wait for it rather than fail; waiting here, before the cut,
+    /// keeps the wait out of the cut's hold.
+    pub fn wait_export_idle(&self, timeout: std::time::Duration) -> Result<(), DiskError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut guard = self
+            .snapshot
+            .lock()
+            .map_err(|_| DiskError::Io(io::Error::other("snapshot lock poisoned")))?;
+        while guard.is_some() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(DiskError::Busy);
+            }
+            guard = self
+                .snapshot_room
+                .wait_timeout(guard, left)
+                .map_err(|_| DiskError::Io(io::Error::other("snapshot lock poisoned")))?
+                .0;
+        }
+        Ok(())
+    }
+
     /// Drops a snapshot begun inside a cut that then failed, so later exports are not
     /// refused as busy and writers stop preserving blocks for it.
     pub fn abort_snapshot(&self) {

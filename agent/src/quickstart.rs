@@ -257,6 +257,18 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
             "restore point {point} differs from the source as of its cut"
         );
     }
+    // Every point was also checked by the receiver when it merged it: the merged image's
+    // digest equalled the one the agent computed from its side.
+    let unchecked: Vec<&str> = disk_store
+        .points()
+        .iter()
+        .filter(|p| !p.digest_checked)
+        .map(|p| p.change_id.as_str())
+        .collect();
+    ensure!(
+        unchecked.is_empty(),
+        "points committed without the agent's digest check: {unchecked:?}"
+    );
     let newest = points.last().context("no point was committed")?.clone();
     drop(disk_store);
     if opts.json {
@@ -272,6 +284,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
                 "newest": newest,
                 "restored": restored.display().to_string(),
                 "verified": true,
+                "digests_checked": true,
                 "cycles": cycles,
             }))?
         );
@@ -279,6 +292,9 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         println!(
             "ok: all {} restore points on the receiver equal the source as of their cuts; the newest is {newest}.",
             points.len()
+        );
+        println!(
+            "    each was also checked at merge time: the merged image's digest equalled the agent's."
         );
         println!("the newest point is restored at {}", restored.display());
         // The receiver's binary, if it was built beside this one; otherwise how to run it.

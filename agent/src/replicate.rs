@@ -4,12 +4,20 @@
 //! agent, copy-on-write, point in time) the delta since that point, or a full when there is
 //! none; push it over QUIC; and only when the receiver acknowledges the commit, move this
 //! agent's cursor for the receiver to the new point, so it stays answerable next time.
+//!
+//! With each push goes the agent's digest of the whole image as of the cut (`ctk::digest`):
+//! the leaves of the receiver's newest point, kept beside the journal as
+//! `<journal>.digest-<cursor>`, updated with the exported blocks. The receiver refuses to
+//! commit a merged image that differs. The leaves move to the new point only on the commit
+//! ack, like the cursor.
 
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use ctk::delta::{DeltaReader, DeltaRecord};
+use ctk::digest::{LeafFile, Leaves};
 use ctk_net::wire::{Consistency, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use serde_json::{Value, json};
@@ -59,12 +67,65 @@ fn closed(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// The leaves of the image as of the exported delta's cut: those of the receiver's newest
+/// point (`newest`, from `leaf_path`) updated with every block of the delta. `None`, with a
+/// warning, when they cannot be known: the leaf file is missing or of another point (it
+/// was lost, or another cursor wrote to the receiver), the disk changed size, or the disk
+/// is too large to digest. The point is then committed unchecked.
+fn leaves_after(
+    leaf_path: &std::path::Path,
+    newest: Option<&str>,
+    delta: &std::path::Path,
+) -> Result<Option<Leaves>> {
+    let mut reader = DeltaReader::new(std::io::BufReader::new(std::fs::File::open(delta)?))?;
+    let h = reader.header().clone();
+    let base = match newest {
+        None => Some(Leaves::zeroed(h.disk_size, h.block_size)),
+        Some(id) => {
+            let at = id.parse().context("the receiver's newest point")?;
+            LeafFile::load(leaf_path, at)?.map(Ok)
+        }
+    };
+    let mut leaves = match base {
+        Some(Ok(l)) if l.disk_size() == h.disk_size && l.block_size() == h.block_size => l,
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "no image digest for this push");
+            return Ok(None);
+        }
+        _ => {
+            tracing::warn!(
+                leaves = %leaf_path.display(),
+                "the block digests of the receiver's newest point are not known here (lost, \
+                 or the disk changed size): this point is committed without the end-to-end \
+                 check"
+            );
+            return Ok(None);
+        }
+    };
+    while let Some(record) = reader.next_record()? {
+        match record {
+            DeltaRecord::Data { offset, data } => leaves.set_data(offset, data)?,
+            DeltaRecord::Zero { offset, length } => leaves.set_zero(offset, length)?,
+        }
+    }
+    Ok(Some(leaves))
+}
+
 /// Runs one replication of `disk`. `control` calls the running agent.
 pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) -> Result<Value> {
     let identity = Identity::load(&r.identity)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let status = control(json!({"cmd": "status"}))?;
+    let journal = status["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"] == disk)
+        .and_then(|d| d["journal"].as_str())
+        .with_context(|| format!("the agent does not protect a disk named {disk:?}"))?;
+    let leaf_path = PathBuf::from(format!("{journal}.digest-{}", r.cursor));
     runtime.block_on(async {
         let conn = ctk_net::connect(&identity, r.receiver, r.pinned)
             .await
@@ -73,7 +134,7 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
         // push of this disk (say, of an earlier attempt that was killed after sending it all)
         // may have committed between our question and our push. Each try is a new cut.
         let mut tries = 0;
-        let (newest, exported, sent, committed, already) = loop {
+        let (newest, exported, sent, committed, already, leaves) = loop {
             tries += 1;
             let newest = match call(&conn, &Request::Newest { disk: disk.into() }, None).await? {
                 Response::Newest { change_id } => change_id,
@@ -96,6 +157,23 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
                     None => "exporting a first full".into(),
                 })?;
             let sent = std::fs::metadata(&path)?.len();
+            let leaves = match leaves_after(&leaf_path, newest.as_deref(), &path) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e.context("digesting the exported delta"));
+                }
+            };
+            // Before the push: were this process killed after the receiver's commit, the
+            // next run must still know the leaves of what is then the receiver's newest.
+            if let (Some(l), Some(to)) = (&leaves, exported["to"].as_str())
+                && let Err(e) = to
+                    .parse()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|to| Ok(LeafFile::save_pending(&leaf_path, l, to)?))
+            {
+                tracing::warn!(error = %e, "recording the pending block digests");
+            }
             let answer = call(
                 &conn,
                 &Request::Push {
@@ -107,6 +185,7 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
                     } else {
                         Consistency::Crash
                     },
+                    image_digest: leaves.as_ref().map(|l| l.digest().0),
                 },
                 Some(&path),
             )
@@ -114,7 +193,7 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
             let _ = std::fs::remove_file(&path);
             match answer? {
                 Response::Committed { change_id, already } => {
-                    break (newest, exported, sent, change_id, already);
+                    break (newest, exported, sent, change_id, already, leaves);
                 }
                 Response::Refused {
                     refusal: Refusal::Mismatch,
@@ -134,7 +213,15 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
                 exported["to"]
             );
         }
-        // Only now, with the commit acknowledged, does the cursor move.
+        // Only now, with the commit acknowledged, do the leaves and the cursor move. Leaves
+        // that fail to save only cost the next push its check (it finds them of another
+        // point), so that is a warning, not a failed replication.
+        let digest = leaves.as_ref().map(|l| l.digest().to_string());
+        if let (Some(mut leaves), Ok(at)) = (leaves, committed.parse())
+            && let Err(e) = LeafFile::save(&leaf_path, &mut leaves, at)
+        {
+            tracing::warn!(error = %e, leaves = %leaf_path.display(), "saving the block digests");
+        }
         let moved =
             control(json!({"cmd": "cursor", "op": "advance", "name": r.cursor, "at": committed}));
         if moved.is_err() {
@@ -151,6 +238,7 @@ pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) 
             "delta_bytes": sent,
             "consistency": exported["consistency"],
             "hold_ms": exported["hold_ms"],
+            "image_digest": digest,
         }))
     })
 }

@@ -845,6 +845,9 @@ fn error_bytes(structured: bool, cookie: u64, error: u32, why: &str) -> Vec<u8> 
 
 /// Longest control request line.
 const CONTROL_LINE_MAX: u64 = 64 * 1024;
+/// How long an export waits for one already running on the same disk (a killed
+/// replication's export finishes on its own) before it is refused as busy.
+const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Result<()> {
     let (read, mut write) = stream.into_split();
@@ -942,6 +945,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             }
             // Refuse a bad `since` before cutting, so it leaves no empty cut behind.
             disk.changed(since, None)?;
+            disk.wait_export_idle(EXPORT_WAIT)?;
             let cut_unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

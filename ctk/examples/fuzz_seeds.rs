@@ -27,6 +27,7 @@ fn main() -> std::io::Result<()> {
                     delta_len: 4096,
                     cut_unix_ms: 1_795_000_000_000,
                     consistency: Consistency::Application,
+                    image_digest: Some([0x5c; 32]),
                 }
                 .encode(),
             ),

@@ -3,9 +3,11 @@
 //! The library holds everything that decides what must be replicated, and nothing that
 //! talks to a network: the change map ([`map`]), its durable journal ([`journal`]), the
 //! tracker that makes the intent-before-write order impossible to get wrong ([`tracker`]),
-//! and the delta format ([`delta`]). No async, no sockets.
+//! the delta format ([`delta`]), and the whole-image digest of a point ([`digest`]). No
+//! async, no sockets.
 
 pub mod delta;
+pub mod digest;
 pub mod geometry;
 pub mod id;
 pub mod journal;

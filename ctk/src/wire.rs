@@ -11,7 +11,7 @@ use bincode::{Decode, Encode};
 
 /// Protocol name and version, offered as the TLS ALPN: a peer speaking another version fails
 /// the handshake before any disk data moves.
-pub const ALPN: &[u8] = b"ctk/1";
+pub const ALPN: &[u8] = b"ctk/2";
 /// Largest frame (a request or a response; delta bytes are not framed).
 pub const FRAME_MAX: usize = 64 * 1024;
 /// Longest string in a message (names, ChangeIds, error text).
@@ -22,12 +22,17 @@ pub enum Request {
     /// Which point is the newest committed for this disk (none before the first full)?
     Newest { disk: String },
     /// Merge the delta that follows (`delta_len` bytes) into this disk's replica, as a
-    /// restore point taken at `cut_unix_ms` with this consistency level.
+    /// restore point taken at `cut_unix_ms` with this consistency level. `image_digest` is
+    /// the agent's digest of the whole image as of the cut (`ctk::digest`): the receiver
+    /// refuses to commit a merged image that does not match it. `None` when the agent does
+    /// not know it (its leaves were lost, or the disk changed size); the point is then
+    /// recorded as unchecked.
     Push {
         disk: String,
         delta_len: u64,
         cut_unix_ms: u64,
         consistency: Consistency,
+        image_digest: Option<[u8; 32]>,
     },
 }
 
@@ -174,6 +179,7 @@ mod tests {
                 delta_len: 1 << 40,
                 cut_unix_ms: 1_795_000_000_000,
                 consistency: Consistency::Application,
+                image_digest: Some([0xab; 32]),
             },
         ];
         for m in msgs {
@@ -199,6 +205,7 @@ mod tests {
             delta_len: 9,
             cut_unix_ms: 1,
             consistency: Consistency::Crash,
+            image_digest: None,
         }
         .encode();
         let mut unknown = good.clone();

@@ -1,6 +1,6 @@
 //! ctk's transport: identities (a key and a self-signed certificate each), pinning by
 //! certificate fingerprint (SSH's known_hosts, not a CA), QUIC endpoints over quinn and
-//! rustls (TLS 1.3, mutual authentication, ALPN `ctk/1`), and framing of `ctk::wire`
+//! rustls (TLS 1.3, mutual authentication, ALPN `ctk/2`), and framing of `ctk::wire`
 //! messages. Both binaries use it; `ctk` itself opens no socket.
 
 use std::fmt;

@@ -50,6 +50,11 @@ enum Command {
         /// Restore points to keep; older ones are dropped after each merge.
         #[arg(long, default_value_t = store::KEEP_DEFAULT)]
         keep: usize,
+        /// The digest of the whole image after the (single) delta, as the sender computed it
+        /// (64 hex digits, see docs/format.md): the merge is refused if the merged image
+        /// differs. Pushes over QUIC carry it; this is for deltas that travelled otherwise.
+        #[arg(long, value_parser = parse_digest)]
+        image_digest: Option<String>,
         /// Print one JSON object per delta.
         #[arg(long)]
         json: bool,
@@ -149,15 +154,25 @@ fn disks(store: &Path, disk: Option<String>) -> Result<Vec<String>> {
     Ok(out)
 }
 
+fn parse_digest(s: &str) -> Result<String, String> {
+    s.parse::<ctk::digest::ImageDigest>()
+        .map(|d| d.to_string())
+        .map_err(|e| e.to_string())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ingest {
             store,
             disk,
             keep,
+            image_digest,
             json,
             deltas,
         } => {
+            if image_digest.is_some() && deltas.len() != 1 {
+                anyhow::bail!("--image-digest describes the image after one delta: give one");
+            }
             let mut s = open(&store, &disk)?;
             for path in deltas {
                 let input: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
@@ -169,12 +184,20 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 };
                 let done = s
-                    .ingest(input, keep, store::PointMeta::default())
+                    .ingest(
+                        input,
+                        keep,
+                        store::PointMeta {
+                            image_digest: image_digest.clone(),
+                            ..store::PointMeta::default()
+                        },
+                    )
                     .with_context(|| format!("merging {}", path.display()))?;
                 let answer = match &done {
                     Ingested::Committed { point, dropped } => json!({
                         "disk": disk, "delta": path.display().to_string(), "committed": point.change_id,
                         "from": point.from, "disk_size": point.disk_size, "dropped_points": dropped,
+                        "image_digest": point.image_digest, "digest_checked": point.digest_checked,
                     }),
                     Ingested::AlreadyCommitted { change_id } => json!({
                         "disk": disk, "delta": path.display().to_string(), "committed": change_id,
@@ -216,10 +239,16 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{}:", d["disk"].as_str().unwrap_or(""));
                     for p in d["points"].as_array().into_iter().flatten() {
                         println!(
-                            "  {}  {} bytes  committed at unix ms {}",
+                            "  {}  {} bytes  {}  committed at unix ms {}  {}",
                             p["change_id"].as_str().unwrap_or(""),
                             p["disk_size"],
-                            p["committed_unix_ms"]
+                            p["consistency"].as_str().unwrap_or("consistency unknown"),
+                            p["committed_unix_ms"],
+                            if p["digest_checked"] == true {
+                                "digest checked"
+                            } else {
+                                "digest NOT checked (the sender sent none)"
+                            }
                         );
                     }
                 }
@@ -260,13 +289,18 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!(
                     "{}",
-                    json!({"disk": disk, "point": p.change_id, "output": output.display().to_string(), "disk_size": p.disk_size})
+                    json!({"disk": disk, "point": p.change_id, "output": output.display().to_string(), "disk_size": p.disk_size, "image_digest": p.image_digest, "digest_verified": p.image_digest.is_some()})
                 );
             } else {
                 println!(
-                    "{disk}: point {} written to {}",
+                    "{disk}: point {} written to {}{}",
                     p.change_id,
-                    output.display()
+                    output.display(),
+                    if p.image_digest.is_some() {
+                        " (read back: equal to the point's image digest)"
+                    } else {
+                        " (the point has no image digest to check against)"
+                    }
                 );
             }
         }
@@ -278,7 +312,10 @@ fn run(cli: Cli) -> Result<()> {
                     (Ok(n), true) => {
                         println!("{}", json!({"disk": d, "ok": true, "files_checked": n}))
                     }
-                    (Ok(n), false) => println!("{d}: ok ({n} increments checked)"),
+                    (Ok(n), false) => println!(
+                        "{d}: ok ({n} files checked: increments by CRC, full.img by the newest \
+                         point's image digest)"
+                    ),
                     (Err(e), true) => println!(
                         "{}",
                         json!({"disk": d, "ok": false, "error": format!("{e:#}")})

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use ctk::digest::ImageDigest;
 use ctk_net::wire::{Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use tracing::{Instrument, info, info_span, warn};
@@ -159,7 +160,7 @@ async fn stream(
 fn refusal(e: &StoreError) -> Refusal {
     match e {
         StoreError::BadName(_) | StoreError::NoSuchPoint(_) => Refusal::BadRequest,
-        StoreError::Delta(_) => Refusal::Damaged,
+        StoreError::Delta(_) | StoreError::DigestMismatch { .. } => Refusal::Damaged,
         StoreError::Mismatch(_) => Refusal::Mismatch,
         StoreError::Io { .. } | StoreError::Damaged { .. } => Refusal::Unavailable,
     }
@@ -203,10 +204,12 @@ async fn handle(
             delta_len,
             cut_unix_ms,
             consistency,
+            image_digest,
         } => {
             let meta = store::PointMeta {
                 cut_unix_ms: Some(cut_unix_ms),
                 consistency: Some(consistency.as_str().to_owned()),
+                image_digest: image_digest.map(|d| ImageDigest(d).to_string()),
             };
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));

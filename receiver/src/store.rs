@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use ctk::delta::{
     self, DeltaError, DeltaFile, DeltaHeader, DeltaReader, DeltaRecord, WriteOptions,
 };
+use ctk::digest::{DigestError, LeafFile, Leaves};
 use ctk::{ChangeId, Extent};
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +69,11 @@ pub enum StoreError {
     Damaged { disk: String, why: String },
     #[error("no restore point {0} is kept")]
     NoSuchPoint(String),
+    #[error(
+        "the merged image does not match the agent's digest of it (agent {expected}, merged \
+         {got}): nothing committed, the previous point stands"
+    )]
+    DigestMismatch { expected: String, got: String },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -136,6 +142,13 @@ pub struct Point {
     /// "crash" or "application", if the agent said.
     #[serde(default)]
     pub consistency: Option<String>,
+    /// The digest of the whole image as of this point (`ctk::digest`), as merged here.
+    #[serde(default)]
+    pub image_digest: Option<String>,
+    /// The agent sent its own digest of the image and it matched: the point is checked end
+    /// to end. False for points the agent could not vouch for.
+    #[serde(default)]
+    pub digest_checked: bool,
 }
 
 /// What the sender says about a point: when it was cut and how consistent it is.
@@ -143,6 +156,9 @@ pub struct Point {
 pub struct PointMeta {
     pub cut_unix_ms: Option<u64>,
     pub consistency: Option<String>,
+    /// The agent's digest of the whole image as of the cut, if it sent one.
+    #[serde(default)]
+    pub image_digest: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -316,48 +332,190 @@ impl DiskStore {
                 let f = File::open(&staged).map_err(io_err("opening the staged delta"))?;
                 apply_to(BufReader::new(f), &full)?;
                 full.sync_all().map_err(io_err("syncing full.img"))?;
-                let point =
-                    self.point_for(&staged, applying.undo.clone(), applying.meta.clone())?;
-                let mut m = self.manifest.clone();
-                m.points.push(point);
-                m.applying = None;
-                self.write_manifest(m)?;
-                Recovery::RolledForward(applying.change_id)
+                // The leaves of the point before may be gone (the crash may have been in
+                // the middle of saving the new ones), so they are read from the merged
+                // image whole: a full read, once, after a crash.
+                let header = DeltaFile::open(
+                    File::open(&staged).map_err(io_err("opening the staged delta"))?,
+                )?
+                .header()
+                .clone();
+                let leaves = match Leaves::of_image(&full, header.disk_size, header.block_size) {
+                    Ok(l) => Some(l),
+                    Err(DigestError::Io(e)) => return Err(io_err("reading full.img")(e)),
+                    Err(_) => None,
+                };
+                match self.check_digest(leaves.as_ref(), &applying.meta) {
+                    Ok(checked) => {
+                        let mut point =
+                            self.point_for(&staged, applying.undo.clone(), applying.meta.clone())?;
+                        self.save_leaves(leaves, &header, &mut point, checked)?;
+                        let mut m = self.manifest.clone();
+                        m.points.push(point);
+                        m.applying = None;
+                        self.write_manifest(m)?;
+                        Recovery::RolledForward(applying.change_id)
+                    }
+                    Err(e) => {
+                        tracing::warn!(disk = %self.name, error = %e, "rolling back");
+                        self.roll_back(&full, &applying)?;
+                        Recovery::RolledBack(applying.change_id)
+                    }
+                }
             }
             Err(why) => {
                 // The staged delta was durable and verified before "applying" was written;
                 // unreadable now means the media lied. Put back what the merge may have
                 // overwritten.
                 tracing::warn!(disk = %self.name, error = %why, "staged delta unreadable: rolling back");
-                match &applying.undo {
-                    Some(undo) => {
-                        let f =
-                            File::open(self.dir.join(undo)).map_err(io_err("opening the undo"))?;
-                        apply_to(BufReader::new(f), &full)?;
-                    }
-                    // A first full: no point is committed, so nothing needs putting back;
-                    // the partial image is dropped and the store is empty again (refusing
-                    // to open would wedge the disk's store for good).
-                    None if self.manifest.points.is_empty() => {
-                        full.set_len(0).map_err(io_err("emptying full.img"))?
-                    }
-                    None => {
-                        return Err(StoreError::Damaged {
-                            disk: self.name.clone(),
-                            why: "an interrupted merge has no undo and its staged copy is \
-                                  unreadable"
-                                .into(),
-                        });
-                    }
-                }
-                full.sync_all().map_err(io_err("syncing full.img"))?;
-                let mut m = self.manifest.clone();
-                m.applying = None;
-                self.write_manifest(m)?;
+                self.roll_back(&full, &applying)?;
                 Recovery::RolledBack(applying.change_id)
             }
         };
         Ok(outcome)
+    }
+
+    /// Puts back what an interrupted or refused merge may have overwritten, and forgets it.
+    fn roll_back(&mut self, full: &File, applying: &Applying) -> Result<()> {
+        match &applying.undo {
+            Some(undo) => {
+                let f = File::open(self.dir.join(undo)).map_err(io_err("opening the undo"))?;
+                apply_to(BufReader::new(f), full)?;
+            }
+            // A first full: no point is committed, so nothing needs putting back; the partial
+            // image is dropped and the store is empty again (refusing to open would wedge the
+            // disk's store for good).
+            None if self.manifest.points.is_empty() => {
+                full.set_len(0).map_err(io_err("emptying full.img"))?
+            }
+            None => {
+                return Err(StoreError::Damaged {
+                    disk: self.name.clone(),
+                    why: "an interrupted merge has no undo to roll back with".into(),
+                });
+            }
+        }
+        full.sync_all().map_err(io_err("syncing full.img"))?;
+        let mut m = self.manifest.clone();
+        m.applying = None;
+        self.write_manifest(m)?;
+        let _ = fs::remove_file(self.dir.join(&applying.staged));
+        Ok(())
+    }
+
+    fn leaves_path(&self) -> PathBuf {
+        self.dir.join("leaves")
+    }
+
+    /// The leaves of the newest point: from the leaf file when it holds them, else read
+    /// from full.img (after a crash, or for a store written before digests existed). Zeros
+    /// of the delta's size before the first full. `None` for a disk too large to digest.
+    fn base_leaves(&self, full: &File, header: &DeltaHeader) -> Result<Option<Leaves>> {
+        let result = match self.points().last() {
+            None => Leaves::zeroed(header.disk_size, header.block_size),
+            Some(newest) => {
+                let at = newest
+                    .change_id
+                    .parse::<ChangeId>()
+                    .map_err(|e| StoreError::Damaged {
+                        disk: self.name.clone(),
+                        why: format!("manifest point id: {e}"),
+                    })?;
+                match LeafFile::load(&self.leaves_path(), at) {
+                    Ok(Some(l)) => Ok(l),
+                    Ok(None) | Err(_) => {
+                        tracing::info!(disk = %self.name, "reading full.img to rebuild its block digests");
+                        Leaves::of_image(full, newest.disk_size, header.block_size)
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(l) => Ok(Some(l)),
+            Err(DigestError::Io(e)) => Err(io_err("reading full.img for its digests")(e)),
+            Err(e) => {
+                tracing::warn!(disk = %self.name, error = %e, "no image digest for this disk");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Brings `leaves` from the point before to the merged image: the blocks the delta
+    /// wrote, read back from full.img (what is really there, not what was sent), and the
+    /// block a size change cuts into.
+    fn merged_leaves(
+        &self,
+        mut leaves: Leaves,
+        full: &File,
+        header: &DeltaHeader,
+        touched: &[Extent],
+    ) -> Result<Option<Leaves>> {
+        let old_size = leaves.disk_size();
+        if leaves.resize(header.disk_size).is_err() {
+            return Ok(None);
+        }
+        let bs = header.block_size as u64;
+        let edge = leaves
+            .edge_block(old_size)
+            .map(|b| Extent::new(b * bs, bs.min(header.disk_size - b * bs)));
+        let mut buf = vec![0u8; CHUNK];
+        for e in touched.iter().chain(edge.iter()) {
+            let mut pos = e.offset;
+            while pos < e.end() {
+                let n = (e.end() - pos).min(CHUNK as u64) as usize;
+                full.read_exact_at(&mut buf[..n], pos)
+                    .map_err(io_err("reading back the merged image"))?;
+                leaves
+                    .set_data(pos, &buf[..n])
+                    .map_err(|e| StoreError::Damaged {
+                        disk: self.name.clone(),
+                        why: format!("block digests: {e}"),
+                    })?;
+                pos += n as u64;
+            }
+        }
+        Ok(Some(leaves))
+    }
+
+    /// Compares the merged image's digest with the agent's. `Ok(true)`: both known and
+    /// equal; `Ok(false)`: one side does not know it (the point is recorded unchecked).
+    fn check_digest(&self, leaves: Option<&Leaves>, meta: &PointMeta) -> Result<bool> {
+        let (Some(leaves), Some(expected)) = (leaves, meta.image_digest.as_deref()) else {
+            return Ok(false);
+        };
+        let got = leaves.digest().to_string();
+        if got != expected {
+            return Err(StoreError::DigestMismatch {
+                expected: expected.into(),
+                got,
+            });
+        }
+        Ok(true)
+    }
+
+    /// Saves the merged leaves (before the commit: a crash in between is recovered by
+    /// `recover`, which rebuilds them) and records the digest in the point.
+    fn save_leaves(
+        &self,
+        leaves: Option<Leaves>,
+        header: &DeltaHeader,
+        point: &mut Point,
+        checked: bool,
+    ) -> Result<()> {
+        if let Some(mut leaves) = leaves {
+            point.image_digest = Some(leaves.digest().to_string());
+            LeafFile::save(&self.leaves_path(), &mut leaves, header.to).map_err(|e| {
+                StoreError::Io {
+                    doing: "saving the block digests".into(),
+                    source: match e {
+                        DigestError::Io(e) => e,
+                        other => io::Error::other(other.to_string()),
+                    },
+                }
+            })?;
+        }
+        point.digest_checked = checked;
+        Ok(())
     }
 
     /// Deletes staged deltas and undo files no point or merge refers to (left by a crash).
@@ -399,6 +557,8 @@ impl DiskStore {
             delta_bytes,
             cut_unix_ms: meta.cut_unix_ms,
             consistency: meta.consistency,
+            image_digest: None,
+            digest_checked: false,
         })
     }
 
@@ -485,8 +645,10 @@ impl DiskStore {
             )));
         }
 
-        // 2. The undo: what this merge will overwrite, as of the newest point.
+        // 2. The undo: what this merge will overwrite, as of the newest point. (And the
+        // block digests of the newest point, while full.img still holds it.)
         let full = self.full()?;
+        let base = self.base_leaves(&full, &header)?;
         let undo_rel = match self.points().last() {
             None => None,
             Some(newest) => {
@@ -515,9 +677,37 @@ impl DiskStore {
         apply_to(BufReader::new(f), &full)?;
         full.sync_all().map_err(io_err("syncing full.img"))?;
         failpoint("applied");
+        if std::env::var("CTK_FAILPOINT").is_ok_and(|v| v == "flip_merged")
+            && let Some(first) = touched.first()
+        {
+            // Test hook: a byte of the merged image goes bad (a misdirected or torn write,
+            // media rot) after the apply; the digest check below must catch it.
+            let mut b = [0u8; 1];
+            full.read_exact_at(&mut b, first.offset)
+                .and_then(|()| full.write_all_at(&[b[0] ^ 0x20], first.offset))
+                .map_err(io_err("flipping a byte (test hook)"))?;
+        }
 
-        // 5. Commit the point (and retention, in the same manifest).
-        let point = self.point_for(&self.dir.join(&staged_rel), undo_rel, meta)?;
+        // 5. The merged image must be the one the agent digested: if not, put the previous
+        // point back and refuse.
+        let leaves = match base {
+            Some(base) => self.merged_leaves(base, &full, &header, &touched)?,
+            None => None,
+        };
+        let checked = match self.check_digest(leaves.as_ref(), &meta) {
+            Ok(checked) => checked,
+            Err(e) => {
+                let applying = self.manifest.applying.clone().expect("recorded above");
+                self.roll_back(&full, &applying)?;
+                self.remove_orphans();
+                return Err(e);
+            }
+        };
+        let mut point = self.point_for(&self.dir.join(&staged_rel), undo_rel, meta)?;
+        self.save_leaves(leaves, &header, &mut point, checked)?;
+        failpoint("leaves_saved");
+
+        // 6. Commit the point (and retention, in the same manifest).
         let mut m = self.manifest.clone();
         m.points.push(point.clone());
         m.applying = None;
@@ -728,11 +918,36 @@ impl DiskStore {
         target
             .sync_all()
             .map_err(io_err("syncing the restored image"))?;
+        self.check_image(&target, &point, "the restored image")?;
         Ok(point)
     }
 
-    /// Re-reads every undo file and any staged delta, checking every CRC; returns how many
-    /// files were checked.
+    /// Reads `image` whole and compares its digest with the one recorded for `point`
+    /// (nothing to compare for points merged before digests existed). A mismatch means the
+    /// store does not hold what was committed: an error, never a silent wrong image.
+    fn check_image(&self, image: &File, point: &Point, what: &str) -> Result<()> {
+        let (Some(expected), Some(bs)) = (&point.image_digest, self.manifest.block_size) else {
+            return Ok(());
+        };
+        let got = match Leaves::of_image(image, point.disk_size, bs) {
+            Ok(l) => l.digest(),
+            Err(DigestError::Io(e)) => return Err(io_err(format!("reading {what}"))(e)),
+            Err(_) => return Ok(()),
+        };
+        if got.to_string() != *expected {
+            return Err(StoreError::Damaged {
+                disk: self.name.clone(),
+                why: format!(
+                    "{what} of point {} has digest {got}, the point was committed as {expected}",
+                    point.change_id
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Re-reads every undo file and any staged delta, checking every CRC, and full.img
+    /// against the newest point's digest; returns how many files were checked.
     pub fn verify(&self) -> Result<usize> {
         let mut checked = 0;
         for p in self.points() {
@@ -754,6 +969,11 @@ impl DiskStore {
                 disk: self.name.clone(),
                 why: format!("full.img is {size} bytes, the newest point {}", p.disk_size),
             }),
+            Some(p) if p.image_digest.is_some() => {
+                let full = File::open(self.full_path()).map_err(io_err("opening full.img"))?;
+                self.check_image(&full, p, "full.img")?;
+                Ok(checked + 1)
+            }
             _ => Ok(checked),
         }
     }

@@ -220,6 +220,9 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     // Each point records its cut time and consistency level, as the agent sent them.
     for p in points[0]["points"].as_array().unwrap() {
         assert_eq!(p["consistency"], "crash", "{p}");
+        // ...and each was checked end to end: the merged image matched the agent's digest.
+        assert_eq!(p["digest_checked"], true, "{p}");
+        assert_eq!(p["image_digest"].as_str().map(str::len), Some(64), "{p}");
         assert!(
             p["cut_unix_ms"].as_u64().unwrap() > 1_700_000_000_000,
             "{p}"
@@ -271,6 +274,7 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
         delta_len: 4096,
         cut_unix_ms: 1,
         consistency: Consistency::Crash,
+        image_digest: None,
     }
     .encode();
     refused(
@@ -292,6 +296,7 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
         delta_len: 1 << 20,
         cut_unix_ms: 1,
         consistency: Consistency::Crash,
+        image_digest: None,
     }
     .encode();
     refused(
@@ -477,6 +482,24 @@ fn replication_survives_either_side_killed_at_random_moments() {
     // Every point the receiver keeps restores to what the source was when it was cut.
     let kept = points();
     assert!(kept.len() >= trials, "{} points", kept.len());
+    // And each was checked against the agent's digest when merged, kills or not: the agent
+    // records its next leaves before each push, so one killed after the receiver's commit
+    // still knows them on the next run.
+    let (ok, out, err) = run(Command::new(receiver_bin)
+        .args(["points", "--json", "--store"])
+        .arg(d.join("store/host1")));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let unchecked: Vec<&serde_json::Value> = v[0]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["digest_checked"] != true)
+        .collect();
+    assert!(
+        unchecked.is_empty(),
+        "points merged unchecked: {unchecked:?}"
+    );
     for id in &kept {
         let out = d.join("r.img");
         let (ok, _, err) = run(Command::new(receiver_bin)

@@ -461,6 +461,7 @@ fn a_merge_killed_at_any_step_or_moment_leaves_a_consistent_store() {
         "undo_written",
         "applying_recorded",
         "applied",
+        "leaves_saved",
         "committed",
     ] {
         for target in [0usize, 3] {
@@ -689,4 +690,92 @@ fn an_interrupted_first_full_with_a_damaged_staged_copy_leaves_an_empty_store() 
         ]);
     }
     assert!(restored(s, "vm1", "latest", &dir.path().join("r.img")) == c.states[1]);
+}
+
+/// The digest of an image as a sender computes it (`ctk::digest`).
+fn digest_of(dir: &Path, state: &[u8]) -> String {
+    let path = dir.join("digest-input.img");
+    std::fs::write(&path, state).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    ctk::digest::Leaves::of_image(&f, state.len() as u64, BS as u32)
+        .unwrap()
+        .digest()
+        .to_string()
+}
+
+#[test]
+fn merges_are_checked_against_the_senders_digest_and_rot_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let c = chain(dir.path(), "vm1", 4, 2 << 20, 5);
+    let delta = |k: usize| c.deltas[k].to_str().unwrap().to_string();
+    let ingest = |k: usize, digest: &str, failpoint: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctk-receiver"));
+        cmd.args(["ingest", "--store", s, "--disk", "vm1", "--json"])
+            .args(["--image-digest", digest, &delta(k)]);
+        if let Some(f) = failpoint {
+            cmd.env("CTK_FAILPOINT", f);
+        }
+        cmd.output().unwrap()
+    };
+    let answer = |out: &Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // The full and an increment, each with the sender's digest: committed, and checked.
+    for k in 0..2 {
+        let a = answer(&ingest(k, &digest_of(dir.path(), &c.states[k]), None));
+        assert_eq!(a["digest_checked"], true, "{a}");
+        assert_eq!(a["image_digest"], digest_of(dir.path(), &c.states[k]));
+    }
+    let unchanged = |why: &str| {
+        assert_eq!(points(s, "vm1").len(), 2, "{why}");
+        let image = restored(s, "vm1", "latest", &dir.path().join("r.img"));
+        assert!(image == c.states[1], "{why}: the newest point changed");
+        assert_eq!(ok(&["verify", "--store", s, "--json"])["ok"], true, "{why}");
+    };
+    // A digest of another image: refused, and the store is exactly as before.
+    let out = ingest(2, &digest_of(dir.path(), &c.states[3]), None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match the agent's digest"), "{err}");
+    unchanged("wrong digest");
+    // A byte of the merged image goes bad after the apply: the check refuses it and the
+    // merge is rolled back.
+    let out = ingest(2, &digest_of(dir.path(), &c.states[2]), Some("flip_merged"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match the agent's digest"), "{err}");
+    unchanged("flipped merged byte");
+    // The right digest: committed and checked.
+    let a = answer(&ingest(2, &digest_of(dir.path(), &c.states[2]), None));
+    assert_eq!(a["digest_checked"], true, "{a}");
+    // Rot in full.img (one byte of a block no merge touches again): `verify` and `restore`
+    // both find it instead of handing out a wrong image.
+    let full = store.join("vm1/full.img");
+    let mut bytes = std::fs::read(&full).unwrap();
+    let at = bytes.iter().rposition(|&b| b != 0).unwrap();
+    bytes[at] ^= 0x01;
+    std::fs::write(&full, &bytes).unwrap();
+    let out = receiver(&["verify", "--store", s]);
+    assert!(!out.status.success(), "verify missed the rot");
+    let out = receiver(&[
+        "restore",
+        "--store",
+        s,
+        "--disk",
+        "vm1",
+        "--point",
+        "latest",
+        "-o",
+        dir.path().join("rot.img").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "restore handed out a rotten image");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("digest"), "{err}");
 }
