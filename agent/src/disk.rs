@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Seek, SeekFrom};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -617,15 +617,19 @@ impl ProtectedDisk {
 
     /// Writes the snapshot begun for `to` as a delta into `out` while writes continue, then
     /// drops the snapshot. Returns the changed bytes, the delta's totals and the most memory
-    /// preserved copies took.
+    /// preserved copies took. `out` may be a FIFO (a replication streaming the export). With
+    /// `leaves`, also writes there, for every block of the delta, its leaf of the image digest
+    /// (`ctk::digest`) as a pair of little-endian u64s (block, leaf): computed here, from the
+    /// data in hand, so the replication does not decode the delta again.
     pub fn export_snapshot(
         &self,
         since: Since,
         to: ChangeId,
         out: &Path,
+        leaves: Option<&Path>,
         zstd_level: i32,
     ) -> Result<(u64, DeltaSummary, u64), DiskError> {
-        let result = self.export_snapshot_inner(since, to, out, zstd_level);
+        let result = self.export_snapshot_inner(since, to, out, leaves, zstd_level);
         let peak = match self.snapshot.lock() {
             Ok(mut guard) => guard.take().map_or(0, |s| s.peak_bytes),
             Err(_) => 0,
@@ -639,8 +643,13 @@ impl ProtectedDisk {
         since: Since,
         to: ChangeId,
         out: &Path,
+        leaves: Option<&Path>,
         zstd_level: i32,
     ) -> Result<(u64, DeltaSummary), DiskError> {
+        let mut leaves_out = match leaves {
+            Some(p) => Some(BufWriter::new(File::create(p)?)),
+            None => None,
+        };
         let (block_size, extents) =
             self.with_tracker(|t| Ok((t.geometry().block_size(), t.changed(since, to)?)))?;
         let header = DeltaHeader {
@@ -683,18 +692,31 @@ impl ProtectedDisk {
             snap.pending.remove_range(first..=last);
             drop(guard);
             self.snapshot_room.notify_all();
+            // Pieces start on a block boundary and hold whole blocks (but for the disk's
+            // partial last block), so each chunk is one block.
+            if let Some(w) = leaves_out.as_mut() {
+                let first = offset / block_size as u64;
+                for (i, block) in buf.chunks(block_size as usize).enumerate() {
+                    w.write_all(&(first + i as u64).to_le_bytes())?;
+                    w.write_all(&ctk::digest::leaf(block).to_le_bytes())?;
+                }
+            }
             Ok(())
         };
-        let file = File::create(out)?;
+        let file = open_output(out)?;
         let options = WriteOptions {
             zstd_level: Some(zstd_level),
         };
         let (writer, summary) =
             delta::export_with(read_at, &extents, &header, options, BufWriter::new(file))?;
-        writer
-            .into_inner()
-            .map_err(|e| e.into_error())?
-            .sync_all()?;
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        // A FIFO (a streamed replication) has nothing to sync; a file must be durable.
+        if file.metadata()?.is_file() {
+            file.sync_all()?;
+        }
+        if let Some(w) = leaves_out {
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
         Ok((changed, summary))
     }
 
@@ -835,6 +857,56 @@ fn block_runs(
         runs.push((end - pos, 0));
     }
     runs
+}
+
+/// How long an export into a FIFO waits for its reader to open it.
+const FIFO_OPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens an export's output: a new file, or an existing FIFO (a streamed replication). A
+/// FIFO is opened without blocking, retried until its reader is there: a blocking open
+/// would wait forever for a reader that was killed before it opened its end, and hold the
+/// disk's one export slot with it.
+fn open_output(out: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_fifo = std::fs::metadata(out).is_ok_and(|m| m.file_type().is_fifo());
+    if !is_fifo {
+        return File::create(out);
+    }
+    let deadline = Instant::now() + FIFO_OPEN_WAIT;
+    loop {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(out)
+        {
+            Ok(f) => {
+                // Writes then block while the reader is behind, as they should.
+                // SAFETY: fcntl on an open descriptor with integer flags touches no memory.
+                let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+                if flags < 0
+                    || unsafe {
+                        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK)
+                    } < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                return Ok(f);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "nobody opened the FIFO {} to read the export",
+                        out.display()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

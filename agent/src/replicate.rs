@@ -13,12 +13,12 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use ctk::delta::{DeltaReader, DeltaRecord};
 use ctk::digest::{LeafFile, Leaves};
-use ctk_net::wire::{Consistency, Refusal, Request, Response};
+use ctk_net::wire::{Consistency, PushEnd, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use serde_json::{Value, json};
 
@@ -30,27 +30,10 @@ pub struct Replicate {
     pub work_dir: PathBuf,
 }
 
-/// Sends one request (and for a push, the delta file after it) and reads the answer.
-async fn call(
-    conn: &quinn::Connection,
-    request: &Request,
-    delta: Option<&std::path::Path>,
-) -> Result<Response> {
+/// Sends one request and reads the answer.
+async fn call(conn: &quinn::Connection, request: &Request) -> Result<Response> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
     ctk_net::write_frame(&mut send, &request.encode()).await?;
-    if let Some(path) = delta {
-        let mut file = std::fs::File::open(path)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            send.write_all(&buf[..n])
-                .await
-                .map_err(|e| closed(conn, anyhow::Error::from(e).context("sending the delta")))?;
-        }
-    }
     send.finish()?;
     let frame = ctk_net::read_frame(&mut recv)
         .await
@@ -67,27 +50,28 @@ fn closed(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// The leaves of the image as of the exported delta's cut: those of the receiver's newest
-/// point (`newest`, from `leaf_path`) updated with every block of the delta. `None`, with a
-/// warning, when they cannot be known: the leaf file is missing or of another point (it
-/// was lost, or another cursor wrote to the receiver), the disk changed size, or the disk
-/// is too large to digest. The point is then committed unchecked.
+/// The leaves of the image as of the export's cut: those of the receiver's newest point
+/// (`newest`, from `leaf_path`; zeros before a first full) with the (block, leaf) pairs the
+/// export computed. `None`, with a warning, when they cannot be known: the leaf file is
+/// missing or of another point (it was lost, or another cursor wrote to the receiver), the
+/// disk changed size, or the disk is too large to digest. The point is then committed
+/// unchecked.
 fn leaves_after(
-    leaf_path: &std::path::Path,
+    leaf_path: &Path,
     newest: Option<&str>,
-    delta: &std::path::Path,
+    disk_size: u64,
+    block_size: u32,
+    pairs: &Path,
 ) -> Result<Option<Leaves>> {
-    let mut reader = DeltaReader::new(std::io::BufReader::new(std::fs::File::open(delta)?))?;
-    let h = reader.header().clone();
     let base = match newest {
-        None => Some(Leaves::zeroed(h.disk_size, h.block_size)),
+        None => Some(Leaves::zeroed(disk_size, block_size)),
         Some(id) => {
             let at = id.parse().context("the receiver's newest point")?;
             LeafFile::load(leaf_path, at)?.map(Ok)
         }
     };
     let mut leaves = match base {
-        Some(Ok(l)) if l.disk_size() == h.disk_size && l.block_size() == h.block_size => l,
+        Some(Ok(l)) if l.disk_size() == disk_size && l.block_size() == block_size => l,
         Some(Err(e)) => {
             tracing::warn!(error = %e, "no image digest for this push");
             return Ok(None);
@@ -102,145 +86,319 @@ fn leaves_after(
             return Ok(None);
         }
     };
-    while let Some(record) = reader.next_record()? {
-        match record {
-            DeltaRecord::Data { offset, data } => leaves.set_data(offset, data)?,
-            DeltaRecord::Zero { offset, length } => leaves.set_zero(offset, length)?,
+    let mut input = std::io::BufReader::new(std::fs::File::open(pairs)?);
+    let mut pair = [0u8; 16];
+    loop {
+        match input.read_exact(&mut pair) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
         }
+        let block = u64::from_le_bytes(pair[..8].try_into().expect("8"));
+        let leaf = u64::from_le_bytes(pair[8..].try_into().expect("8"));
+        leaves.set_leaf(block, leaf)?;
     }
     Ok(Some(leaves))
 }
 
+/// Makes a FIFO (mode 0600) for the export to stream through.
+fn mkfifo(path: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: mkfifo reads a NUL-terminated path that lives across the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("creating the FIFO {}", path.display()));
+    }
+    Ok(())
+}
+
+/// What one streamed push did.
+struct Pushed {
+    exported: Value,
+    sent: u64,
+    answer: Response,
+    leaves: Option<Leaves>,
+}
+
+/// One push, streamed: the running agent exports into a FIFO while this process reads it
+/// and sends it on, chunk by chunk, so reading, encoding and sending overlap and no copy of
+/// the delta lands on disk. The end frame (cut time, consistency, image digest) follows.
+#[allow(clippy::too_many_arguments)]
+fn push(
+    runtime: &tokio::runtime::Runtime,
+    conn: &quinn::Connection,
+    r: &Replicate,
+    disk: &str,
+    newest: Option<&str>,
+    geometry: (u64, u32),
+    leaf_path: &Path,
+    control: &(dyn Fn(Value) -> Result<Value> + Sync),
+) -> Result<Pushed> {
+    let since = newest.unwrap_or("all").to_owned();
+    std::fs::create_dir_all(&r.work_dir)?;
+    let stem = format!("ctk-replicate-{disk}-{}", std::process::id());
+    let fifo = std::path::absolute(r.work_dir.join(format!("{stem}.fifo")))?;
+    let pairs = std::path::absolute(r.work_dir.join(format!("{stem}.leaves")))?;
+    remove_stale(&r.work_dir, disk);
+    mkfifo(&fifo)?;
+    let _cleanup = Cleanup(vec![fifo.clone(), pairs.clone()]);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let (exported, streamed) = std::thread::scope(|scope| {
+        let exporter = scope.spawn(|| {
+            let answer = control(json!({
+                "cmd": "export", "since": since, "path": fifo, "leaves": pairs,
+            }));
+            if answer.is_err() {
+                // The agent may have failed before opening the FIFO, and the reader below
+                // waits in open() until a writer comes: be that writer, and go.
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo);
+            }
+            answer
+        });
+        // The reader owns the sender: the channel closes, and the send loop below ends,
+        // when the reader does.
+        let reader_fifo = fifo.clone();
+        let reader = scope.spawn(move || -> Result<()> {
+            let mut input = std::fs::File::open(&reader_fifo)?;
+            loop {
+                let mut buf = vec![0u8; ctk_net::wire::CHUNK_MAX];
+                let mut filled = 0;
+                // Whole chunks where the export is quick enough: fewer, larger writes.
+                while filled < buf.len() {
+                    match input.read(&mut buf[filled..])? {
+                        0 => break,
+                        n => filled += n,
+                    }
+                }
+                if filled == 0 {
+                    return Ok(());
+                }
+                buf.truncate(filled);
+                if tx.blocking_send(bytes::Bytes::from(buf)).is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        let streamed = runtime.block_on(async {
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
+            ctk_net::write_frame(&mut send, &Request::Push { disk: disk.into() }.encode()).await?;
+            let mut sent = 0u64;
+            let mut failed = None;
+            while let Some(chunk) = rx.recv().await {
+                if failed.is_some() {
+                    continue; // keep draining: the agent must be able to finish its export
+                }
+                sent += chunk.len() as u64;
+                if let Err(e) = ctk_net::write_chunk(&mut send, chunk).await {
+                    failed = Some(closed(conn, e.into()));
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok::<_, anyhow::Error>((send, recv, sent)),
+            }
+        });
+        let exported = exporter
+            .join()
+            .map_err(|_| anyhow::anyhow!("the export thread panicked"))?;
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the FIFO reader panicked"))?
+            .context("reading the export")?;
+        Ok::<_, anyhow::Error>((exported, streamed))
+    })?;
+    let exported = exported.with_context(|| match newest {
+        Some(id) => format!(
+            "exporting the changes since the receiver's newest point {id} (if this agent \
+             cannot answer it, e.g. after its journal was lost, the replica needs a resync, \
+             which is not built yet)"
+        ),
+        None => "exporting a first full".into(),
+    })?;
+    let (mut send, mut recv, sent) = streamed?;
+    let leaves = leaves_after(leaf_path, newest, geometry.0, geometry.1, &pairs)
+        .context("digesting the exported delta")?;
+    // Before the end frame: were this process killed after the receiver's commit, the next
+    // run must still know the leaves of what is then the receiver's newest point.
+    if let (Some(l), Some(to)) = (&leaves, exported["to"].as_str())
+        && let Err(e) = to
+            .parse()
+            .map_err(anyhow::Error::from)
+            .and_then(|to| Ok(LeafFile::save_pending(leaf_path, l, to)?))
+    {
+        tracing::warn!(error = %e, "recording the pending block digests");
+    }
+    let end = PushEnd {
+        cut_unix_ms: exported["cut_unix_ms"].as_u64().unwrap_or(0),
+        consistency: if exported["consistency"] == "application" {
+            Consistency::Application
+        } else {
+            Consistency::Crash
+        },
+        image_digest: leaves.as_ref().map(|l| l.digest().0),
+    };
+    let answer = runtime.block_on(async {
+        ctk_net::end_chunks(&mut send).await?;
+        ctk_net::write_frame(&mut send, &end.encode()).await?;
+        send.finish()?;
+        let frame = ctk_net::read_frame(&mut recv)
+            .await
+            .map_err(|e| closed(conn, e.into()))?;
+        Ok::<_, anyhow::Error>(Response::decode(&frame)?)
+    })?;
+    Ok(Pushed {
+        exported,
+        sent,
+        answer,
+        leaves,
+    })
+}
+
+/// Removes what replications of `disk` killed before they could clean up left in the work
+/// directory (their FIFO and leaves files name their process, which is gone).
+fn remove_stale(work_dir: &Path, disk: &str) {
+    let prefix = format!("ctk-replicate-{disk}-");
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Exactly <prefix><pid>.fifo or <prefix><pid>.leaves: another disk whose name
+        // starts with this one's never matches.
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| {
+                rest.strip_suffix(".fifo")
+                    .or_else(|| rest.strip_suffix(".leaves"))
+            })
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes files when dropped (the FIFO and the leaves of a push, whatever happened).
+struct Cleanup(Vec<PathBuf>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Runs one replication of `disk`. `control` calls the running agent.
-pub fn run(r: &Replicate, disk: &str, control: &dyn Fn(Value) -> Result<Value>) -> Result<Value> {
+pub fn run(
+    r: &Replicate,
+    disk: &str,
+    control: &(dyn Fn(Value) -> Result<Value> + Sync),
+) -> Result<Value> {
     let identity = Identity::load(&r.identity)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let status = control(json!({"cmd": "status"}))?;
-    let journal = status["disks"]
+    let entry = status["disks"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|d| d["name"] == disk)
-        .and_then(|d| d["journal"].as_str())
         .with_context(|| format!("the agent does not protect a disk named {disk:?}"))?;
+    let journal = entry["journal"].as_str().context("the agent's status")?;
+    let geometry = (
+        entry["size"].as_u64().context("the agent's status: size")?,
+        entry["block_size"]
+            .as_u64()
+            .context("the agent's status: block_size")? as u32,
+    );
     let leaf_path = PathBuf::from(format!("{journal}.digest-{}", r.cursor));
-    runtime.block_on(async {
-        let conn = ctk_net::connect(&identity, r.receiver, r.pinned)
-            .await
-            .context("reaching the receiver")?;
-        // A push that does not fit is retried from where the receiver then stands: another
-        // push of this disk (say, of an earlier attempt that was killed after sending it all)
-        // may have committed between our question and our push. Each try is a new cut.
-        let mut tries = 0;
-        let (newest, exported, sent, committed, already, leaves) = loop {
-            tries += 1;
-            let newest = match call(&conn, &Request::Newest { disk: disk.into() }, None).await? {
-                Response::Newest { change_id } => change_id,
-                Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
-                other => bail!("unexpected answer from the receiver: {other:?}"),
-            };
-            let since = newest.clone().unwrap_or_else(|| "all".into());
-            std::fs::create_dir_all(&r.work_dir)?;
-            let path = std::path::absolute(
-                r.work_dir
-                    .join(format!("ctk-replicate-{disk}-{}.ctkd", std::process::id())),
-            )?;
-            let exported = control(json!({"cmd": "export", "since": since, "path": path}))
-                .with_context(|| match &newest {
-                    Some(id) => format!(
-                        "exporting the changes since the receiver's newest point {id} (if this \
-                         agent cannot answer it, e.g. after its journal was lost, the replica \
-                         needs a resync, which is not built yet)"
-                    ),
-                    None => "exporting a first full".into(),
-                })?;
-            let sent = std::fs::metadata(&path)?.len();
-            let leaves = match leaves_after(&leaf_path, newest.as_deref(), &path) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e.context("digesting the exported delta"));
-                }
-            };
-            // Before the push: were this process killed after the receiver's commit, the
-            // next run must still know the leaves of what is then the receiver's newest.
-            if let (Some(l), Some(to)) = (&leaves, exported["to"].as_str())
-                && let Err(e) = to
-                    .parse()
-                    .map_err(anyhow::Error::from)
-                    .and_then(|to| Ok(LeafFile::save_pending(&leaf_path, l, to)?))
-            {
-                tracing::warn!(error = %e, "recording the pending block digests");
-            }
-            let answer = call(
-                &conn,
-                &Request::Push {
-                    disk: disk.into(),
-                    delta_len: sent,
-                    cut_unix_ms: exported["cut_unix_ms"].as_u64().unwrap_or(0),
-                    consistency: if exported["consistency"] == "application" {
-                        Consistency::Application
-                    } else {
-                        Consistency::Crash
-                    },
-                    image_digest: leaves.as_ref().map(|l| l.digest().0),
-                },
-                Some(&path),
-            )
-            .await;
-            let _ = std::fs::remove_file(&path);
-            match answer? {
-                Response::Committed { change_id, already } => {
-                    break (newest, exported, sent, change_id, already, leaves);
-                }
-                Response::Refused {
-                    refusal: Refusal::Mismatch,
-                    message,
-                } if tries < 3 => {
-                    tracing::info!(%message, "the receiver moved on meanwhile: trying again");
-                }
-                Response::Refused { refusal, message } => {
-                    bail!("the receiver refused the delta ({refusal:?}): {message}")
-                }
-                other => bail!("unexpected answer from the receiver: {other:?}"),
-            }
+    let conn = runtime
+        .block_on(ctk_net::connect(&identity, r.receiver, r.pinned))
+        .context("reaching the receiver")?;
+    // A push that does not fit is retried from where the receiver then stands: another push
+    // of this disk (say, of an earlier attempt that was killed after sending it all) may have
+    // committed between our question and our push. Each try is a new cut.
+    let mut tries = 0;
+    let (newest, pushed, committed, already) = loop {
+        tries += 1;
+        let newest = match runtime.block_on(call(&conn, &Request::Newest { disk: disk.into() }))? {
+            Response::Newest { change_id } => change_id,
+            Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
+            other => bail!("unexpected answer from the receiver: {other:?}"),
         };
-        if committed != exported["to"] {
-            bail!(
-                "the receiver committed {committed}, not the exported {}",
-                exported["to"]
-            );
+        let pushed = push(
+            &runtime,
+            &conn,
+            r,
+            disk,
+            newest.as_deref(),
+            geometry,
+            &leaf_path,
+            control,
+        )?;
+        match &pushed.answer {
+            Response::Committed { change_id, already } => {
+                let (c, a) = (change_id.clone(), *already);
+                break (newest, pushed, c, a);
+            }
+            Response::Refused {
+                refusal: Refusal::Mismatch,
+                message,
+            } if tries < 3 => {
+                tracing::info!(%message, "the receiver moved on meanwhile: trying again");
+            }
+            Response::Refused { refusal, message } => {
+                bail!("the receiver refused the delta ({refusal:?}): {message}")
+            }
+            other => bail!("unexpected answer from the receiver: {other:?}"),
         }
-        // Only now, with the commit acknowledged, do the leaves and the cursor move. Leaves
-        // that fail to save only cost the next push its check (it finds them of another
-        // point), so that is a warning, not a failed replication.
-        let digest = leaves.as_ref().map(|l| l.digest().to_string());
-        if let (Some(mut leaves), Ok(at)) = (leaves, committed.parse())
-            && let Err(e) = LeafFile::save(&leaf_path, &mut leaves, at)
-        {
-            tracing::warn!(error = %e, leaves = %leaf_path.display(), "saving the block digests");
-        }
-        let moved =
-            control(json!({"cmd": "cursor", "op": "advance", "name": r.cursor, "at": committed}));
-        if moved.is_err() {
-            control(json!({"cmd": "cursor", "op": "register", "name": r.cursor, "at": committed}))
-                .context("registering the replication cursor")?;
-        }
-        conn.close(0u32.into(), b"done");
-        Ok(json!({
-            "disk": disk,
-            "from": newest,
-            "committed": committed,
-            "already_committed": already,
-            "changed_bytes": exported["changed_bytes"],
-            "delta_bytes": sent,
-            "consistency": exported["consistency"],
-            "hold_ms": exported["hold_ms"],
-            "image_digest": digest,
-        }))
-    })
+    };
+    let exported = &pushed.exported;
+    if committed != exported["to"] {
+        bail!(
+            "the receiver committed {committed}, not the exported {}",
+            exported["to"]
+        );
+    }
+    // Only now, with the commit acknowledged, do the leaves and the cursor move. Leaves that
+    // fail to save only cost the next push its check (it finds them of another point), so
+    // that is a warning, not a failed replication.
+    let digest = pushed.leaves.as_ref().map(|l| l.digest().to_string());
+    if let (Some(mut leaves), Ok(at)) = (pushed.leaves, committed.parse())
+        && let Err(e) = LeafFile::save(&leaf_path, &mut leaves, at)
+    {
+        tracing::warn!(error = %e, leaves = %leaf_path.display(), "saving the block digests");
+    }
+    let moved =
+        control(json!({"cmd": "cursor", "op": "advance", "name": r.cursor, "at": committed}));
+    if moved.is_err() {
+        control(json!({"cmd": "cursor", "op": "register", "name": r.cursor, "at": committed}))
+            .context("registering the replication cursor")?;
+    }
+    conn.close(0u32.into(), b"done");
+    Ok(json!({
+        "disk": disk,
+        "from": newest,
+        "committed": committed,
+        "already_committed": already,
+        "changed_bytes": exported["changed_bytes"],
+        "delta_bytes": pushed.sent,
+        "consistency": exported["consistency"],
+        "hold_ms": exported["hold_ms"],
+        "image_digest": digest,
+    }))
 }
 
 /// Sends one request to an agent's control socket and returns its answer (an error if the

@@ -943,6 +943,11 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                     "export path {path:?} must be absolute (the daemon's working directory is not yours)"
                 );
             }
+            let leaves = match request["leaves"].as_str() {
+                Some(p) if std::path::Path::new(p).is_absolute() => Some(std::path::Path::new(p)),
+                Some(p) => bail!("export leaves path {p:?} must be absolute"),
+                None => None,
+            };
             // Refuse a bad `since` before cutting, so it leaves no empty cut behind.
             disk.changed(since, None)?;
             disk.wait_export_idle(EXPORT_WAIT)?;
@@ -966,7 +971,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 }
             })?;
             let (changed, s, peak) =
-                disk.export_snapshot(since, report.change_id, path, agent.zstd_level)?;
+                disk.export_snapshot(since, report.change_id, path, leaves, agent.zstd_level)?;
             let mut report = report;
             report.inside = json!({
                 "changed_bytes": changed, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,

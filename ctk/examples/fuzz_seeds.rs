@@ -14,17 +14,16 @@ fn main() -> std::io::Result<()> {
     let wire = Path::new(&root).join("wire_frame");
     std::fs::create_dir_all(&wire)?;
     {
-        use ctk::wire::{Consistency, Refusal, Request, Response};
+        use ctk::wire::{Consistency, PushEnd, Refusal, Request, Response};
         let frames = [
             (
                 "newest.bin",
                 Request::Newest { disk: "vm1".into() }.encode(),
             ),
+            ("push.bin", Request::Push { disk: "vm1".into() }.encode()),
             (
-                "push.bin",
-                Request::Push {
-                    disk: "vm1".into(),
-                    delta_len: 4096,
+                "push-end.bin",
+                PushEnd {
                     cut_unix_ms: 1_795_000_000_000,
                     consistency: Consistency::Application,
                     image_digest: Some([0x5c; 32]),

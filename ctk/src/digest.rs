@@ -182,6 +182,18 @@ impl Leaves {
         Ok(())
     }
 
+    /// Sets one block's leaf, as computed elsewhere (the agent's export computes them).
+    pub fn set_leaf(&mut self, block: u64, value: u64) -> Result<(), DigestError> {
+        if block >= self.leaves.len() as u64 {
+            return Err(DigestError::BadRange {
+                offset: block.saturating_mul(self.block_size as u64),
+                length: self.block_size as u64,
+            });
+        }
+        self.set(block, value);
+        Ok(())
+    }
+
     /// Sets the leaves of `length` bytes of zeros at block-aligned `offset`.
     pub fn set_zero(&mut self, offset: u64, length: u64) -> Result<(), DigestError> {
         let first = self.check(offset, length)?;

@@ -2,10 +2,15 @@
 //! fixed-width little-endian integers, decoded under a size limit. This is the only module
 //! that knows the encoding, so the codec can be swapped.
 //!
-//! One request per QUIC bidirectional stream: the agent writes one framed `Request` (and, for
-//! `Push`, exactly `delta_len` bytes of a delta stream after it), then finishes its side; the
-//! receiver answers with one framed `Response`. A frame is a `u32` little-endian length and
-//! that many bytes; no frame may exceed [`FRAME_MAX`].
+//! One request per QUIC bidirectional stream: the agent writes one framed `Request`, then
+//! finishes its side; the receiver answers with one framed `Response`. A frame is a `u32`
+//! little-endian length and that many bytes; no frame may exceed [`FRAME_MAX`].
+//!
+//! A `Push` is followed by the delta as it is produced (the agent does not know its length
+//! in advance: it streams the export): chunks, each a `u32` little-endian length of 1 to
+//! [`CHUNK_MAX`] and that many bytes, ended by a zero length; then one framed [`PushEnd`]
+//! with what is only known once the export is done (the cut's time and consistency, the
+//! image digest).
 
 use bincode::{Decode, Encode};
 
@@ -21,19 +26,33 @@ pub const STRING_MAX: usize = 4096;
 pub enum Request {
     /// Which point is the newest committed for this disk (none before the first full)?
     Newest { disk: String },
-    /// Merge the delta that follows (`delta_len` bytes) into this disk's replica, as a
-    /// restore point taken at `cut_unix_ms` with this consistency level. `image_digest` is
-    /// the agent's digest of the whole image as of the cut (`ctk::digest`): the receiver
-    /// refuses to commit a merged image that does not match it. `None` when the agent does
-    /// not know it (its leaves were lost, or the disk changed size); the point is then
-    /// recorded as unchecked.
-    Push {
-        disk: String,
-        delta_len: u64,
-        cut_unix_ms: u64,
-        consistency: Consistency,
-        image_digest: Option<[u8; 32]>,
-    },
+    /// Merge the delta that follows (chunks, then a [`PushEnd`]) into this disk's replica.
+    Push { disk: String },
+}
+
+/// Longest chunk of a pushed delta.
+pub const CHUNK_MAX: usize = 1 << 20;
+
+/// The end of a push: the restore point was cut at `cut_unix_ms` with this consistency
+/// level, and `image_digest` is the agent's digest of the whole image as of the cut
+/// (`ctk::digest`): the receiver refuses to commit a merged image that does not match it.
+/// `None` when the agent does not know it (its leaves were lost, or the disk changed size);
+/// the point is then recorded as unchecked.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct PushEnd {
+    pub cut_unix_ms: u64,
+    pub consistency: Consistency,
+    pub image_digest: Option<[u8; 32]>,
+}
+
+impl PushEnd {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<PushEnd, WireError> {
+        decode(bytes)
+    }
 }
 
 /// How consistent a cut is: every acknowledged write in (crash), or applications quiesced
@@ -174,16 +193,24 @@ mod tests {
     fn messages_round_trip() {
         let msgs = [
             Request::Newest { disk: "vm1".into() },
-            Request::Push {
-                disk: "vm1".into(),
-                delta_len: 1 << 40,
+            Request::Push { disk: "vm1".into() },
+        ];
+        for m in msgs {
+            assert_eq!(Request::decode(&m.encode()).unwrap(), m);
+        }
+        for end in [
+            PushEnd {
                 cut_unix_ms: 1_795_000_000_000,
                 consistency: Consistency::Application,
                 image_digest: Some([0xab; 32]),
             },
-        ];
-        for m in msgs {
-            assert_eq!(Request::decode(&m.encode()).unwrap(), m);
+            PushEnd {
+                cut_unix_ms: 0,
+                consistency: Consistency::Crash,
+                image_digest: None,
+            },
+        ] {
+            assert_eq!(PushEnd::decode(&end.encode()).unwrap(), end);
         }
         let r = Response::refused(Refusal::Mismatch, "x".repeat(10_000));
         let back = Response::decode(&r.encode()).unwrap();
@@ -200,14 +227,7 @@ mod tests {
         bad[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(Request::decode(&bad).is_err());
         // Unknown variant, truncation anywhere, trailing bytes, oversize, empty.
-        let good = Request::Push {
-            disk: "vm1".into(),
-            delta_len: 9,
-            cut_unix_ms: 1,
-            consistency: Consistency::Crash,
-            image_digest: None,
-        }
-        .encode();
+        let good = Request::Push { disk: "vm1".into() }.encode();
         let mut unknown = good.clone();
         unknown[0] = 77;
         assert!(Request::decode(&unknown).is_err());

@@ -3,7 +3,7 @@
 //! (libFuzzer's -rss_limit_mb catches those).
 #![no_main]
 
-use ctk::wire::{Request, Response};
+use ctk::wire::{PushEnd, Request, Response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,5 +12,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(r) = Response::decode(data) {
         assert_eq!(Response::decode(&r.encode()).expect("re-decodes"), r);
+    }
+    if let Ok(e) = PushEnd::decode(data) {
+        assert_eq!(PushEnd::decode(&e.encode()).expect("re-decodes"), e);
     }
 });

@@ -387,6 +387,31 @@ pub async fn write_frame(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(
         .map_err(|e| NetError::Protocol(format!("sending a frame: {}", chain(&e))))
 }
 
+/// Sends one chunk of a pushed delta (1 to `CHUNK_MAX` bytes; see `ctk::wire`). The bytes
+/// are handed to quinn without a copy.
+pub async fn write_chunk(send: &mut quinn::SendStream, chunk: bytes::Bytes) -> Result<()> {
+    if chunk.is_empty() || chunk.len() > wire::CHUNK_MAX {
+        return Err(NetError::Protocol(format!(
+            "a delta chunk of {} bytes (1 to {} allowed)",
+            chunk.len(),
+            wire::CHUNK_MAX
+        )));
+    }
+    send.write_all(&(chunk.len() as u32).to_le_bytes())
+        .await
+        .map_err(|e| NetError::Protocol(format!("sending the delta: {}", chain(&e))))?;
+    send.write_chunk(chunk)
+        .await
+        .map_err(|e| NetError::Protocol(format!("sending the delta: {}", chain(&e))))
+}
+
+/// Ends the chunks of a pushed delta.
+pub async fn end_chunks(send: &mut quinn::SendStream) -> Result<()> {
+    send.write_all(&0u32.to_le_bytes())
+        .await
+        .map_err(|e| NetError::Protocol(format!("ending the delta: {}", chain(&e))))
+}
+
 /// Reads one frame, refusing a length over `FRAME_MAX` before allocating anything.
 pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>> {
     let mut len = [0u8; 4];

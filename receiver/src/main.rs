@@ -184,14 +184,12 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 };
                 let done = s
-                    .ingest(
-                        input,
-                        keep,
-                        store::PointMeta {
+                    .ingest(input, keep, |_| {
+                        Ok(store::PointMeta {
                             image_digest: image_digest.clone(),
                             ..store::PointMeta::default()
-                        },
-                    )
+                        })
+                    })
                     .with_context(|| format!("merging {}", path.display()))?;
                 let answer = match &done {
                     Ingested::Committed { point, dropped } => json!({

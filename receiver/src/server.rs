@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ctk::digest::ImageDigest;
-use ctk_net::wire::{Refusal, Request, Response};
+use ctk_net::wire::{self, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -159,7 +159,9 @@ async fn stream(
 
 fn refusal(e: &StoreError) -> Refusal {
     match e {
-        StoreError::BadName(_) | StoreError::NoSuchPoint(_) => Refusal::BadRequest,
+        StoreError::BadName(_) | StoreError::NoSuchPoint(_) | StoreError::Protocol(_) => {
+            Refusal::BadRequest
+        }
         StoreError::Delta(_) | StoreError::DigestMismatch { .. } => Refusal::Damaged,
         StoreError::Mismatch(_) => Refusal::Mismatch,
         StoreError::Io { .. } | StoreError::Damaged { .. } => Refusal::Unavailable,
@@ -199,24 +201,13 @@ async fn handle(
                 Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
             }
         }
-        Request::Push {
-            disk,
-            delta_len,
-            cut_unix_ms,
-            consistency,
-            image_digest,
-        } => {
-            let meta = store::PointMeta {
-                cut_unix_ms: Some(cut_unix_ms),
-                consistency: Some(consistency.as_str().to_owned()),
-                image_digest: image_digest.map(|d| ImageDigest(d).to_string()),
-            };
+        Request::Push { disk } => {
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));
             }
             let keep = config.keep;
             let handle = tokio::runtime::Handle::current();
-            let span = info_span!("push", %disk, delta_len);
+            let span = info_span!("push", %disk);
             let result = tokio::task::spawn_blocking(move || {
                 let _guard = span.enter();
                 std::fs::create_dir_all(&root).map_err(|source| StoreError::Io {
@@ -225,12 +216,13 @@ async fn handle(
                 })?;
                 // A push waits for a merge in progress to finish, then continues from it.
                 let (mut s, _) = DiskStore::open_waiting(&root, &disk)?;
-                let input = StreamReader {
+                let input = ChunkReader {
                     recv,
-                    remaining: delta_len,
+                    left: 0,
+                    done: false,
                     handle,
                 };
-                s.ingest(input, keep, meta)
+                s.ingest(input, keep, |input| input.end())
             })
             .await;
             match result {
@@ -252,31 +244,76 @@ async fn handle(
     }
 }
 
-/// The delta bytes of a push, read from the QUIC stream on a blocking thread: exactly
-/// `remaining` bytes, then end of input (anything more is the agent's protocol error and is
-/// never read).
-struct StreamReader {
+/// The delta of a push, read from its chunks on the QUIC stream on a blocking thread: the
+/// bytes of each chunk, then end of input at the zero-length chunk. A chunk length over
+/// `CHUNK_MAX` is refused before anything is read into memory.
+struct ChunkReader {
     recv: quinn::RecvStream,
-    remaining: u64,
+    left: usize,
+    done: bool,
     handle: tokio::runtime::Handle,
 }
 
-impl Read for StreamReader {
+impl Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.remaining == 0 || buf.is_empty() {
+        if self.done || buf.is_empty() {
             return Ok(0);
         }
-        let n = (buf.len() as u64).min(self.remaining) as usize;
+        if self.left == 0 {
+            let mut len = [0u8; 4];
+            self.handle
+                .block_on(self.recv.read_exact(&mut len))
+                .map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the delta's chunks ended early: {e}"),
+                    )
+                })?;
+            let len = u32::from_le_bytes(len) as usize;
+            if len == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            if len > wire::CHUNK_MAX {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("a delta chunk of {len} bytes (at most {})", wire::CHUNK_MAX),
+                ));
+            }
+            self.left = len;
+        }
+        let n = buf.len().min(self.left);
         match self.handle.block_on(self.recv.read(&mut buf[..n])) {
             Ok(Some(k)) => {
-                self.remaining -= k as u64;
+                self.left -= k;
                 Ok(k)
             }
             Ok(None) => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                "the agent ended the stream before the announced length",
+                "the agent ended the stream inside a delta chunk",
             )),
             Err(e) => Err(std::io::Error::other(e)),
         }
+    }
+}
+
+impl ChunkReader {
+    /// After the delta: the push's end frame, as the point's metadata.
+    fn end(mut self) -> Result<store::PointMeta, StoreError> {
+        let bad = |why: String| StoreError::Protocol(why);
+        if !self.done {
+            return Err(bad("the delta's chunks go on past its trailer".into()));
+        }
+        let frame = self
+            .handle
+            .block_on(ctk_net::read_frame(&mut self.recv))
+            .map_err(|e| bad(format!("the push's end frame: {e}")))?;
+        let end =
+            wire::PushEnd::decode(&frame).map_err(|e| bad(format!("the push's end frame: {e}")))?;
+        Ok(store::PointMeta {
+            cut_unix_ms: Some(end.cut_unix_ms),
+            consistency: Some(end.consistency.as_str().to_owned()),
+            image_digest: end.image_digest.map(|d| ImageDigest(d).to_string()),
+        })
     }
 }

@@ -65,6 +65,8 @@ pub enum StoreError {
     Delta(#[from] DeltaError),
     #[error("the delta does not fit this store: {0}")]
     Mismatch(String),
+    #[error("the push is malformed: {0}")]
+    Protocol(String),
     #[error("the store for disk {disk:?} is damaged: {why}")]
     Damaged { disk: String, why: String },
     #[error("no restore point {0} is kept")]
@@ -563,9 +565,17 @@ impl DiskStore {
     }
 
     /// Merges the delta read from `input` as a new restore point, crash-atomically, and
-    /// keeps the newest `keep` points. Returns once the point is committed (durable).
-    pub fn ingest(&mut self, input: impl Read, keep: usize, meta: PointMeta) -> Result<Ingested> {
+    /// keeps the newest `keep` points. `end` is given the input once the delta is read and
+    /// says what the sender knows about the point (a streamed push sends it after the delta).
+    /// Returns once the point is committed (durable).
+    pub fn ingest<R: Read>(
+        &mut self,
+        input: R,
+        keep: usize,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+    ) -> Result<Ingested> {
         let keep = keep.clamp(1, POINTS_MAX);
+        let meta;
         // 1. Stage the whole delta, durably, and verify every check while copying.
         let staging = self.dir.join("staging").join("incoming.ctkd");
         let mut touched: Vec<Extent> = Vec::new();
@@ -604,6 +614,7 @@ impl DiskStore {
                     "bytes after the delta's trailer".into(),
                 ));
             }
+            meta = end(tee.input)?;
             let f = w
                 .into_inner()
                 .map_err(|e| io_err("staging")(e.into_error()))?;

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use ctk_net::wire::{Consistency, Refusal, Request, Response};
+use ctk_net::wire::{Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 
 fn agent_bin() -> PathBuf {
@@ -269,18 +269,16 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
         raw_call(&other, addr, pin, b"\xff\xff\xff\xffgarbage", &[]),
         Refusal::BadRequest,
     );
-    let push = Request::Push {
-        disk: "vm1".into(),
-        delta_len: 4096,
-        cut_unix_ms: 1,
-        consistency: Consistency::Crash,
-        image_digest: None,
-    }
-    .encode();
-    refused(
-        raw_call(&other, addr, pin, &push, &[0x5a; 4096]),
-        Refusal::Damaged,
-    );
+    let push = Request::Push { disk: "vm1".into() }.encode();
+    // Garbage where the delta should be, properly chunked.
+    let mut body = 4096u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&[0x5a; 4096]);
+    body.extend_from_slice(&0u32.to_le_bytes());
+    refused(raw_call(&other, addr, pin, &push, &body), Refusal::Damaged);
+    // A chunk length over the limit: refused before anything is read into memory.
+    let mut body = (u32::MAX).to_le_bytes().to_vec();
+    body.extend_from_slice(&[0x5a; 64]);
+    refused(raw_call(&other, addr, pin, &push, &body), Refusal::Damaged);
     // Another agent's disk of the same name is its own, empty: host1's vm1 is out of reach.
     let frame = Request::Newest { disk: "vm1".into() }.encode();
     assert_eq!(
@@ -289,20 +287,12 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     );
     assert!(!d.join("store/host1/..").join("x").exists());
 
-    // A push cut short: the stream ends before the announced length (refused, nothing
+    // A push cut short: the stream ends inside an announced chunk (refused, nothing
     // committed), and a connection dropped mid-delta (no answer; nothing committed).
-    let push = Request::Push {
-        disk: "vm9".into(),
-        delta_len: 1 << 20,
-        cut_unix_ms: 1,
-        consistency: Consistency::Crash,
-        image_digest: None,
-    }
-    .encode();
-    refused(
-        raw_call(&other, addr, pin, &push, &[0u8; 1000]),
-        Refusal::Damaged,
-    );
+    let push = Request::Push { disk: "vm9".into() }.encode();
+    let mut body = (1u32 << 20).to_le_bytes().to_vec();
+    body.extend_from_slice(&[0u8; 1000]);
+    refused(raw_call(&other, addr, pin, &push, &body), Refusal::Damaged);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -68,11 +68,9 @@ fn main() {
     let ingest = |store: &mut DiskStore, path: &Path| {
         let f = std::fs::File::open(path).expect("delta");
         store
-            .ingest(
-                std::io::BufReader::new(f),
-                points as usize,
-                PointMeta::default(),
-            )
+            .ingest(std::io::BufReader::new(f), points as usize, |_| {
+                Ok(PointMeta::default())
+            })
             .expect("ingest");
     };
     let (mut store, _) = DiskStore::open(&store_root, "bench").expect("store");
