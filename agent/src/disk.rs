@@ -663,7 +663,16 @@ impl ProtectedDisk {
             to,
         };
         let changed: u64 = extents.iter().map(|e| e.length).sum();
+        let mut prefetch = Prefetch {
+            fd: self.file.as_raw_fd(),
+            extents: &extents,
+            next: 0,
+            pos: 0,
+            issued: 0,
+            consumed: 0,
+        };
         let read_at = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
+            prefetch.consumed(buf.len() as u64);
             let mut guard = self
                 .snapshot
                 .lock()
@@ -708,7 +717,14 @@ impl ProtectedDisk {
             zstd_level: Some(zstd_level),
         };
         let (writer, summary) =
-            delta::export_with(read_at, &extents, &header, options, BufWriter::new(file))?;
+            // Large writes: into a FIFO each one is a wake-up of the reader on the far side.
+            delta::export_with(
+                read_at,
+                &extents,
+                &header,
+                options,
+                BufWriter::with_capacity(1 << 20, file),
+            )?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
         // A FIFO (a streamed replication) has nothing to sync; a file must be durable.
         if file.metadata()?.is_file() {
@@ -857,6 +873,45 @@ fn block_runs(
         runs.push((end - pos, 0));
     }
     runs
+}
+
+/// Asks the kernel to read ahead along an export's extents, so the disk works while the
+/// export compresses what it already has (the export reads one piece at a time, and the
+/// kernel's own readahead does not follow scattered extents).
+struct Prefetch<'a> {
+    fd: std::os::fd::RawFd,
+    extents: &'a [ctk::Extent],
+    /// The extent the next hint starts in, and where in it.
+    next: usize,
+    pos: u64,
+    /// Bytes hinted and bytes read so far, in extent order.
+    issued: u64,
+    consumed: u64,
+}
+
+impl Prefetch<'_> {
+    /// How far ahead of the export the hints run.
+    const WINDOW: u64 = 32 << 20;
+    /// The most one hint asks for.
+    const PIECE: u64 = 4 << 20;
+
+    fn consumed(&mut self, n: u64) {
+        self.consumed += n;
+        while self.issued < self.consumed + Self::WINDOW && self.next < self.extents.len() {
+            let e = self.extents[self.next];
+            let start = self.pos.max(e.offset);
+            let len = (e.end() - start).min(Self::PIECE);
+            // SAFETY: fadvise on an open descriptor touches no memory; it is only a hint.
+            unsafe {
+                libc::posix_fadvise(self.fd, start as i64, len as i64, libc::POSIX_FADV_WILLNEED)
+            };
+            self.issued += len;
+            self.pos = start + len;
+            if self.pos >= e.end() {
+                self.next += 1;
+            }
+        }
+    }
 }
 
 /// How long an export into a FIFO waits for its reader to open it.

@@ -170,6 +170,10 @@ struct Applying {
     undo: Option<String>,
     #[serde(default)]
     meta: PointMeta,
+    /// A first full written straight into full.img as it arrived (no staged copy): after a
+    /// crash it can only be rolled back, which empties the store.
+    #[serde(default)]
+    direct: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -324,6 +328,13 @@ impl DiskStore {
         let Some(applying) = self.manifest.applying.clone() else {
             return Ok(Recovery::Clean);
         };
+        if applying.direct {
+            // A first full written in place: there is no staged copy to finish it from.
+            tracing::warn!(disk = %self.name, "an interrupted first full: emptying the store");
+            let full = self.full()?;
+            self.roll_back(&full, &applying)?;
+            return Ok(Recovery::RolledBack(applying.change_id));
+        }
         let staged = self.dir.join(&applying.staged);
         let forward = File::open(&staged)
             .map_err(DeltaError::from)
@@ -575,7 +586,29 @@ impl DiskStore {
         end: impl FnOnce(R) -> Result<PointMeta>,
     ) -> Result<Ingested> {
         let keep = keep.clamp(1, POINTS_MAX);
+        // Where a merge's time goes, for the log (a first full is long work).
+        let started = std::time::Instant::now();
+        let mut steps: Vec<(&str, f64)> = Vec::new();
+        let mut lap = started;
+        let mut step = |name, steps: &mut Vec<(&str, f64)>| {
+            steps.push((name, lap.elapsed().as_secs_f64()));
+            lap = std::time::Instant::now();
+        };
         let meta;
+        // The header decides the path: a first full into an empty store is written straight
+        // into full.img (nothing to protect, so nothing to stage); anything else is staged.
+        let mut input = input;
+        let mut head = Vec::new();
+        let peeked = DeltaReader::new(Tee {
+            input: &mut input,
+            copy: &mut head,
+        })?
+        .header()
+        .clone();
+        let input = io::Cursor::new(head).chain(input);
+        if peeked.from.is_none() && self.points().is_empty() && self.manifest.applying.is_none() {
+            return self.ingest_first_full(peeked, input, end);
+        }
         // 1. Stage the whole delta, durably, and verify every check while copying.
         let staging = self.dir.join("staging").join("incoming.ctkd");
         let mut touched: Vec<Extent> = Vec::new();
@@ -614,7 +647,7 @@ impl DiskStore {
                     "bytes after the delta's trailer".into(),
                 ));
             }
-            meta = end(tee.input)?;
+            meta = end(tee.input.into_inner().1)?;
             let f = w
                 .into_inner()
                 .map_err(|e| io_err("staging")(e.into_error()))?;
@@ -632,6 +665,7 @@ impl DiskStore {
             }
         }
         failpoint("staged");
+        step("staged", &mut steps);
         let header = DeltaReader::new(BufReader::new(
             File::open(&staging).map_err(io_err("opening the staged delta"))?,
         ))?
@@ -645,15 +679,9 @@ impl DiskStore {
         // Can this filesystem hold the size the delta asks for? Probed on a scratch file,
         // before anything is recorded: a size it cannot hold would otherwise fail the apply
         // after "applying" is written, and every reopen would retry it and fail again.
-        let probe = self.dir.join("staging").join("size-probe");
-        let fits = File::create(&probe).and_then(|f| f.set_len(header.disk_size));
-        let _ = fs::remove_file(&probe);
-        if let Err(e) = fits {
+        if let Err(e) = self.probe_size(header.disk_size) {
             let _ = fs::remove_file(self.dir.join(&staged_rel));
-            return Err(StoreError::Mismatch(format!(
-                "the delta's disk size {} cannot be stored here: {e}",
-                header.disk_size
-            )));
+            return Err(e);
         }
 
         // 2. The undo: what this merge will overwrite, as of the newest point. (And the
@@ -669,6 +697,7 @@ impl DiskStore {
             }
         };
         failpoint("undo_written");
+        step("undo", &mut steps);
 
         // 3. Record the merge before touching the full.
         let mut m = self.manifest.clone();
@@ -678,6 +707,7 @@ impl DiskStore {
             staged: staged_rel.clone(),
             undo: undo_rel.clone(),
             meta: meta.clone(),
+            direct: false,
         });
         self.write_manifest(m)?;
         failpoint("applying_recorded");
@@ -688,6 +718,7 @@ impl DiskStore {
         apply_to(BufReader::new(f), &full)?;
         full.sync_all().map_err(io_err("syncing full.img"))?;
         failpoint("applied");
+        step("applied", &mut steps);
         if std::env::var("CTK_FAILPOINT").is_ok_and(|v| v == "flip_merged")
             && let Some(first) = touched.first()
         {
@@ -717,6 +748,7 @@ impl DiskStore {
         let mut point = self.point_for(&self.dir.join(&staged_rel), undo_rel, meta)?;
         self.save_leaves(leaves, &header, &mut point, checked)?;
         failpoint("leaves_saved");
+        step("digest", &mut steps);
 
         // 6. Commit the point (and retention, in the same manifest).
         let mut m = self.manifest.clone();
@@ -731,7 +763,144 @@ impl DiskStore {
         self.write_manifest(m)?;
         failpoint("committed");
         self.remove_orphans();
+        step("committed", &mut steps);
+        tracing::info!(
+            disk = %self.name,
+            point = %point.change_id,
+            seconds = started.elapsed().as_secs_f64(),
+            steps = ?steps,
+            "merged"
+        );
         Ok(Ingested::Committed { point, dropped })
+    }
+
+    /// Can this filesystem hold an image of `disk_size` bytes? Probed on a scratch file,
+    /// before anything is recorded: a size it cannot hold would otherwise fail the apply
+    /// after "applying" is written, and every reopen would retry it and fail again.
+    fn probe_size(&self, disk_size: u64) -> Result<()> {
+        let probe = self.dir.join("staging").join("size-probe");
+        let fits = File::create(&probe).and_then(|f| f.set_len(disk_size));
+        let _ = fs::remove_file(&probe);
+        fits.map_err(|e| {
+            StoreError::Mismatch(format!(
+                "the delta's disk size {disk_size} cannot be stored here: {e}"
+            ))
+        })
+    }
+
+    /// A first full into an empty store, written into full.img as it arrives: no staged
+    /// copy, no second decode. There is no earlier point to protect, so the merge is
+    /// recorded ("applying", direct) before the first byte lands, and anything that fails
+    /// (a check of the delta, the trailer, the digest, a crash) empties the store again.
+    /// The leaves are computed from the data as it is written rather than read back: the
+    /// digest check covers the agent, the transport and this merge; `verify` and every
+    /// restore read the image back.
+    fn ingest_first_full<R: Read>(
+        &mut self,
+        header: DeltaHeader,
+        input: io::Chain<io::Cursor<Vec<u8>>, R>,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+    ) -> Result<Ingested> {
+        let started = std::time::Instant::now();
+        self.check_fits(&header)?;
+        self.probe_size(header.disk_size)?;
+        let full = self.full()?;
+        full.set_len(0)
+            .and_then(|()| full.set_len(header.disk_size))
+            .map_err(io_err("sizing full.img"))?;
+        let mut m = self.manifest.clone();
+        m.block_size = Some(header.block_size);
+        m.applying = Some(Applying {
+            change_id: header.to.to_string(),
+            staged: String::new(),
+            undo: None,
+            meta: PointMeta::default(),
+            direct: true,
+        });
+        self.write_manifest(m)?;
+        failpoint("applying_recorded");
+        match self.first_full_inner(&full, &header, input, end) {
+            Ok(point) => {
+                tracing::info!(
+                    disk = %self.name,
+                    point = %point.change_id,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "first full written in place"
+                );
+                Ok(Ingested::Committed { point, dropped: 0 })
+            }
+            Err(e) => {
+                if let Some(applying) = self.manifest.applying.clone() {
+                    self.roll_back(&full, &applying)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn first_full_inner<R: Read>(
+        &mut self,
+        full: &File,
+        header: &DeltaHeader,
+        mut input: io::Chain<io::Cursor<Vec<u8>>, R>,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+    ) -> Result<Point> {
+        let mut leaves = Leaves::zeroed(header.disk_size, header.block_size).ok();
+        let mut reader = DeltaReader::new(&mut input)?;
+        while let Some(record) = reader.next_record()? {
+            match record {
+                DeltaRecord::Data { offset, data } => {
+                    full.write_all_at(data, offset)
+                        .map_err(io_err("writing full.img"))?;
+                    if let Some(l) = leaves.as_mut() {
+                        let _ = l.set_data(offset, data);
+                    }
+                }
+                // The image starts as one hole: zeros need nothing written.
+                DeltaRecord::Zero { offset, length } => {
+                    if let Some(l) = leaves.as_mut() {
+                        let _ = l.set_zero(offset, length);
+                    }
+                }
+            }
+        }
+        let delta_bytes = reader.summary().stream_bytes;
+        drop(reader);
+        let mut extra = [0u8; 1];
+        if input
+            .read(&mut extra)
+            .map_err(io_err("reading the delta"))?
+            != 0
+        {
+            return Err(StoreError::Mismatch(
+                "bytes after the delta's trailer".into(),
+            ));
+        }
+        let meta = end(input.into_inner().1)?;
+        full.sync_all().map_err(io_err("syncing full.img"))?;
+        failpoint("applied");
+        let checked = self.check_digest(leaves.as_ref(), &meta)?;
+        let mut point = Point {
+            change_id: header.to.to_string(),
+            from: None,
+            disk_size: header.disk_size,
+            committed_unix_ms: now_ms(),
+            undo: None,
+            delta_bytes,
+            cut_unix_ms: meta.cut_unix_ms,
+            consistency: meta.consistency.clone(),
+            image_digest: None,
+            digest_checked: false,
+        };
+        self.save_leaves(leaves, header, &mut point, checked)?;
+        failpoint("leaves_saved");
+        let mut m = self.manifest.clone();
+        m.points = vec![point.clone()];
+        m.applying = None;
+        self.write_manifest(m)?;
+        failpoint("committed");
+        self.remove_orphans();
+        Ok(point)
     }
 
     /// Refuses a delta that does not continue this store's newest point.

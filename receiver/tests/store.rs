@@ -465,6 +465,10 @@ fn a_merge_killed_at_any_step_or_moment_leaves_a_consistent_store() {
         "committed",
     ] {
         for target in [0usize, 3] {
+            // A first full is written in place: it has no staging and no undo steps.
+            if target == 0 && ["staged", "undo_written"].contains(&failpoint) {
+                continue;
+            }
             let store = dir.path().join(format!("fp-{failpoint}-{target}"));
             let s = store.to_str().unwrap();
             for delta in &c.deltas[..target] {
@@ -642,11 +646,11 @@ fn an_interrupted_merge_with_a_damaged_staged_copy_is_rolled_back_exactly() {
     assert!(restored(s, "vm1", "latest", &dir.path().join("r.img")) == c.states[2]);
 }
 
-/// The same for a first full: there is no undo, and no committed point to protect. The
-/// partial image is dropped, the store is empty again, and the full can be sent again
-/// (before, the store refused to open for good).
+/// A first full is written in place (no staged copy): interrupted after it was written but
+/// before its commit, there is no undo and no committed point to protect. The partial image
+/// is dropped, the store is empty again, and the full can be sent again.
 #[test]
-fn an_interrupted_first_full_with_a_damaged_staged_copy_leaves_an_empty_store() {
+fn an_interrupted_first_full_leaves_an_empty_store() {
     let dir = tempfile::tempdir().unwrap();
     let c = chain(dir.path(), "vm1", 2, 2 << 20, 11);
     let store = dir.path().join("store");
@@ -658,16 +662,10 @@ fn an_interrupted_first_full_with_a_damaged_staged_copy_leaves_an_empty_store() 
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let staged = std::fs::read_dir(store.join("vm1/staging"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&staged).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&staged, &bytes).unwrap();
+    assert!(
+        std::fs::metadata(store.join("vm1/full.img")).unwrap().len() > 0,
+        "the crash came after the full was written"
+    );
     let out = receiver(&["verify", "--store", s, "--disk", "vm1"]);
     assert!(
         out.status.success(),
