@@ -159,6 +159,7 @@ enum Command {
     },
     /// Create this agent's identity (key and self-signed certificate) and print its
     /// fingerprint: the receiver allows the agent by it (`ctk-receiver serve --allow`).
+    /// Run again, it prints the existing identity's fingerprint (never replaced).
     Init {
         /// Where the identity lives (cert.der, key.der; never overwritten).
         #[arg(long)]
@@ -344,11 +345,12 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Init { identity } => {
-            let id = ctk_net::Identity::generate("ctk-agent")?;
-            id.save(&identity)?;
+            // Run again, it prints the existing identity's fingerprint: it is never replaced.
+            let (id, created) = ctk_net::Identity::init(&identity, "ctk-agent")?;
             println!("{}", id.fingerprint());
             eprintln!(
-                "identity written to {}; allow it on the receiver with --allow NAME=<the fingerprint above>",
+                "identity {} {}; allow it on the receiver with --allow NAME=<the fingerprint above>",
+                if created { "written to" } else { "already in" },
                 identity.display()
             );
             Ok(())

@@ -110,6 +110,17 @@ impl Identity {
         Fingerprint::of(&self.cert)
     }
 
+    /// The identity in `dir`: the one already there (its fingerprint is what peers pinned,
+    /// so it is never replaced), or a new one, generated and saved. Says which.
+    pub fn init(dir: &Path, name: &str) -> Result<(Identity, bool)> {
+        if dir.join("cert.der").exists() || dir.join("key.der").exists() {
+            return Ok((Identity::load(dir)?, false));
+        }
+        let id = Identity::generate(name)?;
+        id.save(dir)?;
+        Ok((id, true))
+    }
+
     /// Writes `cert.der` and `key.der` (owner-only) into `dir`, refusing to overwrite.
     pub fn save(&self, dir: &Path) -> Result<()> {
         use std::io::Write;
@@ -443,6 +454,19 @@ mod tests {
         for bad in ["", "sha256:", "sha256:zz", &"g".repeat(64), &"a".repeat(63)] {
             assert!(bad.parse::<Fingerprint>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn init_twice_keeps_the_first_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, created) = Identity::init(dir.path(), "x").unwrap();
+        assert!(created);
+        let (b, created) = Identity::init(dir.path(), "x").unwrap();
+        assert!(!created);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        // Half an identity is an error, not a reason to make a new one.
+        std::fs::remove_file(dir.path().join("key.der")).unwrap();
+        assert!(Identity::init(dir.path(), "x").is_err());
     }
 
     #[test]

@@ -95,6 +95,7 @@ enum Command {
     },
     /// Create this receiver's identity (key and self-signed certificate) and print its
     /// fingerprint: give it to each agent (`ctk-agent replicate --receiver-fingerprint`).
+    /// Run again, it prints the existing identity's fingerprint (never replaced).
     Init {
         /// Where the identity lives (cert.der, key.der; never overwritten).
         #[arg(long)]
@@ -327,11 +328,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Init { identity } => {
-            let id = ctk_net::Identity::generate("ctk-receiver")?;
-            id.save(&identity)?;
+            // Run again, it prints the existing identity's fingerprint: it is never replaced.
+            let (id, created) = ctk_net::Identity::init(&identity, "ctk-receiver")?;
             println!("{}", id.fingerprint());
             eprintln!(
-                "identity written to {}; give agents the fingerprint above",
+                "identity {} {}; give agents the fingerprint above",
+                if created { "written to" } else { "already in" },
                 identity.display()
             );
         }
