@@ -63,13 +63,17 @@ pub fn load(path: &Path) -> Result<Config> {
         .take(CONFIG_LEN_MAX + 1)
         .read_to_string(&mut text)
         .with_context(|| format!("reading {} (it must be UTF-8 TOML)", path.display()))?;
+    parse(&text)
+        .with_context(|| format!("{} is not a valid ctk-agent configuration", path.display()))
+}
+
+/// Parses a configuration's text (at most 1 MiB; unknown keys are errors).
+pub fn parse(text: &str) -> Result<Config> {
     anyhow::ensure!(
         text.len() as u64 <= CONFIG_LEN_MAX,
-        "{} is larger than 1 MiB",
-        path.display()
+        "the configuration is larger than 1 MiB"
     );
-    toml::from_str(&text)
-        .with_context(|| format!("{} is not a valid ctk-agent configuration", path.display()))
+    Ok(toml::from_str(text)?)
 }
 
 #[cfg(test)]

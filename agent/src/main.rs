@@ -1,15 +1,7 @@
 //! `ctk-agent`: the host-resident half of ctk. Parses and resolves the command line, then
 //! calls library code; only this binary uses anyhow.
 
-mod config;
-mod demo;
-mod disk;
-mod freeze;
-mod nbd;
-mod pipeline;
-mod quickstart;
-mod replicate;
-mod server;
+use ctk_agent::{config, demo, disk, freeze, pipeline, quickstart, replicate, server};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -5,6 +5,8 @@
 //!   ctk-stages read FILE           cold sequential read, 1 MiB at a time -> bytes/s
 //!   ctk-stages encode FILE         delta encoding alone (zero detection, CRC32, zstd 1) of
 //!                                  FILE held in memory -> input bytes/s
+//!   ctk-stages write FILE BYTES    sequential write of BYTES into a new FILE, then fsync (the
+//!                                  replica's disk); FILE is removed after -> bytes/s
 //!   ctk-stages leaves FILE         the image digest alone (a BLAKE3 leaf per 4 KiB block, then
 //!                                  the digest over the leaves) of FILE in memory -> bytes/s
 //!   ctk-stages quic BYTES          BYTES over QUIC on 127.0.0.1 with ctk's transport (TLS 1.3,
@@ -77,6 +79,27 @@ fn main() {
             }
             w.finish().expect("finish");
             println!("{:.0}", data.len() as f64 / started.elapsed().as_secs_f64());
+        }
+        "write" => {
+            // What the replica's disk takes: BYTES of non-zero data written sequentially in
+            // 1 MiB pieces into a new file, then fsync (a first full must be durable).
+            let bytes: u64 = arg(2).parse().expect("BYTES");
+            let mut f = std::fs::File::create(arg(1)).expect("create");
+            let block: Vec<u8> = (0..1u32 << 20)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
+                .collect();
+            let started = Instant::now();
+            let mut done = 0;
+            while done < bytes {
+                let n = (bytes - done).min(block.len() as u64) as usize;
+                f.write_all(&block[..n]).expect("write");
+                done += n as u64;
+            }
+            f.sync_all().expect("fsync");
+            let rate = bytes as f64 / started.elapsed().as_secs_f64();
+            drop(f);
+            let _ = std::fs::remove_file(arg(1));
+            println!("{rate:.0}");
         }
         "leaves" => {
             let data = std::fs::read(arg(1)).expect("read");

@@ -1,0 +1,12 @@
+//! ctk-agent as a library: the binary (`main.rs`) is a thin CLI over these modules, and the
+//! fuzz targets reach the parsers of untrusted bytes (`nbd`, `config`) through it.
+
+pub mod config;
+pub mod demo;
+pub mod disk;
+pub mod freeze;
+pub mod nbd;
+pub mod pipeline;
+pub mod quickstart;
+pub mod replicate;
+pub mod server;
