@@ -29,10 +29,10 @@ read_bps=(); enc_bps=(); quic_bps=(); ctk_bps=(); write_bps=(); ratios=()
 # The non-zero part of the image: what the replica's disk must take.
 nonzero=$(python3 -c "
 import sys
-z=bytes(1<<20); n=0
+z=bytes(4096); n=0
 with open('$work/src.img','rb') as f:
     while (b := f.read(1<<20)):
-        n += len(b) if b != z[:len(b)] else 0
+        n += sum(4096 for i in range(0, len(b), 4096) if b[i:i+4096] != z)
 print(n)")
 for run in $(seq "$runs"); do
   read_bps+=("$("$bin/ctk-stages" read "$work/src.img")")

@@ -107,10 +107,13 @@ fn main() {
 
     let ids: Vec<String> = store.points().iter().map(|p| p.change_id.clone()).collect();
     let out = dir.path().join("restored.img");
-    let cases: [(&str, Option<&String>); 4] = [
+    let oldest = format!("oldest point ({} undos)", ids.len() - 1);
+    let eighth = "8 undos newer than it";
+    let cases: [(&str, Option<&String>); 5] = [
         ("newest point (full only)", ids.last()),
         ("second newest (1 undo)", ids.get(ids.len() - 2)),
-        ("oldest point", ids.first()),
+        (eighth, ids.get(ids.len().saturating_sub(9))),
+        (&oldest, ids.first()),
         ("cp --sparse=always + fsync", None),
     ];
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
@@ -146,19 +149,20 @@ fn main() {
         v[v.len() / 2]
     };
     let medians: Vec<Duration> = times.iter_mut().map(median).collect();
-    let limit = medians[3].as_secs_f64();
+    let limit = medians[4].as_secs_f64();
     println!(
         "{size_mib} MiB disk, {points} points (3% rewritten per point), {runs} runs, medians:"
     );
     for ((name, _), m) in cases.iter().zip(&medians) {
         println!(
-            "  {name:<28} {:>8.1} ms   {:.2}x cp",
+            "  {name:<30} {:>8.1} ms   {:.2}x cp",
             m.as_secs_f64() * 1e3,
             m.as_secs_f64() / limit
         );
     }
     println!(
-        "oldest / newest: {:.2}x",
-        medians[2].as_secs_f64() / medians[0].as_secs_f64()
+        "oldest / newest: {:.2}x; oldest / 8 undos back: {:.2}x",
+        medians[3].as_secs_f64() / medians[0].as_secs_f64(),
+        medians[3].as_secs_f64() / medians[2].as_secs_f64()
     );
 }
