@@ -20,11 +20,15 @@
 //! never half applied. A delta whose target point is already committed is acknowledged
 //! without being applied twice.
 //!
+//! A first full into an empty store skips the staging: it is written into full.img as it
+//! arrives, under an "applying" (direct) record, and anything that fails, or a crash,
+//! empties the store again (there is no earlier point to protect).
+//!
 //! Restore reads each byte of the point once, from the oldest newer undo that holds it or
 //! else the full, so its cost does not grow with the chain (see `restore`).
 //!
-//! What is not here yet (issue 4): a digest of the whole image from the agent to check the
-//! merged result against.
+//! Every merge's result is checked against the agent's digest of the image (see
+//! `check_digest` and `ctk::digest`) before it is committed.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
