@@ -299,6 +299,26 @@ fn remove_stale(work_dir: &Path, disk: &str) {
     }
 }
 
+/// Takes an exclusive lock on `path` (created if need be) without waiting.
+fn lock_exclusive(path: &Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on an open descriptor touches no memory.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(file)
+}
+
 /// Removes files when dropped (the FIFO and the leaves of a push, whatever happened).
 struct Cleanup(Vec<PathBuf>);
 impl Drop for Cleanup {
@@ -334,6 +354,16 @@ pub fn run(
             .context("the agent's status: block_size")? as u32,
     );
     let leaf_path = PathBuf::from(format!("{journal}.digest-{}", r.cursor));
+    // One replication per disk and cursor at a time: two would race on the leaf files and
+    // the cursor. The lock goes with the process, however it ends.
+    let lock_path = PathBuf::from(format!("{journal}.replicate-{}.lock", r.cursor));
+    let _lock = lock_exclusive(&lock_path).with_context(|| {
+        format!(
+            "another `ctk-agent replicate` of disk {disk:?} to cursor {:?} is running ({})",
+            r.cursor,
+            lock_path.display()
+        )
+    })?;
     let conn = runtime
         .block_on(ctk_net::connect(&identity, r.receiver, r.pinned))
         .context("reaching the receiver")?;

@@ -326,6 +326,29 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     // ... with the age of the receiver's newest commit.
     let age = cursor["age_s"].as_f64().unwrap();
     assert!((0.0..60.0).contains(&age), "{cursor}");
+
+    // One replication per disk and cursor at a time: while another holds the lock (here,
+    // this test), a second is refused with a clear error, and nothing is pushed.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(d.join("vm1.img.ctk.replicate-replica.lock"))
+        .unwrap();
+    // SAFETY: flock on an open descriptor touches no memory.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_eq!(rc, 0);
+    let (ok, _, err) = replicate(&d.join("aid"), &rfp);
+    assert!(!ok);
+    assert!(err.contains("is running"), "{err}");
+    drop(lock);
+    let (ok, _, err) = replicate(&d.join("aid"), &rfp);
+    assert!(ok, "{err}");
 }
 
 fn start_receiver(bin: &Path, d: &Path, afp: &str) -> (Proc, SocketAddr) {
