@@ -119,6 +119,7 @@ struct Pushed {
     sent: u64,
     answer: Response,
     leaves: Option<Leaves>,
+    digest: Option<ctk::digest::ImageDigest>,
 }
 
 /// One push, streamed: the running agent exports into a FIFO while this process reads it
@@ -242,6 +243,7 @@ fn push(
     {
         tracing::warn!(error = %e, "recording the pending block digests");
     }
+    let digest = leaves.as_ref().map(|l| l.digest());
     let end = PushEnd {
         cut_unix_ms: exported["cut_unix_ms"].as_u64().unwrap_or(0),
         consistency: if exported["consistency"] == "application" {
@@ -249,7 +251,7 @@ fn push(
         } else {
             Consistency::Crash
         },
-        image_digest: leaves.as_ref().map(|l| l.digest().0),
+        image_digest: digest.map(|d| d.0),
     };
     let answer = runtime.block_on(async {
         ctk_net::end_chunks(&mut send).await?;
@@ -265,6 +267,7 @@ fn push(
         sent,
         answer,
         leaves,
+        digest,
     })
 }
 
@@ -415,7 +418,7 @@ pub fn run(
     // Only now, with the commit acknowledged, do the leaves and the cursor move. Leaves that
     // fail to save only cost the next push its check (it finds them of another point), so
     // that is a warning, not a failed replication.
-    let digest = pushed.leaves.as_ref().map(|l| l.digest().to_string());
+    let digest = pushed.digest.map(|d| d.to_string());
     if let (Some(mut leaves), Ok(at)) = (pushed.leaves, committed.parse())
         && let Err(e) = LeafFile::save(&leaf_path, &mut leaves, at)
     {

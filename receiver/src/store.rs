@@ -189,6 +189,13 @@ struct Manifest {
     applying: Option<Applying>,
 }
 
+/// The merged image's digest and whether the sender's matched it.
+#[derive(Default)]
+struct Checked {
+    digest: Option<String>,
+    checked: bool,
+}
+
 /// What an ingest did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ingested {
@@ -496,18 +503,29 @@ impl DiskStore {
 
     /// Compares the merged image's digest with the agent's. `Ok(true)`: both known and
     /// equal; `Ok(false)`: one side does not know it (the point is recorded unchecked).
-    fn check_digest(&self, leaves: Option<&Leaves>, meta: &PointMeta) -> Result<bool> {
-        let (Some(leaves), Some(expected)) = (leaves, meta.image_digest.as_deref()) else {
-            return Ok(false);
+    /// Returns the merged image's digest (if its leaves are known) with the verdict, so
+    /// the one pass over the leaves serves both the check and the point's record.
+    fn check_digest(&self, leaves: Option<&Leaves>, meta: &PointMeta) -> Result<Checked> {
+        let Some(leaves) = leaves else {
+            return Ok(Checked::default());
         };
         let got = leaves.digest().to_string();
+        let Some(expected) = meta.image_digest.as_deref() else {
+            return Ok(Checked {
+                digest: Some(got),
+                checked: false,
+            });
+        };
         if got != expected {
             return Err(StoreError::DigestMismatch {
                 expected: expected.into(),
                 got,
             });
         }
-        Ok(true)
+        Ok(Checked {
+            digest: Some(got),
+            checked: true,
+        })
     }
 
     /// Saves the merged leaves (before the commit: a crash in between is recovered by
@@ -517,10 +535,10 @@ impl DiskStore {
         leaves: Option<Leaves>,
         header: &DeltaHeader,
         point: &mut Point,
-        checked: bool,
+        checked: Checked,
     ) -> Result<()> {
         if let Some(mut leaves) = leaves {
-            point.image_digest = Some(leaves.digest().to_string());
+            point.image_digest = checked.digest;
             LeafFile::save(&self.leaves_path(), &mut leaves, header.to).map_err(|e| {
                 StoreError::Io {
                     doing: "saving the block digests".into(),
@@ -531,7 +549,7 @@ impl DiskStore {
                 }
             })?;
         }
-        point.digest_checked = checked;
+        point.digest_checked = checked.checked;
         Ok(())
     }
 
