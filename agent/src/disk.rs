@@ -112,9 +112,21 @@ pub struct ProtectedDisk {
     snapshot: Mutex<Option<Snapshot>>,
     snapshot_room: Condvar,
     cow_limit: u64,
-    /// When each cursor was last set by this process (unix ms): for a replication cursor, when
-    /// the receiver last committed. Not journaled: unknown after a restart until it moves.
-    cursor_set_ms: Mutex<std::collections::HashMap<String, u64>>,
+    /// What this process learned about each cursor as it moved (for a replication cursor:
+    /// when the receiver last committed, the cut time of that point, the replication rate).
+    /// Not journaled: unknown after a restart until the cursor moves again.
+    cursor_meta: Mutex<std::collections::HashMap<String, CursorMeta>>,
+}
+
+/// What a cursor's mover told the agent along with the move (see `ProtectedDisk::cursor`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CursorMeta {
+    /// When the cursor was last set (unix ms).
+    pub set_unix_ms: u64,
+    /// When the cut the cursor names was taken (unix ms): the RPO is the age of this.
+    pub cut_unix_ms: Option<u64>,
+    /// The replication's recent rate (changed bytes per second): the ETA is backlog / rate.
+    pub rate_bps: Option<f64>,
 }
 
 impl ProtectedDisk {
@@ -154,7 +166,7 @@ impl ProtectedDisk {
                 snapshot: Mutex::new(None),
                 snapshot_room: Condvar::new(),
                 cow_limit: COW_LIMIT_DEFAULT,
-                cursor_set_ms: Mutex::new(std::collections::HashMap::new()),
+                cursor_meta: Mutex::new(std::collections::HashMap::new()),
             },
             outcome,
         ))
@@ -736,8 +748,15 @@ impl ProtectedDisk {
         Ok((changed, summary))
     }
 
-    /// Registers, advances or drops a consumer cursor (durable when it returns).
-    pub fn cursor(&self, op: &str, name: &str, at: Option<ChangeId>) -> Result<(), DiskError> {
+    /// Registers, advances or drops a consumer cursor (durable when it returns). `meta`'s
+    /// cut time and rate, when given, feed `status` (RPO, ETA).
+    pub fn cursor(
+        &self,
+        op: &str,
+        name: &str,
+        at: Option<ChangeId>,
+        meta: CursorMeta,
+    ) -> Result<(), DiskError> {
         self.with_tracker(|t| {
             let at = at.unwrap_or(t.latest());
             match op {
@@ -747,11 +766,19 @@ impl ProtectedDisk {
             }
             Ok(())
         })?;
-        if let Ok(mut times) = self.cursor_set_ms.lock() {
+        if let Ok(mut known) = self.cursor_meta.lock() {
             if op == "drop" {
-                times.remove(name);
+                known.remove(name);
             } else {
-                times.insert(name.to_owned(), unix_ms());
+                // A move that says nothing of the rate (a push too small to measure the link)
+                // keeps the last one known.
+                let before = known.get(name).copied().unwrap_or_default();
+                let meta = CursorMeta {
+                    set_unix_ms: unix_ms(),
+                    rate_bps: meta.rate_bps.or(before.rate_bps),
+                    ..meta
+                };
+                known.insert(name.to_owned(), meta);
             }
         }
         Ok(())
@@ -794,13 +821,8 @@ impl ProtectedDisk {
             "open_epoch_blocks": t.map(|t| t.map().open_blocks().len()),
             "block_size": t.map(|t| t.geometry().block_size()),
             "cursors": t.map(|t| t.map().cursors().map(|(n, id)| {
-                let set = self.cursor_set_ms.lock().ok().and_then(|m| m.get(n).copied());
-                json!({
-                    "name": n,
-                    "at": id.to_string(),
-                    "set_unix_ms": set,
-                    "age_s": set.map(|ms| unix_ms().saturating_sub(ms) as f64 / 1000.0),
-                })
+                let meta = self.cursor_meta.lock().ok().and_then(|m| m.get(n).copied());
+                cursor_status(t, n, id, meta)
             }).collect::<Vec<_>>()),
             "journal_syncs": t.map(|t| t.syncs()),
             "reads": c.reads.load(Ordering::Relaxed),
@@ -826,6 +848,44 @@ impl ProtectedDisk {
         let tracker = self.tracker()?.take().ok_or(DiskError::Shutdown)?;
         Ok(tracker.close()?)
     }
+}
+
+/// One cursor in `status`: where it is, and for a replication cursor the RPO (age of the cut
+/// it names), the backlog (bytes written since that cut, cut or not yet) and the ETA to
+/// replicate it at the last reported rate.
+fn cursor_status(
+    t: &Tracker<FileStorage>,
+    name: &str,
+    at: ChangeId,
+    meta: Option<CursorMeta>,
+) -> serde_json::Value {
+    let now = unix_ms();
+    let secs = |ms: u64| now.saturating_sub(ms) as f64 / 1000.0;
+    let block_size = t.geometry().block_size() as u64;
+    let backlog = t
+        .changed_blocks(Since::Id(at), t.latest())
+        .ok()
+        .map(|mut blocks| {
+            blocks |= t.map().open_blocks();
+            // The last block may be partial; a block-granular figure is close enough here.
+            (blocks.len() * block_size).min(t.geometry().disk_size())
+        });
+    let rate = meta.and_then(|m| m.rate_bps).filter(|r| *r > 0.0);
+    json!({
+        "name": name,
+        "at": at.to_string(),
+        "set_unix_ms": meta.map(|m| m.set_unix_ms),
+        "age_s": meta.map(|m| secs(m.set_unix_ms)),
+        "cut_unix_ms": meta.and_then(|m| m.cut_unix_ms),
+        "rpo_s": meta.and_then(|m| m.cut_unix_ms).map(secs),
+        "backlog_bytes": backlog,
+        "rate_bytes_per_s": rate,
+        "eta_s": match (backlog, rate) {
+            (Some(0), _) => Some(0.0),
+            (Some(b), Some(r)) => Some(b as f64 / r),
+            _ => None,
+        },
+    })
 }
 
 fn unix_ms() -> u64 {

@@ -2,10 +2,12 @@
 //! fuzz targets reach the parsers of untrusted bytes (`nbd`, `config`) through it.
 
 pub mod config;
+pub mod continuous;
 pub mod demo;
 pub mod disk;
 pub mod freeze;
 pub mod nbd;
+pub mod nbd_client;
 pub mod pipeline;
 pub mod quickstart;
 pub mod replicate;

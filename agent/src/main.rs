@@ -1,7 +1,7 @@
 //! `ctk-agent`: the host-resident half of ctk. Parses and resolves the command line, then
 //! calls library code; only this binary uses anyhow.
 
-use ctk_agent::{config, demo, disk, freeze, pipeline, quickstart, replicate, server};
+use ctk_agent::{config, continuous, demo, disk, freeze, pipeline, quickstart, replicate, server};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -160,6 +160,15 @@ enum Command {
     /// Bring a disk's replica on a receiver up to a new cut: export the changes since the
     /// receiver's newest point (a full the first time), push them over QUIC, and advance
     /// this agent's cursor for the receiver once the receiver has committed them.
+    ///
+    /// Once by default. With --every it keeps going (continuous mode: a crash-consistent
+    /// cut every interval, plus application-consistent ones every --app-every); with --at
+    /// it cuts at those local times each day (incremental forever). A long-running
+    /// replication retries failures with growing pauses and stops on SIGINT/SIGTERM after
+    /// the push under way. When the link is slower than the writes, each push carries all
+    /// that piled up since the last commit (each block once, newest data): it never falls
+    /// back to a full for being behind.
+    #[command(verbatim_doc_comment)]
     Replicate {
         #[arg(long)]
         identity: PathBuf,
@@ -172,9 +181,33 @@ enum Command {
         /// The cursor that keeps the receiver's point answerable between runs.
         #[arg(long, default_value = "replica")]
         cursor: String,
-        /// Where the delta is staged before it is sent.
+        /// Where the export's FIFO and block digests are made while a push runs.
         #[arg(long, default_value_os_t = std::env::temp_dir())]
         work_dir: PathBuf,
+        /// Continuous mode: a crash-consistent cut and push every interval (e.g. 1s, 500ms,
+        /// 5m). A push that takes longer is followed at once by the next.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "INTERVAL")]
+        every: Option<std::time::Duration>,
+        /// With --every: an application-consistent cut (the disk's hooks and freezes) every
+        /// interval instead of a crash-consistent one (e.g. 15m).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "INTERVAL")]
+        app_every: Option<std::time::Duration>,
+        /// Scheduled mode: cut and push at this local time each day (HH:MM; repeat for
+        /// several).
+        #[arg(long, value_parser = parse_at, value_name = "HH:MM")]
+        at: Vec<u32>,
+        /// Send at most this many bytes per second (500K, 10M, 1G: powers of 1024; 0 for
+        /// no limit).
+        #[arg(long, value_parser = parse_rate, default_value = "0", value_name = "RATE")]
+        bwlimit: u64,
+        /// Read the limit from this file, re-read once a second while running, so it can be
+        /// changed at run time (`echo 10M > FILE`); it overrides --bwlimit once read.
+        #[arg(long, value_name = "FILE")]
+        bwlimit_file: Option<PathBuf>,
+        /// Log a warning when the age of the newest committed cut passes this (e.g. 30s), and
+        /// again when it recovers.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+        rpo_warn: Option<std::time::Duration>,
         #[command(flatten)]
         target: Target,
     },
@@ -238,6 +271,14 @@ fn control(target: &Target, mut request: serde_json::Value) -> Result<serde_json
 }
 
 /// Parses sizes such as `4096`, `64K`, `256M`, `2G`, `1T` (binary units).
+fn parse_at(text: &str) -> Result<u32, String> {
+    continuous::parse_time_of_day(text).map_err(|e| e.to_string())
+}
+
+fn parse_rate(text: &str) -> Result<u64, String> {
+    continuous::parse_rate(text).map_err(|e| e.to_string())
+}
+
 fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let (digits, shift) = match t.char_indices().last() {
@@ -353,6 +394,12 @@ fn run(cli: Cli) -> Result<()> {
             receiver_fingerprint,
             cursor,
             work_dir,
+            every,
+            app_every,
+            at,
+            bwlimit,
+            bwlimit_file,
+            rpo_warn,
             target,
         } => {
             let disk = match &target.disk {
@@ -376,20 +423,46 @@ fn run(cli: Cli) -> Result<()> {
                 cursor,
                 work_dir,
             };
-            let answer = replicate::run(&r, &disk, &|req| control(&target, req))?;
-            print_answer(&target, &answer, |a| {
-                format!(
-                    "{}: committed {} on the receiver ({} bytes changed, {} sent){}",
+            let schedule = continuous::Schedule {
+                every,
+                app_every,
+                at,
+                rpo_warn,
+            };
+            let text = |a: &serde_json::Value| match a["error"].as_str() {
+                Some(e) => format!("{}: failed, retrying in {}s: {e}", disk, a["retry_in_s"]),
+                None => format!(
+                    "{}: committed {} on the receiver ({} bytes changed, {} sent, {}){}",
                     a["disk"].as_str().unwrap_or(""),
                     a["committed"].as_str().unwrap_or(""),
                     a["changed_bytes"],
                     a["delta_bytes"],
+                    a["consistency"].as_str().unwrap_or("crash"),
                     if a["already_committed"] == true {
                         "; it had it already"
                     } else {
                         ""
                     }
-                )
+                ),
+            };
+            let call = |req| control(&target, req);
+            if schedule.is_once() && bwlimit_file.is_none() && rpo_warn.is_none() {
+                let rate = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(bwlimit));
+                let answer = replicate::Session::open(&r, &disk, &call, rate)?
+                    .once(replicate::Cut::Default)?;
+                return print_answer(&target, &answer, text);
+            }
+            let options = continuous::Options {
+                bwlimit,
+                bwlimit_file,
+            };
+            // One line per cycle (JSON lines with --json), as it happens.
+            continuous::run(&r, &disk, &call, &schedule, &options, &mut |a| {
+                if target.json {
+                    println!("{a}");
+                } else {
+                    println!("{}", text(a));
+                }
             })
         }
         Command::Cursor {

@@ -15,6 +15,9 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ctk::digest::{LeafFile, Leaves};
@@ -125,17 +128,9 @@ struct Pushed {
 /// One push, streamed: the running agent exports into a FIFO while this process reads it
 /// and sends it on, chunk by chunk, so reading, encoding and sending overlap and no copy of
 /// the delta lands on disk. The end frame (cut time, consistency, image digest) follows.
-#[allow(clippy::too_many_arguments)]
-fn push(
-    runtime: &tokio::runtime::Runtime,
-    conn: &quinn::Connection,
-    r: &Replicate,
-    disk: &str,
-    newest: Option<&str>,
-    geometry: (u64, u32),
-    leaf_path: &Path,
-    control: &(dyn Fn(Value) -> Result<Value> + Sync),
-) -> Result<Pushed> {
+fn push(s: &Session, conn: &quinn::Connection, newest: Option<&str>, cut: Cut) -> Result<Pushed> {
+    let (runtime, r, disk, control) = (&s.runtime, s.r, s.disk.as_str(), s.control);
+    let (geometry, leaf_path) = (s.geometry, s.leaf_path.as_path());
     let since = newest.unwrap_or("all").to_owned();
     std::fs::create_dir_all(&r.work_dir)?;
     let stem = format!("ctk-replicate-{disk}-{}", std::process::id());
@@ -147,9 +142,13 @@ fn push(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let (exported, streamed) = std::thread::scope(|scope| {
         let exporter = scope.spawn(|| {
-            let answer = control(json!({
+            let mut request = json!({
                 "cmd": "export", "since": since, "path": fifo, "leaves": pairs,
-            }));
+            });
+            if let Some(c) = cut.consistency() {
+                request["consistency"] = json!(c);
+            }
+            let answer = control(request);
             if answer.is_err() {
                 // The agent may have failed before opening the FIFO, and the reader below
                 // waits in open() until a writer comes: be that writer, and go.
@@ -204,8 +203,17 @@ fn push(
                     continue; // keep draining: the agent must be able to finish its export
                 }
                 sent += chunk.len() as u64;
-                if let Err(e) = ctk_net::write_chunk(&mut send, chunk).await {
-                    failed = Some(closed(conn, e.into()));
+                // Under a limit, in pieces of about an eighth of a second's worth, so the
+                // rate holds over short spans too, not only on average.
+                let piece = s.limiter.piece(chunk.len());
+                let mut at = 0;
+                while at < chunk.len() && failed.is_none() {
+                    let end = (at + piece).min(chunk.len());
+                    s.limiter.pace(end - at).await;
+                    if let Err(e) = ctk_net::write_chunk(&mut send, chunk.slice(at..end)).await {
+                        failed = Some(closed(conn, e.into()));
+                    }
+                    at = end;
                 }
             }
             match failed {
@@ -332,116 +340,261 @@ impl Drop for Cleanup {
     }
 }
 
+/// Which kind of cut a push asks the agent for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// The disk's own default: application-consistent when it has hooks or freezes.
+    Default,
+    /// Crash-consistent: no hooks, no freeze (the frequent cuts of continuous mode).
+    Crash,
+    /// Application-consistent: the disk's hooks and freezes.
+    Application,
+}
+
+impl Cut {
+    fn consistency(self) -> Option<&'static str> {
+        match self {
+            Cut::Default => None,
+            Cut::Crash => Some("crash"),
+            Cut::Application => Some("application"),
+        }
+    }
+}
+
+/// A replication of one disk: the agent's geometry for it, its lock, and a connection to the
+/// receiver that is made when needed and dropped after any failure.
+pub struct Session<'a> {
+    r: &'a Replicate,
+    disk: String,
+    control: &'a (dyn Fn(Value) -> Result<Value> + Sync),
+    identity: Identity,
+    runtime: tokio::runtime::Runtime,
+    geometry: (u64, u32),
+    leaf_path: PathBuf,
+    limiter: Limiter,
+    conn: Option<quinn::Connection>,
+    _lock: std::fs::File,
+}
+
+impl<'a> Session<'a> {
+    /// Checks that the agent protects `disk` and takes the one lock per disk and cursor.
+    /// `control` calls the running agent; `bwlimit` is read before each chunk is sent (bytes
+    /// per second, 0 for none), so it can change while a push runs.
+    pub fn open(
+        r: &'a Replicate,
+        disk: &str,
+        control: &'a (dyn Fn(Value) -> Result<Value> + Sync),
+        bwlimit: Arc<AtomicU64>,
+    ) -> Result<Session<'a>> {
+        let identity = Identity::load(&r.identity)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let status = control(json!({"cmd": "status"}))?;
+        let entry = status["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["name"] == disk)
+            .with_context(|| format!("the agent does not protect a disk named {disk:?}"))?;
+        let journal = entry["journal"].as_str().context("the agent's status")?;
+        let geometry = (
+            entry["size"].as_u64().context("the agent's status: size")?,
+            entry["block_size"]
+                .as_u64()
+                .context("the agent's status: block_size")? as u32,
+        );
+        let leaf_path = PathBuf::from(format!("{journal}.digest-{}", r.cursor));
+        // One replication per disk and cursor at a time: two would race on the leaf files
+        // and the cursor. The lock goes with the process, however it ends.
+        let lock_path = PathBuf::from(format!("{journal}.replicate-{}.lock", r.cursor));
+        let lock = lock_exclusive(&lock_path).with_context(|| {
+            format!(
+                "another `ctk-agent replicate` of disk {disk:?} to cursor {:?} is running ({})",
+                r.cursor,
+                lock_path.display()
+            )
+        })?;
+        Ok(Session {
+            r,
+            disk: disk.to_owned(),
+            control,
+            identity,
+            runtime,
+            geometry,
+            leaf_path,
+            limiter: Limiter::new(bwlimit),
+            conn: None,
+            _lock: lock,
+        })
+    }
+
+    /// One replication: a new cut of the kind `cut` asks for, pushed and committed. On any
+    /// failure the connection is dropped (the next call makes a new one).
+    pub fn once(&mut self, cut: Cut) -> Result<Value> {
+        let result = self.once_inner(cut);
+        if result.is_err()
+            && let Some(conn) = self.conn.take()
+        {
+            conn.close(1u32.into(), b"failed");
+        }
+        result
+    }
+
+    fn connection(&mut self) -> Result<quinn::Connection> {
+        if let Some(c) = &self.conn
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let conn = self
+            .runtime
+            .block_on(ctk_net::connect(
+                &self.identity,
+                self.r.receiver,
+                self.r.pinned,
+            ))
+            .context("reaching the receiver")?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn once_inner(&mut self, cut: Cut) -> Result<Value> {
+        let conn = self.connection()?;
+        let (disk, control) = (self.disk.clone(), self.control);
+        let started = std::time::Instant::now();
+        // A push that does not fit is retried from where the receiver then stands: another
+        // push of this disk (say, of an earlier attempt that was killed after sending it
+        // all) may have committed between our question and our push. Each try is a new cut.
+        let mut tries = 0;
+        let (newest, pushed, committed, already) = loop {
+            tries += 1;
+            let request = Request::Newest { disk: disk.clone() };
+            let newest = match self.runtime.block_on(call(&conn, &request))? {
+                Response::Newest { change_id } => change_id,
+                Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
+                other => bail!("unexpected answer from the receiver: {other:?}"),
+            };
+            let pushed = push(self, &conn, newest.as_deref(), cut)?;
+            match &pushed.answer {
+                Response::Committed { change_id, already } => {
+                    let (c, a) = (change_id.clone(), *already);
+                    break (newest, pushed, c, a);
+                }
+                Response::Refused {
+                    refusal: Refusal::Mismatch,
+                    message,
+                } if tries < 3 => {
+                    tracing::info!(%message, "the receiver moved on meanwhile: trying again");
+                }
+                Response::Refused { refusal, message } => {
+                    bail!("the receiver refused the delta ({refusal:?}): {message}")
+                }
+                other => bail!("unexpected answer from the receiver: {other:?}"),
+            }
+        };
+        let exported = &pushed.exported;
+        if committed != exported["to"] {
+            bail!(
+                "the receiver committed {committed}, not the exported {}",
+                exported["to"]
+            );
+        }
+        // Only now, with the commit acknowledged, do the leaves and the cursor move. Leaves
+        // that fail to save only cost the next push its check (it finds them of another
+        // point), so that is a warning, not a failed replication.
+        let digest = pushed.digest.map(|d| d.to_string());
+        if let (Some(mut leaves), Ok(at)) = (pushed.leaves, committed.parse())
+            && let Err(e) = LeafFile::save(&self.leaf_path, &mut leaves, at)
+        {
+            tracing::warn!(error = %e, leaves = %self.leaf_path.display(), "saving the block digests");
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let changed = exported["changed_bytes"].as_u64().unwrap_or(0);
+        let mut cursor = json!({
+            "cmd": "cursor", "op": "advance", "name": self.r.cursor, "at": committed,
+            "cut_unix_ms": exported["cut_unix_ms"],
+        });
+        // The rate only from pushes big enough to say something about the link.
+        if changed >= 1 << 20 {
+            cursor["rate_bytes_per_s"] = json!(changed as f64 / seconds.max(1e-3));
+        }
+        if control(cursor.clone()).is_err() {
+            cursor["op"] = json!("register");
+            control(cursor).context("registering the replication cursor")?;
+        }
+        Ok(json!({
+            "disk": disk,
+            "from": newest,
+            "committed": committed,
+            "already_committed": already,
+            "changed_bytes": exported["changed_bytes"],
+            "delta_bytes": pushed.sent,
+            "consistency": exported["consistency"],
+            "cut_unix_ms": exported["cut_unix_ms"],
+            "hold_ms": exported["hold_ms"],
+            "image_digest": digest,
+            "seconds": seconds,
+        }))
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close(0u32.into(), b"done");
+        }
+    }
+}
+
 /// Runs one replication of `disk`. `control` calls the running agent.
 pub fn run(
     r: &Replicate,
     disk: &str,
     control: &(dyn Fn(Value) -> Result<Value> + Sync),
 ) -> Result<Value> {
-    let identity = Identity::load(&r.identity)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let status = control(json!({"cmd": "status"}))?;
-    let entry = status["disks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["name"] == disk)
-        .with_context(|| format!("the agent does not protect a disk named {disk:?}"))?;
-    let journal = entry["journal"].as_str().context("the agent's status")?;
-    let geometry = (
-        entry["size"].as_u64().context("the agent's status: size")?,
-        entry["block_size"]
-            .as_u64()
-            .context("the agent's status: block_size")? as u32,
-    );
-    let leaf_path = PathBuf::from(format!("{journal}.digest-{}", r.cursor));
-    // One replication per disk and cursor at a time: two would race on the leaf files and
-    // the cursor. The lock goes with the process, however it ends.
-    let lock_path = PathBuf::from(format!("{journal}.replicate-{}.lock", r.cursor));
-    let _lock = lock_exclusive(&lock_path).with_context(|| {
-        format!(
-            "another `ctk-agent replicate` of disk {disk:?} to cursor {:?} is running ({})",
-            r.cursor,
-            lock_path.display()
-        )
-    })?;
-    let conn = runtime
-        .block_on(ctk_net::connect(&identity, r.receiver, r.pinned))
-        .context("reaching the receiver")?;
-    // A push that does not fit is retried from where the receiver then stands: another push
-    // of this disk (say, of an earlier attempt that was killed after sending it all) may have
-    // committed between our question and our push. Each try is a new cut.
-    let mut tries = 0;
-    let (newest, pushed, committed, already) = loop {
-        tries += 1;
-        let newest = match runtime.block_on(call(&conn, &Request::Newest { disk: disk.into() }))? {
-            Response::Newest { change_id } => change_id,
-            Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
-            other => bail!("unexpected answer from the receiver: {other:?}"),
-        };
-        let pushed = push(
-            &runtime,
-            &conn,
-            r,
-            disk,
-            newest.as_deref(),
-            geometry,
-            &leaf_path,
-            control,
-        )?;
-        match &pushed.answer {
-            Response::Committed { change_id, already } => {
-                let (c, a) = (change_id.clone(), *already);
-                break (newest, pushed, c, a);
-            }
-            Response::Refused {
-                refusal: Refusal::Mismatch,
-                message,
-            } if tries < 3 => {
-                tracing::info!(%message, "the receiver moved on meanwhile: trying again");
-            }
-            Response::Refused { refusal, message } => {
-                bail!("the receiver refused the delta ({refusal:?}): {message}")
-            }
-            other => bail!("unexpected answer from the receiver: {other:?}"),
+    Session::open(r, disk, control, Arc::new(AtomicU64::new(0)))?.once(Cut::Default)
+}
+
+/// Paces sending to a rate read from a shared value before every chunk, so a limit changed
+/// at run time applies to the push under way. At most one chunk goes out ahead of the rate.
+struct Limiter {
+    rate: Arc<AtomicU64>,
+    next: std::cell::Cell<Option<tokio::time::Instant>>,
+}
+
+impl Limiter {
+    fn new(rate: Arc<AtomicU64>) -> Limiter {
+        Limiter {
+            rate,
+            next: std::cell::Cell::new(None),
         }
-    };
-    let exported = &pushed.exported;
-    if committed != exported["to"] {
-        bail!(
-            "the receiver committed {committed}, not the exported {}",
-            exported["to"]
-        );
     }
-    // Only now, with the commit acknowledged, do the leaves and the cursor move. Leaves that
-    // fail to save only cost the next push its check (it finds them of another point), so
-    // that is a warning, not a failed replication.
-    let digest = pushed.digest.map(|d| d.to_string());
-    if let (Some(mut leaves), Ok(at)) = (pushed.leaves, committed.parse())
-        && let Err(e) = LeafFile::save(&leaf_path, &mut leaves, at)
-    {
-        tracing::warn!(error = %e, leaves = %leaf_path.display(), "saving the block digests");
+
+    /// How much to send at a time: a whole chunk without a limit, else about an eighth of a
+    /// second's worth (at least 4 KiB).
+    fn piece(&self, chunk: usize) -> usize {
+        match self.rate.load(Ordering::Relaxed) {
+            0 => chunk,
+            rate => ((rate / 8) as usize).clamp(4096, chunk.max(4096)),
+        }
     }
-    let moved =
-        control(json!({"cmd": "cursor", "op": "advance", "name": r.cursor, "at": committed}));
-    if moved.is_err() {
-        control(json!({"cmd": "cursor", "op": "register", "name": r.cursor, "at": committed}))
-            .context("registering the replication cursor")?;
+
+    async fn pace(&self, bytes: usize) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            self.next.set(None);
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let start = self.next.get().map_or(now, |n| n.max(now));
+        self.next.set(Some(
+            start + Duration::from_secs_f64(bytes as f64 / rate as f64),
+        ));
+        if start > now {
+            tokio::time::sleep_until(start).await;
+        }
     }
-    conn.close(0u32.into(), b"done");
-    Ok(json!({
-        "disk": disk,
-        "from": newest,
-        "committed": committed,
-        "already_committed": already,
-        "changed_bytes": exported["changed_bytes"],
-        "delta_bytes": pushed.sent,
-        "consistency": exported["consistency"],
-        "hold_ms": exported["hold_ms"],
-        "image_digest": digest,
-    }))
 }
 
 /// Sends one request to an agent's control socket and returns its answer (an error if the

@@ -1001,7 +1001,14 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 Some(t) => Some(t.parse::<ChangeId>()?),
                 None => None,
             };
-            disk.cursor(op, name, at)?;
+            // A replication that moves its cursor says when that point was cut and how
+            // fast it went, for the RPO and ETA in `status`.
+            let meta = crate::disk::CursorMeta {
+                cut_unix_ms: request["cut_unix_ms"].as_u64(),
+                rate_bps: request["rate_bytes_per_s"].as_f64(),
+                ..Default::default()
+            };
+            disk.cursor(op, name, at, meta)?;
             Ok(json!({"ok": true, "disk": disk.name, "op": op, "name": name}))
         }
         other => bail!("unknown command {other:?}: use status, cut, changed, export or cursor"),

@@ -4,82 +4,17 @@
 //! refusals: unpinned agents, a wrong receiver fingerprint, hostile frames and names, and
 //! one agent reaching for another's disk, while the receiver keeps serving.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
 
 use ctk_net::wire::{Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
-
-fn agent_bin() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_ctk-receiver")).with_file_name("ctk-agent");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
-        path.display()
-    );
-    path
-}
-
-fn tool(name: &str) -> &str {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .status()
-        .unwrap();
-    assert!(found.success(), "{name} is required; .ci/run installs it");
-    name
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a daemon and waits for its ready line; returns it and the line.
-fn start(cmd: &mut Command) -> (Proc, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("ready"), "did not start: {line:?}");
-    (Proc(child), line)
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn init(bin: &Path, dir: &Path) -> String {
-    let (ok, out, err) = run(Command::new(bin).arg("init").arg("--identity").arg(dir));
-    assert!(ok, "init: {err}");
-    out.trim().to_string()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// One request over a raw connection, as a misbehaving agent would send it.
 fn raw_call(
@@ -349,30 +284,6 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     drop(lock);
     let (ok, _, err) = replicate(&d.join("aid"), &rfp);
     assert!(ok, "{err}");
-}
-
-fn start_receiver(bin: &Path, d: &Path, afp: &str) -> (Proc, SocketAddr) {
-    let (p, ready) = start(
-        Command::new(bin)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--keep",
-                "50",
-                "--identity",
-            ])
-            .arg(d.join("rid"))
-            .arg("--store")
-            .arg(d.join("store"))
-            .arg("--allow")
-            .arg(format!("host1={afp}")),
-    );
-    (p, ready.split_whitespace().nth(4).unwrap().parse().unwrap())
-}
-
-fn crc(bytes: &[u8]) -> u32 {
-    crc32fast::hash(bytes)
 }
 
 /// Either side killed at a random moment of a replication, many times: the receiver

@@ -1,0 +1,121 @@
+//! What the receiver's end-to-end tests share: the binaries, processes that die with the
+//! test, a receiver and an agent started and paired, a seeded Rng.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub fn agent_bin() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_ctk-receiver")).with_file_name("ctk-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+pub fn tool(name: &str) -> &str {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .status()
+        .unwrap();
+    assert!(found.success(), "{name} is required; .ci/run installs it");
+    name
+}
+
+pub struct Proc(pub Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a daemon and waits for its ready line; returns it and the line.
+pub fn start(cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("ready"), "did not start: {line:?}");
+    (Proc(child), line)
+}
+
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn init(bin: &Path, dir: &Path) -> String {
+    let (ok, out, err) = run(Command::new(bin).arg("init").arg("--identity").arg(dir));
+    assert!(ok, "init: {err}");
+    out.trim().to_string()
+}
+
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+pub fn start_receiver(bin: &Path, d: &Path, afp: &str) -> (Proc, SocketAddr) {
+    start_receiver_keeping(bin, d, afp, 50)
+}
+
+/// A receiver on 127.0.0.1 with its identity in `d/rid` and store in `d/store`, allowing
+/// the agent `afp` as `host1`, keeping `keep` points per disk.
+pub fn start_receiver_keeping(bin: &Path, d: &Path, afp: &str, keep: usize) -> (Proc, SocketAddr) {
+    let (p, ready) = start(
+        Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--keep"])
+            .arg(keep.to_string())
+            .arg("--identity")
+            .arg(d.join("rid"))
+            .arg("--store")
+            .arg(d.join("store"))
+            .arg("--allow")
+            .arg(format!("host1={afp}")),
+    );
+    (p, ready.split_whitespace().nth(4).unwrap().parse().unwrap())
+}
+
+pub fn crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// The points of every disk in a store, as `ctk-receiver points --json` lists them.
+pub fn points(receiver_bin: &Path, store: &Path) -> serde_json::Value {
+    let (ok, out, err) = run(Command::new(receiver_bin)
+        .args(["points", "--json", "--store"])
+        .arg(store));
+    assert!(ok, "points: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// A restore point materialized and read back.
+pub fn restore(receiver_bin: &Path, store: &Path, disk: &str, point: &str, out: &Path) -> Vec<u8> {
+    let (ok, _, err) = run(Command::new(receiver_bin)
+        .args(["restore", "--disk", disk, "--point", point, "-o"])
+        .arg(out)
+        .arg("--store")
+        .arg(store));
+    assert!(ok, "restore {point}: {err}");
+    std::fs::read(out).unwrap()
+}
