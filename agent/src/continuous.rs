@@ -268,7 +268,7 @@ pub fn run(
             (Some(_), _) => Cut::Crash,
             (None, _) => Cut::Default,
         };
-        match session.once(cut) {
+        match session.once(cut, false) {
             Ok(mut answer) => {
                 pause = Duration::ZERO;
                 let cut_ms = answer["cut_unix_ms"].as_u64().unwrap_or(0);

@@ -569,13 +569,21 @@ impl ProtectedDisk {
 
     /// Starts a point-in-time export of the blocks changed from `since` to `to`. Call it
     /// inside `hold_and_seal` (no write can slip in between the seal and the snapshot).
-    pub fn begin_snapshot(&self, since: Since, to: ChangeId) -> Result<(), DiskError> {
+    pub fn begin_snapshot(&self, plan: &ExportPlan, to: ChangeId) -> Result<(), DiskError> {
         // `to` is the cut being made, not yet durable: this runs inside its hold.
         let (shift, pending) = self.with_tracker(|t| {
-            Ok((
-                t.geometry().block_shift(),
-                t.changed_blocks_unconfirmed(since, to)?,
-            ))
+            let pending = match plan {
+                ExportPlan::Changed(since) => t.changed_blocks_unconfirmed(*since, to)?,
+                // A compare reads every block, written or not: all are kept as of the cut.
+                ExportPlan::Compare { .. } => {
+                    let mut all = RoaringBitmap::new();
+                    if t.geometry().blocks() > 0 {
+                        all.insert_range(0..t.geometry().blocks() as u32);
+                    }
+                    all
+                }
+            };
+            Ok((t.geometry().block_shift(), pending))
         })?;
         let mut guard = self
             .snapshot
@@ -635,13 +643,13 @@ impl ProtectedDisk {
     /// data in hand, so the replication does not decode the delta again.
     pub fn export_snapshot(
         &self,
-        since: Since,
+        plan: &ExportPlan,
         to: ChangeId,
         out: &Path,
         leaves: Option<&Path>,
         zstd_level: i32,
     ) -> Result<(u64, DeltaSummary, u64), DiskError> {
-        let result = self.export_snapshot_inner(since, to, out, leaves, zstd_level);
+        let result = self.export_snapshot_inner(plan, to, out, leaves, zstd_level);
         let peak = match self.snapshot.lock() {
             Ok(mut guard) => guard.take().map_or(0, |s| s.peak_bytes),
             Err(_) => 0,
@@ -652,7 +660,7 @@ impl ProtectedDisk {
 
     fn export_snapshot_inner(
         &self,
-        since: Since,
+        plan: &ExportPlan,
         to: ChangeId,
         out: &Path,
         leaves: Option<&Path>,
@@ -662,15 +670,25 @@ impl ProtectedDisk {
             Some(p) => Some(BufWriter::new(File::create(p)?)),
             None => None,
         };
-        let (block_size, extents) =
-            self.with_tracker(|t| Ok((t.geometry().block_size(), t.changed(since, to)?)))?;
+        let (block_size, extents) = self.with_tracker(|t| {
+            let extents = match plan {
+                ExportPlan::Changed(since) => t.changed(*since, to)?,
+                ExportPlan::Compare { .. } if self.size == 0 => Vec::new(),
+                ExportPlan::Compare { .. } => vec![Extent {
+                    offset: 0,
+                    length: self.size,
+                }],
+            };
+            Ok((t.geometry().block_size(), extents))
+        })?;
         let header = DeltaHeader {
             disk_id: self.name.clone(),
             disk_size: self.size,
             block_size,
-            from: match since {
-                Since::All => None,
-                Since::Id(id) => Some(id),
+            from: match plan {
+                ExportPlan::Changed(Since::All) => None,
+                ExportPlan::Changed(Since::Id(id)) => Some(*id),
+                ExportPlan::Compare { base, .. } => Some(*base),
             },
             to,
         };
@@ -728,15 +746,22 @@ impl ProtectedDisk {
         let options = WriteOptions {
             zstd_level: Some(zstd_level),
         };
-        let (writer, summary) =
-            // Large writes: into a FIFO each one is a wake-up of the reader on the far side.
-            delta::export_with(
-                read_at,
-                &extents,
-                &header,
-                options,
-                BufWriter::with_capacity(1 << 20, file),
-            )?;
+        // Large writes: into a FIFO each one is a wake-up of the reader on the far side.
+        let out = BufWriter::with_capacity(1 << 20, file);
+        let (writer, summary, changed) = match plan {
+            ExportPlan::Changed(_) => {
+                let (w, s) = delta::export_with(read_at, &extents, &header, options, out)?;
+                (w, s, changed)
+            }
+            ExportPlan::Compare { unit, theirs, .. } => {
+                if *unit % block_size != 0 {
+                    return Err(DiskError::Io(io::Error::other(format!(
+                        "resync unit {unit} is not a multiple of the disk's {block_size}-byte blocks"
+                    ))));
+                }
+                compare_export(read_at, self.size, *unit, theirs, &header, options, out)?
+            }
+        };
         let file = writer.into_inner().map_err(|e| e.into_error())?;
         // A FIFO (a streamed replication) has nothing to sync; a file must be durable.
         if file.metadata()?.is_file() {
@@ -848,6 +873,61 @@ impl ProtectedDisk {
         let tracker = self.tracker()?.take().ok_or(DiskError::Shutdown)?;
         Ok(tracker.close()?)
     }
+}
+
+/// What an export sends.
+#[derive(Clone, Debug)]
+pub enum ExportPlan {
+    /// The blocks written since `Since` (everything written, for a first full).
+    Changed(Since),
+    /// A resync: every unit of the disk whose hash (`ctk::digest::unit_hash`) differs from
+    /// the receiver's, as a delta from the receiver's newest point `base`. `theirs` holds the
+    /// receiver's hashes, 32 bytes per unit in disk order; a unit without one (a replica of
+    /// another size, or an empty file: the last-resort full copy) is sent.
+    Compare {
+        base: ChangeId,
+        unit: u32,
+        theirs: PathBuf,
+    },
+}
+
+/// The export of a resync: reads the whole disk unit by unit as of the cut (`read_at`, in
+/// pieces of at most one delta record that start on block boundaries), and writes the units
+/// whose hash differs from the receiver's. Returns the bytes of the units sent as "changed".
+fn compare_export<W: Write>(
+    mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+    size: u64,
+    unit: u32,
+    theirs: &Path,
+    header: &DeltaHeader,
+    options: WriteOptions,
+    out: W,
+) -> Result<(W, DeltaSummary, u64), DiskError> {
+    let mut theirs = io::BufReader::new(File::open(theirs)?);
+    let mut writer = delta::DeltaWriter::new(out, header, options)?;
+    let mut buf = vec![0u8; unit as usize];
+    let mut differing = 0u64;
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(unit as u64) as usize;
+        for piece in (0..n).step_by(ctk::limits::DELTA_RECORD_DATA_MAX) {
+            let end = (piece + ctk::limits::DELTA_RECORD_DATA_MAX).min(n);
+            read_at(at + piece as u64, &mut buf[piece..end])?;
+        }
+        let mut hash = [0u8; 32];
+        let known = match io::Read::read_exact(&mut theirs, &mut hash) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !known || ctk::digest::unit_hash(&buf[..n]) != hash {
+            writer.write_extent(at, &buf[..n])?;
+            differing += n as u64;
+        }
+        at += n as u64;
+    }
+    let (w, summary) = writer.finish()?;
+    Ok((w, summary, differing))
 }
 
 /// One cursor in `status`: where it is, and for a replication cursor the RPO (age of the cut

@@ -204,6 +204,17 @@ enum Command {
         /// changed at run time (`echo 10M > FILE`); it overrides --bwlimit once read.
         #[arg(long, value_name = "FILE")]
         bwlimit_file: Option<PathBuf>,
+        /// Compare the replica with the disk by digests and send only the units that
+        /// differ, even when the changes since the receiver's point are known: checks the
+        /// whole replica against the source and repairs it (after a suspected tracking miss,
+        /// or to verify). Done without asking when this agent cannot name the changes (its
+        /// journal was lost or replaced, or the replica came from elsewhere).
+        #[arg(long)]
+        resync: bool,
+        /// The unit a resync compares: each side hashes every unit (BLAKE3), and a unit that
+        /// differs is sent whole (4K to 16M, a multiple of 4K).
+        #[arg(long, value_parser = parse_size, default_value = "64K", value_name = "SIZE")]
+        resync_unit: u64,
         /// Log a warning when the age of the newest committed cut passes this (e.g. 30s), and
         /// again when it recovers.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
@@ -400,6 +411,8 @@ fn run(cli: Cli) -> Result<()> {
             bwlimit,
             bwlimit_file,
             rpo_warn,
+            resync,
+            resync_unit,
             target,
         } => {
             let disk = match &target.disk {
@@ -422,6 +435,10 @@ fn run(cli: Cli) -> Result<()> {
                 pinned: receiver_fingerprint.parse()?,
                 cursor,
                 work_dir,
+                resync_unit: u32::try_from(resync_unit)
+                    .ok()
+                    .filter(|u| ctk::digest::unit_count(0, *u).is_ok())
+                    .context("--resync-unit: use a multiple of 4K from 4K to 16M")?,
             };
             let schedule = continuous::Schedule {
                 every,
@@ -446,10 +463,13 @@ fn run(cli: Cli) -> Result<()> {
                 ),
             };
             let call = |req| control(&target, req);
+            if resync && !schedule.is_once() {
+                anyhow::bail!("--resync is for one run: leave out --every and --at");
+            }
             if schedule.is_once() && bwlimit_file.is_none() && rpo_warn.is_none() {
                 let rate = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(bwlimit));
                 let answer = replicate::Session::open(&r, &disk, &call, rate)?
-                    .once(replicate::Cut::Default)?;
+                    .once(replicate::Cut::Default, resync)?;
                 return print_answer(&target, &answer, text);
             }
             let options = continuous::Options {

@@ -31,17 +31,39 @@ pub struct Replicate {
     pub pinned: Fingerprint,
     pub cursor: String,
     pub work_dir: PathBuf,
+    /// The unit a resync compares (bytes; `ctk::digest::unit_count` says what fits).
+    pub resync_unit: u32,
+}
+
+/// Default resync unit: 64 KiB, the size of the extents a typical guest rewrites.
+pub const RESYNC_UNIT_DEFAULT: u32 = 64 << 10;
+
+/// What a push sends.
+enum Plan {
+    /// The changes since the receiver's newest point (or a full when it has none).
+    Since,
+    /// A resync: the units whose hash differs from the receiver's (in `theirs`).
+    Compare { theirs: PathBuf },
 }
 
 /// Sends one request and reads the answer.
 async fn call(conn: &quinn::Connection, request: &Request) -> Result<Response> {
+    Ok(call_then(conn, request).await?.0)
+}
+
+/// Sends one request and reads the answer frame, returning the stream for what follows it
+/// (the hashes after a `Digests` answer).
+async fn call_then(
+    conn: &quinn::Connection,
+    request: &Request,
+) -> Result<(Response, quinn::RecvStream)> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
     ctk_net::write_frame(&mut send, &request.encode()).await?;
     send.finish()?;
     let frame = ctk_net::read_frame(&mut recv)
         .await
         .map_err(|e| closed(conn, e.into()))?;
-    Ok(Response::decode(&frame)?)
+    Ok((Response::decode(&frame)?, recv))
 }
 
 /// Says why the receiver closed the connection, when it did (a refused agent learns it
@@ -128,23 +150,35 @@ struct Pushed {
 /// One push, streamed: the running agent exports into a FIFO while this process reads it
 /// and sends it on, chunk by chunk, so reading, encoding and sending overlap and no copy of
 /// the delta lands on disk. The end frame (cut time, consistency, image digest) follows.
-fn push(s: &Session, conn: &quinn::Connection, newest: Option<&str>, cut: Cut) -> Result<Pushed> {
+fn push(
+    s: &Session,
+    conn: &quinn::Connection,
+    newest: Option<&str>,
+    cut: Cut,
+    plan: &Plan,
+) -> Result<Pushed> {
     let (runtime, r, disk, control) = (&s.runtime, s.r, s.disk.as_str(), s.control);
     let (geometry, leaf_path) = (s.geometry, s.leaf_path.as_path());
     let since = newest.unwrap_or("all").to_owned();
-    std::fs::create_dir_all(&r.work_dir)?;
-    let stem = format!("ctk-replicate-{disk}-{}", std::process::id());
-    let fifo = std::path::absolute(r.work_dir.join(format!("{stem}.fifo")))?;
-    let pairs = std::path::absolute(r.work_dir.join(format!("{stem}.leaves")))?;
-    remove_stale(&r.work_dir, disk);
+    let fifo = s.work_file("fifo")?;
+    let pairs = s.work_file("leaves")?;
     mkfifo(&fifo)?;
-    let _cleanup = Cleanup(vec![fifo.clone(), pairs.clone()]);
+    let mut cleanup = Cleanup(vec![fifo.clone(), pairs.clone()]);
+    if let Plan::Compare { theirs } = plan {
+        cleanup.0.push(theirs.clone());
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let (exported, streamed) = std::thread::scope(|scope| {
         let exporter = scope.spawn(|| {
             let mut request = json!({
                 "cmd": "export", "since": since, "path": fifo, "leaves": pairs,
             });
+            if let Plan::Compare { theirs } = plan {
+                request["since"] = json!("compare");
+                request["base"] = json!(since);
+                request["unit"] = json!(r.resync_unit);
+                request["digests"] = json!(theirs);
+            }
             if let Some(c) = cut.consistency() {
                 request["consistency"] = json!(c);
             }
@@ -217,7 +251,26 @@ fn push(s: &Session, conn: &quinn::Connection, newest: Option<&str>, cut: Cut) -
                 }
             }
             match failed {
-                Some(e) => Err(e),
+                // The receiver stops reading when it refuses a push early (a bad header, say);
+                // its answer says why, which beats "stopped by peer".
+                Some(e) => {
+                    let mut recv = recv;
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        ctk_net::read_frame(&mut recv),
+                    )
+                    .await;
+                    match answer
+                        .ok()
+                        .and_then(|f| f.ok())
+                        .map(|f| Response::decode(&f))
+                    {
+                        Some(Ok(Response::Refused { refusal, message })) => Err(anyhow::anyhow!(
+                            "the receiver refused the delta ({refusal:?}): {message}"
+                        )),
+                        _ => Err(e),
+                    }
+                }
                 None => Ok::<_, anyhow::Error>((send, recv, sent)),
             }
         });
@@ -231,15 +284,19 @@ fn push(s: &Session, conn: &quinn::Connection, newest: Option<&str>, cut: Cut) -
         Ok::<_, anyhow::Error>((exported, streamed))
     })?;
     let exported = exported.with_context(|| match newest {
-        Some(id) => format!(
-            "exporting the changes since the receiver's newest point {id} (if this agent \
-             cannot answer it, e.g. after its journal was lost, the replica needs a resync, \
-             which is not built yet)"
-        ),
+        Some(id) if matches!(plan, Plan::Compare { .. }) => {
+            format!("exporting a resync against the receiver's newest point {id}")
+        }
+        Some(id) => format!("exporting the changes since the receiver's newest point {id}"),
         None => "exporting a first full".into(),
     })?;
     let (mut send, mut recv, sent) = streamed?;
-    let leaves = leaves_after(leaf_path, newest, geometry.0, geometry.1, &pairs)
+    // A resync read every block: its pairs are the whole image's leaves.
+    let base = match plan {
+        Plan::Since => newest,
+        Plan::Compare { .. } => None,
+    };
+    let leaves = leaves_after(leaf_path, base, geometry.0, geometry.1, &pairs)
         .context("digesting the exported delta")?;
     // Before the end frame: were this process killed after the receiver's commit, the next
     // run must still know the leaves of what is then the receiver's newest point.
@@ -288,13 +345,14 @@ fn remove_stale(work_dir: &Path, disk: &str) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        // Exactly <prefix><pid>.fifo or <prefix><pid>.leaves: another disk whose name
-        // starts with this one's never matches.
+        // Exactly <prefix><pid>.{fifo,leaves,theirs}: another disk whose name starts with
+        // this one's never matches.
         let Some(pid) = name
             .strip_prefix(&prefix)
             .and_then(|rest| {
                 rest.strip_suffix(".fifo")
                     .or_else(|| rest.strip_suffix(".leaves"))
+                    .or_else(|| rest.strip_suffix(".theirs"))
             })
             .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|pid| pid.parse::<i32>().ok())
@@ -431,8 +489,10 @@ impl<'a> Session<'a> {
 
     /// One replication: a new cut of the kind `cut` asks for, pushed and committed. On any
     /// failure the connection is dropped (the next call makes a new one).
-    pub fn once(&mut self, cut: Cut) -> Result<Value> {
-        let result = self.once_inner(cut);
+    /// With `resync`, the push compares digests with the receiver even when a delta could
+    /// be sent (it checks the whole replica against the source and repairs what differs).
+    pub fn once(&mut self, cut: Cut, resync: bool) -> Result<Value> {
+        let result = self.once_inner(cut, resync);
         if result.is_err()
             && let Some(conn) = self.conn.take()
         {
@@ -459,7 +519,87 @@ impl<'a> Session<'a> {
         Ok(conn)
     }
 
-    fn once_inner(&mut self, cut: Cut) -> Result<Value> {
+    /// A file of this push in the work directory (named after the process, so a later run
+    /// can tell a dead one's leftovers).
+    fn work_file(&self, suffix: &str) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.r.work_dir)?;
+        remove_stale(&self.r.work_dir, &self.disk);
+        let name = format!(
+            "ctk-replicate-{}-{}.{suffix}",
+            self.disk,
+            std::process::id()
+        );
+        Ok(std::path::absolute(self.r.work_dir.join(name))?)
+    }
+
+    /// Decides what to send on top of the receiver's newest point: the changes since it when
+    /// this agent can name them, else (or when asked) a resync by digests. A resync fetches
+    /// the receiver's unit hashes into a work file; a replica of another size has none that
+    /// can be used, and gets a full copy, the last resort, logged as such.
+    fn plan(&self, conn: &quinn::Connection, newest: Option<&str>, force: bool) -> Result<Plan> {
+        let Some(id) = newest else {
+            return Ok(Plan::Since);
+        };
+        if !force {
+            let a = (self.control)(json!({"cmd": "answerable", "disk": self.disk, "since": id}))?;
+            if a["answerable"] == true {
+                return Ok(Plan::Since);
+            }
+            tracing::warn!(
+                disk = %self.disk, point = id, why = %a["why"].as_str().unwrap_or(""),
+                "this agent cannot name the changes since the receiver's newest point: \
+                 comparing digests with the receiver instead of sending everything"
+            );
+        }
+        let unit = self.r.resync_unit;
+        let request = Request::Digests {
+            disk: self.disk.clone(),
+            unit,
+        };
+        let (change_id, disk_size, hashes) = self.runtime.block_on(async {
+            let (answer, mut recv) = call_then(conn, &request).await?;
+            match answer {
+                Response::Digests {
+                    change_id,
+                    disk_size,
+                    unit: u,
+                    count,
+                } => {
+                    // The count is checked against the unit's bound before anything is read.
+                    let expected = ctk::digest::unit_count(disk_size, u)
+                        .map_err(anyhow::Error::msg)
+                        .context("the receiver's digests")?;
+                    if u != unit || count != expected {
+                        bail!(
+                            "the receiver sent {count} hashes of {u} bytes for {disk_size} bytes"
+                        );
+                    }
+                    let hashes = ctk_net::read_chunks(&mut recv, expected as usize * 32).await?;
+                    Ok::<_, anyhow::Error>((change_id, disk_size, hashes))
+                }
+                Response::Refused { message, .. } => {
+                    bail!("the receiver refused to send its digests: {message}")
+                }
+                other => bail!("unexpected answer from the receiver: {other:?}"),
+            }
+        })?;
+        if change_id != id {
+            bail!("the receiver moved from {id} to {change_id} while asked for its digests");
+        }
+        let theirs = self.work_file("theirs")?;
+        if disk_size == self.geometry.0 {
+            std::fs::write(&theirs, &hashes)?;
+        } else {
+            tracing::warn!(
+                disk = %self.disk, replica_bytes = disk_size, disk_bytes = self.geometry.0,
+                "the replica is of another size than the disk: sending a full copy, the last resort"
+            );
+            std::fs::write(&theirs, [])?;
+        }
+        Ok(Plan::Compare { theirs })
+    }
+
+    fn once_inner(&mut self, cut: Cut, force_resync: bool) -> Result<Value> {
         let conn = self.connection()?;
         let (disk, control) = (self.disk.clone(), self.control);
         let started = std::time::Instant::now();
@@ -467,7 +607,7 @@ impl<'a> Session<'a> {
         // push of this disk (say, of an earlier attempt that was killed after sending it
         // all) may have committed between our question and our push. Each try is a new cut.
         let mut tries = 0;
-        let (newest, pushed, committed, already) = loop {
+        let (newest, pushed, committed, already, resync) = loop {
             tries += 1;
             let request = Request::Newest { disk: disk.clone() };
             let newest = match self.runtime.block_on(call(&conn, &request))? {
@@ -475,11 +615,13 @@ impl<'a> Session<'a> {
                 Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
                 other => bail!("unexpected answer from the receiver: {other:?}"),
             };
-            let pushed = push(self, &conn, newest.as_deref(), cut)?;
+            let plan = self.plan(&conn, newest.as_deref(), force_resync)?;
+            let resync = matches!(plan, Plan::Compare { .. });
+            let pushed = push(self, &conn, newest.as_deref(), cut, &plan)?;
             match &pushed.answer {
                 Response::Committed { change_id, already } => {
                     let (c, a) = (change_id.clone(), *already);
-                    break (newest, pushed, c, a);
+                    break (newest, pushed, c, a, resync);
                 }
                 Response::Refused {
                     refusal: Refusal::Mismatch,
@@ -535,6 +677,7 @@ impl<'a> Session<'a> {
             "hold_ms": exported["hold_ms"],
             "image_digest": digest,
             "seconds": seconds,
+            "resync": resync,
         }))
     }
 }
@@ -553,7 +696,7 @@ pub fn run(
     disk: &str,
     control: &(dyn Fn(Value) -> Result<Value> + Sync),
 ) -> Result<Value> {
-    Session::open(r, disk, control, Arc::new(AtomicU64::new(0)))?.once(Cut::Default)
+    Session::open(r, disk, control, Arc::new(AtomicU64::new(0)))?.once(Cut::Default, false)
 }
 
 /// Paces sending to a rate read from a shared value before every chunk, so a limit changed

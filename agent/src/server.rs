@@ -16,7 +16,7 @@ use tokio::io::{
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::disk::ProtectedDisk;
+use crate::disk::{DiskError, ExportPlan, ProtectedDisk};
 use crate::nbd::{self, Request};
 use crate::pipeline::{self, Consistency};
 
@@ -932,8 +932,40 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 "extents": extents.iter().map(|e| json!([e.offset, e.length])).collect::<Vec<_>>(),
             }))
         }
-        "export" => {
+        "answerable" => {
+            // Can this agent export the changes since that point? If not (another generation
+            // after a journal loss, compacted away, unknown), a replication resyncs.
             let since = parse_since(&request["since"])?;
+            let (answerable, why) = match disk.changed(since, None) {
+                Ok(_) => (true, None),
+                Err(DiskError::Tracker(ctk::TrackerError::Query(e))) => {
+                    (false, Some(e.to_string()))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            Ok(json!({"ok": true, "disk": disk.name, "answerable": answerable, "why": why}))
+        }
+        "export" => {
+            let plan = match request["since"].as_str() {
+                Some("compare") => {
+                    let base = request["base"]
+                        .as_str()
+                        .context("a compare export needs the receiver's point as \"base\"")?
+                        .parse::<ChangeId>()?;
+                    let unit = request["unit"]
+                        .as_u64()
+                        .and_then(|u| u32::try_from(u).ok())
+                        .context("a compare export needs a \"unit\" in bytes")?;
+                    ctk::digest::unit_count(disk.size(), unit).map_err(anyhow::Error::msg)?;
+                    let theirs = request["digests"]
+                        .as_str()
+                        .map(std::path::PathBuf::from)
+                        .filter(|p| p.is_absolute())
+                        .context("a compare export needs an absolute \"digests\" path")?;
+                    ExportPlan::Compare { base, unit, theirs }
+                }
+                _ => ExportPlan::Changed(parse_since(&request["since"])?),
+            };
             let path = request["path"]
                 .as_str()
                 .context("export needs an absolute \"path\"")?;
@@ -949,7 +981,9 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 None => None,
             };
             // Refuse a bad `since` before cutting, so it leaves no empty cut behind.
-            disk.changed(since, None)?;
+            if let ExportPlan::Changed(since) = plan {
+                disk.changed(since, None)?;
+            }
             disk.wait_export_idle(EXPORT_WAIT)?;
             let cut_unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -959,7 +993,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             // released before the data is read, and copy-on-write keeps it as of the cut.
             let mut began = false;
             let report = pipeline::cut(disk, &disk.policy, want, |to| {
-                disk.begin_snapshot(since, to)?;
+                disk.begin_snapshot(&plan, to)?;
                 began = true;
                 Ok(Value::Null)
             });
@@ -971,7 +1005,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 }
             })?;
             let (changed, s, peak) =
-                disk.export_snapshot(since, report.change_id, path, leaves, agent.zstd_level)?;
+                disk.export_snapshot(&plan, report.change_id, path, leaves, agent.zstd_level)?;
             let mut report = report;
             report.inside = json!({
                 "changed_bytes": changed, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,
@@ -1011,6 +1045,8 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             disk.cursor(op, name, at, meta)?;
             Ok(json!({"ok": true, "disk": disk.name, "op": op, "name": name}))
         }
-        other => bail!("unknown command {other:?}: use status, cut, changed, export or cursor"),
+        other => bail!(
+            "unknown command {other:?}: use status, cut, changed, answerable, export or cursor"
+        ),
     }
 }

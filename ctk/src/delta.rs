@@ -404,8 +404,12 @@ impl<R: Read> DeltaReader<R> {
         let geometry = Geometry::new(disk_size, block_size as u64)
             .map_err(|e| DeltaError::HeaderInvalid(e.to_string()))?;
         let from = (flags & 1 == 1).then_some(ids[0]);
+        // Within a generation a delta goes forward. Across generations (a resync: the
+        // receiver's point is of a journal the agent no longer has) there is no order to
+        // check; the receiver's own check that `from` is its newest point is what counts.
         if let Some(from) = from
-            && (from.generation != ids[1].generation || from.seq > ids[1].seq)
+            && from.generation == ids[1].generation
+            && from.seq > ids[1].seq
         {
             return Err(DeltaError::HeaderInvalid(format!(
                 "from {from} does not precede to {}",

@@ -35,6 +35,40 @@ use crate::limits::{BLOCK_SIZE_MAX, BLOCK_SIZE_MIN};
 /// at 64 KiB).
 pub const LEAVES_MAX: u64 = 1 << 26;
 
+/// Most unit hashes one resync compares (64 MiB of hashes): a disk needs a unit of at least
+/// its size / 2^21 (2 KiB per GiB).
+pub const UNIT_HASHES_MAX: u64 = 1 << 21;
+/// Smallest and largest resync unit.
+pub const UNIT_MIN: u32 = 4096;
+pub const UNIT_MAX: u32 = 16 << 20;
+
+/// The resync hash of one unit of an image: BLAKE3 of its bytes (the last unit of a disk
+/// holds only the bytes up to the disk's end). Strong, unlike the leaves: a resync decides
+/// from it alone that a unit need not be sent.
+pub fn unit_hash(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// How many unit hashes a disk of `disk_size` bytes has at `unit`, or why that unit does
+/// not fit: not a multiple of 4 KiB within [`UNIT_MIN`, `UNIT_MAX`], or too many hashes.
+pub fn unit_count(disk_size: u64, unit: u32) -> Result<u64, String> {
+    if !(UNIT_MIN..=UNIT_MAX).contains(&unit) || !unit.is_multiple_of(UNIT_MIN) {
+        return Err(format!(
+            "resync unit {unit}: use a multiple of 4 KiB from 4 KiB to 16 MiB"
+        ));
+    }
+    let count = disk_size.div_ceil(unit as u64);
+    if count > UNIT_HASHES_MAX {
+        return Err(format!(
+            "resync unit {unit} is too small for a disk of {disk_size} bytes: use at least {}",
+            disk_size
+                .div_ceil(UNIT_HASHES_MAX)
+                .next_multiple_of(UNIT_MIN as u64)
+        ));
+    }
+    Ok(count)
+}
+
 const DOMAIN: &[u8] = b"ctk image digest v1 (xxh3-64 leaves)";
 const MAGIC: [u8; 8] = *b"CTKLEAF1";
 const HEADER: u64 = 64;

@@ -28,6 +28,10 @@ pub enum Request {
     Newest { disk: String },
     /// Merge the delta that follows (chunks, then a [`PushEnd`]) into this disk's replica.
     Push { disk: String },
+    /// A strong hash of each `unit` bytes of the disk's newest point, for a resync that
+    /// sends only what differs. Answered by `Response::Digests`, then the hashes (32 bytes
+    /// each, in disk order) in chunks like a push's, ended by a zero length.
+    Digests { disk: String, unit: u32 },
 }
 
 /// Longest chunk of a pushed delta.
@@ -99,6 +103,14 @@ pub enum Response {
         refusal: Refusal,
         message: String,
     },
+    /// The hashes of point `change_id` (a disk of `disk_size` bytes) follow: `count` of
+    /// them, one per `unit` bytes (the last unit may be short).
+    Digests {
+        change_id: String,
+        disk_size: u64,
+        unit: u32,
+        count: u64,
+    },
 }
 
 /// A frame that could not be decoded.
@@ -150,7 +162,9 @@ impl Request {
     pub fn decode(bytes: &[u8]) -> Result<Request, WireError> {
         let r: Request = decode(bytes)?;
         match &r {
-            Request::Newest { disk } | Request::Push { disk, .. } => check(&[disk])?,
+            Request::Newest { disk } | Request::Push { disk } | Request::Digests { disk, .. } => {
+                check(&[disk])?
+            }
         }
         Ok(r)
     }
@@ -165,7 +179,9 @@ impl Response {
         let r: Response = decode(bytes)?;
         match &r {
             Response::Newest { change_id } => check(&[change_id.as_deref().unwrap_or("")])?,
-            Response::Committed { change_id, .. } => check(&[change_id])?,
+            Response::Committed { change_id, .. } | Response::Digests { change_id, .. } => {
+                check(&[change_id])?
+            }
             Response::Refused { message, .. } => check(&[message])?,
         }
         Ok(r)
@@ -194,6 +210,10 @@ mod tests {
         let msgs = [
             Request::Newest { disk: "vm1".into() },
             Request::Push { disk: "vm1".into() },
+            Request::Digests {
+                disk: "vm1".into(),
+                unit: 65536,
+            },
         ];
         for m in msgs {
             assert_eq!(Request::decode(&m.encode()).unwrap(), m);
@@ -212,6 +232,13 @@ mod tests {
         ] {
             assert_eq!(PushEnd::decode(&end.encode()).unwrap(), end);
         }
+        let r = Response::Digests {
+            change_id: "ab/1".into(),
+            disk_size: 1 << 30,
+            unit: 65536,
+            count: 16384,
+        };
+        assert_eq!(Response::decode(&r.encode()).unwrap(), r);
         let r = Response::refused(Refusal::Mismatch, "x".repeat(10_000));
         let back = Response::decode(&r.encode()).unwrap();
         assert!(

@@ -16,6 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DistinguishedName, SignatureScheme};
 
+pub use bytes::Bytes;
 pub use ctk::wire;
 
 /// Why the transport failed.
@@ -438,6 +439,42 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>> {
         .await
         .map_err(|e| NetError::Protocol(format!("reading a frame: {}", chain(&e))))?;
     Ok(buf)
+}
+
+/// Reads chunks (as `write_chunk` sends them) up to the zero length, expecting exactly
+/// `expected` bytes in all: more, fewer, or a chunk over `CHUNK_MAX` is an error, and
+/// nothing beyond `expected` is ever allocated (the caller bounds `expected`).
+pub async fn read_chunks(recv: &mut quinn::RecvStream, expected: usize) -> Result<Vec<u8>> {
+    let bad = |why: String| NetError::Protocol(why);
+    let mut out = Vec::with_capacity(expected);
+    loop {
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len)
+            .await
+            .map_err(|e| bad(format!("reading a chunk length: {}", chain(&e))))?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 {
+            break;
+        }
+        if len > wire::CHUNK_MAX || out.len() + len > expected {
+            return Err(bad(format!(
+                "a chunk of {len} bytes after {} of {expected} expected",
+                out.len()
+            )));
+        }
+        let at = out.len();
+        out.resize(at + len, 0);
+        recv.read_exact(&mut out[at..])
+            .await
+            .map_err(|e| bad(format!("reading a chunk: {}", chain(&e))))?;
+    }
+    if out.len() != expected {
+        return Err(bad(format!(
+            "the chunks held {} bytes, {expected} expected",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

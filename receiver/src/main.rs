@@ -61,6 +61,25 @@ enum Command {
         #[arg(required = true)]
         deltas: Vec<PathBuf>,
     },
+    /// Seed a disk's replica from an image already here (a copy shipped to this site): it
+    /// becomes the disk's first point, and the agent's next `replicate` compares digests
+    /// with it and sends only the units that differ, instead of the whole disk. The disk's
+    /// store must be empty.
+    Adopt {
+        /// The agent's store directory (STORE/AGENT, as `serve` lays it out).
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// The raw image to adopt (read, never changed).
+        #[arg(long)]
+        image: PathBuf,
+        /// The agent's block size for this disk (its `--block-size`).
+        #[arg(long, default_value_t = ctk::limits::BLOCK_SIZE_DEFAULT)]
+        block_size: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the restore points of one disk, or of every disk in the store.
     Points {
         #[arg(long)]
@@ -224,18 +243,109 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Adopt {
+            store,
+            disk,
+            image,
+            block_size,
+            json,
+        } => {
+            let mut s = open(&store, &disk)?;
+            if let Some(p) = s.points().last() {
+                bail!(
+                    "disk {disk:?} already has points (newest {}): adopt seeds an empty store",
+                    p.change_id
+                );
+            }
+            let file = std::fs::File::open(&image)
+                .with_context(|| format!("opening {}", image.display()))?;
+            let size = file.metadata()?.len();
+            // The image's own digest goes with it, so the copy written into the store is
+            // checked like any pushed point.
+            let digest = ctk::digest::Leaves::of_image(&file, size, block_size)
+                .map(|l| l.digest().to_string())
+                .ok();
+            let header = ctk::delta::DeltaHeader {
+                disk_id: disk.clone(),
+                disk_size: size,
+                block_size,
+                from: None,
+                // A generation of its own: no agent can name changes since it, so the
+                // agent's next replication compares digests.
+                to: ctk::ChangeId::new(ctk::Generation::random(), 1),
+            };
+            let (reader, writer) = std::io::pipe()?;
+            let producer = std::thread::spawn(move || {
+                let extents = [ctk::Extent {
+                    offset: 0,
+                    length: size,
+                }];
+                let extents = if size == 0 {
+                    &extents[..0]
+                } else {
+                    &extents[..]
+                };
+                let options = ctk::delta::WriteOptions { zstd_level: None };
+                ctk::delta::export(&file, extents, &header, options, writer).map(|_| ())
+            });
+            let done = s.ingest(BufReader::with_capacity(1 << 20, reader), 1, |_| {
+                Ok(store::PointMeta {
+                    image_digest: digest,
+                    ..store::PointMeta::default()
+                })
+            });
+            let produced = producer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the image reader panicked"))?;
+            let done = done.with_context(|| format!("adopting {}", image.display()))?;
+            produced.with_context(|| format!("reading {}", image.display()))?;
+            let Ingested::Committed { point, .. } = done else {
+                bail!("the store already had this point");
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"disk": disk, "adopted": image.display().to_string(),
+                           "point": point.change_id, "disk_size": point.disk_size,
+                           "digest_checked": point.digest_checked})
+                );
+            } else {
+                println!(
+                    "{disk}: adopted {} as point {} ({} bytes); the agent's next replicate \
+                     sends only what differs",
+                    image.display(),
+                    point.change_id,
+                    point.disk_size
+                );
+            }
+        }
         Command::Points { store, disk, json } => {
             let mut all = Vec::new();
             // Read without the store's lock, so a running receiver's merge does not block it.
             for d in disks(&store, disk)? {
                 let points = store::committed_points(&store, &d)?;
-                all.push(json!({"disk": d, "points": points}));
+                // The RPO as this side sees it: the age of the newest committed cut.
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|t| t.as_millis() as u64)
+                    .unwrap_or(0);
+                let rpo_s = points
+                    .last()
+                    .and_then(|p| p.cut_unix_ms)
+                    .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0);
+                all.push(json!({"disk": d, "rpo_s": rpo_s, "points": points}));
             }
             if json {
                 println!("{}", serde_json::Value::Array(all));
             } else {
                 for d in &all {
-                    println!("{}:", d["disk"].as_str().unwrap_or(""));
+                    match d["rpo_s"].as_f64() {
+                        Some(rpo) => println!(
+                            "{}: newest cut {rpo:.1}s ago",
+                            d["disk"].as_str().unwrap_or("")
+                        ),
+                        None => println!("{}:", d["disk"].as_str().unwrap_or("")),
+                    }
                     for p in d["points"].as_array().into_iter().flatten() {
                         println!(
                             "  {}  {} bytes  {}  committed at unix ms {}  {}",

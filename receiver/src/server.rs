@@ -140,17 +140,26 @@ async fn stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<()> {
-    let response = match ctk_net::read_frame(&mut recv).await {
-        Err(e) => Response::refused(Refusal::BadRequest, e.to_string()),
+    let (response, body) = match ctk_net::read_frame(&mut recv).await {
+        Err(e) => (Response::refused(Refusal::BadRequest, e.to_string()), None),
         Ok(frame) => match Request::decode(&frame) {
-            Err(e) => Response::refused(Refusal::BadRequest, e.to_string()),
-            Ok(request) => handle(agent, config, request, recv).await,
+            Err(e) => (Response::refused(Refusal::BadRequest, e.to_string()), None),
+            Ok(Request::Digests { disk, unit }) => digests(agent, config, disk, unit).await,
+            Ok(request) => (handle(agent, config, request, recv).await, None),
         },
     };
     if let Response::Refused { message, .. } = &response {
         warn!(%agent, %message, "refused");
     }
     ctk_net::write_frame(&mut send, &response.encode()).await?;
+    if let Some(body) = body {
+        let body = ctk_net::Bytes::from(body);
+        for at in (0..body.len()).step_by(wire::CHUNK_MAX) {
+            let end = (at + wire::CHUNK_MAX).min(body.len());
+            ctk_net::write_chunk(&mut send, body.slice(at..end)).await?;
+        }
+        ctk_net::end_chunks(&mut send).await?;
+    }
     send.finish()?;
     // Wait until the agent has the answer before the stream goes away.
     let _ = send.stopped().await;
@@ -179,6 +188,51 @@ fn describe(e: &StoreError) -> String {
     text
 }
 
+/// A resync's question: the hashes of the disk's newest point, unit by unit (the answer,
+/// then the hashes as chunks).
+async fn digests(
+    agent: &str,
+    config: &Config,
+    disk: String,
+    unit: u32,
+) -> (Response, Option<Vec<u8>>) {
+    let root = config.store.join(agent);
+    let span = info_span!("digests", %disk, unit);
+    let result = tokio::task::spawn_blocking(move || {
+        let _guard = span.enter();
+        // Asking never creates a store.
+        if store::newest_point(&root, &disk)?.is_none() {
+            return Err(StoreError::NoSuchPoint(format!(
+                "(any: disk {disk:?} has no point to compare against)"
+            )));
+        }
+        let (s, _) = DiskStore::open_waiting(&root, &disk)?;
+        let started = std::time::Instant::now();
+        let answer = s.unit_digests(unit)?;
+        info!(
+            point = %answer.0,
+            units = answer.2.len() / 32,
+            seconds = started.elapsed().as_secs_f64(),
+            "hashed the replica for a resync"
+        );
+        Ok(answer)
+    })
+    .await;
+    match result {
+        Ok(Ok((change_id, disk_size, hashes))) => (
+            Response::Digests {
+                change_id,
+                disk_size,
+                unit,
+                count: hashes.len() as u64 / 32,
+            },
+            Some(hashes),
+        ),
+        Ok(Err(e)) => (Response::refused(refusal(&e), describe(&e)), None),
+        Err(e) => (Response::refused(Refusal::Unavailable, e.to_string()), None),
+    }
+}
+
 async fn handle(
     agent: &str,
     config: &Config,
@@ -201,6 +255,10 @@ async fn handle(
                 Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
             }
         }
+        Request::Digests { .. } => Response::refused(
+            Refusal::BadRequest,
+            "digests are answered on their own path",
+        ),
         Request::Push { disk } => {
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));

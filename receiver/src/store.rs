@@ -2,11 +2,11 @@
 //!
 //! Layout of `<store>/<disk>/`:
 //! - `full.img`: the newest committed point as a sparse raw image (holes where zeros are).
-//! - `undo/<seq>.ctkd`: the reverse increment of each point but the oldest kept: the
+//! - `undo/<generation>-<seq>.ctkd`: the reverse increment of each point but the oldest kept: the
 //!   pre-images its merge overwrote, in the delta format (so every byte is CRC-checked). Its
 //!   header names the merge's pair (previous point, this point) and the previous point's
 //!   size; applied to this point's image, it gives the previous point's.
-//! - `staging/<seq>.ctkd`: a delta being merged.
+//! - `staging/<generation>-<seq>.ctkd`: a delta being merged.
 //! - `manifest.json`: the committed points, and the merge in progress if any. Only ever
 //!   replaced whole (write, fsync, rename, fsync the directory), so it is either the old or
 //!   the new one after a crash.
@@ -305,6 +305,30 @@ impl DiskStore {
 
     pub fn points(&self) -> &[Point] {
         &self.manifest.points
+    }
+
+    /// The resync hashes of the newest point (`ctk::digest::unit_hash` of each `unit` bytes
+    /// of full.img, in order): its ChangeId, disk size and the hashes, 32 bytes each. Read
+    /// under the store's lock, so no merge changes full.img meanwhile. The unit is checked
+    /// before anything is allocated (`ctk::digest::unit_count`).
+    pub fn unit_digests(&self, unit: u32) -> Result<(String, u64, Vec<u8>)> {
+        let newest = self
+            .points()
+            .last()
+            .ok_or_else(|| StoreError::NoSuchPoint("(any: the store is empty)".into()))?;
+        let size = newest.disk_size;
+        let count = ctk::digest::unit_count(size, unit).map_err(StoreError::Protocol)?;
+        let full = File::open(self.full_path()).map_err(io_err("opening full.img"))?;
+        let mut hashes = Vec::with_capacity(count as usize * 32);
+        let mut buf = vec![0u8; unit as usize];
+        for i in 0..count {
+            let at = i * unit as u64;
+            let n = (size - at).min(unit as u64) as usize;
+            full.read_exact_at(&mut buf[..n], at)
+                .map_err(io_err("reading full.img for a resync"))?;
+            hashes.extend_from_slice(&ctk::digest::unit_hash(&buf[..n]));
+        }
+        Ok((newest.change_id.clone(), size, hashes))
     }
 
     pub fn full_path(&self) -> PathBuf {
@@ -693,8 +717,10 @@ impl DiskStore {
         ))?
         .header()
         .clone();
-        let seq = header.to.seq;
-        let staged_rel = format!("staging/{seq}.ctkd");
+        // Files are named after the whole ChangeId: after a resync the sequence numbers of
+        // a new generation start again, and an older point's undo must not be overwritten.
+        let name = format!("{}-{}", header.to.generation, header.to.seq);
+        let staged_rel = format!("staging/{name}.ctkd");
         fs::rename(&staging, self.dir.join(&staged_rel)).map_err(io_err("staging"))?;
         sync_dir(&self.dir.join("staging"))?;
 
@@ -713,7 +739,7 @@ impl DiskStore {
         let undo_rel = match self.points().last() {
             None => None,
             Some(newest) => {
-                let rel = format!("undo/{seq}.ctkd");
+                let rel = format!("undo/{name}.ctkd");
                 self.write_undo(&full, newest, &header, &touched, &rel)?;
                 Some(rel)
             }

@@ -195,19 +195,7 @@ impl Setup {
     /// `ctk-agent replicate ... --json <extra>` started in the background; its JSON lines
     /// are gathered by a thread.
     fn replicate(&self, extra: &[&str]) -> (Proc, std::thread::JoinHandle<Vec<Value>>) {
-        let mut child = Command::new(&self.agent_bin)
-            .arg("replicate")
-            .arg("--identity")
-            .arg(self.d.join("aid"))
-            .arg("--receiver")
-            .arg(self.addr.to_string())
-            .arg("--receiver-fingerprint")
-            .arg(&self.rfp)
-            .arg("--control")
-            .arg(self.d.join("ctl.sock"))
-            .arg("--work-dir")
-            .arg(&self.d)
-            .arg("--json")
+        let mut child = replicate_cmd(&self.agent_bin, &self.d, self.addr, &self.rfp)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -320,6 +308,9 @@ fn continuous_mode_under_a_steady_write_load_keeps_every_point_equal_to_the_sour
     );
     // The points say which kind of cut they are, as the cycles reported.
     let listed = points(&s.receiver_bin, &s.d.join("store/host1"));
+    // The receiver's view of the RPO: the age of its newest cut.
+    let rpo = listed[0]["rpo_s"].as_f64().unwrap();
+    assert!((0.0..30.0).contains(&rpo), "{}", listed[0]["rpo_s"]);
     for p in listed[0]["points"].as_array().unwrap() {
         let line = lines
             .iter()

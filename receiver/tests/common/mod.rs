@@ -119,3 +119,22 @@ pub fn restore(receiver_bin: &Path, store: &Path, disk: &str, point: &str, out: 
     assert!(ok, "restore {point}: {err}");
     std::fs::read(out).unwrap()
 }
+
+/// `ctk-agent replicate --json` to the receiver at `addr`, with the agent's identity in
+/// `d/aid`, its control socket `d/ctl.sock` and `d` as work directory.
+pub fn replicate_cmd(agent_bin: &Path, d: &Path, addr: SocketAddr, rfp: &str) -> Command {
+    let mut cmd = Command::new(agent_bin);
+    cmd.arg("replicate")
+        .arg("--identity")
+        .arg(d.join("aid"))
+        .arg("--receiver")
+        .arg(addr.to_string())
+        .arg("--receiver-fingerprint")
+        .arg(rfp)
+        .arg("--control")
+        .arg(d.join("ctl.sock"))
+        .arg("--work-dir")
+        .arg(d)
+        .arg("--json");
+    cmd
+}
