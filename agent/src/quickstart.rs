@@ -82,12 +82,11 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         .enable_all()
         .build()?;
     // The receiver, on 127.0.0.1 with a store in the demo directory.
-    let config = ctk_receiver::server::Config {
-        store: store.clone(),
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        agents: HashMap::from([(agent_id.fingerprint(), HOST.to_string())]),
-        keep: ctk_receiver::store::KEEP_DEFAULT,
-    };
+    let config = ctk_receiver::server::Config::new(
+        store.clone(),
+        "127.0.0.1:0".parse().expect("literal"),
+        HashMap::from([(agent_id.fingerprint(), HOST.to_string())]),
+    );
     std::fs::create_dir_all(&store)?;
     let endpoint = {
         let _ctx = runtime.enter();

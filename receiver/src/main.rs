@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+use ctk_receiver::retention::{self, Retention, Tier};
 use ctk_receiver::store::{DiskStore, Ingested, Recovery};
 use ctk_receiver::{server, store};
 
@@ -50,6 +51,13 @@ enum Command {
         /// Restore points to keep; older ones are dropped after each merge.
         #[arg(long, default_value_t = store::KEEP_DEFAULT)]
         keep: usize,
+        /// Also keep points by age tiers (see `serve --help`).
+        #[arg(long, value_parser = parse_tier_list, value_name = "TIERS")]
+        tiers: Option<TierList>,
+        /// When the (single) delta's cut was taken (unix ms), for the point's record and
+        /// the age tiers; default: when it is merged.
+        #[arg(long, value_name = "MS")]
+        cut_unix_ms: Option<u64>,
         /// The digest of the whole image after the (single) delta, as the sender computed it
         /// (64 hex digits, see docs/format.md): the merge is refused if the merged image
         /// differs. Pushes over QUIC carry it; this is for deltas that travelled otherwise.
@@ -136,9 +144,19 @@ enum Command {
         /// An allowed agent as NAME=FINGERPRINT (repeatable; adds to --agents).
         #[arg(long = "allow")]
         allow: Vec<String>,
-        /// Restore points to keep per disk.
+        /// Restore points to keep per disk: the newest N, whatever their age.
         #[arg(long, default_value_t = store::KEEP_DEFAULT)]
         keep: usize,
+        /// Also keep points by age: SPAN:EVERY tiers, e.g. `1h:all,24h:1h,30d:1d` keeps every
+        /// point of the last hour, the newest of each hour for a day and of each day for 30
+        /// days. A point is kept if --keep or any tier keeps it; dropping points between kept
+        /// ones folds their pre-images into the next kept point, so every kept point restores
+        /// exactly and at the same cost.
+        #[arg(long, value_parser = parse_tier_list, value_name = "TIERS")]
+        tiers: Option<TierList>,
+        /// Tiers for one disk (of any agent) instead of --tiers: DISK=TIERS (repeatable).
+        #[arg(long, value_name = "DISK=TIERS")]
+        tiers_for: Vec<String>,
     },
 }
 
@@ -180,16 +198,33 @@ fn parse_digest(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Tiers as one flag value (clap would read a bare `Vec` as a repeated flag).
+#[derive(Clone, Debug)]
+struct TierList(Vec<Tier>);
+
+fn parse_tier_list(text: &str) -> Result<TierList, String> {
+    retention::parse_tiers(text).map(TierList)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ingest {
             store,
             disk,
             keep,
+            tiers,
+            cut_unix_ms,
             image_digest,
             json,
             deltas,
         } => {
+            if cut_unix_ms.is_some() && deltas.len() != 1 {
+                anyhow::bail!("--cut-unix-ms describes one delta's cut: give one");
+            }
+            let retention = Retention {
+                keep,
+                tiers: tiers.map(|t| t.0).unwrap_or_default(),
+            };
             if image_digest.is_some() && deltas.len() != 1 {
                 anyhow::bail!("--image-digest describes the image after one delta: give one");
             }
@@ -204,9 +239,10 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 };
                 let done = s
-                    .ingest(input, keep, |_| {
+                    .ingest(input, retention.clone(), |_| {
                         Ok(store::PointMeta {
                             image_digest: image_digest.clone(),
+                            cut_unix_ms,
                             ..store::PointMeta::default()
                         })
                     })
@@ -454,7 +490,18 @@ fn run(cli: Cli) -> Result<()> {
             agents,
             allow,
             keep,
+            tiers,
+            tiers_for,
         } => {
+            let mut retention_for = std::collections::HashMap::new();
+            for spec in tiers_for {
+                let (disk, t) = spec
+                    .split_once('=')
+                    .context("--tiers-for takes DISK=TIERS")?;
+                store::validate_name(disk)?;
+                let tiers = retention::parse_tiers(t).map_err(anyhow::Error::msg)?;
+                retention_for.insert(disk.to_owned(), Retention { keep, tiers });
+            }
             let id = ctk_net::Identity::load(&identity)?;
             let mut list = Vec::new();
             if let Some(path) = agents {
@@ -487,10 +534,12 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(server::run(
                 id,
                 server::Config {
-                    store,
-                    listen,
-                    agents: map,
-                    keep,
+                    retention: Retention {
+                        keep,
+                        tiers: tiers.map(|t| t.0).unwrap_or_default(),
+                    },
+                    retention_for,
+                    ..server::Config::new(store, listen, map)
                 },
             ))?;
         }

@@ -15,6 +15,8 @@ use ctk_net::wire::{self, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::retention::Retention;
+
 use crate::store::{self, DiskStore, Ingested, StoreError};
 
 pub struct Config {
@@ -22,7 +24,29 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Allowed agents: fingerprint -> agent name.
     pub agents: HashMap<Fingerprint, String>,
-    pub keep: usize,
+    /// Which points each disk keeps (`retention_for` by disk name, else `retention`).
+    pub retention: Retention,
+    pub retention_for: HashMap<String, Retention>,
+}
+
+impl Config {
+    /// A store and listen address with the default retention (`KEEP_DEFAULT` points).
+    pub fn new(store: PathBuf, listen: SocketAddr, agents: HashMap<Fingerprint, String>) -> Config {
+        Config {
+            store,
+            listen,
+            agents,
+            retention: store::KEEP_DEFAULT.into(),
+            retention_for: HashMap::new(),
+        }
+    }
+
+    pub fn retention(&self, disk: &str) -> Retention {
+        self.retention_for
+            .get(disk)
+            .unwrap_or(&self.retention)
+            .clone()
+    }
 }
 
 /// Parses an agents file: one `NAME FINGERPRINT` per line; `#` starts a comment.
@@ -263,7 +287,7 @@ async fn handle(
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));
             }
-            let keep = config.keep;
+            let retention = config.retention(&disk);
             let handle = tokio::runtime::Handle::current();
             let span = info_span!("push", %disk);
             let result = tokio::task::spawn_blocking(move || {
@@ -280,7 +304,7 @@ async fn handle(
                     done: false,
                     handle,
                 };
-                s.ingest(input, keep, |input| input.end())
+                s.ingest(input, retention, |input| input.end())
             })
             .await;
             match result {

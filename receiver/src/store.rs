@@ -43,6 +43,8 @@ use ctk::digest::{DigestError, LeafFile, Leaves};
 use ctk::{ChangeId, Extent};
 use serde::{Deserialize, Serialize};
 
+use crate::retention::Retention;
+
 /// Largest manifest read back (a few hundred bytes per point).
 const MANIFEST_LEN_MAX: u64 = 16 << 20;
 /// Most points one disk keeps, whatever `keep` says.
@@ -628,10 +630,11 @@ impl DiskStore {
     pub fn ingest<R: Read>(
         &mut self,
         input: R,
-        keep: usize,
+        retention: impl Into<Retention>,
         end: impl FnOnce(R) -> Result<PointMeta>,
     ) -> Result<Ingested> {
-        let keep = keep.clamp(1, POINTS_MAX);
+        let mut retention = retention.into();
+        retention.keep = retention.keep.clamp(1, POINTS_MAX);
         // Where a merge's time goes, for the log (a first full is long work).
         let started = std::time::Instant::now();
         let mut steps: Vec<(&str, f64)> = Vec::new();
@@ -798,20 +801,24 @@ impl DiskStore {
         failpoint("leaves_saved");
         step("digest", &mut steps);
 
-        // 6. Commit the point (and retention, in the same manifest).
+        // 6. Commit the point.
         let mut m = self.manifest.clone();
         m.points.push(point.clone());
         m.applying = None;
-        let dropped = m.points.len().saturating_sub(keep);
-        m.points.drain(..dropped);
-        if let Some(oldest) = m.points.first_mut() {
-            // Nothing older is kept: its way back is not needed.
-            oldest.undo = None;
-        }
         self.write_manifest(m)?;
         failpoint("committed");
         self.remove_orphans();
         step("committed", &mut steps);
+        // 7. Retention, after the commit: a failure here only keeps points longer.
+        let dropped = match self.retain(&retention) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(disk = %self.name, error = %e, "retention failed: the points stay");
+                0
+            }
+        };
+        failpoint("retained");
+        step("retention", &mut steps);
         tracing::info!(
             disk = %self.name,
             point = %point.change_id,
@@ -820,6 +827,131 @@ impl DiskStore {
             "merged"
         );
         Ok(Ingested::Committed { point, dropped })
+    }
+
+    /// Drops the points `retention` does not keep; returns how many. Dropping the oldest
+    /// points only forgets their way back. Dropping points between two kept ones folds their
+    /// undo files into the newer kept point's: one new undo taking it straight back to the
+    /// older kept point (where several hold a byte, the oldest undo wins: it holds the older
+    /// point's byte). The fold is written and synced before the manifest that uses it, and
+    /// the files it replaces are removed after, so a crash anywhere leaves either the old or
+    /// the new set of points, each restoring exactly.
+    fn retain(&mut self, retention: &Retention) -> Result<usize> {
+        let points = self.manifest.points.clone();
+        let times: Vec<u64> = points
+            .iter()
+            .map(|p| p.cut_unix_ms.unwrap_or(p.committed_unix_ms))
+            .collect();
+        let keep = crate::retention::select(&times, now_ms(), retention);
+        let dropped = keep.iter().filter(|k| !**k).count();
+        if dropped == 0 {
+            return Ok(0);
+        }
+        let mut kept: Vec<Point> = Vec::new();
+        let mut run: Vec<&Point> = Vec::new();
+        for (p, keep) in points.iter().zip(keep) {
+            if !keep {
+                run.push(p);
+                continue;
+            }
+            let mut p = p.clone();
+            match kept.last() {
+                // Nothing older is kept: its way back is not needed.
+                None => p.undo = None,
+                Some(prev) if !run.is_empty() => {
+                    let undos: Vec<String> = run
+                        .iter()
+                        .copied()
+                        .chain([&p])
+                        .map(|q| {
+                            q.undo.clone().ok_or_else(|| StoreError::Damaged {
+                                disk: self.name.clone(),
+                                why: format!("point {} has no undo", q.change_id),
+                            })
+                        })
+                        .collect::<Result<_>>()?;
+                    let rel = format!(
+                        "undo/{}-back-to-{}.ctkd",
+                        p.change_id.replace('/', "-"),
+                        prev.change_id.replace('/', "-")
+                    );
+                    self.fold_undos(&undos, prev, &p, &rel)?;
+                    p.undo = Some(rel);
+                    p.from = Some(prev.change_id.clone());
+                }
+                Some(_) => {}
+            }
+            run.clear();
+            kept.push(p);
+        }
+        failpoint("folded");
+        let mut m = self.manifest.clone();
+        m.points = kept;
+        self.write_manifest(m)?;
+        self.remove_orphans();
+        Ok(dropped)
+    }
+
+    /// Writes undo file `rel` taking point `to` back to `prev`, from the undo files `undos`
+    /// (those of the points between them and of `to`, oldest first).
+    fn fold_undos(&self, undos: &[String], prev: &Point, to: &Point, rel: &str) -> Result<()> {
+        let bad_id = |e: ctk::ParseChangeIdError| StoreError::Damaged {
+            disk: self.name.clone(),
+            why: format!("manifest point id: {e}"),
+        };
+        let mut files = Vec::with_capacity(undos.len());
+        for u in undos {
+            let f = File::open(self.dir.join(u)).map_err(io_err("opening an undo"))?;
+            files.push(DeltaFile::open(f)?);
+        }
+        let size = prev.disk_size;
+        // Which file and record each byte range comes from: the oldest holder wins.
+        let mut covered = Covered::default();
+        let mut pieces: Vec<(u64, u64, usize, usize)> = Vec::new();
+        for (fi, f) in files.iter().enumerate() {
+            for (ri, r) in f.records().iter().enumerate() {
+                for (start, end) in covered.claim(r.offset, r.end().min(size)) {
+                    pieces.push((start, end, fi, ri));
+                }
+            }
+        }
+        pieces.sort_unstable_by_key(|p| p.0);
+        let header = DeltaHeader {
+            disk_id: self.name.clone(),
+            disk_size: size,
+            block_size: files
+                .first()
+                .map_or(ctk::limits::BLOCK_SIZE_DEFAULT, |f| f.header().block_size),
+            from: Some(prev.change_id.parse().map_err(bad_id)?),
+            to: to.change_id.parse().map_err(bad_id)?,
+        };
+        let path = self.dir.join(rel);
+        let out = BufWriter::new(File::create(&path).map_err(io_err("creating a folded undo"))?);
+        let mut w = delta::DeltaWriter::new(
+            out,
+            &header,
+            WriteOptions {
+                zstd_level: Some(1),
+            },
+        )?;
+        for (start, end, fi, ri) in pieces {
+            let r = files[fi].records()[ri];
+            if r.zero {
+                w.write_zero(start, end - start)?;
+            } else {
+                let data = files[fi].read(&r)?;
+                w.write_extent(
+                    start,
+                    &data[(start - r.offset) as usize..(end - r.offset) as usize],
+                )?;
+            }
+        }
+        let (out, _) = w.finish()?;
+        out.into_inner()
+            .map_err(|e| io_err("writing a folded undo")(e.into_error()))?
+            .sync_all()
+            .map_err(io_err("syncing a folded undo"))?;
+        sync_dir(&self.dir.join("undo"))
     }
 
     /// Can this filesystem hold an image of `disk_size` bytes? Probed on a scratch file,
