@@ -677,6 +677,10 @@ impl<'a> Session<'a> {
             "hold_ms": exported["hold_ms"],
             "image_digest": digest,
             "seconds": seconds,
+            "committed_unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             "resync": resync,
         }))
     }

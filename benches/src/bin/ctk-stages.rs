@@ -11,8 +11,14 @@
 //!                                  the digest over the leaves) of FILE in memory -> bytes/s
 //!   ctk-stages quic BYTES          BYTES over QUIC on 127.0.0.1 with ctk's transport (TLS 1.3,
 //!                                  pinned certificates), both ends in this process -> bytes/s
+//!   ctk-stages scribble SOCKET EXPORT PERCENT SEED
+//!                                  rewrite PERCENT% of the disk behind an NBD server (Unix
+//!                                  SOCKET, EXPORT) in distinct random 64 KiB extents of mixed
+//!                                  data -> JSON: changed bytes, their size compressed with zstd 1
+//!   ctk-stages scribble-file FILE PERCENT SEED
+//!                                  the same, written straight into FILE (nothing tracks it)
 //!
-//! Each prints one number (bytes per second) on stdout.
+//! Each prints one number (bytes per second) on stdout, but the scribbles (JSON).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -111,6 +117,32 @@ fn main() {
             std::hint::black_box(leaves.digest());
             println!("{:.0}", data.len() as f64 / started.elapsed().as_secs_f64());
         }
+        "scribble" => {
+            let (socket, export) = (arg(1), arg(2));
+            let mut nbd = ctk_agent::nbd_client::NbdClient::connect(socket.as_ref(), export)
+                .expect("NBD connect");
+            let size = nbd_size(socket, export);
+            let pct: f64 = arg(3).parse().expect("PERCENT");
+            let seed: u64 = arg(4).parse().expect("SEED");
+            scribble(size, pct, seed, |off, data| {
+                nbd.write(off, data).expect("NBD write")
+            });
+            nbd.flush().expect("NBD flush");
+        }
+        "scribble-file" => {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(arg(1))
+                .expect("open");
+            let size = f.metadata().expect("size").len();
+            let pct: f64 = arg(2).parse().expect("PERCENT");
+            let seed: u64 = arg(3).parse().expect("SEED");
+            scribble(size, pct, seed, |off, data| {
+                f.write_all_at(data, off).expect("write")
+            });
+            f.sync_all().expect("fsync");
+        }
         "quic" => {
             let bytes: u64 = arg(1).parse().expect("BYTES");
             println!("{:.0}", quic(bytes));
@@ -168,4 +200,42 @@ fn quic(bytes: u64) -> f64 {
         server.await.unwrap();
         rate
     })
+}
+
+/// Rewrites `pct`% of a `size`-byte disk in distinct random 64 KiB extents of mixed data
+/// through `write`, and prints the bytes changed and their zstd-1 size as JSON.
+fn scribble(size: u64, pct: f64, seed: u64, mut write: impl FnMut(u64, &[u8])) {
+    const EXTENT: u64 = 64 << 10;
+    let extents = size / EXTENT;
+    let want = ((extents as f64) * pct / 100.0).round() as usize;
+    let mut rng = ctk_benches::Rng(seed | 1);
+    let mut chosen = std::collections::BTreeSet::new();
+    while chosen.len() < want.min(extents as usize) {
+        chosen.insert(rng.next_u64() % extents);
+    }
+    let (mut changed, mut compressed) = (0u64, 0u64);
+    for (i, e) in chosen.iter().enumerate() {
+        let data =
+            ctk_benches::mixed_data(EXTENT as usize, seed.wrapping_mul(1_000_003) + i as u64);
+        write(e * EXTENT, &data);
+        changed += EXTENT;
+        compressed += zstd::bulk::compress(&data, 1)
+            .expect("zstd")
+            .len()
+            .min(data.len()) as u64;
+    }
+    println!("{{\"changed_bytes\": {changed}, \"zstd_bytes\": {compressed}}}");
+}
+
+/// The size of an NBD export, from `nbdinfo --size` (the client here does not ask).
+fn nbd_size(socket: &str, export: &str) -> u64 {
+    let out = std::process::Command::new("nbdinfo")
+        .arg("--size")
+        .arg(format!("nbd+unix:///{export}?socket={socket}"))
+        .output()
+        .expect("nbdinfo (libnbd-bin) is needed");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("nbdinfo --size")
 }
