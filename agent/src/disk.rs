@@ -573,7 +573,9 @@ impl ProtectedDisk {
         // `to` is the cut being made, not yet durable: this runs inside its hold.
         let (shift, pending) = self.with_tracker(|t| {
             let pending = match plan {
-                ExportPlan::Changed(since) => t.changed_blocks_unconfirmed(*since, to)?,
+                ExportPlan::Changed(since) | ExportPlan::Resume { since, .. } => {
+                    t.changed_blocks_unconfirmed(*since, to)?
+                }
                 // A compare reads every block, written or not: all are kept as of the cut.
                 ExportPlan::Compare { .. } => {
                     let mut all = RoaringBitmap::new();
@@ -670,9 +672,32 @@ impl ProtectedDisk {
             Some(p) => Some(BufWriter::new(File::create(p)?)),
             None => None,
         };
+        let mut leaves_only = Vec::new();
         let (block_size, extents) = self.with_tracker(|t| {
             let extents = match plan {
                 ExportPlan::Changed(since) => t.changed(*since, to)?,
+                ExportPlan::Resume {
+                    since,
+                    prior,
+                    next_offset,
+                } => {
+                    let geometry = t.geometry();
+                    let all = t.changed_blocks(*since, to)?;
+                    let later = t.changed_blocks(Since::Id(*prior), to)?;
+                    let cut = next_offset
+                        .div_ceil(geometry.block_size() as u64)
+                        .min(u32::MAX as u64) as u32;
+                    let mut send = all.clone();
+                    send.remove_range(..cut);
+                    let mut below = later.clone();
+                    below.remove_range(cut..);
+                    send |= &below;
+                    let mut kept = all;
+                    kept.remove_range(cut..);
+                    kept -= &later;
+                    leaves_only = ctk::map::blocks_to_extents(&kept, &geometry);
+                    ctk::map::blocks_to_extents(&send, &geometry)
+                }
                 ExportPlan::Compare { .. } if self.size == 0 => Vec::new(),
                 ExportPlan::Compare { .. } => vec![Extent {
                     offset: 0,
@@ -686,8 +711,15 @@ impl ProtectedDisk {
             disk_size: self.size,
             block_size,
             from: match plan {
-                ExportPlan::Changed(Since::All) => None,
-                ExportPlan::Changed(Since::Id(id)) => Some(*id),
+                ExportPlan::Changed(Since::All)
+                | ExportPlan::Resume {
+                    since: Since::All, ..
+                } => None,
+                ExportPlan::Changed(Since::Id(id))
+                | ExportPlan::Resume {
+                    since: Since::Id(id),
+                    ..
+                } => Some(*id),
                 ExportPlan::Compare { base, .. } => Some(*base),
             },
             to,
@@ -701,7 +733,7 @@ impl ProtectedDisk {
             issued: 0,
             consumed: 0,
         };
-        let read_at = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
+        let mut read_at = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
             prefetch.consumed(buf.len() as u64);
             let mut guard = self
                 .snapshot
@@ -751,6 +783,23 @@ impl ProtectedDisk {
         let (writer, summary, changed) = match plan {
             ExportPlan::Changed(_) => {
                 let (w, s) = delta::export_with(read_at, &extents, &header, options, out)?;
+                (w, s, changed)
+            }
+            ExportPlan::Resume { .. } => {
+                // The blocks the receiver already holds: read (as of the cut) only for their
+                // leaves, so the image digest still covers the whole image.
+                if leaves.is_some() {
+                    let mut buf = vec![0u8; ctk::limits::DELTA_RECORD_DATA_MAX];
+                    for e in &leaves_only {
+                        let mut pos = e.offset;
+                        while pos < e.end() {
+                            let n = (e.end() - pos).min(buf.len() as u64) as usize;
+                            read_at(pos, &mut buf[..n])?;
+                            pos += n as u64;
+                        }
+                    }
+                }
+                let (w, s) = delta::export_with(&mut read_at, &extents, &header, options, out)?;
                 (w, s, changed)
             }
             ExportPlan::Compare { unit, theirs, .. } => {
@@ -880,6 +929,15 @@ impl ProtectedDisk {
 pub enum ExportPlan {
     /// The blocks written since `Since` (everything written, for a first full).
     Changed(Since),
+    /// The rest of a cut-off push of `Changed(since)` up to cut `prior`, of which the
+    /// receiver holds every record below `next_offset`: the blocks changed since `since` at
+    /// or after `next_offset`, and below it those changed since `prior` (the others there are
+    /// read for their leaves, not sent: they are as the receiver holds them).
+    Resume {
+        since: Since,
+        prior: ChangeId,
+        next_offset: u64,
+    },
     /// A resync: every unit of the disk whose hash (`ctk::digest::unit_hash`) differs from
     /// the receiver's, as a delta from the receiver's newest point `base`. `theirs` holds the
     /// receiver's hashes, 32 bytes per unit in disk order; a unit without one (a replica of

@@ -44,6 +44,9 @@ enum Plan {
     Since,
     /// A resync: the units whose hash differs from the receiver's (in `theirs`).
     Compare { theirs: PathBuf },
+    /// The rest of a cut-off push of cut `prior` of which the receiver holds every record
+    /// below `next_offset`.
+    Resume { prior: String, next_offset: u64 },
 }
 
 /// Sends one request and reads the answer.
@@ -173,11 +176,17 @@ fn push(
             let mut request = json!({
                 "cmd": "export", "since": since, "path": fifo, "leaves": pairs,
             });
-            if let Plan::Compare { theirs } = plan {
-                request["since"] = json!("compare");
-                request["base"] = json!(since);
-                request["unit"] = json!(r.resync_unit);
-                request["digests"] = json!(theirs);
+            match plan {
+                Plan::Compare { theirs } => {
+                    request["since"] = json!("compare");
+                    request["base"] = json!(since);
+                    request["unit"] = json!(r.resync_unit);
+                    request["digests"] = json!(theirs);
+                }
+                Plan::Resume { prior, next_offset } => {
+                    request["resume"] = json!({"prior": prior, "next_offset": next_offset});
+                }
+                Plan::Since => {}
             }
             if let Some(c) = cut.consistency() {
                 request["consistency"] = json!(c);
@@ -229,7 +238,15 @@ fn push(
         });
         let streamed = runtime.block_on(async {
             let (mut send, recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
-            ctk_net::write_frame(&mut send, &Request::Push { disk: disk.into() }.encode()).await?;
+            let request = match plan {
+                Plan::Resume { prior, next_offset } => Request::PushResume {
+                    disk: disk.into(),
+                    resumes: prior.clone(),
+                    next_offset: *next_offset,
+                },
+                _ => Request::Push { disk: disk.into() },
+            };
+            ctk_net::write_frame(&mut send, &request.encode()).await?;
             let mut sent = 0u64;
             let mut failed = None;
             while let Some(chunk) = rx.recv().await {
@@ -293,7 +310,7 @@ fn push(
     let (mut send, mut recv, sent) = streamed?;
     // A resync read every block: its pairs are the whole image's leaves.
     let base = match plan {
-        Plan::Since => newest,
+        Plan::Since | Plan::Resume { .. } => newest,
         Plan::Compare { .. } => None,
     };
     let leaves = leaves_after(leaf_path, base, geometry.0, geometry.1, &pairs)
@@ -599,6 +616,76 @@ impl<'a> Session<'a> {
         Ok(Plan::Compare { theirs })
     }
 
+    /// The receiver's resume state of a cut-off push of this disk, if it has one this agent
+    /// can continue: from the receiver's newest point, of this disk's size, and a cut of
+    /// this agent's journal that it can still name the changes since. Anything else (a
+    /// state of another generation, a forged or stale one) is not trusted: logged, and the
+    /// push starts from the beginning.
+    fn resume_plan(&self, conn: &quinn::Connection, newest: Option<&str>) -> Result<Option<Plan>> {
+        let request = Request::Resume {
+            disk: self.disk.clone(),
+        };
+        let state = match self.runtime.block_on(call(conn, &request))? {
+            Response::Resume { state: None } => return Ok(None),
+            Response::Resume { state: Some(state) } => state,
+            // A receiver from before resumes: push from the start.
+            Response::Refused { .. } => return Ok(None),
+            other => bail!("unexpected answer from the receiver: {other:?}"),
+        };
+        let why_not = || -> Result<Option<String>> {
+            if state.from.as_deref() != newest {
+                return Ok(Some(format!(
+                    "it starts at {:?}, the receiver's newest point is {newest:?}",
+                    state.from
+                )));
+            }
+            if state.disk_size != self.geometry.0 || state.next_offset == 0 {
+                return Ok(Some(format!(
+                    "it is of a {}-byte disk at offset {}; this disk has {} bytes",
+                    state.disk_size, state.next_offset, self.geometry.0
+                )));
+            }
+            let prior: ctk::ChangeId = match state.to.parse() {
+                Ok(id) => id,
+                Err(e) => return Ok(Some(format!("its cut {:?}: {e}", state.to))),
+            };
+            if let Some(n) = newest.and_then(|n| n.parse::<ctk::ChangeId>().ok())
+                && n.generation == prior.generation
+                && prior.seq <= n.seq
+            {
+                return Ok(Some(format!("its cut {prior} is not after {n}")));
+            }
+            let a =
+                (self.control)(json!({"cmd": "answerable", "disk": self.disk, "since": state.to}))?;
+            if a["answerable"] != true {
+                return Ok(Some(format!(
+                    "this agent cannot name the changes since its cut {prior}: {}",
+                    a["why"].as_str().unwrap_or("")
+                )));
+            }
+            Ok(None)
+        };
+        match why_not()? {
+            Some(why) => {
+                tracing::warn!(
+                    disk = %self.disk, resume = ?state, %why,
+                    "not resuming: the receiver's resume state does not fit this agent; sending from the start"
+                );
+                Ok(None)
+            }
+            None => {
+                tracing::info!(
+                    disk = %self.disk, prior = %state.to, next_offset = state.next_offset,
+                    "resuming a cut-off push"
+                );
+                Ok(Some(Plan::Resume {
+                    prior: state.to,
+                    next_offset: state.next_offset,
+                }))
+            }
+        }
+    }
+
     fn once_inner(&mut self, cut: Cut, force_resync: bool) -> Result<Value> {
         let conn = self.connection()?;
         let (disk, control) = (self.disk.clone(), self.control);
@@ -607,7 +694,7 @@ impl<'a> Session<'a> {
         // push of this disk (say, of an earlier attempt that was killed after sending it
         // all) may have committed between our question and our push. Each try is a new cut.
         let mut tries = 0;
-        let (newest, pushed, committed, already, resync) = loop {
+        let (newest, pushed, committed, already, resync, resumed_at) = loop {
             tries += 1;
             let request = Request::Newest { disk: disk.clone() };
             let newest = match self.runtime.block_on(call(&conn, &request))? {
@@ -615,13 +702,22 @@ impl<'a> Session<'a> {
                 Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
                 other => bail!("unexpected answer from the receiver: {other:?}"),
             };
-            let plan = self.plan(&conn, newest.as_deref(), force_resync)?;
+            let plan = match self.plan(&conn, newest.as_deref(), force_resync)? {
+                Plan::Since => self
+                    .resume_plan(&conn, newest.as_deref())?
+                    .unwrap_or(Plan::Since),
+                other => other,
+            };
             let resync = matches!(plan, Plan::Compare { .. });
+            let resumed_at = match &plan {
+                Plan::Resume { next_offset, .. } => Some(*next_offset),
+                _ => None,
+            };
             let pushed = push(self, &conn, newest.as_deref(), cut, &plan)?;
             match &pushed.answer {
                 Response::Committed { change_id, already } => {
                     let (c, a) = (change_id.clone(), *already);
-                    break (newest, pushed, c, a, resync);
+                    break (newest, pushed, c, a, resync, resumed_at);
                 }
                 Response::Refused {
                     refusal: Refusal::Mismatch,
@@ -682,6 +778,7 @@ impl<'a> Session<'a> {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             "resync": resync,
+            "resumed_at": resumed_at,
         }))
     }
 }

@@ -964,6 +964,23 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                         .context("a compare export needs an absolute \"digests\" path")?;
                     ExportPlan::Compare { base, unit, theirs }
                 }
+                _ if request["resume"].is_object() => {
+                    let r = &request["resume"];
+                    let prior = r["prior"]
+                        .as_str()
+                        .context("a resumed export needs \"resume\".\"prior\", a ChangeId")?
+                        .parse::<ChangeId>()?;
+                    let next_offset = r["next_offset"]
+                        .as_u64()
+                        .context("a resumed export needs \"resume\".\"next_offset\"")?;
+                    // The cut-off push's cut must be one this journal can still answer.
+                    disk.changed(Since::Id(prior), None)?;
+                    ExportPlan::Resume {
+                        since: parse_since(&request["since"])?,
+                        prior,
+                        next_offset,
+                    }
+                }
                 _ => ExportPlan::Changed(parse_since(&request["since"])?),
             };
             let path = request["path"]
@@ -981,7 +998,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 None => None,
             };
             // Refuse a bad `since` before cutting, so it leaves no empty cut behind.
-            if let ExportPlan::Changed(since) = plan {
+            if let ExportPlan::Changed(since) | ExportPlan::Resume { since, .. } = plan {
                 disk.changed(since, None)?;
             }
             disk.wait_export_idle(EXPORT_WAIT)?;

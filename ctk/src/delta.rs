@@ -310,19 +310,44 @@ impl<W: Write> DeltaWriter<W> {
 
     /// Writes the trailer and returns the sink and the totals.
     pub fn finish(mut self) -> Result<(W, DeltaSummary), DeltaError> {
-        let mut t = Vec::with_capacity(TRAILER);
-        t.push(TAG_END);
-        let s = self.summary;
-        for v in [s.records, s.data_bytes, s.zero_bytes, s.encoded_bytes] {
-            put(&mut t, &v.to_le_bytes());
-        }
-        put(&mut t, &self.digest.clone().finalize().to_le_bytes());
-        let crc = crc32fast::hash(&t);
-        put(&mut t, &crc.to_le_bytes());
+        let t = trailer_bytes(&self.summary, self.digest.clone().finalize());
         self.out.write_all(&t)?;
         self.out.flush()?;
         self.summary.stream_bytes += t.len() as u64;
         Ok((self.out, self.summary))
+    }
+}
+
+/// The trailer for records totalling `s` whose heads and payloads have CRC32 `digest`.
+fn trailer_bytes(s: &DeltaSummary, digest: u32) -> Vec<u8> {
+    let mut t = Vec::with_capacity(TRAILER);
+    t.push(TAG_END);
+    for v in [s.records, s.data_bytes, s.zero_bytes, s.encoded_bytes] {
+        put(&mut t, &v.to_le_bytes());
+    }
+    put(&mut t, &digest.to_le_bytes());
+    let crc = crc32fast::hash(&t);
+    put(&mut t, &crc.to_le_bytes());
+    t
+}
+
+/// Where a reader stood after a complete, validated record: enough to cut the stream there
+/// and end it with a valid trailer (what was received of a push that was cut off).
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// Stream bytes up to the end of the last complete record.
+    pub position: u64,
+    /// The disk offset the records so far reach: every record of the delta below it has
+    /// been read (records are ascending and disjoint).
+    pub next_offset: u64,
+    pub summary: DeltaSummary,
+    digest: crc32fast::Hasher,
+}
+
+impl Checkpoint {
+    /// The trailer that makes the first `position` bytes of the stream a complete delta.
+    pub fn trailer(&self) -> Vec<u8> {
+        trailer_bytes(&self.summary, self.digest.clone().finalize())
     }
 }
 
@@ -451,6 +476,17 @@ impl<R: Read> DeltaReader<R> {
     /// Totals so far (all of them once `next_record` has returned `None`).
     pub fn summary(&self) -> DeltaSummary {
         self.summary
+    }
+
+    /// Where the reader stands: meaningful right after `next_record` returned a record (or
+    /// right after `new`: no record yet).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            position: self.position,
+            next_offset: self.next_offset,
+            summary: self.summary,
+            digest: self.digest.clone(),
+        }
     }
 
     /// The next validated extent, or `None` after a valid trailer and the end of input.

@@ -32,6 +32,16 @@ pub enum Request {
     /// sends only what differs. Answered by `Response::Digests`, then the hashes (32 bytes
     /// each, in disk order) in chunks like a push's, ended by a zero length.
     Digests { disk: String, unit: u32 },
+    /// What the receiver kept of a push to `disk` that was cut off, if anything (answered
+    /// once any push of the disk still running has ended).
+    Resume { disk: String },
+    /// A push that resumes the cut-off push of cut `resumes` from disk offset `next_offset`,
+    /// as `Resume` reported them: chunks and a `PushEnd` follow, as after `Push`.
+    PushResume {
+        disk: String,
+        resumes: String,
+        next_offset: u64,
+    },
 }
 
 /// Longest chunk of a pushed delta.
@@ -103,6 +113,11 @@ pub enum Response {
         refusal: Refusal,
         message: String,
     },
+    /// The answer to `Resume`: none, or the cut-off push's start point (none: a first
+    /// full), cut, disk size, and the disk offset below which all its records were received.
+    Resume {
+        state: Option<ResumeState>,
+    },
     /// The hashes of point `change_id` (a disk of `disk_size` bytes) follow: `count` of
     /// them, one per `unit` bytes (the last unit may be short).
     Digests {
@@ -114,6 +129,15 @@ pub enum Response {
 }
 
 /// A frame that could not be decoded.
+/// What a receiver kept of a cut-off push (see `Response::Resume`).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct ResumeState {
+    pub from: Option<String>,
+    pub to: String,
+    pub disk_size: u64,
+    pub next_offset: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("frame of {0} bytes exceeds the {FRAME_MAX}-byte limit")]
@@ -162,9 +186,11 @@ impl Request {
     pub fn decode(bytes: &[u8]) -> Result<Request, WireError> {
         let r: Request = decode(bytes)?;
         match &r {
-            Request::Newest { disk } | Request::Push { disk } | Request::Digests { disk, .. } => {
-                check(&[disk])?
-            }
+            Request::Newest { disk }
+            | Request::Push { disk }
+            | Request::Digests { disk, .. }
+            | Request::Resume { disk } => check(&[disk])?,
+            Request::PushResume { disk, resumes, .. } => check(&[disk, resumes])?,
         }
         Ok(r)
     }
@@ -183,6 +209,10 @@ impl Response {
                 check(&[change_id])?
             }
             Response::Refused { message, .. } => check(&[message])?,
+            Response::Resume { state: None } => {}
+            Response::Resume { state: Some(r) } => {
+                check(&[r.from.as_deref().unwrap_or(""), &r.to])?
+            }
         }
         Ok(r)
     }
@@ -214,6 +244,12 @@ mod tests {
                 disk: "vm1".into(),
                 unit: 65536,
             },
+            Request::Resume { disk: "vm1".into() },
+            Request::PushResume {
+                disk: "vm1".into(),
+                resumes: "ab/2".into(),
+                next_offset: 1 << 20,
+            },
         ];
         for m in msgs {
             assert_eq!(Request::decode(&m.encode()).unwrap(), m);
@@ -239,6 +275,18 @@ mod tests {
             count: 16384,
         };
         assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+        for state in [
+            None,
+            Some(ResumeState {
+                from: Some("ab/1".into()),
+                to: "ab/2".into(),
+                disk_size: 1 << 30,
+                next_offset: 1 << 20,
+            }),
+        ] {
+            let r = Response::Resume { state };
+            assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+        }
         let r = Response::refused(Refusal::Mismatch, "x".repeat(10_000));
         let back = Response::decode(&r.encode()).unwrap();
         assert!(

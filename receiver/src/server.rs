@@ -283,7 +283,44 @@ async fn handle(
             Refusal::BadRequest,
             "digests are answered on their own path",
         ),
-        Request::Push { disk } => {
+        Request::Resume { disk } => {
+            if let Err(e) = store::validate_name(&disk) {
+                return Response::refused(Refusal::BadRequest, describe(&e));
+            }
+            let result = tokio::task::spawn_blocking(move || {
+                // Asking never creates a store; it waits for a push of the disk still
+                // running (a cut-off one ends when its connection times out, and then
+                // leaves its resume state).
+                if !root.join(&disk).join("staging").exists() {
+                    return Ok(None);
+                }
+                let (s, _) = DiskStore::open_waiting(&root, &disk)?;
+                Ok::<_, StoreError>(s.partial())
+            })
+            .await;
+            match result {
+                Ok(Ok(p)) => Response::Resume {
+                    state: p.map(|p| wire::ResumeState {
+                        from: p.from,
+                        to: p.to,
+                        disk_size: p.disk_size,
+                        next_offset: p.next_offset,
+                    }),
+                },
+                Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),
+                Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
+            }
+        }
+        Request::Push { .. } | Request::PushResume { .. } => {
+            let (disk, resume) = match request {
+                Request::PushResume {
+                    disk,
+                    resumes,
+                    next_offset,
+                } => (disk, Some((resumes, next_offset))),
+                Request::Push { disk } => (disk, None),
+                _ => unreachable!("matched above"),
+            };
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));
             }
@@ -304,7 +341,14 @@ async fn handle(
                     done: false,
                     handle,
                 };
-                s.ingest(input, retention, |input| input.end())
+                match resume {
+                    None => s.ingest(input, retention, |input| input.end()),
+                    Some((resumes, next_offset)) => {
+                        s.ingest_resume(input, &resumes, next_offset, retention, |input| {
+                            input.end()
+                        })
+                    }
+                }
             })
             .await;
             match result {

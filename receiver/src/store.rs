@@ -31,7 +31,7 @@
 //! `check_digest` and `ctk::digest`) before it is committed.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -196,6 +196,69 @@ struct Manifest {
 struct Checked {
     digest: Option<String>,
     checked: bool,
+}
+
+/// What was received of a push that was cut off (the connection dropped, the agent was
+/// killed): every record below `next_offset`, checked, kept so that the agent can resume
+/// from there (`DiskStore::ingest_resume`) instead of sending it all again. Valid only while
+/// `from` is the store's newest point (none: an empty store); anything committed drops it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Partial {
+    /// The point the push started from (none: a first full).
+    pub from: Option<String>,
+    /// The cut the push was of.
+    pub to: String,
+    /// Every record of the push below this disk offset was received.
+    pub next_offset: u64,
+    pub disk_size: u64,
+    pub block_size: u32,
+    /// A first full: the records are in full.img; else in `staging/partial.ctkd` (a
+    /// complete delta: the records received and a trailer made for them).
+    pub direct: bool,
+}
+
+const PARTIAL_JSON: &str = "staging/partial.json";
+const PARTIAL_DELTA: &str = "staging/partial.ctkd";
+/// Longest resume state read back.
+const PARTIAL_LEN_MAX: u64 = 64 << 10;
+
+/// What staging a delta found.
+enum Staged {
+    /// A point already committed: acknowledged, nothing to merge.
+    Already(String),
+    /// Staged and verified in `staging/incoming.ctkd`.
+    Delta {
+        touched: Vec<Extent>,
+        meta: PointMeta,
+    },
+}
+
+/// The error of a push cut off: an I/O error on the way (the connection, or the store's
+/// own disk: full, failing) is the store's I/O error, not damage in the delta.
+fn cut_off_error(e: DeltaError) -> StoreError {
+    match e {
+        DeltaError::Io(source) => StoreError::Io {
+            doing: "receiving and staging the delta".into(),
+            source,
+        },
+        e => e.into(),
+    }
+}
+
+/// An input with bytes already read from it put back in front.
+type Replayed<R> = io::Chain<io::Cursor<Vec<u8>>, R>;
+
+/// Reads a delta's header from `input` and gives it back with the input, the header's
+/// bytes put in front again.
+fn peek_header<R: Read>(mut input: R) -> Result<(DeltaHeader, Replayed<R>)> {
+    let mut head = Vec::new();
+    let header = DeltaReader::new(Tee {
+        input: &mut input,
+        copy: &mut head,
+    })?
+    .header()
+    .clone();
+    Ok((header, io::Cursor::new(head).chain(input)))
 }
 
 /// What an ingest did.
@@ -591,6 +654,8 @@ impl DiskStore {
             keep.push(a.staged.clone());
             keep.extend(a.undo.clone());
         }
+        // The resume state has its own life (`drop_partial`).
+        keep.extend([PARTIAL_JSON.to_owned(), PARTIAL_DELTA.to_owned()]);
         for sub in ["undo", "staging"] {
             let Ok(entries) = fs::read_dir(self.dir.join(sub)) else {
                 continue;
@@ -624,99 +689,137 @@ impl DiskStore {
     }
 
     /// Merges the delta read from `input` as a new restore point, crash-atomically, and
-    /// keeps the newest `keep` points. `end` is given the input once the delta is read and
-    /// says what the sender knows about the point (a streamed push sends it after the delta).
-    /// Returns once the point is committed (durable).
+    /// applies `retention`. `end` is given the input once the delta is read and says what
+    /// the sender knows about the point (a streamed push sends it after the delta). Returns
+    /// once the point is committed (durable). A push cut off on the way (the input fails)
+    /// leaves what was received as a resume state (`partial`) when it continues the newest
+    /// point, so the agent can go on from there (`ingest_resume`).
     pub fn ingest<R: Read>(
         &mut self,
         input: R,
         retention: impl Into<Retention>,
         end: impl FnOnce(R) -> Result<PointMeta>,
     ) -> Result<Ingested> {
-        let mut retention = retention.into();
+        let started = std::time::Instant::now();
+        // The header decides the path: a first full into an empty store is written straight
+        // into full.img (nothing to protect, so nothing to stage); anything else is staged.
+        let (peeked, input) = peek_header(input)?;
+        if peeked.from.is_none() && self.points().is_empty() && self.manifest.applying.is_none() {
+            return self.ingest_first_full(peeked, input, end, None);
+        }
+        match self.stage(input, end, true)? {
+            Staged::Already(change_id) => Ok(Ingested::AlreadyCommitted { change_id }),
+            Staged::Delta { touched, meta } => {
+                let staging = self.dir.join("staging").join("incoming.ctkd");
+                self.merge_staged(&staging, touched, meta, retention.into(), started)
+            }
+        }
+    }
+
+    /// Stages a delta whole into `staging/incoming.ctkd`, durably, verifying every check
+    /// while copying and collecting the ranges it writes (the undo needs them). When the
+    /// input fails on the way and `keep_partial`, the complete records received are kept as
+    /// the resume state.
+    fn stage<R: Read>(
+        &mut self,
+        input: Replayed<R>,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+        keep_partial: bool,
+    ) -> Result<Staged> {
+        let staging = self.dir.join("staging").join("incoming.ctkd");
+        let mut touched: Vec<Extent> = Vec::new();
+        let f = File::create(&staging).map_err(io_err("creating the staged delta"))?;
+        let mut w = BufWriter::new(f);
+        let mut tee = Tee {
+            input,
+            copy: &mut w,
+        };
+        let mut cut_off = None;
+        let mut checkpoint = None;
+        let header = {
+            let mut reader = DeltaReader::new(&mut tee)?;
+            loop {
+                let (offset, length) = match reader.next_record() {
+                    Ok(Some(DeltaRecord::Data { offset, data })) => (offset, data.len() as u64),
+                    Ok(Some(DeltaRecord::Zero { offset, length })) => (offset, length),
+                    Ok(None) => break,
+                    // The input ended or failed part way: a push cut off.
+                    Err(e @ (DeltaError::Io(_) | DeltaError::Truncated { .. })) => {
+                        cut_off = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                match touched.last_mut() {
+                    Some(last) if last.end() == offset => last.length += length,
+                    _ => touched.push(Extent::new(offset, length)),
+                }
+                checkpoint = Some(reader.checkpoint());
+            }
+            reader.header().clone()
+        };
+        if let Some(e) = cut_off {
+            drop(tee);
+            if keep_partial
+                && let Some(cp) = checkpoint
+                && self.check_fits(&header).is_ok()
+                && let Err(k) = self.keep_staged_partial(w, &staging, &header, &cp)
+            {
+                tracing::warn!(disk = %self.name, error = %k, "could not keep the received part");
+            }
+            return Err(cut_off_error(e));
+        }
+        // Nothing may follow the trailer.
+        let mut extra = [0u8; 1];
+        if tee
+            .input
+            .read(&mut extra)
+            .map_err(io_err("reading the delta"))?
+            != 0
+        {
+            return Err(StoreError::Mismatch(
+                "bytes after the delta's trailer".into(),
+            ));
+        }
+        let meta = end(tee.input.into_inner().1)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| io_err("staging")(e.into_error()))?;
+        f.sync_all().map_err(io_err("syncing the staged delta"))?;
+        self.check_fits(&header)?;
+        if self
+            .points()
+            .iter()
+            .any(|p| p.change_id == header.to.to_string())
+        {
+            let _ = fs::remove_file(&staging);
+            return Ok(Staged::Already(header.to.to_string()));
+        }
+        Ok(Staged::Delta { touched, meta })
+    }
+
+    /// Merges the verified delta staged at `staging` (writing `touched`) as a new point.
+    fn merge_staged(
+        &mut self,
+        staging: &Path,
+        touched: Vec<Extent>,
+        meta: PointMeta,
+        retention: Retention,
+        started: std::time::Instant,
+    ) -> Result<Ingested> {
+        let mut retention = retention;
         retention.keep = retention.keep.clamp(1, POINTS_MAX);
         // Where a merge's time goes, for the log (a first full is long work).
-        let started = std::time::Instant::now();
         let mut steps: Vec<(&str, f64)> = Vec::new();
         let mut lap = started;
         let mut step = |name, steps: &mut Vec<(&str, f64)>| {
             steps.push((name, lap.elapsed().as_secs_f64()));
             lap = std::time::Instant::now();
         };
-        let meta;
-        // The header decides the path: a first full into an empty store is written straight
-        // into full.img (nothing to protect, so nothing to stage); anything else is staged.
-        let mut input = input;
-        let mut head = Vec::new();
-        let peeked = DeltaReader::new(Tee {
-            input: &mut input,
-            copy: &mut head,
-        })?
-        .header()
-        .clone();
-        let input = io::Cursor::new(head).chain(input);
-        if peeked.from.is_none() && self.points().is_empty() && self.manifest.applying.is_none() {
-            return self.ingest_first_full(peeked, input, end);
-        }
-        // 1. Stage the whole delta, durably, and verify every check while copying.
-        let staging = self.dir.join("staging").join("incoming.ctkd");
-        let mut touched: Vec<Extent> = Vec::new();
-        {
-            let f = File::create(&staging).map_err(io_err("creating the staged delta"))?;
-            let mut w = BufWriter::new(f);
-            let mut tee = Tee {
-                input,
-                copy: &mut w,
-            };
-            // Every check of the delta, and the ranges it writes (merged): the undo needs
-            // them, and collecting them here saves decoding the staged copy once more.
-            let header = {
-                let mut reader = DeltaReader::new(&mut tee)?;
-                while let Some(record) = reader.next_record()? {
-                    let (offset, length) = match record {
-                        DeltaRecord::Data { offset, data } => (offset, data.len() as u64),
-                        DeltaRecord::Zero { offset, length } => (offset, length),
-                    };
-                    match touched.last_mut() {
-                        Some(last) if last.end() == offset => last.length += length,
-                        _ => touched.push(Extent::new(offset, length)),
-                    }
-                }
-                reader.header().clone()
-            };
-            // Nothing may follow the trailer.
-            let mut extra = [0u8; 1];
-            if tee
-                .input
-                .read(&mut extra)
-                .map_err(io_err("reading the delta"))?
-                != 0
-            {
-                return Err(StoreError::Mismatch(
-                    "bytes after the delta's trailer".into(),
-                ));
-            }
-            meta = end(tee.input.into_inner().1)?;
-            let f = w
-                .into_inner()
-                .map_err(|e| io_err("staging")(e.into_error()))?;
-            f.sync_all().map_err(io_err("syncing the staged delta"))?;
-            self.check_fits(&header)?;
-            if self
-                .points()
-                .iter()
-                .any(|p| p.change_id == header.to.to_string())
-            {
-                let _ = fs::remove_file(&staging);
-                return Ok(Ingested::AlreadyCommitted {
-                    change_id: header.to.to_string(),
-                });
-            }
-        }
-        failpoint("staged");
         step("staged", &mut steps);
+        failpoint("staged");
         let header = DeltaReader::new(BufReader::new(
-            File::open(&staging).map_err(io_err("opening the staged delta"))?,
+            File::open(staging).map_err(io_err("opening the staged delta"))?,
         ))?
         .header()
         .clone();
@@ -724,7 +827,7 @@ impl DiskStore {
         // a new generation start again, and an older point's undo must not be overwritten.
         let name = format!("{}-{}", header.to.generation, header.to.seq);
         let staged_rel = format!("staging/{name}.ctkd");
-        fs::rename(&staging, self.dir.join(&staged_rel)).map_err(io_err("staging"))?;
+        fs::rename(staging, self.dir.join(&staged_rel)).map_err(io_err("staging"))?;
         sync_dir(&self.dir.join("staging"))?;
 
         // Can this filesystem hold the size the delta asks for? Probed on a scratch file,
@@ -807,6 +910,8 @@ impl DiskStore {
         m.applying = None;
         self.write_manifest(m)?;
         failpoint("committed");
+        // What a cut-off push left no longer continues the newest point.
+        self.drop_partial();
         self.remove_orphans();
         step("committed", &mut steps);
         // 7. Retention, after the commit: a failure here only keeps points longer.
@@ -827,6 +932,145 @@ impl DiskStore {
             "merged"
         );
         Ok(Ingested::Committed { point, dropped })
+    }
+
+    /// The resume state a cut-off push left, if it still continues the newest point.
+    pub fn partial(&self) -> Option<Partial> {
+        let f = File::open(self.dir.join(PARTIAL_JSON)).ok()?;
+        let mut text = String::new();
+        f.take(PARTIAL_LEN_MAX).read_to_string(&mut text).ok()?;
+        let p: Partial = serde_json::from_str(&text).ok()?;
+        let newest = self.points().last().map(|n| n.change_id.clone());
+        let usable = p.from == newest
+            && self.manifest.applying.is_none()
+            && (p.direct || self.dir.join(PARTIAL_DELTA).exists());
+        usable.then_some(p)
+    }
+
+    fn save_partial(&self, p: &Partial) -> Result<()> {
+        let tmp = self.dir.join("staging").join("partial.json.tmp");
+        let text = serde_json::to_vec(p).expect("a resume state serialises");
+        let mut f = File::create(&tmp).map_err(io_err("writing the resume state"))?;
+        f.write_all(&text)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err("writing the resume state"))?;
+        fs::rename(&tmp, self.dir.join(PARTIAL_JSON))
+            .map_err(io_err("writing the resume state"))?;
+        sync_dir(&self.dir.join("staging"))
+    }
+
+    fn drop_partial(&self) {
+        let _ = fs::remove_file(self.dir.join(PARTIAL_JSON));
+        let _ = fs::remove_file(self.dir.join(PARTIAL_DELTA));
+    }
+
+    /// Keeps the records received of a staged push cut off after checkpoint `cp`: the
+    /// staged bytes are cut there and ended with a trailer made for them, which makes them a
+    /// complete delta of the received part, then recorded as the resume state.
+    fn keep_staged_partial(
+        &self,
+        w: BufWriter<File>,
+        staging: &Path,
+        header: &DeltaHeader,
+        cp: &delta::Checkpoint,
+    ) -> Result<()> {
+        let mut f = w
+            .into_inner()
+            .map_err(|e| io_err("staging")(e.into_error()))?;
+        f.set_len(cp.position)
+            .and_then(|()| f.seek(io::SeekFrom::End(0)).map(|_| ()))
+            .and_then(|()| f.write_all(&cp.trailer()))
+            .and_then(|()| f.sync_all())
+            .map_err(io_err("keeping the received part"))?;
+        self.drop_partial();
+        fs::rename(staging, self.dir.join(PARTIAL_DELTA))
+            .map_err(io_err("keeping the received part"))?;
+        self.save_partial(&Partial {
+            from: header.from.map(|f| f.to_string()),
+            to: header.to.to_string(),
+            next_offset: cp.next_offset,
+            disk_size: header.disk_size,
+            block_size: header.block_size,
+            direct: false,
+        })?;
+        tracing::info!(
+            disk = %self.name, to = %header.to, next_offset = cp.next_offset,
+            "a push was cut off: the received part is kept for a resume"
+        );
+        Ok(())
+    }
+
+    /// Merges a push that resumes the cut-off push `resumes` from disk offset `next_offset`
+    /// (both as `partial` reported them). The resumed push is a delta from the same point
+    /// to a later cut of the same journal, carrying the blocks changed since that point at
+    /// or after `next_offset` and those changed since the cut-off push's cut below it; with
+    /// the received part underneath, that is the whole change. A resume that does not
+    /// match the resume state here is refused (`Mismatch`) before anything is merged.
+    pub fn ingest_resume<R: Read>(
+        &mut self,
+        input: R,
+        resumes: &str,
+        next_offset: u64,
+        retention: impl Into<Retention>,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+    ) -> Result<Ingested> {
+        let started = std::time::Instant::now();
+        let p = self.partial().ok_or_else(|| {
+            StoreError::Mismatch(
+                "no resume state here (a newer point was committed, or it was used): push \
+                 from the start"
+                    .into(),
+            )
+        })?;
+        if p.to != resumes || p.next_offset != next_offset {
+            return Err(StoreError::Mismatch(format!(
+                "the resume state here is of {} at offset {}; the push resumes {resumes} at \
+                 {next_offset}",
+                p.to, p.next_offset
+            )));
+        }
+        let (header, input) = peek_header(input)?;
+        let prior: ChangeId = p.to.parse().map_err(|e| StoreError::Damaged {
+            disk: self.name.clone(),
+            why: format!("resume state: {e}"),
+        })?;
+        let fits = header.from.map(|f| f.to_string()) == p.from
+            && header.disk_size == p.disk_size
+            && header.block_size == p.block_size
+            && header.to.generation == prior.generation
+            && header.to.seq > prior.seq;
+        if !fits {
+            return Err(StoreError::Mismatch(format!(
+                "the resumed delta ({:?} -> {}, {} bytes) does not continue the resume state \
+                 ({:?} -> {}, {} bytes): it must start where that did and be a later cut of \
+                 the same journal",
+                header.from.map(|f| f.to_string()),
+                header.to,
+                header.disk_size,
+                p.from,
+                p.to,
+                p.disk_size
+            )));
+        }
+        if p.direct {
+            return self.ingest_first_full(header, input, end, Some(p));
+        }
+        let (touched, meta) = match self.stage(input, end, false)? {
+            Staged::Already(change_id) => return Ok(Ingested::AlreadyCommitted { change_id }),
+            Staged::Delta { meta, .. } => {
+                // The received part underneath the resumed delta: one delta of the whole
+                // change (where both hold a block, the resumed one's is newer).
+                let incoming = self.dir.join("staging").join("incoming.ctkd");
+                let composed = self.dir.join("staging").join("composed.ctkd");
+                let sources = [incoming.clone(), self.dir.join(PARTIAL_DELTA)];
+                let touched = self.compose(&sources, &header, &composed)?;
+                fs::rename(&composed, &incoming).map_err(io_err("staging"))?;
+                (touched, meta)
+            }
+        };
+        tracing::info!(disk = %self.name, to = %header.to, resumed_at = next_offset, "resuming a push");
+        let incoming = self.dir.join("staging").join("incoming.ctkd");
+        self.merge_staged(&incoming, touched, meta, retention.into(), started)
     }
 
     /// Drops the points `retention` does not keep; returns how many. Dropping the oldest
@@ -893,19 +1137,45 @@ impl DiskStore {
     }
 
     /// Writes undo file `rel` taking point `to` back to `prev`, from the undo files `undos`
-    /// (those of the points between them and of `to`, oldest first).
+    /// (those of the points between them and of `to`, oldest first: the oldest holder of a
+    /// byte wins).
     fn fold_undos(&self, undos: &[String], prev: &Point, to: &Point, rel: &str) -> Result<()> {
         let bad_id = |e: ctk::ParseChangeIdError| StoreError::Damaged {
             disk: self.name.clone(),
             why: format!("manifest point id: {e}"),
         };
-        let mut files = Vec::with_capacity(undos.len());
-        for u in undos {
-            let f = File::open(self.dir.join(u)).map_err(io_err("opening an undo"))?;
+        let sources: Vec<PathBuf> = undos.iter().map(|u| self.dir.join(u)).collect();
+        let block_size = self
+            .manifest
+            .block_size
+            .unwrap_or(ctk::limits::BLOCK_SIZE_DEFAULT);
+        let header = DeltaHeader {
+            disk_id: self.name.clone(),
+            disk_size: prev.disk_size,
+            block_size,
+            from: Some(prev.change_id.parse().map_err(bad_id)?),
+            to: to.change_id.parse().map_err(bad_id)?,
+        };
+        self.compose(&sources, &header, &self.dir.join(rel))?;
+        sync_dir(&self.dir.join("undo"))
+    }
+
+    /// Writes to `out` (synced) one delta with `header` made of the records of the delta
+    /// files `sources`, clipped to the header's disk size; where several hold a byte, the
+    /// first source that does wins. Returns the ranges it writes, merged.
+    fn compose(
+        &self,
+        sources: &[PathBuf],
+        header: &DeltaHeader,
+        out: &Path,
+    ) -> Result<Vec<Extent>> {
+        let mut files = Vec::with_capacity(sources.len());
+        for path in sources {
+            let f = File::open(path).map_err(io_err("opening a delta to compose"))?;
             files.push(DeltaFile::open(f)?);
         }
-        let size = prev.disk_size;
-        // Which file and record each byte range comes from: the oldest holder wins.
+        let size = header.disk_size;
+        // Which file and record each byte range comes from.
         let mut covered = Covered::default();
         let mut pieces: Vec<(u64, u64, usize, usize)> = Vec::new();
         for (fi, f) in files.iter().enumerate() {
@@ -916,24 +1186,15 @@ impl DiskStore {
             }
         }
         pieces.sort_unstable_by_key(|p| p.0);
-        let header = DeltaHeader {
-            disk_id: self.name.clone(),
-            disk_size: size,
-            block_size: files
-                .first()
-                .map_or(ctk::limits::BLOCK_SIZE_DEFAULT, |f| f.header().block_size),
-            from: Some(prev.change_id.parse().map_err(bad_id)?),
-            to: to.change_id.parse().map_err(bad_id)?,
-        };
-        let path = self.dir.join(rel);
-        let out = BufWriter::new(File::create(&path).map_err(io_err("creating a folded undo"))?);
+        let file = BufWriter::new(File::create(out).map_err(io_err("creating a composed delta"))?);
         let mut w = delta::DeltaWriter::new(
-            out,
-            &header,
+            file,
+            header,
             WriteOptions {
                 zstd_level: Some(1),
             },
         )?;
+        let mut touched: Vec<Extent> = Vec::new();
         for (start, end, fi, ri) in pieces {
             let r = files[fi].records()[ri];
             if r.zero {
@@ -945,13 +1206,17 @@ impl DiskStore {
                     &data[(start - r.offset) as usize..(end - r.offset) as usize],
                 )?;
             }
+            match touched.last_mut() {
+                Some(last) if last.end() == start => last.length = end - last.offset,
+                _ => touched.push(Extent::new(start, end - start)),
+            }
         }
-        let (out, _) = w.finish()?;
-        out.into_inner()
-            .map_err(|e| io_err("writing a folded undo")(e.into_error()))?
+        let (file, _) = w.finish()?;
+        file.into_inner()
+            .map_err(|e| io_err("writing a composed delta")(e.into_error()))?
             .sync_all()
-            .map_err(io_err("syncing a folded undo"))?;
-        sync_dir(&self.dir.join("undo"))
+            .map_err(io_err("syncing a composed delta"))?;
+        Ok(touched)
     }
 
     /// Can this filesystem hold an image of `disk_size` bytes? Probed on a scratch file,
@@ -978,16 +1243,32 @@ impl DiskStore {
     fn ingest_first_full<R: Read>(
         &mut self,
         header: DeltaHeader,
-        input: io::Chain<io::Cursor<Vec<u8>>, R>,
+        input: Replayed<R>,
         end: impl FnOnce(R) -> Result<PointMeta>,
+        resume: Option<Partial>,
     ) -> Result<Ingested> {
         let started = std::time::Instant::now();
-        self.check_fits(&header)?;
-        self.probe_size(header.disk_size)?;
         let full = self.full()?;
-        full.set_len(0)
-            .and_then(|()| full.set_len(header.disk_size))
-            .map_err(io_err("sizing full.img"))?;
+        match &resume {
+            None => {
+                self.check_fits(&header)?;
+                self.probe_size(header.disk_size)?;
+                full.set_len(0)
+                    .and_then(|()| full.set_len(header.disk_size))
+                    .map_err(io_err("sizing full.img"))?;
+            }
+            // Resumed: full.img holds the received part, at the disk's size.
+            Some(_) => {
+                let len = full.metadata().map_err(io_err("reading a size"))?.len();
+                if len != header.disk_size {
+                    self.drop_partial();
+                    return Err(StoreError::Mismatch(format!(
+                        "full.img is {len} bytes, not the {} the resumed full needs: push from the start",
+                        header.disk_size
+                    )));
+                }
+            }
+        }
         let mut m = self.manifest.clone();
         m.block_size = Some(header.block_size);
         m.applying = Some(Applying {
@@ -999,35 +1280,88 @@ impl DiskStore {
         });
         self.write_manifest(m)?;
         failpoint("applying_recorded");
-        match self.first_full_inner(&full, &header, input, end) {
+        let mut reached = None;
+        match self.first_full_inner(&full, &header, input, end, resume.is_some(), &mut reached) {
             Ok(point) => {
+                self.drop_partial();
                 tracing::info!(
                     disk = %self.name,
                     point = %point.change_id,
                     seconds = started.elapsed().as_secs_f64(),
+                    resumed = resume.is_some(),
                     "first full written in place"
                 );
                 Ok(Ingested::Committed { point, dropped: 0 })
+            }
+            // Cut off on the way: full.img holds every record below `reached` as of this
+            // cut, which is kept as the resume state (unless an earlier one reached further:
+            // what this one wrote below it is newer and changed since it, so a resume from
+            // it sends those blocks again anyway).
+            Err(e) if reached.is_some() => {
+                let reached = reached.unwrap_or(0);
+                full.sync_all().map_err(io_err("syncing full.img"))?;
+                let mut m = self.manifest.clone();
+                m.applying = None;
+                self.write_manifest(m)?;
+                if resume.as_ref().is_none_or(|p| reached > p.next_offset) {
+                    self.save_partial(&Partial {
+                        from: None,
+                        to: header.to.to_string(),
+                        next_offset: reached,
+                        disk_size: header.disk_size,
+                        block_size: header.block_size,
+                        direct: true,
+                    })?;
+                    tracing::info!(
+                        disk = %self.name, to = %header.to, next_offset = reached,
+                        "a first full was cut off: the received part is kept for a resume"
+                    );
+                }
+                Err(e)
             }
             Err(e) => {
                 if let Some(applying) = self.manifest.applying.clone() {
                     self.roll_back(&full, &applying)?;
                 }
+                self.drop_partial();
                 Err(e)
             }
         }
     }
 
+    /// Writes a first full's records into full.img as they arrive. Cut off (the input
+    /// failed) after at least one record, it sets `reached` to the disk offset every record
+    /// below which was written. A `resumed` full has records of an earlier push already in
+    /// full.img, so its leaves are read back whole instead of computed from the data.
     fn first_full_inner<R: Read>(
         &mut self,
         full: &File,
         header: &DeltaHeader,
-        mut input: io::Chain<io::Cursor<Vec<u8>>, R>,
+        mut input: Replayed<R>,
         end: impl FnOnce(R) -> Result<PointMeta>,
+        resumed: bool,
+        reached: &mut Option<u64>,
     ) -> Result<Point> {
-        let mut leaves = Leaves::zeroed(header.disk_size, header.block_size).ok();
+        let mut leaves = if resumed {
+            None
+        } else {
+            Leaves::zeroed(header.disk_size, header.block_size).ok()
+        };
         let mut reader = DeltaReader::new(&mut input)?;
-        while let Some(record) = reader.next_record()? {
+        loop {
+            let record = match reader.next_record() {
+                Ok(Some(record)) => record,
+                Ok(None) => break,
+                // The input ended or failed part way: a push cut off.
+                Err(e @ (DeltaError::Io(_) | DeltaError::Truncated { .. })) => {
+                    let at = reader.checkpoint().next_offset;
+                    if at > 0 {
+                        *reached = Some(at);
+                    }
+                    return Err(cut_off_error(e));
+                }
+                Err(e) => return Err(e.into()),
+            };
             match record {
                 DeltaRecord::Data { offset, data } => {
                     full.write_all_at(data, offset)
@@ -1036,8 +1370,12 @@ impl DiskStore {
                         let _ = l.set_data(offset, data);
                     }
                 }
-                // The image starts as one hole: zeros need nothing written.
+                // A fresh image starts as one hole: zeros need nothing written. A resumed
+                // one may hold the received part's data there.
                 DeltaRecord::Zero { offset, length } => {
+                    if resumed {
+                        zero_range(full, offset, length)?;
+                    }
                     if let Some(l) = leaves.as_mut() {
                         let _ = l.set_zero(offset, length);
                     }
@@ -1059,6 +1397,9 @@ impl DiskStore {
         let meta = end(input.into_inner().1)?;
         full.sync_all().map_err(io_err("syncing full.img"))?;
         failpoint("applied");
+        if resumed {
+            leaves = Leaves::of_image(full, header.disk_size, header.block_size).ok();
+        }
         let checked = self.check_digest(leaves.as_ref(), &meta)?;
         let mut point = Point {
             change_id: header.to.to_string(),

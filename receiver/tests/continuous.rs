@@ -139,26 +139,22 @@ fn check_points(receiver_bin: &Path, d: &Path, log: &[Write]) -> (usize, u64) {
 }
 
 struct Setup {
-    _dir: tempfile::TempDir,
-    d: PathBuf,
-    receiver_bin: PathBuf,
-    agent_bin: PathBuf,
-    rfp: String,
-    addr: std::net::SocketAddr,
-    _receiver: Proc,
+    pair: Pair,
     _agent: Proc,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Pair;
+    fn deref(&self) -> &Pair {
+        &self.pair
+    }
 }
 
 /// A receiver keeping `keep` points and an agent protecting a 16 MiB disk whose
 /// application-consistent cuts run a hook that logs to `d/hooks.log`.
 fn setup(keep: usize) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_owned();
-    let receiver_bin = PathBuf::from(env!("CARGO_BIN_EXE_ctk-receiver"));
-    let agent_bin = agent_bin();
-    let rfp = init(&receiver_bin, &d.join("rid"));
-    let afp = init(&agent_bin, &d.join("aid"));
-    let (receiver, addr) = start_receiver_keeping(&receiver_bin, &d, &afp, keep);
+    let pair = Pair::new(keep);
+    let d = &pair.d;
     let image = d.join("vm1.img");
     std::fs::File::create(&image)
         .unwrap()
@@ -174,19 +170,13 @@ fn setup(keep: usize) -> Setup {
     );
     std::fs::write(d.join("agent.toml"), config).unwrap();
     let (agent, _) = start(
-        Command::new(&agent_bin)
+        Command::new(&pair.agent_bin)
             .arg("serve")
             .arg("--config")
             .arg(d.join("agent.toml")),
     );
     Setup {
-        _dir: dir,
-        d,
-        receiver_bin,
-        agent_bin,
-        rfp,
-        addr,
-        _receiver: receiver,
+        pair,
         _agent: agent,
     }
 }
@@ -194,9 +184,10 @@ fn setup(keep: usize) -> Setup {
 impl Setup {
     /// `ctk-agent replicate ... --json <extra>` started in the background; its JSON lines
     /// are gathered by a thread.
-    fn replicate(&self, extra: &[&str]) -> (Proc, std::thread::JoinHandle<Vec<Value>>) {
-        let mut child = replicate_cmd(&self.agent_bin, &self.d, self.addr, &self.rfp)
-            .args(extra)
+    fn replicate_background(&self, extra: &[&str]) -> (Proc, std::thread::JoinHandle<Vec<Value>>) {
+        let mut child = self
+            .pair
+            .replicate(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -263,7 +254,8 @@ fn continuous_mode_under_a_steady_write_load_keeps_every_point_equal_to_the_sour
         Duration::from_millis(2),
         halt.clone(),
     );
-    let (repl, lines) = s.replicate(&["--every", "1s", "--app-every", "10s", "--rpo-warn", "30s"]);
+    let (repl, lines) =
+        s.replicate_background(&["--every", "1s", "--app-every", "10s", "--rpo-warn", "30s"]);
     std::thread::sleep(Duration::from_secs(60));
     halt.store(true, Ordering::Relaxed);
     let log = load.join().unwrap();
@@ -332,7 +324,7 @@ fn a_throttled_link_coalesces_then_recovers_without_a_full_resync() {
     let limit_file = s.d.join("bwlimit");
     let limit = 256u64 << 10;
     std::fs::write(&limit_file, "256K\n").unwrap();
-    let (repl, lines) = s.replicate(&[
+    let (repl, lines) = s.replicate_background(&[
         "--every",
         "1s",
         "--bwlimit-file",

@@ -16,32 +16,6 @@ use common::*;
 use ctk_net::wire::{Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 
-/// One request over a raw connection, as a misbehaving agent would send it.
-fn raw_call(
-    identity: &Identity,
-    addr: SocketAddr,
-    pin: Fingerprint,
-    frame: &[u8],
-    body: &[u8],
-) -> Response {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let conn = ctk_net::connect(identity, addr, pin).await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&(frame.len() as u32).to_le_bytes())
-            .await
-            .unwrap();
-        send.write_all(frame).await.unwrap();
-        send.write_all(body).await.unwrap();
-        send.finish().unwrap();
-        let answer = ctk_net::read_frame(&mut recv).await.unwrap();
-        Response::decode(&answer).unwrap()
-    })
-}
-
 #[test]
 fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_strangers() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,67 +16,34 @@ const SIZE: u64 = 64 << 20;
 const UNIT: u64 = 64 << 10;
 
 struct Setup {
-    _dir: tempfile::TempDir,
-    d: PathBuf,
-    receiver_bin: PathBuf,
-    agent_bin: PathBuf,
-    rfp: String,
-    addr: std::net::SocketAddr,
+    pair: Pair,
     image: PathBuf,
-    _receiver: Proc,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Pair;
+    fn deref(&self) -> &Pair {
+        &self.pair
+    }
 }
 
 /// A receiver, both identities, and a 64 MiB image of random bytes (not yet protected).
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_owned();
-    let receiver_bin = PathBuf::from(env!("CARGO_BIN_EXE_ctk-receiver"));
-    let agent_bin = agent_bin();
-    let rfp = init(&receiver_bin, &d.join("rid"));
-    let afp = init(&agent_bin, &d.join("aid"));
-    let (receiver, addr) = start_receiver(&receiver_bin, &d, &afp);
-    let image = d.join("vm1.img");
-    let mut rng = Rng(0xd15c);
-    let bytes: Vec<u8> = (0..SIZE / 8)
-        .flat_map(|_| rng.next().to_le_bytes())
-        .collect();
-    std::fs::write(&image, bytes).unwrap();
-    Setup {
-        _dir: dir,
-        d,
-        receiver_bin,
-        agent_bin,
-        rfp,
-        addr,
-        image,
-        _receiver: receiver,
-    }
+    let pair = Pair::new(50);
+    let image = pair.d.join("vm1.img");
+    random_image(&image, SIZE, 0xd15c);
+    Setup { pair, image }
 }
 
 impl Setup {
     fn serve(&self) -> Proc {
-        start(
-            Command::new(&self.agent_bin)
-                .arg("serve")
-                .arg("--disk")
-                .arg(format!("vm1={}", self.image.display()))
-                .arg("--listen")
-                .arg(format!("unix:{}", self.d.join("nbd.sock").display()))
-                .arg("--control")
-                .arg(self.d.join("ctl.sock")),
-        )
-        .0
+        self.serve_disk(&self.image)
     }
 
     fn replicate(&self, extra: &[&str]) -> Value {
-        let (ok, out, err) =
-            run(replicate_cmd(&self.agent_bin, &self.d, self.addr, &self.rfp).args(extra));
+        let (ok, out, err) = run(&mut self.pair.replicate(extra));
         assert!(ok, "replicate failed: {err}");
         serde_json::from_str(&out).unwrap()
-    }
-
-    fn store(&self) -> PathBuf {
-        self.d.join("store/host1")
     }
 
     /// The newest point restored equals the image as it is now (nothing writes to it).

@@ -138,3 +138,98 @@ pub fn replicate_cmd(agent_bin: &Path, d: &Path, addr: SocketAddr, rfp: &str) ->
         .arg("--json");
     cmd
 }
+
+/// One request over a raw connection, as a misbehaving agent would send it.
+pub fn raw_call(
+    identity: &ctk_net::Identity,
+    addr: SocketAddr,
+    pin: ctk_net::Fingerprint,
+    frame: &[u8],
+    body: &[u8],
+) -> ctk_net::wire::Response {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = ctk_net::connect(identity, addr, pin).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&(frame.len() as u32).to_le_bytes())
+            .await
+            .unwrap();
+        send.write_all(frame).await.unwrap();
+        send.write_all(body).await.unwrap();
+        send.finish().unwrap();
+        let answer = ctk_net::read_frame(&mut recv).await.unwrap();
+        ctk_net::wire::Response::decode(&answer).unwrap()
+    })
+}
+
+/// A receiver on 127.0.0.1 and both identities in a temporary directory `d`, paired (the
+/// agent as `host1`, its store `d/store/host1`); each test starts the agent it needs.
+pub struct Pair {
+    pub _dir: tempfile::TempDir,
+    pub d: PathBuf,
+    pub receiver_bin: PathBuf,
+    pub agent_bin: PathBuf,
+    pub rfp: String,
+    pub addr: SocketAddr,
+    pub _receiver: Proc,
+}
+
+impl Pair {
+    pub fn new(keep: usize) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let receiver_bin = PathBuf::from(env!("CARGO_BIN_EXE_ctk-receiver"));
+        let agent_bin = agent_bin();
+        let rfp = init(&receiver_bin, &d.join("rid"));
+        let afp = init(&agent_bin, &d.join("aid"));
+        let (receiver, addr) = start_receiver_keeping(&receiver_bin, &d, &afp, keep);
+        Pair {
+            _dir: dir,
+            d,
+            receiver_bin,
+            agent_bin,
+            rfp,
+            addr,
+            _receiver: receiver,
+        }
+    }
+
+    /// `ctk-agent serve` protecting `image` as vm1 (NBD `d/nbd.sock`, control `d/ctl.sock`).
+    pub fn serve_disk(&self, image: &Path) -> Proc {
+        start(
+            Command::new(&self.agent_bin)
+                .arg("serve")
+                .arg("--disk")
+                .arg(format!("vm1={}", image.display()))
+                .arg("--listen")
+                .arg(format!("unix:{}", self.d.join("nbd.sock").display()))
+                .arg("--control")
+                .arg(self.d.join("ctl.sock")),
+        )
+        .0
+    }
+
+    /// `ctk-agent replicate --json <extra>` to this receiver.
+    pub fn replicate(&self, extra: &[&str]) -> Command {
+        let mut cmd = replicate_cmd(&self.agent_bin, &self.d, self.addr, &self.rfp);
+        cmd.args(extra);
+        cmd
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.d.join("store/host1")
+    }
+}
+
+/// Writes `size` seeded random bytes to `path` (incompressible: a bandwidth limit holds a
+/// push of it back, and every unit differs from every other).
+pub fn random_image(path: &Path, size: u64, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    let bytes: Vec<u8> = (0..size / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    std::fs::write(path, bytes).unwrap();
+}
