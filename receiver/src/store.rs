@@ -68,7 +68,7 @@ pub enum StoreError {
         source: io::Error,
     },
     #[error("the delta is damaged or malformed")]
-    Delta(#[from] DeltaError),
+    Delta(#[source] DeltaError),
     #[error("the delta does not fit this store: {0}")]
     Mismatch(String),
     #[error("the push is malformed: {0}")]
@@ -85,6 +85,20 @@ pub enum StoreError {
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl From<DeltaError> for StoreError {
+    /// An I/O error reading or writing a delta file is the store's I/O error (a full or
+    /// failing disk), not damage in the delta.
+    fn from(e: DeltaError) -> StoreError {
+        match e {
+            DeltaError::Io(source) => StoreError::Io {
+                doing: "reading or writing a delta file".into(),
+                source,
+            },
+            e => StoreError::Delta(e),
+        }
+    }
+}
 
 fn io_err(doing: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
     let doing = doing.into();
@@ -1065,6 +1079,9 @@ impl DiskStore {
                 let sources = [incoming.clone(), self.dir.join(PARTIAL_DELTA)];
                 let touched = self.compose(&sources, &header, &composed)?;
                 fs::rename(&composed, &incoming).map_err(io_err("staging"))?;
+                // Its records are in the composed delta now; its space is needed for the
+                // undo. (Should this merge fail, the next push starts from the beginning.)
+                self.drop_partial();
                 (touched, meta)
             }
         };

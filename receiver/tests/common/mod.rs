@@ -179,7 +179,12 @@ pub struct Pair {
 
 impl Pair {
     pub fn new(keep: usize) -> Pair {
-        let dir = tempfile::tempdir().unwrap();
+        Pair::new_in(tempfile::tempdir().unwrap(), keep)
+    }
+
+    /// `new` in a directory the caller prepared (say, with `store` on a filesystem of its
+    /// own).
+    pub fn new_in(dir: tempfile::TempDir, keep: usize) -> Pair {
         let d = dir.path().to_owned();
         let receiver_bin = PathBuf::from(env!("CARGO_BIN_EXE_ctk-receiver"));
         let agent_bin = agent_bin();
