@@ -378,6 +378,7 @@ impl DiskStore {
             _lock: lock,
         };
         let recovery = store.recover()?;
+        store.salvage_incoming();
         store.remove_orphans();
         Ok((store, recovery))
     }
@@ -777,7 +778,10 @@ impl DiskStore {
             if keep_partial
                 && let Some(cp) = checkpoint
                 && self.check_fits(&header).is_ok()
-                && let Err(k) = self.keep_staged_partial(w, &staging, &header, &cp)
+                && let Err(k) = w
+                    .into_inner()
+                    .map_err(|e| io_err("staging")(e.into_error()))
+                    .and_then(|f| self.keep_staged_partial(f, &staging, &header, &cp))
             {
                 tracing::warn!(disk = %self.name, error = %k, "could not keep the received part");
             }
@@ -973,6 +977,48 @@ impl DiskStore {
         sync_dir(&self.dir.join("staging"))
     }
 
+    /// A receiver stopped while staging a push (killed, or the machine went down) left
+    /// `staging/incoming.ctkd`: its whole records, each checked against its CRC again here,
+    /// become the resume state, as for a push cut off. (A first full written in place
+    /// cannot be salvaged: how far it got is not recorded, and the store is emptied.)
+    fn salvage_incoming(&self) {
+        let path = self.dir.join("staging").join("incoming.ctkd");
+        if self.manifest.applying.is_some() || !path.exists() {
+            return;
+        }
+        let salvage = || -> Result<bool> {
+            let f = File::open(&path).map_err(io_err("opening a staged delta"))?;
+            let mut reader = DeltaReader::new(BufReader::new(f))?;
+            let header = reader.header().clone();
+            if self.check_fits(&header).is_err() {
+                return Ok(false);
+            }
+            let mut checkpoint = None;
+            while let Ok(Some(_)) = reader.next_record() {
+                checkpoint = Some(reader.checkpoint());
+            }
+            let Some(cp) = checkpoint else {
+                return Ok(false);
+            };
+            drop(reader);
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err("opening a staged delta"))?;
+            self.keep_staged_partial(f, &path, &header, &cp)?;
+            Ok(true)
+        };
+        match salvage() {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(disk = %self.name, "a staged push from before a restart holds nothing to resume from")
+            }
+            Err(e) => {
+                tracing::warn!(disk = %self.name, error = %e, "could not keep a staged push from before a restart")
+            }
+        }
+    }
+
     fn drop_partial(&self) {
         let _ = fs::remove_file(self.dir.join(PARTIAL_JSON));
         let _ = fs::remove_file(self.dir.join(PARTIAL_DELTA));
@@ -983,14 +1029,11 @@ impl DiskStore {
     /// complete delta of the received part, then recorded as the resume state.
     fn keep_staged_partial(
         &self,
-        w: BufWriter<File>,
+        mut f: File,
         staging: &Path,
         header: &DeltaHeader,
         cp: &delta::Checkpoint,
     ) -> Result<()> {
-        let mut f = w
-            .into_inner()
-            .map_err(|e| io_err("staging")(e.into_error()))?;
         f.set_len(cp.position)
             .and_then(|()| f.seek(io::SeekFrom::End(0)).map(|_| ()))
             .and_then(|()| f.write_all(&cp.trailer()))

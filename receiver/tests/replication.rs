@@ -332,7 +332,7 @@ fn replication_survives_either_side_killed_at_random_moments() {
     let mut rng = Rng(0x0dd_ba11);
     let mut content: HashMap<String, u32> = HashMap::new();
     let (mut receiver_kills, mut agent_kills) = (0, 0);
-    let trials = 12;
+    let trials = trials_wanted(12) as usize;
     for trial in 0..trials {
         // Writes through NBD, then the source as this attempt will cut it.
         let mut cmd = Command::new(tool("qemu-io"));
@@ -613,4 +613,13 @@ fn replication_through_a_link_that_flips_drops_and_duplicates_datagrams() {
         "{cycles} replications through the lossy link: {flipped} datagrams flipped, {dropped} \
          dropped, {duplicated} duplicated, {passed} passed; every point restores exactly"
     );
+}
+
+/// Trials per run: `CTK_TRIALS` when set (the crash campaign, tests/campaign.sh), else the
+/// default the normal test run uses.
+fn trials_wanted(default: u64) -> u64 {
+    std::env::var("CTK_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -217,3 +217,34 @@ fn a_resume_state_that_does_not_fit_is_refused_with_a_clear_message() {
     let got = restore(&s.receiver_bin, &store, "vm1", newest, &s.d.join("r.img"));
     assert!(got == std::fs::read(&s.image).unwrap());
 }
+
+#[test]
+fn a_push_cut_off_by_a_receiver_restart_resumes_from_what_was_staged() {
+    let mut s = setup();
+    let first = s.completed();
+    let spread: Vec<u64> = (0..256).map(|i| i * (SIZE / 256)).collect();
+    s.write(&spread, 0x71);
+    // A push paced at 16 MiB/s; 700 ms in, the receiver is SIGKILLed and started again on
+    // the same store and port.
+    let mut child = s
+        .replicate(&["--bwlimit", "16M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    s.pair.restart_receiver();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the push survived its receiver"
+    );
+    let inc = s.completed();
+    eprintln!("after a receiver restart: {inc}");
+    let at = inc["resumed_at"].as_u64().expect("the push did not resume");
+    assert!(at > 0, "{inc}");
+    assert_eq!(inc["from"], first["committed"]);
+    let store = s.store();
+    let newest = inc["committed"].as_str().unwrap();
+    let got = restore(&s.receiver_bin, &store, "vm1", newest, &s.d.join("r.img"));
+    assert!(got == std::fs::read(&s.image).unwrap());
+}

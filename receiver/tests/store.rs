@@ -514,9 +514,10 @@ fn a_merge_killed_at_any_step_or_moment_leaves_a_consistent_store() {
     let mut rng = Rng(0xdead_beef);
     let mut kills = 0;
     // Rounds until enough kills landed mid-merge (later deltas merge faster than the timed
-    // full, so a round may see few), at least 4 and at most 16.
-    for round in 0..16 {
-        if round >= 4 && kills >= 8 {
+    // full, so a round may see few): at least 4 rounds, and a cap.
+    let want = trials_wanted(8);
+    for round in 0..(want * 2 + 8) {
+        if round >= 4 && kills >= want {
             break;
         }
         let store = dir.path().join(format!("random-{round}"));
@@ -875,4 +876,13 @@ fn age_tiers_fold_dropped_points_and_every_kept_point_restores_exactly() {
     // Fewer points than merges, more than --keep: the tiers chose.
     let kept = points(s, "vm1");
     assert!(kept.len() > 2 && kept.len() < n / 2, "{} kept", kept.len());
+}
+
+/// Trials per run: `CTK_TRIALS` when set (the crash campaign, tests/campaign.sh), else the
+/// default the normal test run uses.
+fn trials_wanted(default: u64) -> u64 {
+    std::env::var("CTK_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 use ctk::{ChangeId, FileStorage, Generation, OpenOutcome, Since, Tracker, TrackerConfig};
 
 const DISK_SIZE: u64 = 256 << 20;
-const TRIALS: u64 = 40;
 
 enum Event {
     Write(u64, u64),
@@ -31,7 +30,8 @@ fn sigkill_at_random_moments_loses_no_announced_write() {
     eprintln!("seed {seed} (set CTK_CRASH_SEED to replay)");
     let (mut writes_checked, mut cuts_checked, mut recoveries) = (0u64, 0u64, 0u64);
     let mut generation: Option<Generation> = None;
-    for trial in 0..TRIALS {
+    let trials_n = trials_wanted(40);
+    for trial in 0..trials_n {
         seed = ctk_tests::next(seed);
         let mut child = Command::new(env!("CARGO_BIN_EXE_ctk-crash-child"))
             .args([journal.to_str().unwrap(), image.to_str().unwrap()])
@@ -148,10 +148,19 @@ fn sigkill_at_random_moments_loses_no_announced_write() {
         tracker.close().unwrap();
     }
     eprintln!(
-        "{TRIALS} SIGKILL trials, {recoveries} recoveries, {cuts_checked} cuts and {writes_checked} write checks: no write missing"
+        "{trials_n} SIGKILL trials, {recoveries} recoveries, {cuts_checked} cuts and {writes_checked} write checks: no write missing"
     );
     assert!(
-        writes_checked > TRIALS,
+        writes_checked > trials_n,
         "the children wrote too little to test anything"
     );
+}
+
+/// Trials per run: `CTK_TRIALS` when set (the crash campaign, tests/campaign.sh), else the
+/// default the normal test run uses.
+fn trials_wanted(default: u64) -> u64 {
+    std::env::var("CTK_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -82,9 +82,20 @@ pub fn start_receiver(bin: &Path, d: &Path, afp: &str) -> (Proc, SocketAddr) {
 /// A receiver on 127.0.0.1 with its identity in `d/rid` and store in `d/store`, allowing
 /// the agent `afp` as `host1`, keeping `keep` points per disk.
 pub fn start_receiver_keeping(bin: &Path, d: &Path, afp: &str, keep: usize) -> (Proc, SocketAddr) {
+    start_receiver_at(bin, d, afp, keep, "127.0.0.1:0".parse().unwrap())
+}
+
+/// `start_receiver_keeping` on a given address (a restart on the port agents know).
+pub fn start_receiver_at(
+    bin: &Path,
+    d: &Path,
+    afp: &str,
+    keep: usize,
+    listen: SocketAddr,
+) -> (Proc, SocketAddr) {
     let (p, ready) = start(
         Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--keep"])
+            .args(["serve", "--listen", &listen.to_string(), "--keep"])
             .arg(keep.to_string())
             .arg("--identity")
             .arg(d.join("rid"))
@@ -173,8 +184,10 @@ pub struct Pair {
     pub receiver_bin: PathBuf,
     pub agent_bin: PathBuf,
     pub rfp: String,
+    pub afp: String,
+    pub keep: usize,
     pub addr: SocketAddr,
-    pub _receiver: Proc,
+    pub receiver: Proc,
 }
 
 impl Pair {
@@ -197,9 +210,20 @@ impl Pair {
             receiver_bin,
             agent_bin,
             rfp,
+            afp,
+            keep,
             addr,
-            _receiver: receiver,
+            receiver,
         }
+    }
+
+    /// SIGKILLs the receiver and starts it again on the same store and address.
+    pub fn restart_receiver(&mut self) {
+        let _ = self.receiver.0.kill();
+        let _ = self.receiver.0.wait();
+        let (p, _) =
+            start_receiver_at(&self.receiver_bin, &self.d, &self.afp, self.keep, self.addr);
+        self.receiver = p;
     }
 
     /// `ctk-agent serve` protecting `image` as vm1 (NBD `d/nbd.sock`, control `d/ctl.sock`).
