@@ -8,13 +8,18 @@
 #   - the receiver and `ctk-agent replicate`, killed at random moments of a replication
 #     over QUIC (every committed point equals the source as of its cut).
 #
-#   tests/campaign.sh [TRIALS]        (default 100 per test; CTK_TRIALS is what they read)
+#   - continuous replication under a steady write load for SOAK seconds (every kept point
+#     restored and compared with the source at its cut).
+#
+#   tests/campaign.sh [TRIALS] [SOAK]  (default 100 per test, 600 s; the tests read
+#                                       CTK_TRIALS and CTK_SOAK_SECS)
 #
 # Prints each test's own summary line; any violation fails the test, and this script.
 set -euo pipefail
 n=${1:-100}
+soak=${2:-600}
 cd "$(dirname "$0")/.."
-export CTK_TRIALS=$n
+export CTK_TRIALS=$n CTK_SOAK_SECS=$soak
 run() {
   local started=$SECONDS
   cargo test --release --locked -q -p "$1" --test "$2" "$3" -- --nocapture --test-threads 1 \
@@ -24,3 +29,4 @@ run() {
 run ctk-tests crash_sigkill sigkill 'SIGKILL trials'
 run ctk-receiver store a_merge_killed_at_any_step 'crash trials'
 run ctk-receiver replication replication_survives_either_side 'trials:'
+run ctk-receiver continuous continuous_mode_under_a_steady 'writes;'
