@@ -272,7 +272,10 @@ fn replication_survives_either_side_killed_at_random_moments() {
     let agent_bin = agent_bin();
     let rfp = init(receiver_bin, &d.join("rid"));
     let afp = init(&agent_bin, &d.join("aid"));
-    let (mut receiver, mut addr) = start_receiver(receiver_bin, d, &afp);
+    // Every point of every trial is kept, to be checked at the end.
+    let trials = trials_wanted(12) as usize;
+    let keep = trials * 2 + 10;
+    let (mut receiver, mut addr) = start_receiver_keeping(receiver_bin, d, &afp, keep);
     let image = d.join("vm1.img");
     let size = 48u64 << 20;
     std::fs::File::create(&image)
@@ -332,7 +335,6 @@ fn replication_survives_either_side_killed_at_random_moments() {
     let mut rng = Rng(0x0dd_ba11);
     let mut content: HashMap<String, u32> = HashMap::new();
     let (mut receiver_kills, mut agent_kills) = (0, 0);
-    let trials = trials_wanted(12) as usize;
     for trial in 0..trials {
         // Writes through NBD, then the source as this attempt will cut it.
         let mut cmd = Command::new(tool("qemu-io"));
@@ -356,7 +358,7 @@ fn replication_survives_either_side_killed_at_random_moments() {
             // The orphaned client would wait out QUIC's idle timeout: end it too.
             let _ = child.kill();
             let _ = child.wait();
-            (receiver, addr) = start_receiver(receiver_bin, d, &afp);
+            (receiver, addr) = start_receiver_keeping(receiver_bin, d, &afp, keep);
         } else {
             let _ = child.kill();
             agent_kills += 1;
