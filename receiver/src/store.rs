@@ -448,6 +448,8 @@ impl DiskStore {
             tracing::warn!(disk = %self.name, "an interrupted first full: emptying the store");
             let full = self.full()?;
             self.roll_back(&full, &applying)?;
+            // A resume state of a first full lived in full.img, now emptied.
+            self.drop_partial();
             return Ok(Recovery::RolledBack(applying.change_id));
         }
         let staged = self.dir.join(&applying.staged);
@@ -1087,6 +1089,7 @@ impl DiskStore {
             )));
         }
         let (header, input) = peek_header(input)?;
+        self.check_fits(&header)?;
         let prior: ChangeId = p.to.parse().map_err(|e| StoreError::Damaged {
             disk: self.name.clone(),
             why: format!("resume state: {e}"),
@@ -1313,6 +1316,8 @@ impl DiskStore {
             None => {
                 self.check_fits(&header)?;
                 self.probe_size(header.disk_size)?;
+                // Whatever an earlier cut-off full left in full.img goes now.
+                self.drop_partial();
                 full.set_len(0)
                     .and_then(|()| full.set_len(header.disk_size))
                     .map_err(io_err("sizing full.img"))?;
