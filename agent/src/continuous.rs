@@ -274,6 +274,14 @@ pub fn run(
                 let cut_ms = answer["cut_unix_ms"].as_u64().unwrap_or(0);
                 newest_cut_ms.store(cut_ms, Ordering::Relaxed);
                 answer["rpo_s"] = json!(unix_ms().saturating_sub(cut_ms) as f64 / 1000.0);
+                tracing::info!(
+                    %disk,
+                    committed = %answer["committed"].as_str().unwrap_or(""),
+                    changed_bytes = answer["changed_bytes"].as_u64().unwrap_or(0),
+                    sent_bytes = answer["delta_bytes"].as_u64().unwrap_or(0),
+                    rpo_s = answer["rpo_s"].as_f64().unwrap_or(0.0),
+                    "replicated"
+                );
                 if cut == Cut::Application {
                     next_app = schedule.app_every.map(|d| started + d);
                 }
