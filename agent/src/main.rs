@@ -170,6 +170,7 @@ enum Command {
     /// back to a full for being behind.
     #[command(verbatim_doc_comment)]
     Replicate {
+        /// This agent's identity directory (made by `ctk-agent init`).
         #[arg(long)]
         identity: PathBuf,
         /// The receiver's UDP address.
