@@ -91,10 +91,13 @@ impl From<DeltaError> for StoreError {
     /// failing disk), not damage in the delta.
     fn from(e: DeltaError) -> StoreError {
         match e {
-            DeltaError::Io(source) => StoreError::Io {
-                doing: "reading or writing a delta file".into(),
-                source,
-            },
+            DeltaError::Io(source) if source.kind() != io::ErrorKind::InvalidData => {
+                StoreError::Io {
+                    doing: "reading or writing a delta file".into(),
+                    source,
+                }
+            }
+            // Invalid data (a peer's chunk framing broken, say) is the delta's fault.
             e => StoreError::Delta(e),
         }
     }
@@ -251,11 +254,20 @@ enum Staged {
 /// own disk: full, failing) is the store's I/O error, not damage in the delta.
 fn cut_off_error(e: DeltaError) -> StoreError {
     match e {
-        DeltaError::Io(source) => StoreError::Io {
+        DeltaError::Io(source) if source.kind() != io::ErrorKind::InvalidData => StoreError::Io {
             doing: "receiving and staging the delta".into(),
             source,
         },
         e => e.into(),
+    }
+}
+
+/// Did the input end or fail part way (a push cut off), rather than carry bad bytes?
+fn is_cut_off(e: &DeltaError) -> bool {
+    match e {
+        DeltaError::Io(source) => source.kind() != io::ErrorKind::InvalidData,
+        DeltaError::Truncated { .. } => true,
+        _ => false,
     }
 }
 
@@ -761,7 +773,7 @@ impl DiskStore {
                     Ok(Some(DeltaRecord::Zero { offset, length })) => (offset, length),
                     Ok(None) => break,
                     // The input ended or failed part way: a push cut off.
-                    Err(e @ (DeltaError::Io(_) | DeltaError::Truncated { .. })) => {
+                    Err(e) if is_cut_off(&e) => {
                         cut_off = Some(e);
                         break;
                     }
@@ -1418,7 +1430,7 @@ impl DiskStore {
                 Ok(Some(record)) => record,
                 Ok(None) => break,
                 // The input ended or failed part way: a push cut off.
-                Err(e @ (DeltaError::Io(_) | DeltaError::Truncated { .. })) => {
+                Err(e) if is_cut_off(&e) => {
                     let at = reader.checkpoint().next_offset;
                     if at > 0 {
                         *reached = Some(at);
