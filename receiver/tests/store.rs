@@ -809,6 +809,8 @@ fn age_tiers_fold_dropped_points_and_every_kept_point_restores_exactly() {
     };
     let ids: Vec<String> = (1..=n as u64).map(|k| id(k).to_string()).collect();
     let mut folds = 0;
+    let mut kept_before: Vec<String> = Vec::new();
+    let mut folded_at = None;
     for k in 0..n {
         let cut = times[k].to_string();
         let args = [
@@ -825,12 +827,24 @@ fn age_tiers_fold_dropped_points_and_every_kept_point_restores_exactly() {
             &cut,
             c.deltas[k].to_str().unwrap(),
         ];
-        // Two merges are killed in retention: once with the fold written but not yet in
-        // the manifest, once right after. The next open must find a consistent store.
-        let failpoint = match k {
-            17 => Some("folded"),
-            23 => Some("retained"),
-            _ => None,
+        // Two merges are killed in retention: once with its drops (and folds) written but
+        // not yet in the manifest, once right after. The next open must find a consistent
+        // store. Which merge drops something depends on the time of day (periods are
+        // aligned to the epoch), so it is found with the policy itself.
+        let expected_now: Vec<String> = retention::select(&times[..=k], now, &policy)
+            .iter()
+            .enumerate()
+            .filter(|(_, keep)| **keep)
+            .map(|(i, _)| ids[i].clone())
+            .collect();
+        let drops = kept_before.iter().any(|id| !expected_now.contains(id));
+        let failpoint = if folded_at.is_none() && k >= 10 && drops {
+            folded_at = Some(k);
+            Some("folded")
+        } else if folded_at.is_some_and(|f| k == f + 6) {
+            Some("retained")
+        } else {
+            None
         };
         if let Some(fp) = failpoint {
             let out = Command::new(env!("CARGO_BIN_EXE_ctk-receiver"))
@@ -843,6 +857,7 @@ fn age_tiers_fold_dropped_points_and_every_kept_point_restores_exactly() {
             ok(&args);
         }
         let kept = points(s, "vm1");
+        kept_before = kept.clone();
         assert_eq!(kept.last(), Some(&ids[k]), "the newest point is committed");
         if failpoint != Some("folded") {
             let expected: Vec<String> = retention::select(&times[..=k], now, &policy)
@@ -872,6 +887,10 @@ fn age_tiers_fold_dropped_points_and_every_kept_point_restores_exactly() {
     assert!(
         folds > 0,
         "no point was ever folded: the test tests nothing"
+    );
+    assert!(
+        folded_at.is_some_and(|f| f + 6 < n),
+        "no merge was killed in retention"
     );
     // Fewer points than merges, more than --keep: the tiers chose.
     let kept = points(s, "vm1");
