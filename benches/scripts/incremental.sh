@@ -35,25 +35,25 @@ export RESTIC_PASSWORD=bench RESTIC_PROGRESS_FPS=0.01
 now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 jq_() { python3 -c "import json,sys; d=json.load(open('$1')); print($2)"; }
+. "$(dirname "$0")/pair.sh"
+# One timed ctk replication (c_s seconds, c_b bytes) and one timed rsync (s_s, s_b), cold.
+timed_ctk() {
+  "$bin/ctk-stages" drop "$work/vm1.img"
+  t0=$(now); replicate "$work/rep.json"; t1=$(now)
+  c_s=$(python3 -c "print($t1 - $t0)"); c_b=$(jq_ "$work/rep.json" "d['delta_bytes']")
+}
+timed_rsync() {
+  "$bin/ctk-stages" drop "$work/vm1.img"; "$bin/ctk-stages" drop "$work/rsync/vm1.img"
+  t0=$(now)
+  rsync --inplace --no-whole-file --stats "$work/vm1.img" "rsync://127.0.0.1:$port/bench/vm1.img" > "$work/rsync.out"
+  t1=$(now)
+  s_s=$(python3 -c "print($t1 - $t0)")
+  s_b=$(sed -n 's/^Total bytes sent: \([0-9,.]*\).*/\1/p' "$work/rsync.out" | tr -d ',.')
+}
 
 echo "generating a ${size_mib} MiB mixed image..." >&2
 "$bin/ctk-stages" gen "$work/vm1.img" "$size_mib"
-rfp=$("$bin/ctk-receiver" init --identity "$work/rid" 2>/dev/null)
-afp=$("$bin/ctk-agent" init --identity "$work/aid" 2>/dev/null)
-"$bin/ctk-receiver" serve --identity "$work/rid" --store "$work/store" --listen 127.0.0.1:0 \
-    --allow "bench=$afp" > "$work/r.out" 2>/dev/null &
-until grep -q ready "$work/r.out" 2>/dev/null; do sleep 0.05; done
-addr=$(sed -n 's/.*listening on \([^ ]*\) as.*/\1/p' "$work/r.out")
-serve_agent() {
-  "$bin/ctk-agent" serve --disk "vm1=$work/vm1.img" --listen "unix:$work/nbd.sock" \
-      --control "$work/ctl.sock" > "$work/a.out" 2>/dev/null &
-  apid=$!
-  until grep -q ready "$work/a.out" 2>/dev/null; do sleep 0.05; done
-}
-replicate() {
-  "$bin/ctk-agent" replicate --identity "$work/aid" --receiver "$addr" --receiver-fingerprint "$rfp" \
-      --control "$work/ctl.sock" --work-dir "$work" --json > "$1"
-}
+start_receiver
 serve_agent
 
 # The starting point, not timed: ctk's first full, rsync's copy, restic's first snapshot.
@@ -81,17 +81,8 @@ printf '%-6s %10s %10s %10s   %12s %12s %12s %12s\n' round ctk_s rsync_s restic_
 for r in $(seq "$rounds"); do
   "$bin/ctk-stages" scribble "$work/nbd.sock" vm1 2 "$r" > "$work/change.json"
   floor=$(jq_ "$work/change.json" "d['zstd_bytes']")
-  # ctk
-  "$bin/ctk-stages" drop "$work/vm1.img"
-  t0=$(now); replicate "$work/rep.json"; t1=$(now)
-  c_s=$(python3 -c "print($t1 - $t0)"); c_b=$(jq_ "$work/rep.json" "d['delta_bytes']")
-  # rsync (the daemon's copy is the state before the change)
-  "$bin/ctk-stages" drop "$work/vm1.img"; "$bin/ctk-stages" drop "$work/rsync/vm1.img"
-  t0=$(now)
-  rsync --inplace --no-whole-file --stats "$work/vm1.img" "rsync://127.0.0.1:$port/bench/vm1.img" > "$work/rsync.out"
-  t1=$(now)
-  s_s=$(python3 -c "print($t1 - $t0)")
-  s_b=$(sed -n 's/^Total bytes sent: \([0-9,.]*\).*/\1/p' "$work/rsync.out" | tr -d ',.')
+  timed_ctk
+  timed_rsync   # the daemon's copy is the state before the change
   # restic
   "$bin/ctk-stages" drop "$work/vm1.img"
   t0=$(now); restic -r "$work/restic" backup --json "$work/vm1.img" > "$work/restic.out"; t1=$(now)
@@ -118,16 +109,9 @@ kill $apid; wait $apid 2>/dev/null || true
 rm -f "$work/vm1.img.ctk"*
 "$bin/ctk-stages" scribble-file "$work/vm1.img" 1 99 > "$work/change.json"
 serve_agent
-"$bin/ctk-stages" drop "$work/vm1.img"
-t0=$(now); replicate "$work/rep.json"; t1=$(now)
-c_s=$(python3 -c "print($t1 - $t0)"); c_b=$(jq_ "$work/rep.json" "d['delta_bytes']")
+timed_ctk
 resync=$(jq_ "$work/rep.json" "d['resync']")
-"$bin/ctk-stages" drop "$work/vm1.img"; "$bin/ctk-stages" drop "$work/rsync/vm1.img"
-t0=$(now)
-rsync --inplace --no-whole-file --stats "$work/vm1.img" "rsync://127.0.0.1:$port/bench/vm1.img" > "$work/rsync.out"
-t1=$(now)
-s_s=$(python3 -c "print($t1 - $t0)")
-s_b=$(sed -n 's/^Total bytes sent: \([0-9,.]*\).*/\1/p' "$work/rsync.out" | tr -d ',.')
+timed_rsync
 floor=$(jq_ "$work/change.json" "d['zstd_bytes']"); changed=$(jq_ "$work/change.json" "d['changed_bytes']")
 echo
 echo "resync after a journal loss, ${size_mib} MiB, 1% changed (resync=$resync):"

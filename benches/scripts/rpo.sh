@@ -26,16 +26,9 @@ cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 echo "generating a ${size_mib} MiB mixed image..." >&2
 "$bin/ctk-stages" gen "$work/vm1.img" "$size_mib"
-rfp=$("$bin/ctk-receiver" init --identity "$work/rid" 2>/dev/null)
-afp=$("$bin/ctk-agent" init --identity "$work/aid" 2>/dev/null)
-"$bin/ctk-receiver" serve --identity "$work/rid" --store "$work/store" --listen 127.0.0.1:0 \
-    --allow "bench=$afp" > "$work/r.out" 2>/dev/null &
-until grep -q ready "$work/r.out" 2>/dev/null; do sleep 0.05; done
-addr=$(sed -n 's/.*listening on \([^ ]*\) as.*/\1/p' "$work/r.out")
-"$bin/ctk-agent" serve --disk "vm1=$work/vm1.img" --listen "unix:$work/nbd.sock" \
-    --control "$work/ctl.sock" > "$work/a.out" 2>/dev/null &
-apid=$!
-until grep -q ready "$work/a.out" 2>/dev/null; do sleep 0.05; done
+. "$(dirname "$0")/pair.sh"
+start_receiver
+serve_agent
 rep=(replicate --identity "$work/aid" --receiver "$addr" --receiver-fingerprint "$rfp"
      --control "$work/ctl.sock" --work-dir "$work" --json)
 echo "first full..." >&2
