@@ -7,9 +7,9 @@
 //! byte. The writer and the reader stream: neither ever holds more than one record, and the
 //! reader never allocates more than [`DELTA_RECORD_DATA_MAX`] twice, whatever it is fed.
 
+use crate::vfs::FileAt;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 
 use crate::geometry::{Extent, Geometry};
 use crate::id::{ChangeId, Generation};
@@ -635,12 +635,12 @@ fn parse_head(
 }
 
 /// Reads a `File` by position, so several readers can share one open file.
-struct ReadAt<'a> {
-    file: &'a File,
+struct ReadAt<'a, F: FileAt + ?Sized> {
+    file: &'a F,
     position: u64,
 }
 
-impl Read for ReadAt<'_> {
+impl<F: FileAt + ?Sized> Read for ReadAt<'_, F> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read_at(buf, self.position)?;
         self.position += n as u64;
@@ -673,8 +673,8 @@ impl IndexedRecord {
 /// counts and byte totals are checked against the heads, and each fetched record's data is
 /// checked against its CRC; the trailer's digest over all payload bytes is not, since that
 /// would mean reading them all (`verify` does).
-pub struct DeltaFile {
-    file: File,
+pub struct DeltaFile<F: FileAt = File> {
+    file: F,
     header: DeltaHeader,
     records: Vec<IndexedRecord>,
     encoded: Vec<u8>,
@@ -682,9 +682,9 @@ pub struct DeltaFile {
     decompressor: zstd::bulk::Decompressor<'static>,
 }
 
-impl DeltaFile {
-    pub fn open(file: File) -> Result<DeltaFile, DeltaError> {
-        let file_len = file.metadata()?.len();
+impl<F: FileAt> DeltaFile<F> {
+    pub fn open(file: F) -> Result<DeltaFile<F>, DeltaError> {
+        let file_len = file.len()?;
         let reader = DeltaReader::new(ReadAt {
             file: &file,
             position: 0,
@@ -832,8 +832,8 @@ pub fn verify<R: Read>(input: R) -> Result<(DeltaHeader, DeltaSummary), DeltaErr
 }
 
 /// Writes the delta of `extents` of `image` (read at the cut) into `out`.
-pub fn export<W: Write>(
-    image: &File,
+pub fn export<W: Write, F: FileAt + ?Sized>(
+    image: &F,
     extents: &[Extent],
     header: &DeltaHeader,
     options: WriteOptions,
@@ -876,9 +876,9 @@ pub fn export_with<W: Write>(
 /// Applies a delta to `target`, checking each record before writing it and the trailer at
 /// the end, then sets the target to the delta's disk size. On error the target may be
 /// partly updated: apply to a staged copy, or verify first, when that matters.
-pub fn apply<R: Read>(
+pub fn apply<R: Read, F: FileAt + ?Sized>(
     input: R,
-    target: &File,
+    target: &F,
     expect_disk_id: Option<&str>,
 ) -> Result<DeltaSummary, DeltaError> {
     let mut reader = DeltaReader::new(input)?;
@@ -891,7 +891,7 @@ pub fn apply<R: Read>(
         )));
     }
     let disk_size = reader.header().disk_size;
-    if target.metadata()?.len() < disk_size {
+    if target.len()? < disk_size {
         target.set_len(disk_size)?;
     }
     let zeros = vec![0u8; DELTA_RECORD_DATA_MAX];

@@ -23,13 +23,12 @@
 //! memory while a merge runs, and one BLAKE3 pass over them per point. At most
 //! [`LEAVES_MAX`] leaves: a disk with more blocks has no digest (a typed error).
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::id::{ChangeId, Generation};
 use crate::limits::{BLOCK_SIZE_MAX, BLOCK_SIZE_MIN};
+use crate::vfs::{Cursor, FileAt, RealFs, Vfs};
 
 /// Most leaves one image digest covers: 512 MiB of leaves (256 GiB at 4 KiB blocks, 4 TiB
 /// at 64 KiB).
@@ -168,7 +167,11 @@ impl Leaves {
     }
 
     /// The leaves of `image`'s first `disk_size` bytes, read whole (holes read as zeros).
-    pub fn of_image(image: &File, disk_size: u64, block_size: u32) -> Result<Leaves, DigestError> {
+    pub fn of_image<F: FileAt + ?Sized>(
+        image: &F,
+        disk_size: u64,
+        block_size: u32,
+    ) -> Result<Leaves, DigestError> {
         let mut leaves = Leaves::zeroed(disk_size, block_size)?;
         let bs = block_size as u64;
         let mut buf = vec![0u8; (1 << 20).max(bs as usize)];
@@ -307,10 +310,15 @@ impl LeafFile {
     /// [`LeafFile::save_pending`]) if the file holds the point that push started from.
     /// `Ok(None)` if neither: missing, dirty, damaged, or of another point.
     pub fn load(path: &Path, at: ChangeId) -> Result<Option<Leaves>, DigestError> {
-        if let Some(leaves) = Self::load_exact(path, at)? {
+        Self::load_in(&RealFs, path, at)
+    }
+
+    /// [`LeafFile::load`] through `fs`.
+    pub fn load_in(fs: &dyn Vfs, path: &Path, at: ChangeId) -> Result<Option<Leaves>, DigestError> {
+        if let Some(leaves) = Self::load_exact(fs, path, at)? {
             return Ok(Some(leaves));
         }
-        let Some((base, to, changes)) = read_pending(&pending_path(path, at))? else {
+        let Some((base, to, changes)) = read_pending(fs, &pending_path(path, at))? else {
             return Ok(None);
         };
         if to != at {
@@ -319,9 +327,9 @@ impl LeafFile {
         // The file holds the point the push started from, or it is part way through being
         // saved as `at` (a kill during `save`): a dirty save only ever writes the leaves the
         // pending changes name, so either way those changes on top give the leaves of `at`.
-        let Some(mut leaves) = (match Self::load_exact(path, base)? {
+        let Some(mut leaves) = (match Self::load_exact(fs, path, base)? {
             Some(l) => Some(l),
-            None => Self::load_header_is(path, at, true)?,
+            None => Self::load_header_is(fs, path, at, true)?,
         }) else {
             return Ok(None);
         };
@@ -340,9 +348,19 @@ impl LeafFile {
     /// push, so an agent killed after the receiver's commit but before its own `save` still
     /// knows the leaves of the receiver's newest point next time.
     pub fn save_pending(path: &Path, leaves: &Leaves, to: ChangeId) -> Result<(), DigestError> {
+        Self::save_pending_in(&RealFs, path, leaves, to)
+    }
+
+    /// [`LeafFile::save_pending`] through `fs`.
+    pub fn save_pending_in(
+        fs: &dyn Vfs,
+        path: &Path,
+        leaves: &Leaves,
+        to: ChangeId,
+    ) -> Result<(), DigestError> {
         let Some(base) = leaves.base else {
             let mut whole = leaves.clone();
-            return Self::save(path, &mut whole, to);
+            return Self::save_in(fs, path, &mut whole, to);
         };
         let mut changes: Vec<(u64, u64)> = leaves
             .changed
@@ -369,27 +387,26 @@ impl LeafFile {
         out.extend_from_slice(&crc.to_le_bytes());
         let pending = pending_path(path, to);
         let tmp = pending.with_extension("pending-tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(&out)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &pending)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        let f = fs.create(&tmp)?;
+        f.write_all_at(&out, 0)?;
+        f.sync()?;
+        fs.rename(&tmp, &pending)?;
+        fs.sync_dir(parent_dir(path))?;
         Ok(())
     }
 
     /// The file's leaves if its header says `at`, and clean (or dirty, when `dirty_ok`).
-    fn load_exact(path: &Path, at: ChangeId) -> Result<Option<Leaves>, DigestError> {
-        Self::load_header_is(path, at, false)
+    fn load_exact(fs: &dyn Vfs, path: &Path, at: ChangeId) -> Result<Option<Leaves>, DigestError> {
+        Self::load_header_is(fs, path, at, false)
     }
 
     fn load_header_is(
+        fs: &dyn Vfs,
         path: &Path,
         at: ChangeId,
         dirty_ok: bool,
     ) -> Result<Option<Leaves>, DigestError> {
-        let file = match File::open(path) {
+        let file = match fs.open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -408,7 +425,7 @@ impl LeafFile {
             return Ok(None);
         };
         // The length is checked before the leaves are allocated.
-        if file.metadata()?.len() != HEADER + blocks * 8 {
+        if file.len()? != HEADER + blocks * 8 {
             return Ok(None);
         }
         let mut bytes = vec![0u8; blocks as usize * 8];
@@ -429,16 +446,26 @@ impl LeafFile {
     /// leaves when the file still holds the point they were loaded as (dirty header first,
     /// so a crash in between leaves a file that `load` refuses); the whole file otherwise.
     pub fn save(path: &Path, leaves: &mut Leaves, at: ChangeId) -> Result<(), DigestError> {
+        Self::save_in(&RealFs, path, leaves, at)
+    }
+
+    /// [`LeafFile::save`] through `fs`.
+    pub fn save_in(
+        fs: &dyn Vfs,
+        path: &Path,
+        leaves: &mut Leaves,
+        at: ChangeId,
+    ) -> Result<(), DigestError> {
         let in_place = match leaves.base {
-            Some(base) => Self::header_of(path)?.is_some_and(|(clean, bs, size, id)| {
+            Some(base) => Self::header_of(fs, path)?.is_some_and(|(clean, bs, size, id)| {
                 clean && bs == leaves.block_size && size == leaves.disk_size && id == base
             }),
             None => false,
         };
         if in_place {
-            let file = OpenOptions::new().write(true).open(path)?;
+            let file = fs.open_rw(path)?;
             file.write_all_at(&header(false, leaves, at), 0)?;
-            file.sync_data()?;
+            file.sync()?;
             leaves.changed.sort_unstable();
             leaves.changed.dedup();
             let mut run: Vec<u8> = Vec::new();
@@ -454,32 +481,33 @@ impl LeafFile {
                 }
                 file.write_all_at(&run, HEADER + start * 8)?;
             }
-            file.sync_data()?;
+            file.sync()?;
             file.write_all_at(&header(true, leaves, at), 0)?;
-            file.sync_data()?;
+            file.sync()?;
         } else {
             let tmp = path.with_extension("tmp");
-            let mut w = io::BufWriter::new(File::create(&tmp)?);
+            let mut w = io::BufWriter::new(Cursor::new(fs.create(&tmp)?));
             w.write_all(&header(true, leaves, at))?;
             for l in &leaves.leaves {
                 w.write_all(&l.to_le_bytes())?;
             }
             let f = w.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
+            f.file.sync()?;
+            fs.rename(&tmp, path)?;
+            fs.sync_dir(parent_dir(path))?;
         }
         leaves.base = Some(at);
         leaves.changed.clear();
         // Pending changes are now in the file, or of pushes that were not committed.
-        remove_pendings(path);
+        remove_pendings(fs, path);
         Ok(())
     }
 
-    fn header_of(path: &Path) -> Result<Option<(bool, u32, u64, ChangeId)>, DigestError> {
-        let file = match File::open(path) {
+    fn header_of(
+        fs: &dyn Vfs,
+        path: &Path,
+    ) -> Result<Option<(bool, u32, u64, ChangeId)>, DigestError> {
+        let file = match fs.open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -505,34 +533,39 @@ fn pending_path(path: &Path, to: ChangeId) -> std::path::PathBuf {
     p.into()
 }
 
-fn remove_pendings(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+/// The directory a file is in (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+fn remove_pendings(fs: &dyn Vfs, path: &Path) {
+    let Some(name) = path.file_name() else {
         return;
     };
     let mut prefix = name.to_owned();
     prefix.push(".pending-");
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let prefix = prefix.to_string_lossy().into_owned();
+    let dir = parent_dir(path);
+    let Ok(names) = fs.list(dir) else {
         return;
     };
-    for e in entries.flatten() {
-        if e.file_name()
-            .as_encoded_bytes()
-            .starts_with(prefix.as_encoded_bytes())
-        {
-            let _ = std::fs::remove_file(e.path());
+    for n in names {
+        if n.starts_with(&prefix) {
+            let _ = fs.remove_file(&dir.join(n));
         }
     }
 }
 
 /// The pending changes of a push: (from, to, (block, leaf) pairs), if the file is whole.
 #[allow(clippy::type_complexity)]
-fn read_pending(path: &Path) -> Result<Option<(ChangeId, ChangeId, Vec<(u64, u64)>)>, DigestError> {
-    let file = match File::open(path) {
+fn read_pending(
+    fs: &dyn Vfs,
+    path: &Path,
+) -> Result<Option<(ChangeId, ChangeId, Vec<(u64, u64)>)>, DigestError> {
+    let file = match fs.open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -555,7 +588,7 @@ fn read_pending(path: &Path) -> Result<Option<(ChangeId, ChangeId, Vec<(u64, u64
     let (base, to) = (id(8), id(32));
     let count = u64::from_le_bytes(head[56..64].try_into().expect("8"));
     // The count is checked against the file's length before anything is allocated.
-    if count > LEAVES_MAX || file.metadata()?.len() != PENDING_HEAD as u64 + count * 16 + 4 {
+    if count > LEAVES_MAX || file.len()? != PENDING_HEAD as u64 + count * 16 + 4 {
         return Ok(None);
     }
     let mut body = vec![0u8; count as usize * 16 + 4];
@@ -641,13 +674,13 @@ mod tests {
         }
         let path = dir.path().join("img");
         std::fs::write(&path, &image).unwrap();
-        let whole = Leaves::of_image(&File::open(&path).unwrap(), size, bs).unwrap();
+        let whole = Leaves::of_image(&std::fs::File::open(&path).unwrap(), size, bs).unwrap();
         assert_eq!(whole.digest(), leaves.digest());
         assert_ne!(whole.digest(), empty);
         // One byte anywhere changes the digest.
         image[5 * bs as usize + 17] ^= 1;
         std::fs::write(&path, &image).unwrap();
-        let changed = Leaves::of_image(&File::open(&path).unwrap(), size, bs).unwrap();
+        let changed = Leaves::of_image(&std::fs::File::open(&path).unwrap(), size, bs).unwrap();
         assert_ne!(changed.digest(), leaves.digest());
         assert_eq!(changed.differing(&leaves), vec![5]);
     }

@@ -3,7 +3,8 @@
 //! The library holds everything that decides what must be replicated, and nothing that
 //! talks to a network: the change map ([`map`]), its durable journal ([`journal`]), the
 //! tracker that makes the intent-before-write order impossible to get wrong ([`tracker`]),
-//! the delta format ([`delta`]), and the whole-image digest of a point ([`digest`]). No
+//! the delta format ([`delta`]), the whole-image digest of a point ([`digest`]), and the
+//! filesystem door the receiver's store goes through, real or simulated ([`vfs`]). No
 //! async, no sockets.
 
 pub mod delta;
@@ -14,6 +15,7 @@ pub mod journal;
 pub mod limits;
 pub mod map;
 pub mod tracker;
+pub mod vfs;
 pub mod wire;
 
 pub use geometry::{Extent, Geometry, GeometryError};

@@ -30,16 +30,15 @@
 //! Every merge's result is checked against the agent's digest of the image (see
 //! `check_digest` and `ctk::digest`) before it is committed.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ctk::delta::{
     self, DeltaError, DeltaFile, DeltaHeader, DeltaReader, DeltaRecord, WriteOptions,
 };
 use ctk::digest::{DigestError, LeafFile, Leaves};
+use ctk::vfs::{self, FileAt, LockGuard, RealFs, Vfs};
 use ctk::{ChangeId, Extent};
 use serde::{Deserialize, Serialize};
 
@@ -119,20 +118,32 @@ pub fn newest_point(root: &Path, name: &str) -> Result<Option<String>> {
 pub fn committed_points(root: &Path, name: &str) -> Result<Vec<Point>> {
     validate_name(name)?;
     let path = root.join(name).join("manifest.json");
-    let f = match File::open(&path) {
+    Ok(read_manifest(&RealFs, &path, name)?.map_or_else(Vec::new, |m| m.points))
+}
+
+/// Reads a manifest (`None`: there is none) and checks it is of this disk and version.
+fn read_manifest(fs: &dyn Vfs, path: &Path, name: &str) -> Result<Option<Manifest>> {
+    let f = match fs.open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("opening the manifest")(e)),
     };
     let mut text = String::new();
-    f.take(MANIFEST_LEN_MAX)
+    vfs::Cursor::new(f)
+        .take(MANIFEST_LEN_MAX)
         .read_to_string(&mut text)
         .map_err(io_err("reading the manifest"))?;
     let m: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Damaged {
         disk: name.into(),
         why: format!("manifest.json: {e}"),
     })?;
-    Ok(m.points)
+    if m.version != 1 || m.disk != name || m.points.len() > POINTS_MAX {
+        return Err(StoreError::Damaged {
+            disk: name.into(),
+            why: "manifest.json is of another version or disk".into(),
+        });
+    }
+    Ok(Some(m))
 }
 
 /// Validates a disk name: it becomes a directory name, so no path may come from outside.
@@ -319,74 +330,53 @@ pub struct DiskStore {
     name: String,
     dir: PathBuf,
     manifest: Manifest,
+    /// Every file operation goes through here: the real filesystem, or the simulation's.
+    fs: Arc<dyn Vfs>,
     /// Held for the store's life: one process merges into a disk's store at a time.
-    _lock: File,
+    _lock: LockGuard,
 }
 
 impl DiskStore {
     /// Opens (creating if need be) the store of disk `name` under `root`, finishing or
     /// undoing a merge a crash interrupted. Fails at once if another process holds it.
     pub fn open(root: &Path, name: &str) -> Result<(DiskStore, Recovery)> {
-        Self::open_with(root, name, false)
+        Self::open_in(Arc::new(RealFs), root, name, false)
     }
 
     /// `open`, waiting for a merge in progress elsewhere to finish instead of failing.
     pub fn open_waiting(root: &Path, name: &str) -> Result<(DiskStore, Recovery)> {
-        Self::open_with(root, name, true)
+        Self::open_in(Arc::new(RealFs), root, name, true)
     }
 
-    fn open_with(root: &Path, name: &str, wait: bool) -> Result<(DiskStore, Recovery)> {
+    /// `open` (`open_waiting` if `wait`) on the filesystem `fs`.
+    pub fn open_in(
+        fs: Arc<dyn Vfs>,
+        root: &Path,
+        name: &str,
+        wait: bool,
+    ) -> Result<(DiskStore, Recovery)> {
         validate_name(name)?;
         let dir = root.join(name);
         for sub in ["", "undo", "staging"] {
-            fs::create_dir_all(dir.join(sub))
+            fs.create_dir_all(&dir.join(sub))
                 .map_err(io_err(format!("creating {}", dir.join(sub).display())))?;
         }
-        let lock = File::create(dir.join("lock")).map_err(io_err("creating the lock file"))?;
-        // SAFETY: flock on an open descriptor touches no memory.
-        let mode = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
-        if unsafe { libc::flock(lock.as_raw_fd(), mode) } != 0 {
-            return Err(StoreError::Io {
-                doing: format!("locking the store of {name:?} (is another ctk-receiver using it?)"),
-                source: io::Error::last_os_error(),
-            });
-        }
-        let path = dir.join("manifest.json");
-        let manifest = match File::open(&path) {
-            Ok(f) => {
-                let mut text = String::new();
-                f.take(MANIFEST_LEN_MAX)
-                    .read_to_string(&mut text)
-                    .map_err(io_err("reading the manifest"))?;
-                let m: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Damaged {
-                    disk: name.into(),
-                    why: format!("manifest.json: {e}"),
-                })?;
-                if m.version != 1 || m.disk != name || m.points.len() > POINTS_MAX {
-                    return Err(StoreError::Damaged {
-                        disk: name.into(),
-                        why: "manifest.json is of another version or disk".into(),
-                    });
-                }
-                m
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Manifest {
+        let lock = fs.lock(&dir.join("lock"), wait).map_err(io_err(format!(
+            "locking the store of {name:?} (is another ctk-receiver using it?)"
+        )))?;
+        let manifest =
+            read_manifest(&*fs, &dir.join("manifest.json"), name)?.unwrap_or_else(|| Manifest {
                 version: 1,
                 disk: name.into(),
                 block_size: None,
                 points: Vec::new(),
                 applying: None,
-            },
-            Err(e) => return Err(io_err("opening the manifest")(e)),
-        };
+            });
         let mut store = DiskStore {
             name: name.into(),
             dir,
             manifest,
+            fs,
             _lock: lock,
         };
         let recovery = store.recover()?;
@@ -410,7 +400,7 @@ impl DiskStore {
             .ok_or_else(|| StoreError::NoSuchPoint("(any: the store is empty)".into()))?;
         let size = newest.disk_size;
         let count = ctk::digest::unit_count(size, unit).map_err(StoreError::Protocol)?;
-        let full = File::open(self.full_path()).map_err(io_err("opening full.img"))?;
+        let full = self.open_file(&self.full_path(), "opening full.img")?;
         let mut hashes = Vec::with_capacity(count as usize * 32);
         let mut buf = vec![0u8; unit as usize];
         for i in 0..count {
@@ -427,28 +417,73 @@ impl DiskStore {
         self.dir.join("full.img")
     }
 
-    fn full(&self) -> Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.full_path())
+    fn full(&self) -> Result<Box<dyn FileAt>> {
+        self.fs
+            .open_rw(&self.full_path())
             .map_err(io_err("opening full.img"))
+    }
+
+    /// Opens an existing file for reading.
+    fn open_file(&self, path: &Path, doing: &str) -> Result<Box<dyn FileAt>> {
+        self.fs.open(path).map_err(io_err(doing))
+    }
+
+    /// A file for reading in sequence.
+    fn reader(&self, path: &Path, doing: &str) -> Result<BufReader<vfs::Cursor<Box<dyn FileAt>>>> {
+        Ok(BufReader::new(vfs::Cursor::new(
+            self.open_file(path, doing)?,
+        )))
+    }
+
+    /// Creates (or truncates) a file for writing in sequence.
+    fn writer(&self, path: &Path, doing: &str) -> Result<BufWriter<vfs::Cursor<Box<dyn FileAt>>>> {
+        let f = self.fs.create(path).map_err(io_err(doing))?;
+        Ok(BufWriter::new(vfs::Cursor::new(f)))
+    }
+
+    /// Flushes a writer and makes its file durable (not its name: `sync_dir`).
+    fn finish(&self, w: BufWriter<vfs::Cursor<Box<dyn FileAt>>>, doing: &str) -> Result<()> {
+        w.into_inner()
+            .map_err(|e| io_err(doing)(e.into_error()))?
+            .file
+            .sync()
+            .map_err(io_err(doing))
+    }
+
+    /// Writes `bytes` as the whole of `path`, durably, and renames it over `to` (durable
+    /// once `to`'s directory is synced).
+    fn replace_file(&self, tmp: &Path, to: &Path, bytes: &[u8], doing: &str) -> Result<()> {
+        let f = self.fs.create(tmp).map_err(io_err(doing))?;
+        f.write_all_at(bytes, 0)
+            .and_then(|()| f.sync())
+            .map_err(io_err(doing))?;
+        self.fs.rename(tmp, to).map_err(io_err(doing))
+    }
+
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        self.fs
+            .sync_dir(dir)
+            .map_err(io_err(format!("syncing {}", dir.display())))
+    }
+
+    fn remove(&self, path: &Path) {
+        let _ = self.fs.remove_file(path);
     }
 
     fn write_manifest(&mut self, manifest: Manifest) -> Result<()> {
         let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-        let tmp = self.dir.join("manifest.json.tmp");
-        let mut f = File::create(&tmp).map_err(io_err("writing the manifest"))?;
-        f.write_all(&text)
-            .and_then(|()| f.sync_all())
-            .map_err(io_err("writing the manifest"))?;
-        fs::rename(&tmp, self.dir.join("manifest.json"))
-            .map_err(io_err("renaming the manifest"))?;
-        sync_dir(&self.dir)?;
+        self.replace_file(
+            &self.dir.join("manifest.json.tmp"),
+            &self.dir.join("manifest.json"),
+            &text,
+            "writing the manifest",
+        )?;
+        // From the rename on, the new manifest is what readers see and may be what a crash
+        // leaves, so everything after builds on it even if the directory sync fails: rolling
+        // back a merge the visible manifest already calls committed would destroy the point
+        // (found by the simulation: a first full emptied under its own committed manifest).
         self.manifest = manifest;
-        Ok(())
+        self.sync_dir(&self.dir)
     }
 
     fn recover(&mut self) -> Result<Recovery> {
@@ -465,23 +500,22 @@ impl DiskStore {
             return Ok(Recovery::RolledBack(applying.change_id));
         }
         let staged = self.dir.join(&applying.staged);
-        let forward = File::open(&staged)
+        let forward = self
+            .fs
+            .open(&staged)
             .map_err(DeltaError::from)
-            .and_then(|f| delta::verify(BufReader::new(f)).map(|_| ()));
+            .and_then(|f| delta::verify(BufReader::new(vfs::Cursor::new(f))).map(|_| ()));
         let full = self.full()?;
         let outcome = match forward {
             Ok(()) => {
-                let f = File::open(&staged).map_err(io_err("opening the staged delta"))?;
-                apply_to(BufReader::new(f), &full)?;
-                full.sync_all().map_err(io_err("syncing full.img"))?;
+                apply_to(self.reader(&staged, "opening the staged delta")?, &full)?;
+                full.sync().map_err(io_err("syncing full.img"))?;
                 // The leaves of the point before may be gone (the crash may have been in
                 // the middle of saving the new ones), so they are read from the merged
                 // image whole: a full read, once, after a crash.
-                let header = DeltaFile::open(
-                    File::open(&staged).map_err(io_err("opening the staged delta"))?,
-                )?
-                .header()
-                .clone();
+                let header = DeltaFile::open(self.open_file(&staged, "opening the staged delta")?)?
+                    .header()
+                    .clone();
                 let leaves = match Leaves::of_image(&full, header.disk_size, header.block_size) {
                     Ok(l) => Some(l),
                     Err(DigestError::Io(e)) => return Err(io_err("reading full.img")(e)),
@@ -518,11 +552,10 @@ impl DiskStore {
     }
 
     /// Puts back what an interrupted or refused merge may have overwritten, and forgets it.
-    fn roll_back(&mut self, full: &File, applying: &Applying) -> Result<()> {
+    fn roll_back(&mut self, full: &dyn FileAt, applying: &Applying) -> Result<()> {
         match &applying.undo {
             Some(undo) => {
-                let f = File::open(self.dir.join(undo)).map_err(io_err("opening the undo"))?;
-                apply_to(BufReader::new(f), full)?;
+                apply_to(self.reader(&self.dir.join(undo), "opening the undo")?, full)?;
             }
             // A first full: no point is committed, so nothing needs putting back; the partial
             // image is dropped and the store is empty again (refusing to open would wedge the
@@ -537,11 +570,11 @@ impl DiskStore {
                 });
             }
         }
-        full.sync_all().map_err(io_err("syncing full.img"))?;
+        full.sync().map_err(io_err("syncing full.img"))?;
         let mut m = self.manifest.clone();
         m.applying = None;
         self.write_manifest(m)?;
-        let _ = fs::remove_file(self.dir.join(&applying.staged));
+        self.remove(&self.dir.join(&applying.staged));
         Ok(())
     }
 
@@ -552,7 +585,7 @@ impl DiskStore {
     /// The leaves of the newest point: from the leaf file when it holds them, else read
     /// from full.img (after a crash, or for a store written before digests existed). Zeros
     /// of the delta's size before the first full. `None` for a disk too large to digest.
-    fn base_leaves(&self, full: &File, header: &DeltaHeader) -> Result<Option<Leaves>> {
+    fn base_leaves(&self, full: &dyn FileAt, header: &DeltaHeader) -> Result<Option<Leaves>> {
         let result = match self.points().last() {
             None => Leaves::zeroed(header.disk_size, header.block_size),
             Some(newest) => {
@@ -563,7 +596,7 @@ impl DiskStore {
                         disk: self.name.clone(),
                         why: format!("manifest point id: {e}"),
                     })?;
-                match LeafFile::load(&self.leaves_path(), at) {
+                match LeafFile::load_in(&*self.fs, &self.leaves_path(), at) {
                     Ok(Some(l)) => Ok(l),
                     Ok(None) | Err(_) => {
                         tracing::info!(disk = %self.name, "reading full.img to rebuild its block digests");
@@ -588,7 +621,7 @@ impl DiskStore {
     fn merged_leaves(
         &self,
         mut leaves: Leaves,
-        full: &File,
+        full: &dyn FileAt,
         header: &DeltaHeader,
         touched: &[Extent],
     ) -> Result<Option<Leaves>> {
@@ -657,15 +690,15 @@ impl DiskStore {
     ) -> Result<()> {
         if let Some(mut leaves) = leaves {
             point.image_digest = checked.digest;
-            LeafFile::save(&self.leaves_path(), &mut leaves, header.to).map_err(|e| {
-                StoreError::Io {
+            LeafFile::save_in(&*self.fs, &self.leaves_path(), &mut leaves, header.to).map_err(
+                |e| StoreError::Io {
                     doing: "saving the block digests".into(),
                     source: match e {
                         DigestError::Io(e) => e,
                         other => io::Error::other(other.to_string()),
                     },
-                }
-            })?;
+                },
+            )?;
         }
         point.digest_checked = checked.checked;
         Ok(())
@@ -686,23 +719,22 @@ impl DiskStore {
         // The resume state has its own life (`drop_partial`).
         keep.extend([PARTIAL_JSON.to_owned(), PARTIAL_DELTA.to_owned()]);
         for sub in ["undo", "staging"] {
-            let Ok(entries) = fs::read_dir(self.dir.join(sub)) else {
+            let Ok(names) = self.fs.list(&self.dir.join(sub)) else {
                 continue;
             };
-            for entry in entries.flatten() {
-                let rel = format!("{sub}/{}", entry.file_name().to_string_lossy());
+            for name in names {
+                let rel = format!("{sub}/{name}");
                 if !keep.contains(&rel) {
-                    let _ = fs::remove_file(entry.path());
+                    self.remove(&self.dir.join(rel));
                 }
             }
         }
     }
 
     fn point_for(&self, staged: &Path, undo: Option<String>, meta: PointMeta) -> Result<Point> {
-        let f = File::open(staged).map_err(io_err("opening the staged delta"))?;
-        let reader = DeltaReader::new(BufReader::new(f))?;
+        let reader = DeltaReader::new(self.reader(staged, "opening the staged delta")?)?;
         let h = reader.header().clone();
-        let delta_bytes = fs::metadata(staged).map(|m| m.len()).unwrap_or(0);
+        let delta_bytes = self.fs.open(staged).and_then(|f| f.len()).unwrap_or(0);
         Ok(Point {
             change_id: h.to.to_string(),
             from: h.from.map(|f| f.to_string()),
@@ -749,16 +781,27 @@ impl DiskStore {
     /// while copying and collecting the ranges it writes (the undo needs them). When the
     /// input fails on the way and `keep_partial`, the complete records received are kept as
     /// the resume state.
+    ///
+    /// A resumed push (`keep_partial` false) is staged into `staging/resumed.ctkd` instead:
+    /// it holds only the rest of a change, so what it received must never become a resume
+    /// state of its own, as `incoming.ctkd` does when a restart finds it (`salvage_incoming`).
+    /// Found by the simulation: a receiver restarted while staging a resumed push salvaged it
+    /// as if every block below its checkpoint were there, and the next resume lost the
+    /// blocks the first part had carried.
     fn stage<R: Read>(
         &mut self,
         input: Replayed<R>,
         end: impl FnOnce(R) -> Result<PointMeta>,
         keep_partial: bool,
     ) -> Result<Staged> {
-        let staging = self.dir.join("staging").join("incoming.ctkd");
+        let name = if keep_partial {
+            "incoming.ctkd"
+        } else {
+            "resumed.ctkd"
+        };
+        let staging = self.dir.join("staging").join(name);
         let mut touched: Vec<Extent> = Vec::new();
-        let f = File::create(&staging).map_err(io_err("creating the staged delta"))?;
-        let mut w = BufWriter::new(f);
+        let mut w = self.writer(&staging, "creating the staged delta")?;
         let mut tee = Tee {
             input,
             copy: &mut w,
@@ -795,7 +838,7 @@ impl DiskStore {
                 && let Err(k) = w
                     .into_inner()
                     .map_err(|e| io_err("staging")(e.into_error()))
-                    .and_then(|f| self.keep_staged_partial(f, &staging, &header, &cp))
+                    .and_then(|f| self.keep_staged_partial(f.file, &staging, &header, &cp))
             {
                 tracing::warn!(disk = %self.name, error = %k, "could not keep the received part");
             }
@@ -814,17 +857,19 @@ impl DiskStore {
             ));
         }
         let meta = end(tee.input.into_inner().1)?;
-        let f = w
-            .into_inner()
-            .map_err(|e| io_err("staging")(e.into_error()))?;
-        f.sync_all().map_err(io_err("syncing the staged delta"))?;
+        if let Err(e) = self.finish(w, "syncing the staged delta") {
+            // A file whose fsync failed is never trusted again (after a writeback error Linux
+            // may drop the pages while reads still return them): not even as a resume state.
+            self.remove(&staging);
+            return Err(e);
+        }
         self.check_fits(&header)?;
         if self
             .points()
             .iter()
             .any(|p| p.change_id == header.to.to_string())
         {
-            let _ = fs::remove_file(&staging);
+            self.remove(&staging);
             return Ok(Staged::Already(header.to.to_string()));
         }
         Ok(Staged::Delta { touched, meta })
@@ -850,23 +895,23 @@ impl DiskStore {
         };
         step("staged", &mut steps);
         failpoint("staged");
-        let header = DeltaReader::new(BufReader::new(
-            File::open(staging).map_err(io_err("opening the staged delta"))?,
-        ))?
-        .header()
-        .clone();
+        let header = DeltaReader::new(self.reader(staging, "opening the staged delta")?)?
+            .header()
+            .clone();
         // Files are named after the whole ChangeId: after a resync the sequence numbers of
         // a new generation start again, and an older point's undo must not be overwritten.
         let name = format!("{}-{}", header.to.generation, header.to.seq);
         let staged_rel = format!("staging/{name}.ctkd");
-        fs::rename(staging, self.dir.join(&staged_rel)).map_err(io_err("staging"))?;
-        sync_dir(&self.dir.join("staging"))?;
+        self.fs
+            .rename(staging, &self.dir.join(&staged_rel))
+            .map_err(io_err("staging"))?;
+        self.sync_dir(&self.dir.join("staging"))?;
 
         // Can this filesystem hold the size the delta asks for? Probed on a scratch file,
         // before anything is recorded: a size it cannot hold would otherwise fail the apply
         // after "applying" is written, and every reopen would retry it and fail again.
         if let Err(e) = self.probe_size(header.disk_size) {
-            let _ = fs::remove_file(self.dir.join(&staged_rel));
+            self.remove(&self.dir.join(&staged_rel));
             return Err(e);
         }
 
@@ -899,10 +944,11 @@ impl DiskStore {
         failpoint("applying_recorded");
 
         // 4. Apply, durably.
-        let f =
-            File::open(self.dir.join(&staged_rel)).map_err(io_err("opening the staged delta"))?;
-        apply_to(BufReader::new(f), &full)?;
-        full.sync_all().map_err(io_err("syncing full.img"))?;
+        apply_to(
+            self.reader(&self.dir.join(&staged_rel), "opening the staged delta")?,
+            &full,
+        )?;
+        full.sync().map_err(io_err("syncing full.img"))?;
         failpoint("applied");
         step("applied", &mut steps);
         if std::env::var("CTK_FAILPOINT").is_ok_and(|v| v == "flip_merged")
@@ -968,27 +1014,36 @@ impl DiskStore {
 
     /// The resume state a cut-off push left, if it still continues the newest point.
     pub fn partial(&self) -> Option<Partial> {
-        let f = File::open(self.dir.join(PARTIAL_JSON)).ok()?;
+        let f = self.fs.open(&self.dir.join(PARTIAL_JSON)).ok()?;
         let mut text = String::new();
-        f.take(PARTIAL_LEN_MAX).read_to_string(&mut text).ok()?;
+        vfs::Cursor::new(f)
+            .take(PARTIAL_LEN_MAX)
+            .read_to_string(&mut text)
+            .ok()?;
         let p: Partial = serde_json::from_str(&text).ok()?;
         let newest = self.points().last().map(|n| n.change_id.clone());
+        // The kept delta's record heads and trailer must read back (a resume state that
+        // does not would be refused at every resume, and replication would never move on).
         let usable = p.from == newest
             && self.manifest.applying.is_none()
-            && (p.direct || self.dir.join(PARTIAL_DELTA).exists());
+            && (p.direct
+                || self
+                    .fs
+                    .open(&self.dir.join(PARTIAL_DELTA))
+                    .ok()
+                    .is_some_and(|f| DeltaFile::open(f).is_ok()));
         usable.then_some(p)
     }
 
     fn save_partial(&self, p: &Partial) -> Result<()> {
-        let tmp = self.dir.join("staging").join("partial.json.tmp");
         let text = serde_json::to_vec(p).expect("a resume state serialises");
-        let mut f = File::create(&tmp).map_err(io_err("writing the resume state"))?;
-        f.write_all(&text)
-            .and_then(|()| f.sync_all())
-            .map_err(io_err("writing the resume state"))?;
-        fs::rename(&tmp, self.dir.join(PARTIAL_JSON))
-            .map_err(io_err("writing the resume state"))?;
-        sync_dir(&self.dir.join("staging"))
+        self.replace_file(
+            &self.dir.join("staging").join("partial.json.tmp"),
+            &self.dir.join(PARTIAL_JSON),
+            &text,
+            "writing the resume state",
+        )?;
+        self.sync_dir(&self.dir.join("staging"))
     }
 
     /// A receiver stopped while staging a push (killed, or the machine went down) left
@@ -997,12 +1052,11 @@ impl DiskStore {
     /// cannot be salvaged: how far it got is not recorded, and the store is emptied.)
     fn salvage_incoming(&self) {
         let path = self.dir.join("staging").join("incoming.ctkd");
-        if self.manifest.applying.is_some() || !path.exists() {
+        if self.manifest.applying.is_some() || !self.fs.exists(&path) {
             return;
         }
         let salvage = || -> Result<bool> {
-            let f = File::open(&path).map_err(io_err("opening a staged delta"))?;
-            let mut reader = DeltaReader::new(BufReader::new(f))?;
+            let mut reader = DeltaReader::new(self.reader(&path, "opening a staged delta")?)?;
             let header = reader.header().clone();
             if self.check_fits(&header).is_err() {
                 return Ok(false);
@@ -1015,9 +1069,9 @@ impl DiskStore {
                 return Ok(false);
             };
             drop(reader);
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&path)
+            let f = self
+                .fs
+                .open_rw(&path)
                 .map_err(io_err("opening a staged delta"))?;
             self.keep_staged_partial(f, &path, &header, &cp)?;
             Ok(true)
@@ -1034,8 +1088,8 @@ impl DiskStore {
     }
 
     fn drop_partial(&self) {
-        let _ = fs::remove_file(self.dir.join(PARTIAL_JSON));
-        let _ = fs::remove_file(self.dir.join(PARTIAL_DELTA));
+        self.remove(&self.dir.join(PARTIAL_JSON));
+        self.remove(&self.dir.join(PARTIAL_DELTA));
     }
 
     /// Keeps the records received of a staged push cut off after checkpoint `cp`: the
@@ -1043,18 +1097,23 @@ impl DiskStore {
     /// complete delta of the received part, then recorded as the resume state.
     fn keep_staged_partial(
         &self,
-        mut f: File,
+        f: Box<dyn FileAt>,
         staging: &Path,
         header: &DeltaHeader,
         cp: &delta::Checkpoint,
     ) -> Result<()> {
-        f.set_len(cp.position)
-            .and_then(|()| f.seek(io::SeekFrom::End(0)).map(|_| ()))
-            .and_then(|()| f.write_all(&cp.trailer()))
-            .and_then(|()| f.sync_all())
-            .map_err(io_err("keeping the received part"))?;
+        if let Err(e) = f
+            .set_len(cp.position)
+            .and_then(|()| f.write_all_at(&cp.trailer(), cp.position))
+            .and_then(|()| f.sync())
+        {
+            // Not kept after a failed fsync (see `stage`).
+            self.remove(staging);
+            return Err(io_err("keeping the received part")(e));
+        }
         self.drop_partial();
-        fs::rename(staging, self.dir.join(PARTIAL_DELTA))
+        self.fs
+            .rename(staging, &self.dir.join(PARTIAL_DELTA))
             .map_err(io_err("keeping the received part"))?;
         self.save_partial(&Partial {
             from: header.from.map(|f| f.to_string()),
@@ -1132,11 +1191,28 @@ impl DiskStore {
             Staged::Delta { meta, .. } => {
                 // The received part underneath the resumed delta: one delta of the whole
                 // change (where both hold a block, the resumed one's is newer).
+                let resumed = self.dir.join("staging").join("resumed.ctkd");
                 let incoming = self.dir.join("staging").join("incoming.ctkd");
                 let composed = self.dir.join("staging").join("composed.ctkd");
-                let sources = [incoming.clone(), self.dir.join(PARTIAL_DELTA)];
-                let touched = self.compose(&sources, &header, &composed)?;
-                fs::rename(&composed, &incoming).map_err(io_err("staging"))?;
+                let sources = [resumed.clone(), self.dir.join(PARTIAL_DELTA)];
+                let touched = match self.compose(&sources, &header, &composed) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        // A resume state that does not read back whole is dropped, so the
+                        // next push starts from the beginning instead of failing the same
+                        // way forever (found by the simulation).
+                        if matches!(e, StoreError::Delta(_)) {
+                            tracing::warn!(disk = %self.name, error = %e, "the resume state is damaged: dropping it");
+                            self.drop_partial();
+                        }
+                        return Err(e);
+                    }
+                };
+                // The composed delta is the whole change: from here it may be salvaged.
+                self.fs
+                    .rename(&composed, &incoming)
+                    .map_err(io_err("staging"))?;
+                self.remove(&resumed);
                 // Its records are in the composed delta now; its space is needed for the
                 // undo. (Should this merge fail, the next push starts from the beginning.)
                 self.drop_partial();
@@ -1232,7 +1308,7 @@ impl DiskStore {
             to: to.change_id.parse().map_err(bad_id)?,
         };
         self.compose(&sources, &header, &self.dir.join(rel))?;
-        sync_dir(&self.dir.join("undo"))
+        self.sync_dir(&self.dir.join("undo"))
     }
 
     /// Writes to `out` (synced) one delta with `header` made of the records of the delta
@@ -1246,8 +1322,9 @@ impl DiskStore {
     ) -> Result<Vec<Extent>> {
         let mut files = Vec::with_capacity(sources.len());
         for path in sources {
-            let f = File::open(path).map_err(io_err("opening a delta to compose"))?;
-            files.push(DeltaFile::open(f)?);
+            files.push(DeltaFile::open(
+                self.open_file(path, "opening a delta to compose")?,
+            )?);
         }
         let size = header.disk_size;
         // Which file and record each byte range comes from.
@@ -1261,7 +1338,7 @@ impl DiskStore {
             }
         }
         pieces.sort_unstable_by_key(|p| p.0);
-        let file = BufWriter::new(File::create(out).map_err(io_err("creating a composed delta"))?);
+        let file = self.writer(out, "creating a composed delta")?;
         let mut w = delta::DeltaWriter::new(
             file,
             header,
@@ -1287,10 +1364,7 @@ impl DiskStore {
             }
         }
         let (file, _) = w.finish()?;
-        file.into_inner()
-            .map_err(|e| io_err("writing a composed delta")(e.into_error()))?
-            .sync_all()
-            .map_err(io_err("syncing a composed delta"))?;
+        self.finish(file, "writing a composed delta")?;
         Ok(touched)
     }
 
@@ -1299,8 +1373,8 @@ impl DiskStore {
     /// after "applying" is written, and every reopen would retry it and fail again.
     fn probe_size(&self, disk_size: u64) -> Result<()> {
         let probe = self.dir.join("staging").join("size-probe");
-        let fits = File::create(&probe).and_then(|f| f.set_len(disk_size));
-        let _ = fs::remove_file(&probe);
+        let fits = self.fs.create(&probe).and_then(|f| f.set_len(disk_size));
+        self.remove(&probe);
         fits.map_err(|e| {
             StoreError::Mismatch(format!(
                 "the delta's disk size {disk_size} cannot be stored here: {e}"
@@ -1336,7 +1410,7 @@ impl DiskStore {
             }
             // Resumed: full.img holds the received part, at the disk's size.
             Some(_) => {
-                let len = full.metadata().map_err(io_err("reading a size"))?.len();
+                let len = full.len().map_err(io_err("reading a size"))?;
                 if len != header.disk_size {
                     self.drop_partial();
                     return Err(StoreError::Mismatch(format!(
@@ -1376,7 +1450,7 @@ impl DiskStore {
             // it sends those blocks again anyway).
             Err(e) if reached.is_some() => {
                 let reached = reached.unwrap_or(0);
-                full.sync_all().map_err(io_err("syncing full.img"))?;
+                full.sync().map_err(io_err("syncing full.img"))?;
                 let mut m = self.manifest.clone();
                 m.applying = None;
                 self.write_manifest(m)?;
@@ -1412,7 +1486,7 @@ impl DiskStore {
     /// full.img, so its leaves are read back whole instead of computed from the data.
     fn first_full_inner<R: Read>(
         &mut self,
-        full: &File,
+        full: &dyn FileAt,
         header: &DeltaHeader,
         mut input: Replayed<R>,
         end: impl FnOnce(R) -> Result<PointMeta>,
@@ -1472,7 +1546,7 @@ impl DiskStore {
             ));
         }
         let meta = end(input.into_inner().1)?;
-        full.sync_all().map_err(io_err("syncing full.img"))?;
+        full.sync().map_err(io_err("syncing full.img"))?;
         failpoint("applied");
         if resumed {
             leaves = Leaves::of_image(full, header.disk_size, header.block_size).ok();
@@ -1547,7 +1621,7 @@ impl DiskStore {
     /// ranges of its records inside the current size, and the tail a shrink would cut.
     fn write_undo(
         &self,
-        full: &File,
+        full: &dyn FileAt,
         newest: &Point,
         header: &DeltaHeader,
         touched: &[Extent],
@@ -1592,16 +1666,13 @@ impl DiskStore {
                 to: header.to,
             };
         let path = self.dir.join(rel);
-        let out = BufWriter::new(File::create(&path).map_err(io_err("creating the undo"))?);
+        let out = self.writer(&path, "creating the undo")?;
         let options = WriteOptions {
             zstd_level: Some(1),
         };
         let (w, _) = delta::export(full, &ranges, &undo_header, options, out)?;
-        w.into_inner()
-            .map_err(|e| io_err("writing the undo")(e.into_error()))?
-            .sync_all()
-            .map_err(io_err("syncing the undo"))?;
-        sync_dir(&self.dir.join("undo"))?;
+        self.finish(w, "writing the undo")?;
+        self.sync_dir(&self.dir.join("undo"))?;
         Ok(())
     }
 
@@ -1627,12 +1698,9 @@ impl DiskStore {
             .ok_or_else(|| StoreError::NoSuchPoint(change_id.into()))?;
         let point = self.points()[index].clone();
         let size = point.disk_size;
-        let target = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(out)
+        let target = self
+            .fs
+            .create(out)
             .map_err(io_err(format!("creating {}", out.display())))?;
         target
             .set_len(size)
@@ -1644,8 +1712,8 @@ impl DiskStore {
                 disk: self.name.clone(),
                 why: format!("point {} has no undo", p.change_id),
             })?;
-            let f = File::open(self.dir.join(undo)).map_err(io_err("opening an undo"))?;
-            let mut undo_file = DeltaFile::open(f)?;
+            let mut undo_file =
+                DeltaFile::open(self.open_file(&self.dir.join(undo), "opening an undo")?)?;
             let records = undo_file.records().to_vec();
             for r in records {
                 let gaps = covered.claim(r.offset, r.end().min(size));
@@ -1673,8 +1741,8 @@ impl DiskStore {
             }
         }
         // Everything no newer merge overwrote is as the full holds it.
-        let full = File::open(self.full_path()).map_err(io_err("opening full.img"))?;
-        let full_len = full.metadata().map_err(io_err("reading a size"))?.len();
+        let full = self.open_file(&self.full_path(), "opening full.img")?;
+        let full_len = full.len().map_err(io_err("reading a size"))?;
         let mut buf = vec![0u8; CHUNK];
         for (start, end) in covered.claim(0, size.min(full_len)) {
             let mut pos = start;
@@ -1694,7 +1762,7 @@ impl DiskStore {
         }
         progress(size, size);
         target
-            .sync_all()
+            .sync()
             .map_err(io_err("syncing the restored image"))?;
         self.check_image(&target, &point, "the restored image")?;
         Ok(point)
@@ -1703,7 +1771,7 @@ impl DiskStore {
     /// Reads `image` whole and compares its digest with the one recorded for `point`
     /// (nothing to compare for points merged before digests existed). A mismatch means the
     /// store does not hold what was committed: an error, never a silent wrong image.
-    fn check_image(&self, image: &File, point: &Point, what: &str) -> Result<()> {
+    fn check_image(&self, image: &dyn FileAt, point: &Point, what: &str) -> Result<()> {
         let (Some(expected), Some(bs)) = (&point.image_digest, self.manifest.block_size) else {
             return Ok(());
         };
@@ -1730,8 +1798,7 @@ impl DiskStore {
         let mut checked = 0;
         for p in self.points() {
             if let Some(undo) = &p.undo {
-                let f = File::open(self.dir.join(undo)).map_err(io_err("opening an undo"))?;
-                let (h, _) = delta::verify(BufReader::new(f))?;
+                let (h, _) = delta::verify(self.reader(&self.dir.join(undo), "opening an undo")?)?;
                 if h.to.to_string() != p.change_id || h.from.map(|f| f.to_string()) != p.from {
                     return Err(StoreError::Damaged {
                         disk: self.name.clone(),
@@ -1741,14 +1808,18 @@ impl DiskStore {
                 checked += 1;
             }
         }
-        let size = fs::metadata(self.full_path()).map(|m| m.len()).unwrap_or(0);
+        let size = self
+            .fs
+            .open(&self.full_path())
+            .and_then(|f| f.len())
+            .unwrap_or(0);
         match self.points().last() {
             Some(p) if p.disk_size != size => Err(StoreError::Damaged {
                 disk: self.name.clone(),
                 why: format!("full.img is {size} bytes, the newest point {}", p.disk_size),
             }),
             Some(p) if p.image_digest.is_some() => {
-                let full = File::open(self.full_path()).map_err(io_err("opening full.img"))?;
+                let full = self.open_file(&self.full_path(), "opening full.img")?;
                 self.check_image(&full, p, "full.img")?;
                 Ok(checked + 1)
             }
@@ -1772,10 +1843,10 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
 }
 
 /// Applies a (verified) delta to `target`: data written, zero ranges punched as holes.
-fn apply_to(input: impl Read, target: &File) -> Result<()> {
+fn apply_to(input: impl Read, target: &dyn FileAt) -> Result<()> {
     let mut reader = DeltaReader::new(input)?;
     let size = reader.header().disk_size;
-    let len = target.metadata().map_err(io_err("reading a size"))?.len();
+    let len = target.len().map_err(io_err("reading a size"))?;
     if len < size {
         target.set_len(size).map_err(io_err("growing the image"))?;
     }
@@ -1791,23 +1862,10 @@ fn apply_to(input: impl Read, target: &File) -> Result<()> {
     Ok(())
 }
 
-fn zero_range(target: &File, offset: u64, length: u64) -> Result<()> {
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on an open descriptor with in-range arguments touches no memory.
-    let rc = unsafe { libc::fallocate(target.as_raw_fd(), mode, offset as i64, length as i64) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let zeros = vec![0u8; CHUNK];
-    let mut pos = offset;
-    while pos < offset + length {
-        let n = (offset + length - pos).min(CHUNK as u64) as usize;
-        target
-            .write_all_at(&zeros[..n], pos)
-            .map_err(io_err("zeroing the image"))?;
-        pos += n as u64;
-    }
-    Ok(())
+fn zero_range(target: &dyn FileAt, offset: u64, length: u64) -> Result<()> {
+    target
+        .zero(offset, length)
+        .map_err(io_err("zeroing the image"))
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -1852,12 +1910,6 @@ impl Covered {
         self.0.insert(lo, hi);
         gaps
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(format!("syncing {}", dir.display())))
 }
 
 fn now_ms() -> u64 {
