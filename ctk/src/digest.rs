@@ -225,6 +225,28 @@ impl Leaves {
         Ok(())
     }
 
+    /// Whether the whole blocks of `data`, read at `offset`, have the leaves recorded here (a
+    /// read checked against the point it should return). Blocks `data` holds only part of,
+    /// and blocks past the end, are not judged.
+    pub fn matches(&self, offset: u64, data: &[u8]) -> bool {
+        let bs = self.block_size as u64;
+        let end = offset + data.len() as u64;
+        let mut b = offset.div_ceil(bs);
+        while b < self.leaves.len() as u64 {
+            let start = b * bs;
+            let stop = (start + bs).min(self.disk_size);
+            if stop > end {
+                break;
+            }
+            let piece = &data[(start - offset) as usize..(stop - offset) as usize];
+            if leaf(piece) != self.leaves[b as usize] {
+                return false;
+            }
+            b += 1;
+        }
+        true
+    }
+
     /// Sets one block's leaf, as computed elsewhere (the agent's export computes them).
     pub fn set_leaf(&mut self, block: u64, value: u64) -> Result<(), DigestError> {
         if block >= self.leaves.len() as u64 {

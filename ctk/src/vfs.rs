@@ -271,12 +271,18 @@ pub struct SimFaults {
     pub sync_fail_per_mille: u32,
     /// Total bytes the files may hold; past it writes fail with ENOSPC.
     pub capacity: Option<u64>,
+    /// Chance, in 1/1000, that a read returns wrong bytes without an error: a bit flipped,
+    /// or the bytes of another place in the file (a misdirected read). What is stored is
+    /// not changed; reading again may give the right bytes.
+    pub bad_read_per_mille: u32,
 }
 
 /// What SimFs did, for the simulation's report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimFsStats {
     pub crashes: u64,
+    /// Reads that returned wrong bytes (`bad_read_per_mille`).
+    pub bad_reads: u64,
     pub syncs_failed: u64,
     pub enospc: u64,
     /// Unsynced writes at crashes: kept whole, dropped, torn.
@@ -460,12 +466,27 @@ impl FileAt for SimFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut s = self.state()?;
         s.step()?;
+        let per_mille = s.faults.bad_read_per_mille;
+        let bad = s.roll(per_mille);
+        let pick = splitmix(&mut s.rng);
         let data = &s.inodes.get(&self.ino).ok_or_else(power_off)?.data;
         if offset >= data.len() as u64 {
             return Ok(0);
         }
         let n = buf.len().min(data.len() - offset as usize);
-        buf[..n].copy_from_slice(&data[offset as usize..offset as usize + n]);
+        let mut from = offset as usize;
+        if bad && pick & 1 == 1 && data.len() > n {
+            // Misdirected: the same length from another place in the file.
+            from = (pick >> 1) as usize % (data.len() - n + 1);
+        }
+        buf[..n].copy_from_slice(&data[from..from + n]);
+        if bad {
+            if from == offset as usize {
+                let bit = (pick >> 8) as usize % (n * 8);
+                buf[bit / 8] ^= 1 << (bit % 8);
+            }
+            s.stats.bad_reads += 1;
+        }
         Ok(n)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -9,7 +9,8 @@
 //! - `staging/<generation>-<seq>.ctkd`: a delta being merged.
 //! - `manifest.json`: the committed points, and the merge in progress if any. Only ever
 //!   replaced whole (write, fsync, rename, fsync the directory), so it is either the old or
-//!   the new one after a crash.
+//!   the new one after a crash. It carries a CRC32 of itself (version 2), checked at every
+//!   read: what does not read back as written is refused, never used.
 //!
 //! Merge (crash-atomic): stage the whole delta and verify every CRC and the trailer -> write
 //! the undo and make it durable -> record "applying" in the manifest -> apply to the full and
@@ -52,6 +53,8 @@ pub const POINTS_MAX: usize = 10_000;
 pub const KEEP_DEFAULT: usize = 30;
 /// Copy and apply unit.
 const CHUNK: usize = 1 << 20;
+/// Reads of a pre-image tried before its mismatch with the block digests is taken as real.
+const READ_ATTEMPTS: usize = 3;
 
 /// Why the store refused or failed. Nothing committed is changed by any of these.
 #[derive(Debug, thiserror::Error)]
@@ -137,10 +140,20 @@ fn read_manifest(fs: &dyn Vfs, path: &Path, name: &str) -> Result<Option<Manifes
         disk: name.into(),
         why: format!("manifest.json: {e}"),
     })?;
-    if m.version != 1 || m.disk != name || m.points.len() > POINTS_MAX {
+    if !(1..=MANIFEST_VERSION).contains(&m.version) || m.disk != name || m.points.len() > POINTS_MAX
+    {
         return Err(StoreError::Damaged {
             disk: name.into(),
             why: "manifest.json is of another version or disk".into(),
+        });
+    }
+    // Every byte of what the store commits to is checked before it is used: a bad read of
+    // the manifest (a flipped digit in a ChangeId or an undo's name) would otherwise be
+    // written back by the next merge as the truth. (Found by the simulation's bad reads.)
+    if m.version >= 2 && m.checksum.as_deref() != Some(m.checksum().as_str()) {
+        return Err(StoreError::Damaged {
+            disk: name.into(),
+            why: "manifest.json does not match its checksum (a bad read, or damage)".into(),
         });
     }
     Ok(Some(m))
@@ -217,6 +230,22 @@ struct Manifest {
     block_size: Option<u32>,
     points: Vec<Point>,
     applying: Option<Applying>,
+    /// CRC32 (hex) of the manifest's compact JSON with this field absent. Version 2 on; a
+    /// manifest of version 1 has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checksum: Option<String>,
+}
+
+/// The manifest version this code writes: 2 adds the checksum.
+const MANIFEST_VERSION: u32 = 2;
+
+impl Manifest {
+    fn checksum(&self) -> String {
+        let mut bare = self.clone();
+        bare.checksum = None;
+        let text = serde_json::to_vec(&bare).expect("a manifest serialises");
+        format!("{:08x}", crc32fast::hash(&text))
+    }
 }
 
 /// The merged image's digest and whether the sender's matched it.
@@ -366,11 +395,12 @@ impl DiskStore {
         )))?;
         let manifest =
             read_manifest(&*fs, &dir.join("manifest.json"), name)?.unwrap_or_else(|| Manifest {
-                version: 1,
+                version: MANIFEST_VERSION,
                 disk: name.into(),
                 block_size: None,
                 points: Vec::new(),
                 applying: None,
+                checksum: None,
             });
         let mut store = DiskStore {
             name: name.into(),
@@ -470,7 +500,10 @@ impl DiskStore {
         let _ = self.fs.remove_file(path);
     }
 
-    fn write_manifest(&mut self, manifest: Manifest) -> Result<()> {
+    fn write_manifest(&mut self, mut manifest: Manifest) -> Result<()> {
+        manifest.version = MANIFEST_VERSION;
+        manifest.checksum = None;
+        manifest.checksum = Some(manifest.checksum());
         let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
         self.replace_file(
             &self.dir.join("manifest.json.tmp"),
@@ -923,7 +956,7 @@ impl DiskStore {
             None => None,
             Some(newest) => {
                 let rel = format!("undo/{name}.ctkd");
-                self.write_undo(&full, newest, &header, &touched, &rel)?;
+                self.write_undo(&full, base.as_ref(), newest, &header, &touched, &rel)?;
                 Some(rel)
             }
         };
@@ -1622,6 +1655,7 @@ impl DiskStore {
     fn write_undo(
         &self,
         full: &dyn FileAt,
+        leaves: Option<&Leaves>,
         newest: &Point,
         header: &DeltaHeader,
         touched: &[Extent],
@@ -1670,7 +1704,25 @@ impl DiskStore {
         let options = WriteOptions {
             zstd_level: Some(1),
         };
-        let (w, _) = delta::export(full, &ranges, &undo_header, options, out)?;
+        // Each pre-image is checked against the newest point's block digests as it is read:
+        // an undo is only read back when a restore needs it, by then too late to fetch the
+        // bytes again, so a bad read (a flipped bit, a misdirected read) must be caught here.
+        // A transient one is read again; one that persists refuses the merge before
+        // anything is recorded. (Found by the simulation's bad reads: the undo kept a
+        // flipped bit, and the older point no longer restored.)
+        let read = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
+            for _ in 0..READ_ATTEMPTS {
+                full.read_exact_at(buf, offset)?;
+                if leaves.is_none_or(|l| l.matches(offset, buf)) {
+                    return Ok(());
+                }
+            }
+            Err(io::Error::other(format!(
+                "full.img at offset {offset} does not read back as the newest point's block \
+                 digests say, {READ_ATTEMPTS} times (bad reads or rot: run verify)"
+            )))
+        };
+        let (w, _) = delta::export_with(read, &ranges, &undo_header, options, out)?;
         self.finish(w, "writing the undo")?;
         self.sync_dir(&self.dir.join("undo"))?;
         Ok(())

@@ -905,3 +905,52 @@ fn trials_wanted(default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// A manifest that does not read back as written (a bad read, or damage) is refused, never
+/// used: a flipped digit of a ChangeId would otherwise be written back by the next merge as
+/// the truth (found by the simulation's bad reads).
+#[test]
+fn a_manifest_changed_by_one_byte_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let c = chain(dir.path(), "vm1", 2, 1 << 20, 11);
+    for d in &c.deltas {
+        ok(&["ingest", "--store", s, "--disk", "vm1", d.to_str().unwrap()]);
+    }
+    let before = points(s, "vm1");
+    let path = store.join("vm1/manifest.json");
+    let good = std::fs::read(&path).unwrap();
+    let text = String::from_utf8(good.clone()).unwrap();
+    // The last digit of the newest point's sequence number, one up: still valid JSON, still
+    // a well-formed ChangeId.
+    let newest = before.last().unwrap();
+    let at = text.rfind(newest.as_str()).unwrap() + newest.len() - 1;
+    let mut bad = good.clone();
+    bad[at] = if bad[at] == b'9' { b'0' } else { bad[at] + 1 };
+    std::fs::write(&path, &bad).unwrap();
+    for args in [
+        vec!["verify", "--store", s, "--disk", "vm1"],
+        vec![
+            "ingest",
+            "--store",
+            s,
+            "--disk",
+            "vm1",
+            c.deltas[1].to_str().unwrap(),
+        ],
+    ] {
+        let out = receiver(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{args:?} used a changed manifest");
+        assert!(err.contains("checksum"), "{args:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bad,
+        "nothing was written over it"
+    );
+    std::fs::write(&path, &good).unwrap();
+    assert_eq!(points(s, "vm1"), before);
+}

@@ -4,7 +4,7 @@
 //! journal (which forgets or tears what was not synced at a crash) protecting a simulated
 //! disk held in memory; the receiver side is the real `ctk_receiver::store::DiskStore` over
 //! a `ctk::vfs::SimFs` (which drops or tears unsynced writes and name operations at a power
-//! cut, fails fsyncs, fills up). Between them a simulated link delivers each push's delta
+//! cut, fails fsyncs, fills up, and returns flipped or misdirected bytes from reads). Between them a simulated link delivers each push's delta
 //! and end frame, or cuts it, corrupts it, delivers an old one again, or loses the ack.
 //!
 //! What is re-expressed here rather than run: the agent's push logic (`agent/src/
@@ -91,12 +91,15 @@ pub struct Swarm {
     pub journal_sync_fail: u32,
     pub receiver_crash: u32,
     pub fs_sync_fail: u32,
+    pub bad_read: u32,
     pub disk_full: bool,
     pub link_cut: u32,
     pub corrupt: u32,
     pub redeliver: u32,
     pub ack_lost: u32,
     pub forced_resync: u32,
+    /// Per step, in 1/1000: the disk is grown or shrunk (to any byte size).
+    pub resize: u32,
 }
 
 impl Swarm {
@@ -115,11 +118,13 @@ impl Swarm {
         let journal_sync_fail = rate(30);
         let receiver_crash = rate(300);
         let fs_sync_fail = rate(40);
+        let bad_read = rate(10);
         let link_cut = rate(250);
         let corrupt = rate(100);
         let redeliver = rate(150);
         let ack_lost = rate(150);
         let forced_resync = rate(60);
+        let resize = rate(40);
         Swarm {
             disk_blocks: 8 + rng.below(57),
             steps: 20 + rng.below(60) as u32,
@@ -130,12 +135,14 @@ impl Swarm {
             journal_sync_fail,
             receiver_crash,
             fs_sync_fail,
+            bad_read,
             disk_full: rng.below(8) == 0,
             link_cut,
             corrupt,
             redeliver,
             ack_lost,
             forced_resync,
+            resize,
         }
     }
 }
@@ -153,6 +160,7 @@ pub struct Report {
     pub fulls: u64,
     pub resyncs: u64,
     pub resumes: u64,
+    pub resizes: u64,
     pub agent_crashes: u64,
     pub journal_losses: u64,
     pub journal_sync_failures: u64,
@@ -177,6 +185,7 @@ impl Report {
         self.fulls += o.fulls;
         self.resyncs += o.resyncs;
         self.resumes += o.resumes;
+        self.resizes += o.resizes;
         self.agent_crashes += o.agent_crashes;
         self.journal_losses += o.journal_losses;
         self.journal_sync_failures += o.journal_sync_failures;
@@ -188,6 +197,7 @@ impl Report {
         self.points_checked += o.points_checked;
         let (a, b) = (&mut self.fs, &o.fs);
         a.crashes += b.crashes;
+        a.bad_reads += b.bad_reads;
         a.syncs_failed += b.syncs_failed;
         a.enospc += b.enospc;
         a.writes_kept += b.writes_kept;
@@ -453,6 +463,33 @@ impl Sim {
         Ok(())
     }
 
+    /// The disk is grown or shrunk, to a size that need not be a whole number of blocks.
+    /// The tracker records it first (so a crash in between over-reports), as the agent does.
+    fn resize(&mut self) -> Outcome {
+        let blocks = 4 + self.rng.below(61);
+        let tail = if self.rng.below(2) == 0 {
+            0
+        } else {
+            1 + self.rng.below(BS - 1)
+        };
+        let size = blocks * BS - tail;
+        match self.tracker()?.resize(size) {
+            Ok(()) => {}
+            Err(e @ (TrackerError::Io { .. } | TrackerError::Poisoned(_))) => {
+                self.report.journal_sync_failures += 1;
+                self.crash_agent(&format!("resize failed: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(self.violation(format!("resize to {size} refused: {e}"))),
+        }
+        self.event(format!("agent: disk resized {} -> {size}", self.size));
+        self.source.resize(size as usize, 0);
+        self.size = size;
+        self.config.disk_size = size;
+        self.report.resizes += 1;
+        Ok(())
+    }
+
     // ----- receiver -----
 
     fn open_store(&mut self) -> Result<DiskStore, ctk_receiver::store::StoreError> {
@@ -475,6 +512,7 @@ impl Sim {
     fn faults(&mut self) -> SimFaults {
         SimFaults {
             sync_fail_per_mille: self.swarm.fs_sync_fail,
+            bad_read_per_mille: self.swarm.bad_read,
             capacity: if self.swarm.disk_full && self.rng.below(2) == 0 {
                 // Room for roughly the image and a little more: some pushes will not fit.
                 Some(self.size + self.rng.below(3 * self.size))
@@ -647,6 +685,7 @@ impl Sim {
         let mut extents = extents;
         if let Some(p) = partial
             && p.from == newest
+            && p.disk_size == self.size
             && !forced_resync
             && let Ok(prior) = p.to.parse::<ChangeId>()
             && prior.generation == to.generation
@@ -798,12 +837,18 @@ impl Sim {
         ) else {
             return Err(self.violation(format!("no reference image of {from} or {to}")));
         };
-        for b in 0..self.size / BS {
-            let r = (b * BS) as usize..((b + 1) * BS) as usize;
-            if before[r.clone()] != after[r] {
-                let covered = extents
-                    .iter()
-                    .any(|e| e.offset <= b * BS && e.end() >= (b + 1) * BS);
+        // Blocks of the cut's size; bytes past a smaller image's end are zeros (a grow).
+        let block = |image: &[u8], b: u64| -> Vec<u8> {
+            let mut v = vec![0u8; BS as usize];
+            let start = ((b * BS) as usize).min(image.len());
+            let end = (((b + 1) * BS) as usize).min(image.len());
+            v[..end - start].copy_from_slice(&image[start..end]);
+            v
+        };
+        for b in 0..(after.len() as u64).div_ceil(BS) {
+            if block(before, b) != block(after, b) {
+                let end = ((b + 1) * BS).min(after.len() as u64);
+                let covered = extents.iter().any(|e| e.offset <= b * BS && e.end() >= end);
                 if !covered {
                     return Err(self.violation(format!(
                         "MISSED WRITE: block {b} changed between {from} and {to} but changed_since does not report it"
@@ -891,7 +936,9 @@ impl Sim {
             if self.rng.chance(self.swarm.agent_crash) {
                 self.crash_agent("between operations");
             }
-            if self.rng.chance(self.swarm.write_per_mille) {
+            if self.rng.chance(self.swarm.resize) {
+                self.resize()?;
+            } else if self.rng.chance(self.swarm.write_per_mille) {
                 self.write()?;
             } else {
                 self.push()?;
@@ -905,12 +952,14 @@ impl Sim {
             journal_sync_fail: 0,
             receiver_crash: 0,
             fs_sync_fail: 0,
+            bad_read: 0,
             disk_full: false,
             link_cut: 0,
             corrupt: 0,
             redeliver: 0,
             ack_lost: 0,
             forced_resync: 0,
+            resize: 0,
             ..self.swarm.clone()
         };
         self.step += 1;
