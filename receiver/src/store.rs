@@ -355,12 +355,17 @@ fn failpoint(name: &str) {
     }
 }
 
+/// Where a store reads the time (commit stamps, retention by age).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 pub struct DiskStore {
     name: String,
     dir: PathBuf,
     manifest: Manifest,
     /// Every file operation goes through here: the real filesystem, or the simulation's.
     fs: Arc<dyn Vfs>,
+    /// Milliseconds since the epoch: the system clock, or the simulation's.
+    clock: Clock,
     /// Held for the store's life: one process merges into a disk's store at a time.
     _lock: LockGuard,
 }
@@ -407,12 +412,18 @@ impl DiskStore {
             dir,
             manifest,
             fs,
+            clock: Arc::new(now_ms),
             _lock: lock,
         };
         let recovery = store.recover()?;
         store.salvage_incoming();
         store.remove_orphans();
         Ok((store, recovery))
+    }
+
+    /// Reads the time from `clock` from now on (a simulation's clock).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     pub fn points(&self) -> &[Point] {
@@ -772,7 +783,7 @@ impl DiskStore {
             change_id: h.to.to_string(),
             from: h.from.map(|f| f.to_string()),
             disk_size: h.disk_size,
-            committed_unix_ms: now_ms(),
+            committed_unix_ms: (self.clock)(),
             undo,
             delta_bytes,
             cut_unix_ms: meta.cut_unix_ms,
@@ -1270,7 +1281,7 @@ impl DiskStore {
             .iter()
             .map(|p| p.cut_unix_ms.unwrap_or(p.committed_unix_ms))
             .collect();
-        let keep = crate::retention::select(&times, now_ms(), retention);
+        let keep = crate::retention::select(&times, (self.clock)(), retention);
         let dropped = keep.iter().filter(|k| !**k).count();
         if dropped == 0 {
             return Ok(0);
@@ -1589,7 +1600,7 @@ impl DiskStore {
             change_id: header.to.to_string(),
             from: None,
             disk_size: header.disk_size,
-            committed_unix_ms: now_ms(),
+            committed_unix_ms: (self.clock)(),
             undo: None,
             delta_bytes,
             cut_unix_ms: meta.cut_unix_ms,

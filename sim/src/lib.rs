@@ -84,6 +84,11 @@ pub struct Swarm {
     pub disk_blocks: u64,
     pub steps: u32,
     pub keep: usize,
+    /// Age tiers on top of `keep` (`ctk-receiver serve --tiers`), if any: dropping points
+    /// between kept ones folds their undo files.
+    pub tiers: Option<&'static str>,
+    /// Most simulated milliseconds a step takes.
+    pub step_ms_max: u64,
     /// Per step, in 1/1000: a write (else a push).
     pub write_per_mille: u32,
     pub agent_crash: u32,
@@ -129,6 +134,13 @@ impl Swarm {
             disk_blocks: 8 + rng.below(57),
             steps: 20 + rng.below(60) as u32,
             keep: 1 + rng.below(5) as usize,
+            tiers: match rng.below(4) {
+                0 => None,
+                1 => Some("10m:all,2h:10m,1d:1h"),
+                2 => Some("1m:all,1h:5m"),
+                _ => Some("30s:all,10m:1m,1h:10m,1d:1h"),
+            },
+            step_ms_max: [1_000, 60_000, 900_000][rng.below(3) as usize],
             write_per_mille: 400 + rng.below(450) as u32,
             agent_crash,
             journal_loss,
@@ -161,6 +173,8 @@ pub struct Report {
     pub resyncs: u64,
     pub resumes: u64,
     pub resizes: u64,
+    /// Points retention dropped (between kept ones: folded).
+    pub points_dropped: u64,
     pub agent_crashes: u64,
     pub journal_losses: u64,
     pub journal_sync_failures: u64,
@@ -186,6 +200,7 @@ impl Report {
         self.resyncs += o.resyncs;
         self.resumes += o.resumes;
         self.resizes += o.resizes;
+        self.points_dropped += o.points_dropped;
         self.agent_crashes += o.agent_crashes;
         self.journal_losses += o.journal_losses;
         self.journal_sync_failures += o.journal_sync_failures;
@@ -288,6 +303,8 @@ struct Sim {
     cuts: BTreeMap<String, Vec<u8>>,
     cursor: Option<ChangeId>,
     last_push: Option<Push>,
+    /// The simulated clock (ms): stamps cuts, and the store reads it for retention by age.
+    clock: Arc<std::sync::atomic::AtomicU64>,
     // Receiver.
     fs: SimFs,
     /// Every point the receiver was seen to hold, in commit order.
@@ -331,6 +348,7 @@ impl Sim {
             cuts: BTreeMap::new(),
             cursor: None,
             last_push: None,
+            clock: Arc::new(std::sync::atomic::AtomicU64::new(1_700_000_000_000)),
             fs,
             committed: Vec::new(),
             committed_set: BTreeSet::new(),
@@ -492,9 +510,26 @@ impl Sim {
 
     // ----- receiver -----
 
+    fn now(&self) -> u64 {
+        self.clock.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn retention(&self) -> ctk_receiver::retention::Retention {
+        ctk_receiver::retention::Retention {
+            keep: self.swarm.keep,
+            tiers: self.swarm.tiers.map_or_else(Vec::new, |t| {
+                ctk_receiver::retention::parse_tiers(t).expect("the simulation's tiers parse")
+            }),
+        }
+    }
+
     fn open_store(&mut self) -> Result<DiskStore, ctk_receiver::store::StoreError> {
         let fs: Arc<dyn Vfs> = Arc::new(self.fs.clone());
-        DiskStore::open_in(fs, Path::new(ROOT), DISK, false).map(|(s, recovery)| {
+        let clock = self.clock.clone();
+        DiskStore::open_in(fs, Path::new(ROOT), DISK, false).map(|(mut s, recovery)| {
+            s.set_clock(Arc::new(move || {
+                clock.load(std::sync::atomic::Ordering::Relaxed)
+            }));
             if recovery != ctk_receiver::store::Recovery::Clean {
                 self.event(format!("receiver: opened after a crash: {recovery:?}"));
             }
@@ -563,11 +598,12 @@ impl Sim {
                     cut_at,
                 };
                 let end = move |_rest: LinkReader| Ok(meta);
+                let retention = self.retention();
                 let r = match &push.resume {
                     Some((resumes, next)) => {
-                        store.ingest_resume(input, resumes, *next, self.swarm.keep, end)
+                        store.ingest_resume(input, resumes, *next, retention, end)
                     }
-                    None => store.ingest(input, self.swarm.keep, end),
+                    None => store.ingest(input, retention, end),
                 };
                 drop(store);
                 r
@@ -585,6 +621,7 @@ impl Sim {
         match result {
             Ok(Ingested::Committed { point, dropped }) => {
                 self.report.commits += 1;
+                self.report.points_dropped += dropped as u64;
                 self.event(format!(
                     "receiver: committed {} (dropped {dropped})",
                     point.change_id
@@ -731,7 +768,7 @@ impl Sim {
         let push = Push {
             bytes,
             meta: PointMeta {
-                cut_unix_ms: Some(self.step as u64),
+                cut_unix_ms: Some(self.now()),
                 consistency: Some("crash".into()),
                 image_digest: Some(leaves.digest().to_string()),
             },
@@ -920,6 +957,9 @@ impl Sim {
     fn run(&mut self) -> Outcome {
         for step in 0..self.swarm.steps {
             self.step = step;
+            let dt = 1 + self.rng.below(self.swarm.step_ms_max);
+            self.clock
+                .fetch_add(dt, std::sync::atomic::Ordering::Relaxed);
             self.report.steps += 1;
             if self.rng.chance(self.swarm.journal_loss) {
                 // The journal is lost (deleted, or the disk moved to a host without it):
