@@ -331,6 +331,8 @@ struct SimState {
     dirs: BTreeSet<PathBuf>,
     /// Operations left before the power goes (`None`: never).
     ops_left: Option<u64>,
+    /// Syncs to fail on purpose: of this path, after this many more that succeed.
+    planned_failures: Vec<(PathBuf, u32)>,
     down: bool,
     /// Bumped at each crash: handles from before it fail.
     epoch: u64,
@@ -380,6 +382,19 @@ impl SimState {
             .iter()
             .find(|(_, i)| **i == ino)
             .map_or_else(|| format!("inode {ino}"), |(p, _)| p.display().to_string())
+    }
+
+    /// Whether the sync of `path` about to run fails: by plan, or by chance.
+    fn sync_fails(&mut self, path: &Path) -> bool {
+        if let Some(i) = self.planned_failures.iter().position(|(p, _)| p == path) {
+            if self.planned_failures[i].1 == 0 {
+                self.planned_failures.remove(i);
+                return true;
+            }
+            self.planned_failures[i].1 -= 1;
+        }
+        let per_mille = self.faults.sync_fail_per_mille;
+        self.roll(per_mille)
     }
 
     fn roll(&mut self, per_mille: u32) -> bool {
@@ -516,9 +531,15 @@ impl FileAt for SimFile {
     fn sync(&self) -> io::Result<()> {
         let mut s = self.state()?;
         s.step()?;
-        let fail = {
-            let per_mille = s.faults.sync_fail_per_mille;
-            s.roll(per_mille)
+        let fail = match s.names.iter().find(|(_, i)| **i == self.ino) {
+            Some((path, _)) => {
+                let path = path.clone();
+                s.sync_fails(&path)
+            }
+            None => {
+                let per_mille = s.faults.sync_fail_per_mille;
+                s.roll(per_mille)
+            }
         };
         if s.log.is_some() {
             let path = s.path_of(self.ino);
@@ -555,6 +576,7 @@ impl SimFs {
             name_log: Vec::new(),
             dirs,
             ops_left: None,
+            planned_failures: Vec::new(),
             down: false,
             epoch: 0,
             stats: SimFsStats::default(),
@@ -586,6 +608,14 @@ impl SimFs {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
+    }
+
+    /// The sync of `path` (a file or a directory) after `skip` more that succeed fails
+    /// with EIO (a regression test's exact fault). One plan per path.
+    pub fn fail_sync_of(&self, path: &Path, skip: u32) {
+        let mut s = self.lock_state();
+        s.planned_failures.retain(|(p, _)| p != path);
+        s.planned_failures.push((path.to_path_buf(), skip));
     }
 
     /// Calls off a power cut set by `power_cut_after` that has not happened yet.
@@ -816,8 +846,7 @@ impl Vfs for SimFs {
         if !s.dirs.contains(dir) {
             return Err(not_found());
         }
-        let per_mille = s.faults.sync_fail_per_mille;
-        let fail = s.roll(per_mille);
+        let fail = s.sync_fails(dir);
         s.note(|| {
             format!(
                 "fs: sync dir {}{}",
