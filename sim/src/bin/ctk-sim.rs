@@ -7,12 +7,15 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 /// Deterministic simulation of ctk: the agent's tracker and the receiver's store under
-/// crashes, power cuts (unsynced writes dropped or torn), fsync failures, a full disk, and a
-/// link that cuts, corrupts, re-delivers and loses acks, each seed its own mix of faults.
+/// crashes, power cuts (unsynced writes dropped or torn), fsync failures, a full disk, bad
+/// reads, disk resizes and retention folds, and a link that cuts, corrupts, re-delivers and
+/// loses acks, each seed its own mix of faults. After every push every point the receiver
+/// holds is restored and compared with the source at its cut. Exits non-zero on any
+/// violation, printing its seed and the events that led there.
 ///
 /// Examples:
 ///   ctk-sim --seeds 0..100000 --budget 30m     the long run (stops at the budget)
-///   ctk-sim --seed 4242 --trace                replay one seed, printing every event
+///   ctk-sim --seed 4242 --trace --fs-ops       replay one seed, printing every event
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
