@@ -684,17 +684,8 @@ impl ProtectedDisk {
                     let geometry = t.geometry();
                     let all = t.changed_blocks(*since, to)?;
                     let later = t.changed_blocks(Since::Id(*prior), to)?;
-                    let cut = next_offset
-                        .div_ceil(geometry.block_size() as u64)
-                        .min(u32::MAX as u64) as u32;
-                    let mut send = all.clone();
-                    send.remove_range(..cut);
-                    let mut below = later.clone();
-                    below.remove_range(cut..);
-                    send |= &below;
-                    let mut kept = all;
-                    kept.remove_range(cut..);
-                    kept -= &later;
+                    let (send, kept) =
+                        ctk::push::resume_blocks(&all, &later, *next_offset, &geometry);
                     leaves_only = ctk::map::blocks_to_extents(&kept, &geometry);
                     ctk::map::blocks_to_extents(&send, &geometry)
                 }
@@ -808,7 +799,12 @@ impl ProtectedDisk {
                         "resync unit {unit} is not a multiple of the disk's {block_size}-byte blocks"
                     ))));
                 }
-                compare_export(read_at, self.size, *unit, theirs, &header, options, out)?
+                {
+                    let theirs = io::BufReader::new(File::open(theirs)?);
+                    ctk::push::compare_export(
+                        read_at, self.size, *unit, theirs, &header, options, out,
+                    )?
+                }
             }
         };
         let file = writer.into_inner().map_err(|e| e.into_error())?;
@@ -947,45 +943,6 @@ pub enum ExportPlan {
         unit: u32,
         theirs: PathBuf,
     },
-}
-
-/// The export of a resync: reads the whole disk unit by unit as of the cut (`read_at`, in
-/// pieces of at most one delta record that start on block boundaries), and writes the units
-/// whose hash differs from the receiver's. Returns the bytes of the units sent as "changed".
-fn compare_export<W: Write>(
-    mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
-    size: u64,
-    unit: u32,
-    theirs: &Path,
-    header: &DeltaHeader,
-    options: WriteOptions,
-    out: W,
-) -> Result<(W, DeltaSummary, u64), DiskError> {
-    let mut theirs = io::BufReader::new(File::open(theirs)?);
-    let mut writer = delta::DeltaWriter::new(out, header, options)?;
-    let mut buf = vec![0u8; unit as usize];
-    let mut differing = 0u64;
-    let mut at = 0u64;
-    while at < size {
-        let n = (size - at).min(unit as u64) as usize;
-        for piece in (0..n).step_by(ctk::limits::DELTA_RECORD_DATA_MAX) {
-            let end = (piece + ctk::limits::DELTA_RECORD_DATA_MAX).min(n);
-            read_at(at + piece as u64, &mut buf[piece..end])?;
-        }
-        let mut hash = [0u8; 32];
-        let known = match io::Read::read_exact(&mut theirs, &mut hash) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
-            Err(e) => return Err(e.into()),
-        };
-        if !known || ctk::digest::unit_hash(&buf[..n]) != hash {
-            writer.write_extent(at, &buf[..n])?;
-            differing += n as u64;
-        }
-        at += n as u64;
-    }
-    let (w, summary) = writer.finish()?;
-    Ok((w, summary, differing))
 }
 
 /// One cursor in `status`: where it is, and for a replication cursor the RPO (age of the cut

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ctk::digest::{LeafFile, Leaves};
+use ctk::push::AfterPush;
 use ctk_net::wire::{Consistency, PushEnd, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use serde_json::{Value, json};
@@ -632,50 +633,33 @@ impl<'a> Session<'a> {
             Response::Refused { .. } => return Ok(None),
             other => bail!("unexpected answer from the receiver: {other:?}"),
         };
-        let why_not = || -> Result<Option<String>> {
-            if state.from.as_deref() != newest {
-                return Ok(Some(format!(
-                    "it starts at {:?}, the receiver's newest point is {newest:?}",
-                    state.from
-                )));
+        // The agent's own journal answers "can you still name the changes since that cut";
+        // a failure to ask is an error of this run, not a reason to distrust the state.
+        let mut asked = Ok(());
+        let judged = ctk::push::judge_resume(&state, newest, self.geometry.0, |since| match (self
+            .control)(
+            json!({"cmd": "answerable", "disk": self.disk, "since": since}),
+        ) {
+            Ok(a) if a["answerable"] == true => Ok(()),
+            Ok(a) => Err(a["why"].as_str().unwrap_or("").to_owned()),
+            Err(e) => {
+                let why = format!("{e:#}");
+                asked = Err(e);
+                Err(why)
             }
-            if state.disk_size != self.geometry.0 || state.next_offset == 0 {
-                return Ok(Some(format!(
-                    "it is of a {}-byte disk at offset {}; this disk has {} bytes",
-                    state.disk_size, state.next_offset, self.geometry.0
-                )));
-            }
-            let prior: ctk::ChangeId = match state.to.parse() {
-                Ok(id) => id,
-                Err(e) => return Ok(Some(format!("its cut {:?}: {e}", state.to))),
-            };
-            if let Some(n) = newest.and_then(|n| n.parse::<ctk::ChangeId>().ok())
-                && n.generation == prior.generation
-                && prior.seq <= n.seq
-            {
-                return Ok(Some(format!("its cut {prior} is not after {n}")));
-            }
-            let a =
-                (self.control)(json!({"cmd": "answerable", "disk": self.disk, "since": state.to}))?;
-            if a["answerable"] != true {
-                return Ok(Some(format!(
-                    "this agent cannot name the changes since its cut {prior}: {}",
-                    a["why"].as_str().unwrap_or("")
-                )));
-            }
-            Ok(None)
-        };
-        match why_not()? {
-            Some(why) => {
+        });
+        asked?;
+        match judged {
+            Err(why) => {
                 tracing::warn!(
                     disk = %self.disk, resume = ?state, %why,
                     "not resuming: the receiver's resume state does not fit this agent; sending from the start"
                 );
                 Ok(None)
             }
-            None => {
+            Ok(prior) => {
                 tracing::info!(
-                    disk = %self.disk, prior = %state.to, next_offset = state.next_offset,
+                    disk = %self.disk, %prior, next_offset = state.next_offset,
                     "resuming a cut-off push"
                 );
                 Ok(Some(Plan::Resume {
@@ -714,30 +698,24 @@ impl<'a> Session<'a> {
                 _ => None,
             };
             let pushed = push(self, &conn, newest.as_deref(), cut, &plan)?;
-            match &pushed.answer {
-                Response::Committed { change_id, already } => {
-                    let (c, a) = (change_id.clone(), *already);
-                    break (newest, pushed, c, a, resync, resumed_at);
+            let to = pushed.exported["to"].as_str().unwrap_or("");
+            match ctk::push::after_push(&pushed.answer, to) {
+                AfterPush::Committed { change_id, already } => {
+                    break (newest, pushed, change_id, already, resync, resumed_at);
                 }
-                Response::Refused {
-                    refusal: Refusal::Mismatch,
-                    message,
-                } if tries < 3 => {
+                AfterPush::Retry(message) if tries < 3 => {
                     tracing::info!(%message, "the receiver moved on meanwhile: trying again");
                 }
-                Response::Refused { refusal, message } => {
-                    bail!("the receiver refused the delta ({refusal:?}): {message}")
+                AfterPush::Retry(message) => {
+                    bail!(
+                        "the receiver refused the delta ({:?}): {message}",
+                        Refusal::Mismatch
+                    )
                 }
-                other => bail!("unexpected answer from the receiver: {other:?}"),
+                AfterPush::Failed(why) => bail!("{why}"),
             }
         };
         let exported = &pushed.exported;
-        if committed != exported["to"] {
-            bail!(
-                "the receiver committed {committed}, not the exported {}",
-                exported["to"]
-            );
-        }
         // Only now, with the commit acknowledged, do the leaves and the cursor move. Leaves
         // that fail to save only cost the next push its check (it finds them of another
         // point), so that is a warning, not a failed replication.

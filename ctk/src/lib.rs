@@ -3,7 +3,7 @@
 //! The library holds everything that decides what must be replicated, and nothing that
 //! talks to a network: the change map ([`map`]), its durable journal ([`journal`]), the
 //! tracker that makes the intent-before-write order impossible to get wrong ([`tracker`]),
-//! the delta format ([`delta`]), the whole-image digest of a point ([`digest`]), and the
+//! the delta format ([`delta`]), the whole-image digest of a point ([`digest`]), the agent's push decisions ([`push`]), and the
 //! filesystem door the receiver's store goes through, real or simulated ([`vfs`]). No
 //! async, no sockets.
 
@@ -14,6 +14,7 @@ pub mod id;
 pub mod journal;
 pub mod limits;
 pub mod map;
+pub mod push;
 pub mod tracker;
 pub mod vfs;
 pub mod wire;

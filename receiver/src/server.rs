@@ -300,12 +300,7 @@ async fn handle(
             .await;
             match result {
                 Ok(Ok(p)) => Response::Resume {
-                    state: p.map(|p| wire::ResumeState {
-                        from: p.from,
-                        to: p.to,
-                        disk_size: p.disk_size,
-                        next_offset: p.next_offset,
-                    }),
+                    state: p.map(|p| p.state()),
                 },
                 Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),
                 Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
@@ -352,21 +347,32 @@ async fn handle(
             })
             .await;
             match result {
-                Ok(Ok(Ingested::Committed { point, .. })) => {
-                    info!(%agent, point = %point.change_id, "committed");
-                    Response::Committed {
-                        change_id: point.change_id,
-                        already: false,
+                Ok(result) => {
+                    if let Ok(Ingested::Committed { point, .. }) = &result {
+                        info!(%agent, point = %point.change_id, "committed");
                     }
+                    push_answer(result)
                 }
-                Ok(Ok(Ingested::AlreadyCommitted { change_id })) => Response::Committed {
-                    change_id,
-                    already: true,
-                },
-                Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),
                 Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
             }
         }
+    }
+}
+
+/// The answer to a push, from what the store made of it: a commit (or the note that the
+/// point was committed before) only when the point is durable, else the refusal and why.
+/// `ctk-sim` answers its simulated pushes with it too.
+pub fn push_answer(result: Result<Ingested, StoreError>) -> Response {
+    match result {
+        Ok(Ingested::Committed { point, .. }) => Response::Committed {
+            change_id: point.change_id,
+            already: false,
+        },
+        Ok(Ingested::AlreadyCommitted { change_id }) => Response::Committed {
+            change_id,
+            already: true,
+        },
+        Err(e) => Response::refused(refusal(&e), describe(&e)),
     }
 }
 

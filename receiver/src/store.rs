@@ -274,6 +274,18 @@ pub struct Partial {
     pub direct: bool,
 }
 
+impl Partial {
+    /// What the agent is told of it (`Response::Resume`).
+    pub fn state(&self) -> ctk::wire::ResumeState {
+        ctk::wire::ResumeState {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            disk_size: self.disk_size,
+            next_offset: self.next_offset,
+        }
+    }
+}
+
 const PARTIAL_JSON: &str = "staging/partial.json";
 const PARTIAL_DELTA: &str = "staging/partial.ctkd";
 /// Longest resume state read back.

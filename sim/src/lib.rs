@@ -7,11 +7,13 @@
 //! cut, fails fsyncs, fills up, and returns flipped or misdirected bytes from reads). Between them a simulated link delivers each push's delta
 //! and end frame, or cuts it, corrupts it, delivers an old one again, or loses the ack.
 //!
-//! What is re-expressed here rather than run: the agent's push logic (`agent/src/
-//! replicate.rs` is async code over QUIC). The driver makes the same decisions from the same
-//! inputs: the receiver's newest point, whether the journal can name the changes since it
-//! (else a digest compare), whether a resume state fits this journal; it exports with the
-//! real `ctk::delta` writer and advances the agent's cursor only on an ack.
+//! The agent's push decisions are the real ones too: `ctk::push` (whether a resume state is
+//! trusted, which blocks a resumed push sends, the delta of a digest compare, what an answer
+//! lets the cursor do) is what `agent/src/replicate.rs` calls between its QUIC requests, and
+//! the receiver's answer is `ctk_receiver::server::push_answer`, as the server sends it.
+//! What stays outside: the QUIC transport, the agent's NBD front, its snapshot and export
+//! pipeline (a FIFO between two threads), and the order of the agent's requests (newest,
+//! answerable, resume, push), which this driver repeats in one function.
 //!
 //! The seed picks everything: the disk's size, the workload, and the fault rates
 //! themselves (swarm testing: some seeds crash a lot, some never, some fill the disk). The
@@ -29,14 +31,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use ctk::delta::{self, DeltaHeader, WriteOptions};
 use ctk::digest::Leaves;
+use ctk::push::AfterPush;
 use ctk::vfs::{SimFaults, SimFs, SimFsStats, Vfs};
+use ctk::wire::Response;
 use ctk::{
-    ChangeId, CrashMode, Extent, Generation, MemStorage, OpenOutcome, Since, Tracker,
+    ChangeId, CrashMode, Extent, Generation, Geometry, MemStorage, OpenOutcome, Since, Tracker,
     TrackerConfig, TrackerError,
 };
 use ctk_receiver::store::{DiskStore, Ingested, PointMeta};
@@ -558,8 +562,8 @@ impl Sim {
     }
 
     /// Delivers one push to the receiver through the faulty link and filesystem; returns
-    /// the point acknowledged, if any.
-    fn deliver(&mut self, push: &Push, may_fault: bool) -> Result<Option<String>, Violation> {
+    /// the receiver's answer (`ctk_receiver::server::push_answer`), none when the power went.
+    fn deliver(&mut self, push: &Push, may_fault: bool) -> Result<Option<Response>, Violation> {
         let mut bytes = push.bytes.clone();
         let mut meta = push.meta.clone();
         let mut cut_at = None;
@@ -618,27 +622,25 @@ impl Sim {
             self.power_cut();
             return Ok(None);
         }
-        match result {
+        match &result {
             Ok(Ingested::Committed { point, dropped }) => {
                 self.report.commits += 1;
-                self.report.points_dropped += dropped as u64;
+                self.report.points_dropped += *dropped as u64;
                 self.event(format!(
                     "receiver: committed {} (dropped {dropped})",
                     point.change_id
                 ));
-                Ok(Some(point.change_id))
             }
             Ok(Ingested::AlreadyCommitted { change_id }) => {
                 self.report.already_committed += 1;
                 self.event(format!("receiver: {change_id} was committed already"));
-                Ok(Some(change_id))
             }
             Err(e) => {
                 self.report.refused += 1;
                 self.event(format!("receiver: refused: {e}"));
-                Ok(None)
             }
         }
+        Ok(Some(ctk_receiver::server::push_answer(result)))
     }
 
     /// The receiver's points (a store that does not open is a violation).
@@ -666,7 +668,12 @@ impl Sim {
         }
         let points = self.receiver_points()?;
         let newest = points.last().map(|p| p.change_id.clone());
-        let partial = self.open_store().ok().and_then(|s| s.partial());
+        // What the receiver answers the agent's `Resume` request with.
+        let offered = self
+            .open_store()
+            .ok()
+            .and_then(|s| s.partial())
+            .map(|p| p.state());
         let to = match self.tracker()?.cut() {
             Ok(id) => id,
             Err(e) => {
@@ -677,71 +684,20 @@ impl Sim {
         };
         self.cuts.insert(to.to_string(), self.source.clone());
         let image = self.source.clone();
-
-        // What to send: a full into an empty store; the changes since the receiver's newest
-        // point when the journal can name them; else a digest compare.
+        let read = |offset: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&image[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        };
+        let geometry = Geometry::new(self.size, BS).expect("a simulated disk's geometry");
         let newest_id = newest
             .as_deref()
             .map(|n| n.parse::<ChangeId>().expect("a point id"));
-        let forced_resync = self.rng.chance(self.swarm.forced_resync);
-        let mut resume = None;
-        let (from, extents) = match newest_id {
-            None => {
-                self.report.fulls += 1;
-                let extents = self
-                    .changed(Since::All, to)?
-                    .unwrap_or_else(|| vec![Extent::new(0, self.size)]);
-                (None, extents)
-            }
-            Some(from) => {
-                let since = if forced_resync {
-                    None
-                } else {
-                    self.changed(Since::Id(from), to)?
-                };
-                match since {
-                    Some(extents) => {
-                        self.check_reported(&from, to, &extents)?;
-                        (Some(from), extents)
-                    }
-                    None => {
-                        self.report.resyncs += 1;
-                        match self.compare(&image) {
-                            Some(extents) => (Some(from), extents),
-                            None => {
-                                self.event("agent: resync digests unavailable".into());
-                                return Ok(());
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        // A resume state that continues this push's start and is a cut of this journal the
-        // tracker can still answer from: send only the rest.
-        let mut extents = extents;
-        if let Some(p) = partial
-            && p.from == newest
-            && p.disk_size == self.size
-            && !forced_resync
-            && let Ok(prior) = p.to.parse::<ChangeId>()
-            && prior.generation == to.generation
-            && self.cuts.contains_key(&p.to)
-            && let Some(below) = self.changed(Since::Id(prior), to)?
-        {
-            let upper: Vec<Extent> = clip(&extents, p.next_offset, self.size);
-            let lower: Vec<Extent> = clip(&below, 0, p.next_offset);
-            extents = merge(upper, lower);
-            resume = Some((p.to.clone(), p.next_offset));
-            self.report.resumes += 1;
-            self.event(format!("agent: resuming {} at {}", p.to, p.next_offset));
-        }
         let header = DeltaHeader {
             disk_id: DISK.into(),
             disk_size: self.size,
             block_size: BS as u32,
             // A resumed push starts where the cut-off one did: the same point.
-            from,
+            from: newest_id,
             to,
         };
         let options = WriteOptions {
@@ -751,18 +707,104 @@ impl Sim {
                 None
             },
         };
-        let src = image.clone();
-        let (bytes, _) = delta::export_with(
-            |offset, buf| {
-                buf.copy_from_slice(&src[offset as usize..offset as usize + buf.len()]);
-                Ok(())
-            },
-            &extents,
-            &header,
-            options,
-            Vec::new(),
-        )
-        .map_err(|e| self.violation(format!("export failed: {e}")))?;
+
+        // What to send, decided as the agent does (`agent/src/replicate.rs`, with the same
+        // `ctk::push` functions): a full into an empty store; the changes since the
+        // receiver's newest point when the journal can name them, continuing the receiver's
+        // resume state when it fits; else (or when forced) a digest compare.
+        let since = newest_id.map_or(Since::All, Since::Id);
+        let forced_resync = newest_id.is_some() && self.rng.chance(self.swarm.forced_resync);
+        let named = if forced_resync {
+            None
+        } else {
+            self.changed(since, to)?
+        };
+        let mut resume = None;
+        let exported = match (named, newest_id) {
+            (None, None) => {
+                // The journal cannot name everything written: send the whole disk.
+                self.report.fulls += 1;
+                delta::export_with(
+                    read,
+                    [Extent::new(0, self.size)],
+                    &header,
+                    options,
+                    Vec::new(),
+                )
+            }
+            (Some(extents), from) => {
+                match from {
+                    Some(from) => self.check_reported(&from, to, &extents)?,
+                    None => self.report.fulls += 1,
+                }
+                let mut extents = extents;
+                if let Some(state) = offered {
+                    let size = self.size;
+                    let t = self.tracker()?;
+                    let judged = ctk::push::judge_resume(&state, newest.as_deref(), size, |cut| {
+                        let prior: ChangeId = cut.parse().map_err(|e| format!("{e}"))?;
+                        t.changed_blocks(Since::Id(prior), to)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    });
+                    let blocks = judged.and_then(|prior| {
+                        let all = t.changed_blocks(since, to).map_err(|e| e.to_string())?;
+                        let later = t
+                            .changed_blocks(Since::Id(prior), to)
+                            .map_err(|e| e.to_string())?;
+                        Ok(ctk::push::resume_blocks(&all, &later, state.next_offset, &geometry).0)
+                    });
+                    match blocks {
+                        Ok(send) => {
+                            extents = ctk::map::blocks_to_extents(&send, &geometry);
+                            resume = Some((state.to.clone(), state.next_offset));
+                            self.report.resumes += 1;
+                            self.event(format!(
+                                "agent: resuming {} at {}",
+                                state.to, state.next_offset
+                            ));
+                        }
+                        Err(why) => self.event(format!("agent: not resuming {state:?}: {why}")),
+                    }
+                }
+                self.event(format!("agent: {} extents to send", extents.len()));
+                delta::export_with(read, &extents, &header, options, Vec::new())
+            }
+            (None, Some(_)) => {
+                self.report.resyncs += 1;
+                let unit = (BS as u32) << self.rng.below(3);
+                let Some((_, size, hashes)) = self
+                    .open_store()
+                    .ok()
+                    .and_then(|s| s.unit_digests(unit).ok())
+                else {
+                    self.event("agent: resync digests unavailable".into());
+                    return Ok(());
+                };
+                // A replica of another size has no hash the agent can use: the full copy.
+                let theirs = if size == self.size {
+                    hashes
+                } else {
+                    Vec::new()
+                };
+                let r = ctk::push::compare_export(
+                    read,
+                    self.size,
+                    unit,
+                    &theirs[..],
+                    &header,
+                    options,
+                    Vec::new(),
+                );
+                if let Ok((_, _, differing)) = &r {
+                    self.event(format!(
+                        "agent: resync by digests, {differing} bytes differ"
+                    ));
+                }
+                r.map(|(w, summary, _)| (w, summary))
+            }
+        };
+        let (bytes, _) = exported.map_err(|e| self.violation(format!("export failed: {e}")))?;
         let mut leaves = Leaves::zeroed(self.size, BS as u32).expect("small disk");
         leaves.set_data(0, &image).expect("whole image");
         let push = Push {
@@ -775,22 +817,28 @@ impl Sim {
             resume,
         };
         self.event(format!(
-            "agent: push {:?} -> {to}, {} extents, {} bytes",
+            "agent: push {:?} -> {to}, {} bytes",
             header.from.map(|f| f.to_string()),
-            extents.len(),
             push.bytes.len()
         ));
-        let acked = self.deliver(&push, true)?;
+        let answer = self.deliver(&push, true)?;
         self.last_push = Some(push);
-        if let Some(id) = acked {
-            if self.rng.chance(self.swarm.ack_lost) {
-                self.report.acks_lost += 1;
-                self.event(format!("link: the ack of {id} is lost"));
-            } else {
-                self.last_acked = Some(id.clone());
-                self.committed_seen(&id);
-                self.advance_cursor(&id)?;
+        // What the answer lets the agent do, read as the agent reads it.
+        match answer.map(|a| ctk::push::after_push(&a, &to.to_string())) {
+            Some(AfterPush::Committed { change_id, .. }) => {
+                if self.rng.chance(self.swarm.ack_lost) {
+                    self.report.acks_lost += 1;
+                    self.event(format!("link: the ack of {change_id} is lost"));
+                } else {
+                    self.last_acked = Some(change_id.clone());
+                    self.committed_seen(&change_id);
+                    self.advance_cursor(&change_id)?;
+                }
             }
+            Some(AfterPush::Retry(why)) | Some(AfterPush::Failed(why)) => {
+                self.event(format!("agent: not committed: {why}"));
+            }
+            None => {}
         }
         self.check_receiver()
     }
@@ -806,30 +854,6 @@ impl Sim {
             }
             Err(e) => Err(self.violation(format!("changed({since:?}) failed: {e}"))),
         }
-    }
-
-    /// The units whose receiver digest differs from the source's (the resync plan).
-    fn compare(&mut self, image: &[u8]) -> Option<Vec<Extent>> {
-        let unit = (BS as u32) << self.rng.below(3);
-        let (_, size, hashes) = self.open_store().ok()?.unit_digests(unit).ok()?;
-        let mut extents = Vec::new();
-        let mut at = 0u64;
-        let mut i = 0;
-        while at < self.size {
-            let n = (self.size - at).min(unit as u64);
-            let mine = ctk::digest::unit_hash(&image[at as usize..(at + n) as usize]);
-            let theirs = hashes.get(i * 32..i * 32 + 32);
-            if size != self.size || theirs != Some(&mine[..]) {
-                extents.push(Extent::new(at, n));
-            }
-            at += n;
-            i += 1;
-        }
-        self.event(format!(
-            "agent: resync by digests, {} units differ",
-            extents.len()
-        ));
-        Some(merge(extents, Vec::new()))
     }
 
     fn advance_cursor(&mut self, id: &str) -> Outcome {
@@ -1031,38 +1055,4 @@ pub fn trace_with(seed: u64, fs_ops: bool) -> (Vec<String>, Result<Report, Viola
     sim.report.fs = sim.fs.stats();
     events.append(&mut sim.trace);
     (events, outcome.map(|()| sim.report))
-}
-
-/// The parts of `extents` inside `[lo, hi)`.
-fn clip(extents: &[Extent], lo: u64, hi: u64) -> Vec<Extent> {
-    extents
-        .iter()
-        .filter_map(|e| {
-            let s = e.offset.max(lo);
-            let end = e.end().min(hi);
-            (s < end).then(|| Extent::new(s, end - s))
-        })
-        .collect()
-}
-
-/// Two extent lists as one, ascending and disjoint.
-fn merge(mut a: Vec<Extent>, b: Vec<Extent>) -> Vec<Extent> {
-    a.extend(b);
-    a.sort_by_key(|e| e.offset);
-    let mut out: Vec<Extent> = Vec::with_capacity(a.len());
-    for e in a {
-        match out.last_mut() {
-            Some(last) if e.offset <= last.end() => {
-                let end = last.end().max(e.end());
-                last.length = end - last.offset;
-            }
-            _ => out.push(e),
-        }
-    }
-    out
-}
-
-/// Where the simulated store lives (for reports).
-pub fn store_root() -> PathBuf {
-    PathBuf::from(ROOT).join(DISK)
 }
