@@ -254,6 +254,7 @@ fn cycles(
         cursor: "replica".into(),
         work_dir: dir.to_path_buf(),
         resync_unit: replicate::RESYNC_UNIT_DEFAULT,
+        streams: replicate::STREAMS_DEFAULT,
     };
     let source = dir.join("source.img");
     let call = |req: Value| replicate::control_call(control, &req);

@@ -34,7 +34,13 @@ pub struct Replicate {
     pub work_dir: PathBuf,
     /// The unit a resync compares (bytes; `ctk::digest::unit_count` says what fits).
     pub resync_unit: u32,
+    /// How many QUIC streams a push's delta is spread over (1 to `wire::LANES_MAX`).
+    pub streams: u8,
 }
+
+/// Default number of streams per push: one stream's flow-control window (quinn's default,
+/// 1.25 MB) caps it at that much per round trip, about 12 MB/s at 100 ms.
+pub const STREAMS_DEFAULT: u8 = 4;
 
 /// Default resync unit: 64 KiB, the size of the extents a typical guest rewrites.
 pub const RESYNC_UNIT_DEFAULT: u32 = 64 << 10;
@@ -239,15 +245,36 @@ fn push(
         });
         let streamed = runtime.block_on(async {
             let (mut send, recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
-            let request = match plan {
-                Plan::Resume { prior, next_offset } => Request::PushResume {
+            let (resumes, next_offset) = match plan {
+                Plan::Resume { prior, next_offset } => (Some(prior.clone()), *next_offset),
+                _ => (None, 0),
+            };
+            // One stream: the requests every receiver of `ctk/2` knows.
+            let request = match (r.streams, resumes) {
+                (1, Some(resumes)) => Request::PushResume {
                     disk: disk.into(),
-                    resumes: prior.clone(),
-                    next_offset: *next_offset,
+                    resumes,
+                    next_offset,
                 },
-                _ => Request::Push { disk: disk.into() },
+                (1, None) => Request::Push { disk: disk.into() },
+                (lanes, resumes) => Request::PushLanes {
+                    disk: disk.into(),
+                    lanes,
+                    resumes,
+                    next_offset,
+                },
             };
             ctk_net::write_frame(&mut send, &request.encode()).await?;
+            let push = u64::from(send.id());
+            let mut lanes = vec![send];
+            for index in 1..r.streams {
+                let mut lane = conn.open_uni().await.map_err(|e| closed(conn, e.into()))?;
+                let frame = ctk_net::wire::Lane { push, index }.encode();
+                ctk_net::write_frame(&mut lane, &frame).await?;
+                lanes.push(lane);
+            }
+            // Chunk i goes on lane i % lanes: the receiver reads them back in that order.
+            let mut turn = 0;
             let mut sent = 0u64;
             let mut failed = None;
             while let Some(chunk) = rx.recv().await {
@@ -262,7 +289,11 @@ fn push(
                 while at < chunk.len() && failed.is_none() {
                     let end = (at + piece).min(chunk.len());
                     s.limiter.pace(end - at).await;
-                    if let Err(e) = ctk_net::write_chunk(&mut send, chunk.slice(at..end)).await {
+                    let lane = turn;
+                    turn = (turn + 1) % lanes.len();
+                    if let Err(e) =
+                        ctk_net::write_chunk(&mut lanes[lane], chunk.slice(at..end)).await
+                    {
                         failed = Some(closed(conn, e.into()));
                     }
                     at = end;
@@ -289,7 +320,7 @@ fn push(
                         _ => Err(e),
                     }
                 }
-                None => Ok::<_, anyhow::Error>((send, recv, sent)),
+                None => Ok::<_, anyhow::Error>((lanes, recv, sent)),
             }
         });
         let exported = exporter
@@ -308,7 +339,7 @@ fn push(
         Some(id) => format!("exporting the changes since the receiver's newest point {id}"),
         None => "exporting a first full".into(),
     })?;
-    let (mut send, mut recv, sent) = streamed?;
+    let (mut lanes, mut recv, sent) = streamed?;
     // A resync read every block: its pairs are the whole image's leaves.
     let base = match plan {
         Plan::Since | Plan::Resume { .. } => newest,
@@ -337,8 +368,15 @@ fn push(
         image_digest: digest.map(|d| d.0),
     };
     let answer = runtime.block_on(async {
-        ctk_net::end_chunks(&mut send).await?;
-        ctk_net::write_frame(&mut send, &end.encode()).await?;
+        for lane in &mut lanes {
+            ctk_net::end_chunks(lane).await?;
+        }
+        let mut extra = lanes.split_off(1);
+        for lane in &mut extra {
+            lane.finish()?;
+        }
+        let send = &mut lanes[0];
+        ctk_net::write_frame(send, &end.encode()).await?;
         send.finish()?;
         let frame = ctk_net::read_frame(&mut recv)
             .await

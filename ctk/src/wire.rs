@@ -42,6 +42,47 @@ pub enum Request {
         resumes: String,
         next_offset: u64,
     },
+    /// A push (`resumes: None`) or a resumed push, its delta spread over `lanes` streams:
+    /// chunk `i` (counting from 0) goes on lane `i % lanes`. Lane 0 is this stream; lanes 1
+    /// and up are unidirectional streams the agent opens, each starting with a [`Lane`]
+    /// frame. Every lane ends with a zero length after the delta's last chunk, and the
+    /// [`PushEnd`] follows on lane 0. One stream's flow-control window caps what it carries
+    /// per round trip; several lanes carry that much each on a long link.
+    PushLanes {
+        disk: String,
+        lanes: u8,
+        resumes: Option<String>,
+        next_offset: u64,
+    },
+}
+
+/// Most lanes one push may use.
+pub const LANES_MAX: u8 = 16;
+
+/// The first frame of a push's extra lane: which push (the index of the request's stream,
+/// `quinn::StreamId`'s `u64`) and which lane of it (1 to `lanes - 1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Lane {
+    pub push: u64,
+    pub index: u8,
+}
+
+impl Lane {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Lane, WireError> {
+        let lane: Lane = decode(bytes)?;
+        if lane.index == 0 || lane.index >= LANES_MAX {
+            return Err(WireError::Malformed(format!(
+                "lane {} (lanes 1 to {} open streams of their own)",
+                lane.index,
+                LANES_MAX - 1
+            )));
+        }
+        Ok(lane)
+    }
 }
 
 /// Longest chunk of a pushed delta.
@@ -191,6 +232,9 @@ impl Request {
             | Request::Digests { disk, .. }
             | Request::Resume { disk } => check(&[disk])?,
             Request::PushResume { disk, resumes, .. } => check(&[disk, resumes])?,
+            Request::PushLanes { disk, resumes, .. } => {
+                check(&[disk, resumes.as_deref().unwrap_or("")])?
+            }
         }
         Ok(r)
     }
@@ -250,9 +294,21 @@ mod tests {
                 resumes: "ab/2".into(),
                 next_offset: 1 << 20,
             },
+            Request::PushLanes {
+                disk: "vm1".into(),
+                lanes: 4,
+                resumes: Some("ab/2".into()),
+                next_offset: 1 << 20,
+            },
         ];
         for m in msgs {
             assert_eq!(Request::decode(&m.encode()).unwrap(), m);
+        }
+        let lane = Lane { push: 8, index: 3 };
+        assert_eq!(Lane::decode(&lane.encode()).unwrap(), lane);
+        for index in [0, LANES_MAX, 255] {
+            let bad = Lane { push: 8, index }.encode();
+            assert!(Lane::decode(&bad).is_err(), "lane {index}");
         }
         for end in [
             PushEnd {

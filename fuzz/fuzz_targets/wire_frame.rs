@@ -3,7 +3,7 @@
 //! (libFuzzer's -rss_limit_mb catches those).
 #![no_main]
 
-use ctk::wire::{PushEnd, Request, Response};
+use ctk::wire::{Lane, PushEnd, Request, Response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,5 +15,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(e) = PushEnd::decode(data) {
         assert_eq!(PushEnd::decode(&e.encode()).expect("re-decodes"), e);
+    }
+    if let Ok(l) = Lane::decode(data) {
+        assert_eq!(Lane::decode(&l.encode()).expect("re-decodes"), l);
     }
 });

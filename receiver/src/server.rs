@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ctk::digest::ImageDigest;
@@ -138,6 +139,8 @@ async fn connection(incoming: quinn::Incoming, config: Arc<Config>) -> Result<()
         .context("agent not on the allow-list")?
         .clone();
     info!(%agent, "agent connected");
+    let lanes = Arc::new(Lanes::default());
+    tokio::spawn(lanes.clone().accept(conn.clone()));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -147,9 +150,10 @@ async fn connection(incoming: quinn::Incoming, config: Arc<Config>) -> Result<()
         };
         let config = config.clone();
         let agent = agent.clone();
+        let lanes = lanes.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = stream(&agent, &config, send, recv).await {
+                if let Err(e) = stream(&agent, &config, &lanes, send, recv).await {
                     warn!(error = %e, "request failed");
                 }
             }
@@ -158,9 +162,95 @@ async fn connection(incoming: quinn::Incoming, config: Arc<Config>) -> Result<()
     }
 }
 
+/// The extra lanes of a connection's pushes (`Request::PushLanes`), each parked from the
+/// moment its stream's first frame names it until its push takes it: a lane may arrive
+/// before or after its push's request is read.
+#[derive(Default)]
+struct Lanes {
+    parked: Mutex<HashMap<(u64, u8), quinn::RecvStream>>,
+    arrived: tokio::sync::Notify,
+}
+
+/// Most lanes parked on one connection at once: a peer that opens streams and never pushes
+/// holds no more than this.
+const PARKED_MAX: usize = 64;
+/// How long a push waits for all its lanes, and a new stream for its lane frame.
+const LANE_WAIT: Duration = Duration::from_secs(10);
+
+impl Lanes {
+    fn parked(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u8), quinn::RecvStream>> {
+        // The map holds no invariant a panicking holder could break.
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accepts the connection's unidirectional streams (only lanes use them) until it
+    /// closes.
+    async fn accept(self: Arc<Self>, conn: quinn::Connection) {
+        while let Ok(mut recv) = conn.accept_uni().await {
+            let lanes = self.clone();
+            tokio::spawn(async move {
+                let frame = tokio::time::timeout(LANE_WAIT, ctk_net::read_frame(&mut recv)).await;
+                let lane = match frame {
+                    Ok(Ok(f)) => wire::Lane::decode(&f).map_err(|e| e.to_string()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no lane frame within {LANE_WAIT:?}")),
+                };
+                let refused = match lane {
+                    Ok(lane) => {
+                        let mut parked = lanes.parked();
+                        if parked.len() >= PARKED_MAX {
+                            Some(format!("{PARKED_MAX} lanes wait for their pushes already"))
+                        } else {
+                            parked.insert((lane.push, lane.index), recv);
+                            None
+                        }
+                    }
+                    Err(why) => Some(why),
+                };
+                match refused {
+                    Some(why) => warn!(%why, "a stream refused as a push's lane"),
+                    None => lanes.arrived.notify_waiters(),
+                }
+            });
+        }
+    }
+
+    /// Takes lanes 1 to `count - 1` of push `push` (its request stream's id), waiting up to
+    /// `LANE_WAIT` for them all.
+    async fn take(&self, push: u64, count: u8) -> Result<Vec<quinn::RecvStream>, String> {
+        let deadline = tokio::time::Instant::now() + LANE_WAIT;
+        let mut got: Vec<Option<quinn::RecvStream>> = (1..count).map(|_| None).collect();
+        loop {
+            // Registered before looking, so a lane parked in between still wakes us.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let mut parked = self.parked();
+                for (i, slot) in got.iter_mut().enumerate() {
+                    if slot.is_none() {
+                        *slot = parked.remove(&(push, i as u8 + 1));
+                    }
+                }
+            }
+            if let Some(missing) = got.iter().position(Option::is_none) {
+                if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                    return Err(format!(
+                        "lane {} of {count} did not arrive within {LANE_WAIT:?}",
+                        missing + 1
+                    ));
+                }
+            } else {
+                return Ok(got.into_iter().flatten().collect());
+            }
+        }
+    }
+}
+
 async fn stream(
     agent: &str,
     config: &Config,
+    lanes: &Lanes,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<()> {
@@ -169,7 +259,7 @@ async fn stream(
         Ok(frame) => match Request::decode(&frame) {
             Err(e) => (Response::refused(Refusal::BadRequest, e.to_string()), None),
             Ok(Request::Digests { disk, unit }) => digests(agent, config, disk, unit).await,
-            Ok(request) => (handle(agent, config, request, recv).await, None),
+            Ok(request) => (handle(agent, config, lanes, request, recv).await, None),
         },
     };
     if let Response::Refused { message, .. } = &response {
@@ -260,6 +350,7 @@ async fn digests(
 async fn handle(
     agent: &str,
     config: &Config,
+    lanes: &Lanes,
     request: Request,
     recv: quinn::RecvStream,
 ) -> Response {
@@ -306,18 +397,37 @@ async fn handle(
                 Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
             }
         }
-        Request::Push { .. } | Request::PushResume { .. } => {
-            let (disk, resume) = match request {
+        Request::Push { .. } | Request::PushResume { .. } | Request::PushLanes { .. } => {
+            let (disk, resume, count) = match request {
                 Request::PushResume {
                     disk,
                     resumes,
                     next_offset,
-                } => (disk, Some((resumes, next_offset))),
-                Request::Push { disk } => (disk, None),
+                } => (disk, Some((resumes, next_offset)), 1),
+                Request::Push { disk } => (disk, None, 1),
+                Request::PushLanes {
+                    disk,
+                    lanes,
+                    resumes,
+                    next_offset,
+                } => (disk, resumes.map(|r| (r, next_offset)), lanes),
                 _ => unreachable!("matched above"),
             };
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));
+            }
+            if !(1..=wire::LANES_MAX).contains(&count) {
+                return Response::refused(
+                    Refusal::BadRequest,
+                    format!("a push over {count} lanes (1 to {})", wire::LANES_MAX),
+                );
+            }
+            let mut streams = vec![];
+            let push = u64::from(recv.id());
+            streams.push(recv);
+            match lanes.take(push, count).await {
+                Ok(extra) => streams.extend(extra),
+                Err(why) => return Response::refused(Refusal::BadRequest, why),
             }
             let retention = config.retention(&disk);
             let handle = tokio::runtime::Handle::current();
@@ -331,7 +441,8 @@ async fn handle(
                 // A push waits for a merge in progress to finish, then continues from it.
                 let (mut s, _) = DiskStore::open_waiting(&root, &disk)?;
                 let input = ChunkReader {
-                    recv,
+                    lanes: streams,
+                    turn: 0,
                     left: 0,
                     done: false,
                     handle,
@@ -376,14 +487,35 @@ pub fn push_answer(result: Result<Ingested, StoreError>) -> Response {
     }
 }
 
-/// The delta of a push, read from its chunks on the QUIC stream on a blocking thread: the
-/// bytes of each chunk, then end of input at the zero-length chunk. A chunk length over
-/// `CHUNK_MAX` is refused before anything is read into memory.
+/// The delta of a push, read from its chunks on the push's lanes (one stream, or several
+/// taking turns chunk by chunk) on a blocking thread: the bytes of each chunk, then end of
+/// input at the zero-length chunk. A chunk length over `CHUNK_MAX` is refused before
+/// anything is read into memory.
 struct ChunkReader {
-    recv: quinn::RecvStream,
+    /// Lane 0 is the push's own stream, which also carries its end frame.
+    lanes: Vec<quinn::RecvStream>,
+    /// The lane the current (or next) chunk is on.
+    turn: usize,
     left: usize,
     done: bool,
     handle: tokio::runtime::Handle,
+}
+
+impl ChunkReader {
+    /// The next chunk's length on the lane whose turn it is.
+    fn chunk_len(&mut self) -> std::io::Result<usize> {
+        let mut len = [0u8; 4];
+        let lane = self.turn;
+        self.handle
+            .block_on(self.lanes[lane].read_exact(&mut len))
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the delta's chunks ended early on lane {lane}: {e}"),
+                )
+            })?;
+        Ok(u32::from_le_bytes(len) as usize)
+    }
 }
 
 impl Read for ChunkReader {
@@ -392,16 +524,7 @@ impl Read for ChunkReader {
             return Ok(0);
         }
         if self.left == 0 {
-            let mut len = [0u8; 4];
-            self.handle
-                .block_on(self.recv.read_exact(&mut len))
-                .map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the delta's chunks ended early: {e}"),
-                    )
-                })?;
-            let len = u32::from_le_bytes(len) as usize;
+            let len = self.chunk_len()?;
             if len == 0 {
                 self.done = true;
                 return Ok(0);
@@ -415,9 +538,15 @@ impl Read for ChunkReader {
             self.left = len;
         }
         let n = buf.len().min(self.left);
-        match self.handle.block_on(self.recv.read(&mut buf[..n])) {
+        match self
+            .handle
+            .block_on(self.lanes[self.turn].read(&mut buf[..n]))
+        {
             Ok(Some(k)) => {
                 self.left -= k;
+                if self.left == 0 {
+                    self.turn = (self.turn + 1) % self.lanes.len();
+                }
                 Ok(k)
             }
             Ok(None) => Err(std::io::Error::new(
@@ -436,9 +565,22 @@ impl ChunkReader {
         if !self.done {
             return Err(bad("the delta's chunks go on past its trailer".into()));
         }
+        // Every other lane ends where the delta did.
+        for _ in 1..self.lanes.len() {
+            self.turn = (self.turn + 1) % self.lanes.len();
+            let len = self
+                .chunk_len()
+                .map_err(|e| bad(format!("the end of lane {}: {e}", self.turn)))?;
+            if len != 0 {
+                return Err(bad(format!(
+                    "lane {} goes on past the delta's trailer",
+                    self.turn
+                )));
+            }
+        }
         let frame = self
             .handle
-            .block_on(ctk_net::read_frame(&mut self.recv))
+            .block_on(ctk_net::read_frame(&mut self.lanes[0]))
             .map_err(|e| bad(format!("the push's end frame: {e}")))?;
         let end =
             wire::PushEnd::decode(&frame).map_err(|e| bad(format!("the push's end frame: {e}")))?;
