@@ -250,7 +250,7 @@ fn push(
                 _ => (None, 0),
             };
             // One stream: the requests every receiver of `ctk/2` knows.
-            let request = match (r.streams, resumes) {
+            let request = match (s.streams, resumes) {
                 (1, Some(resumes)) => Request::PushResume {
                     disk: disk.into(),
                     resumes,
@@ -267,7 +267,7 @@ fn push(
             ctk_net::write_frame(&mut send, &request.encode()).await?;
             let push = u64::from(send.id());
             let mut lanes = vec![send];
-            for index in 1..r.streams {
+            for index in 1..s.streams {
                 let mut lane = conn.open_uni().await.map_err(|e| closed(conn, e.into()))?;
                 let frame = ctk_net::wire::Lane { push, index }.encode();
                 ctk_net::write_frame(&mut lane, &frame).await?;
@@ -487,6 +487,8 @@ pub struct Session<'a> {
     leaf_path: PathBuf,
     limiter: Limiter,
     conn: Option<quinn::Connection>,
+    /// Streams per push: `r.streams`, or 1 once a receiver turned multi-stream pushes down.
+    streams: u8,
     _lock: std::fs::File,
 }
 
@@ -539,6 +541,7 @@ impl<'a> Session<'a> {
             leaf_path,
             limiter: Limiter::new(bwlimit),
             conn: None,
+            streams: r.streams,
             _lock: lock,
         })
     }
@@ -735,7 +738,24 @@ impl<'a> Session<'a> {
                 Plan::Resume { next_offset, .. } => Some(*next_offset),
                 _ => None,
             };
-            let pushed = push(self, &conn, newest.as_deref(), cut, &plan)?;
+            let pushed = push(self, &conn, newest.as_deref(), cut, &plan);
+            // A receiver from before multi-stream pushes does not know the request: it says
+            // so in the refusal (either as the answer or as the reason the stream was cut).
+            // Push again on one stream, the way it knows, rather than failing.
+            let refusal = match &pushed {
+                Ok(p) => format!("{:?}", p.answer),
+                Err(e) => format!("{e:#}"),
+            };
+            if self.streams > 1 && refusal.contains("UnexpectedVariant") && tries < 3 {
+                tracing::warn!(
+                    receiver = %self.r.receiver, streams = self.streams,
+                    "the receiver does not know multi-stream pushes (it is older than this agent): \
+                     pushing on one stream; upgrade it, or pass --streams 1"
+                );
+                self.streams = 1;
+                continue;
+            }
+            let pushed = pushed?;
             let to = pushed.exported["to"].as_str().unwrap_or("");
             match ctk::push::after_push(&pushed.answer, to) {
                 AfterPush::Committed { change_id, already } => {
