@@ -501,6 +501,13 @@ impl FileAt for SimFile {
                 buf[bit / 8] ^= 1 << (bit % 8);
             }
             s.stats.bad_reads += 1;
+            let ino = self.ino;
+            s.note(|| match from == offset as usize {
+                true => format!("bad read: a bit flipped in inode {ino} at {offset} (+{n})"),
+                false => {
+                    format!("bad read: inode {ino} at {offset} (+{n}) gave the bytes at {from}")
+                }
+            });
         }
         Ok(n)
     }

@@ -652,11 +652,44 @@ impl DiskStore {
                         disk: self.name.clone(),
                         why: format!("manifest point id: {e}"),
                     })?;
+                // The leaves must give the digest the point was committed with: the leaf
+                // file's body has no checksum of its own, and a misread one (or a misread
+                // full.img) would make the pre-image check below pass wrong bytes into the
+                // undo. (Found by the simulation, seed 81427: a shifted read of the leaf
+                // file, then a misdirected read of zeros that matched its zero leaves.)
+                let fits = |l: &Leaves| {
+                    newest
+                        .image_digest
+                        .as_deref()
+                        .is_none_or(|d| l.digest().to_string() == d)
+                };
                 match LeafFile::load_in(&*self.fs, &self.leaves_path(), at) {
-                    Ok(Some(l)) => Ok(l),
-                    Ok(None) | Err(_) => {
+                    Ok(Some(l)) if fits(&l) => Ok(l),
+                    _ => {
                         tracing::info!(disk = %self.name, "reading full.img to rebuild its block digests");
-                        Leaves::of_image(full, newest.disk_size, header.block_size)
+                        let mut rebuilt =
+                            Leaves::of_image(full, newest.disk_size, header.block_size);
+                        for _ in 1..READ_ATTEMPTS {
+                            match &rebuilt {
+                                Ok(l) if !fits(l) => {
+                                    rebuilt =
+                                        Leaves::of_image(full, newest.disk_size, header.block_size)
+                                }
+                                _ => break,
+                            }
+                        }
+                        match rebuilt {
+                            Ok(l) if !fits(&l) => {
+                                return Err(StoreError::Damaged {
+                                    disk: self.name.clone(),
+                                    why: format!(
+                                        "full.img does not read back as point {} (its digest differs, {READ_ATTEMPTS} times): run verify",
+                                        newest.change_id
+                                    ),
+                                });
+                            }
+                            other => other,
+                        }
                     }
                 }
             }
@@ -1078,16 +1111,23 @@ impl DiskStore {
             .ok()?;
         let p: Partial = serde_json::from_str(&text).ok()?;
         let newest = self.points().last().map(|n| n.change_id.clone());
-        // The kept delta's record heads and trailer must read back (a resume state that
-        // does not would be refused at every resume, and replication would never move on).
+        // The kept delta's record heads and trailer must read back, and a first full's
+        // records must still be in a full.img of the disk's size (a rolled-back resume
+        // empties it): a resume state that does not fit is refused when used, and offering
+        // it costs the agent a push.
         let usable = p.from == newest
             && self.manifest.applying.is_none()
-            && (p.direct
-                || self
-                    .fs
+            && if p.direct {
+                self.fs
+                    .open(&self.full_path())
+                    .and_then(|f| f.len())
+                    .is_ok_and(|len| len == p.disk_size)
+            } else {
+                self.fs
                     .open(&self.dir.join(PARTIAL_DELTA))
                     .ok()
-                    .is_some_and(|f| DeltaFile::open(f).is_ok()));
+                    .is_some_and(|f| DeltaFile::open(f).is_ok())
+            };
         usable.then_some(p)
     }
 

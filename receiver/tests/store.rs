@@ -954,3 +954,42 @@ fn a_manifest_changed_by_one_byte_is_refused() {
     std::fs::write(&path, &good).unwrap();
     assert_eq!(points(s, "vm1"), before);
 }
+
+#[test]
+fn a_leaf_file_that_lies_is_not_trusted_to_check_pre_images() {
+    // The leaf file's body has no checksum of its own: the leaves are checked against the
+    // newest point's recorded digest before the undo's pre-images are checked against them.
+    // Here every leaf reads as "zero block": trusted, the real pre-images would all be
+    // refused (and a misdirected read of zeros accepted, which is how the simulation found
+    // it, seed 81427); checked, the leaves are rebuilt from full.img and the merge goes on.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let c = chain(dir.path(), "vm1", 3, 1 << 20, 23);
+    for d in &c.deltas[..2] {
+        ok(&["ingest", "--store", s, "--disk", "vm1", d.to_str().unwrap()]);
+    }
+    let leaves = store.join("vm1/leaves");
+    let mut bytes = std::fs::read(&leaves).unwrap();
+    assert!(
+        bytes[64..].iter().any(|&b| b != 0),
+        "a disk with data has non-zero leaves"
+    );
+    bytes[64..].fill(0);
+    std::fs::write(&leaves, &bytes).unwrap();
+    ok(&[
+        "ingest",
+        "--store",
+        s,
+        "--disk",
+        "vm1",
+        c.deltas[2].to_str().unwrap(),
+    ]);
+    let kept = points(s, "vm1");
+    assert_eq!(kept.len(), 3);
+    for (i, p) in kept.iter().enumerate() {
+        let out = dir.path().join(format!("r{i}.img"));
+        assert!(restored(s, "vm1", p, &out) == c.states[i], "point {p}");
+    }
+    ok(&["verify", "--store", s, "--disk", "vm1"]);
+}

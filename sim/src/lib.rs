@@ -666,6 +666,19 @@ impl Sim {
             self.deliver(&old, true)?;
             self.check_receiver()?;
         }
+        // As the agent does: a push the receiver turned down because it moved on meanwhile
+        // (or because the resume state it offered no longer fits) is tried again at once,
+        // from where the receiver then stands, up to 3 times; each try is a new cut.
+        for _ in 0..3 {
+            if !self.push_try()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One try of a push; `Ok(true)` when the answer asks the agent to try again.
+    fn push_try(&mut self) -> Result<bool, Violation> {
         let points = self.receiver_points()?;
         let newest = points.last().map(|p| p.change_id.clone());
         // What the receiver answers the agent's `Resume` request with.
@@ -679,7 +692,7 @@ impl Sim {
             Err(e) => {
                 self.report.journal_sync_failures += 1;
                 self.crash_agent(&format!("cut failed: {e}"));
-                return Ok(());
+                return Ok(false);
             }
         };
         self.cuts.insert(to.to_string(), self.source.clone());
@@ -779,7 +792,7 @@ impl Sim {
                     .and_then(|s| s.unit_digests(unit).ok())
                 else {
                     self.event("agent: resync digests unavailable".into());
-                    return Ok(());
+                    return Ok(false);
                 };
                 // A replica of another size has no hash the agent can use: the full copy.
                 let theirs = if size == self.size {
@@ -824,6 +837,7 @@ impl Sim {
         let answer = self.deliver(&push, true)?;
         self.last_push = Some(push);
         // What the answer lets the agent do, read as the agent reads it.
+        let mut again = false;
         match answer.map(|a| ctk::push::after_push(&a, &to.to_string())) {
             Some(AfterPush::Committed { change_id, .. }) => {
                 if self.rng.chance(self.swarm.ack_lost) {
@@ -835,12 +849,17 @@ impl Sim {
                     self.advance_cursor(&change_id)?;
                 }
             }
-            Some(AfterPush::Retry(why)) | Some(AfterPush::Failed(why)) => {
+            Some(AfterPush::Retry(why)) => {
+                self.event(format!("agent: not committed, trying again: {why}"));
+                again = true;
+            }
+            Some(AfterPush::Failed(why)) => {
                 self.event(format!("agent: not committed: {why}"));
             }
             None => {}
         }
-        self.check_receiver()
+        self.check_receiver()?;
+        Ok(again)
     }
 
     /// The tracker's answer for `since` up to `upto`, or `None` if it cannot give one (the

@@ -50,3 +50,23 @@ fn seeds_keep_every_invariant() {
         );
     }
 }
+
+/// Seeds of the long runs that once failed, kept as regressions (each fails on the code
+/// before its fix; RELIABILITY.md says what they found).
+#[test]
+fn seeds_that_once_failed_pass() {
+    for (seed, what) in [
+        (
+            11146,
+            "a first full's resume state offered after its full.img was emptied",
+        ),
+        (
+            81427,
+            "a misread leaf file let a misdirected pre-image into the undo",
+        ),
+    ] {
+        if let Err(v) = ctk_sim::run(seed) {
+            panic!("seed {seed} ({what}) fails again: {v}");
+        }
+    }
+}
