@@ -194,7 +194,7 @@ fn pushes_over_several_lanes_commit_and_broken_lanes_are_refused() {
     bodies.push(0u32.to_le_bytes().to_vec());
     bodies.push(0u32.to_le_bytes().to_vec());
     let r = send(&bodies, &[1, 2], 3, &image);
-    refused(r, Refusal::Damaged, "");
+    refused(r, Refusal::Damaged, "truncated");
 
     // Lane 2 never comes: refused after the wait, with which lane was missing.
     let r = send(&deal(&full, 3, 65536), &[1], 3, &image);
