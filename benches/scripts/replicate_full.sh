@@ -25,7 +25,9 @@ afp=$("$bin/ctk-agent" init --identity "$work/aid" 2>/dev/null)
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-read_bps=(); enc_bps=(); quic_bps=(); ctk_bps=(); write_bps=(); ratios=()
+read_bps=(); enc_bps=(); quic_bps=(); ctk_bps=(); write_bps=(); ratios=(); busy=()
+# The share of the machine's CPU time (all cores) spent busy between two /proc/stat samples.
+cpu_sample() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 # The non-zero part of the image: what the replica's disk must take.
 nonzero=$(python3 -c "
 import sys
@@ -51,24 +53,29 @@ for run in $(seq "$runs"); do
   apid=$!
   until grep -q ready "$work/a.out" 2>/dev/null; do sleep 0.05; done
   "$bin/ctk-stages" drop "$work/src.img"
+  cpu0=$(cpu_sample)
   start=$(date +%s.%N)
   "$bin/ctk-agent" replicate --identity "$work/aid" --receiver "$addr" --receiver-fingerprint "$rfp" \
       --control "$work/ctl.sock" --work-dir "$work" --json > "$work/rep.json"
   end=$(date +%s.%N)
+  cpu1=$(cpu_sample)
+  busy+=("$(python3 -c "b0,t0,b1,t1 = map(int, '$cpu0 $cpu1'.split()); print((b1-b0)/(t1-t0))")")
   ctk_bps+=("$(python3 -c "print($bytes / ($end - $start))")")
   sent=$(python3 -c "import json; print(json.load(open('$work/rep.json'))['delta_bytes'])")
   kill $apid $rpid; wait $apid $rpid 2>/dev/null || true
   # This run's ratio against its own slowest stage (the disk is noisy from run to run).
   ratios+=("$(python3 -c "print(${ctk_bps[-1]} / min(${read_bps[-1]}, ${enc_bps[-1]}, ${quic_bps[-1]} * $bytes / $sent))")")
-  echo "run $run: read ${read_bps[-1]} encode ${enc_bps[-1]} quic ${quic_bps[-1]} write ${write_bps[-1]} ctk ${ctk_bps[-1]} B/s; sent $sent bytes; ratio ${ratios[-1]}" >&2
+  echo "run $run: read ${read_bps[-1]} encode ${enc_bps[-1]} quic ${quic_bps[-1]} write ${write_bps[-1]} ctk ${ctk_bps[-1]} B/s; sent $sent bytes; ratio ${ratios[-1]}; CPU busy ${busy[-1]}" >&2
 done
 r=$(printf '%s\n' "${read_bps[@]}" | median); e=$(printf '%s\n' "${enc_bps[@]}" | median)
 q=$(printf '%s\n' "${quic_bps[@]}" | median); c=$(printf '%s\n' "${ctk_bps[@]}" | median)
 w=$(printf '%s\n' "${write_bps[@]}" | median); rr=$(printf '%s\n' "${ratios[@]}" | median)
-python3 - "$r" "$e" "$q" "$c" "$size_mib" "$runs" "$sent" "$w" "$nonzero" "$rr" <<'PY'
+cb=$(printf '%s\n' "${busy[@]}" | median)
+python3 - "$r" "$e" "$q" "$c" "$size_mib" "$runs" "$sent" "$w" "$nonzero" "$rr" "$cb" <<'PY'
 import sys
 r, e, q, c = map(float, sys.argv[1:5]); size, runs, sent = sys.argv[5], sys.argv[6], int(sys.argv[7])
 w, nonzero, rr = float(sys.argv[8]), int(sys.argv[9]), float(sys.argv[10])
+cb = float(sys.argv[11])
 image = int(size) << 20
 # Every rate is in image bytes per second: QUIC only has to carry the delta (zeros skipped,
 # the rest compressed), so its rate is scaled by image / sent.
@@ -81,5 +88,6 @@ print(f"| delta encoding (zero detection, CRC32, zstd 1) | {e/1e6:.0f} |")
 print(f"| QUIC on loopback, ctk transport ({q/1e6:.0f} MB/s raw; the delta is {sent/image:.2f} of the image) | {q_image/1e6:.0f} |")
 print(f"| **ctk first full, end to end** (export, QUIC, stage, verify, merge, fsync) | **{c/1e6:.0f}** |")
 print(f"| replica disk: sequential write + fsync of the {nonzero/2**20:.0f} MiB of non-zero data (not one of the issue's stages) | {w*image/nonzero/1e6:.0f} |")
+print(f"CPU busy during ctk's runs (share of both cores, all processes), median: {cb:.2f}")
 print(f"ratio ctk / slowest stage ({slowest[0]}), of the medians: {c/slowest[1]:.2f}; median of the per-run ratios: {rr:.2f} (goal >= 0.8); delta sent {sent/2**20:.0f} MiB")
 PY
