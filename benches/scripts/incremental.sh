@@ -37,12 +37,18 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 jq_() { python3 -c "import json,sys; d=json.load(open('$1')); print($2)"; }
 . "$(dirname "$0")/pair.sh"
 # One timed ctk replication (c_s seconds, c_b bytes) and one timed rsync (s_s, s_b), cold.
+# Each tool starts with nothing dirty in the page cache: without the sync, the writeback of
+# the tool before (restic's repository, 1 GB a round) lands in the next one's fsyncs.
 timed_ctk() {
+  sync
   "$bin/ctk-stages" drop "$work/vm1.img"
   t0=$(now); replicate "$work/rep.json"; t1=$(now)
   c_s=$(python3 -c "print($t1 - $t0)"); c_b=$(jq_ "$work/rep.json" "d['delta_bytes']")
+  # Where the receiver's merge spent it (seconds per step), to stderr.
+  grep ' merged ' "$work/r.log" | tail -1 | sed -n 's/.*steps=\(.*\) merged.*/  merge steps: \1/p; s/.*steps=\(\[.*\]\).*/  merge steps: \1/p' | head -1 >&2
 }
 timed_rsync() {
+  sync
   "$bin/ctk-stages" drop "$work/vm1.img"; "$bin/ctk-stages" drop "$work/rsync/vm1.img"
   t0=$(now)
   rsync --inplace --no-whole-file --stats "$work/vm1.img" "rsync://127.0.0.1:$port/bench/vm1.img" > "$work/rsync.out"
@@ -84,6 +90,7 @@ for r in $(seq "$rounds"); do
   timed_ctk
   timed_rsync   # the daemon's copy is the state before the change
   # restic
+  sync
   "$bin/ctk-stages" drop "$work/vm1.img"
   t0=$(now); restic -r "$work/restic" backup --json "$work/vm1.img" > "$work/restic.out"; t1=$(now)
   e_s=$(python3 -c "print($t1 - $t0)")

@@ -308,6 +308,27 @@ impl<W: Write> DeltaWriter<W> {
         result
     }
 
+    /// Adds `extent`, its contents read with `read_at(offset, buf)` into `buf` in pieces of at
+    /// most [`DELTA_RECORD_DATA_MAX`] bytes that never cross the extent's end (a
+    /// point-in-time reader can serve each piece from the live image or from preserved
+    /// copies). `buf` is grown to one piece once and reused.
+    pub fn write_read(
+        &mut self,
+        extent: Extent,
+        buf: &mut Vec<u8>,
+        mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+    ) -> Result<(), DeltaError> {
+        buf.resize(DELTA_RECORD_DATA_MAX, 0);
+        let mut pos = extent.offset;
+        while pos < extent.end() {
+            let n = (extent.end() - pos).min(DELTA_RECORD_DATA_MAX as u64) as usize;
+            read_at(pos, &mut buf[..n])?;
+            self.write_extent(pos, &buf[..n])?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
     /// Writes the trailer and returns the sink and the totals.
     pub fn finish(mut self) -> Result<(W, DeltaSummary), DeltaError> {
         let t = trailer_bytes(&self.summary, self.digest.clone().finalize());
@@ -848,9 +869,8 @@ pub fn export<W: Write, F: FileAt + ?Sized>(
     )
 }
 
-/// Writes the delta of `extents` into `out`, reading the data with `read_at(offset, buf)` in
-/// pieces of at most [`DELTA_RECORD_DATA_MAX`] bytes that never cross an extent's end (a
-/// point-in-time reader can serve each piece from the live image or from preserved copies).
+/// Writes the delta of `extents` into `out`, reading the data with `read_at(offset, buf)` as
+/// [`DeltaWriter::write_read`] does.
 pub fn export_with<W: Write>(
     mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
     extents: impl IntoIterator<Item = impl std::borrow::Borrow<Extent>>,
@@ -859,16 +879,9 @@ pub fn export_with<W: Write>(
     out: W,
 ) -> Result<(W, DeltaSummary), DeltaError> {
     let mut writer = DeltaWriter::new(out, header, options)?;
-    let mut buf = vec![0u8; DELTA_RECORD_DATA_MAX];
+    let mut buf = Vec::new();
     for extent in extents {
-        let extent = extent.borrow();
-        let mut pos = extent.offset;
-        while pos < extent.end() {
-            let n = (extent.end() - pos).min(DELTA_RECORD_DATA_MAX as u64) as usize;
-            read_at(pos, &mut buf[..n])?;
-            writer.write_extent(pos, &buf[..n])?;
-            pos += n as u64;
-        }
+        writer.write_read(*extent.borrow(), &mut buf, &mut read_at)?;
     }
     writer.finish()
 }

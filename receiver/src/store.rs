@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ctk::delta::{
-    self, DeltaError, DeltaFile, DeltaHeader, DeltaReader, DeltaRecord, WriteOptions,
+    self, DeltaError, DeltaFile, DeltaHeader, DeltaReader, DeltaRecord, DeltaWriter, WriteOptions,
 };
 use ctk::digest::{DigestError, LeafFile, Leaves};
 use ctk::vfs::{self, FileAt, LockGuard, RealFs, Vfs};
@@ -299,8 +299,18 @@ enum Staged {
     Delta {
         touched: Vec<Extent>,
         meta: PointMeta,
+        /// The undo, when it was written as the delta arrived.
+        undo: Option<StagedUndo>,
     },
 }
+
+/// An undo written (and synced) while its delta was staged, in `staging/undo.ctkd`, with the
+/// newest point's leaves it was checked against (the merge needs them again).
+struct StagedUndo {
+    base: Option<Leaves>,
+}
+
+const STAGED_UNDO: &str = "staging/undo.ctkd";
 
 /// The error of a push cut off: an I/O error on the way (the connection, or the store's
 /// own disk: full, failing) is the store's I/O error, not damage in the delta.
@@ -634,6 +644,14 @@ impl DiskStore {
         Ok(())
     }
 
+    /// A point's ChangeId as the manifest records it.
+    fn point_id(&self, id: &str) -> Result<ChangeId> {
+        id.parse().map_err(|e| StoreError::Damaged {
+            disk: self.name.clone(),
+            why: format!("manifest point id: {e}"),
+        })
+    }
+
     fn leaves_path(&self) -> PathBuf {
         self.dir.join("leaves")
     }
@@ -645,13 +663,7 @@ impl DiskStore {
         let result = match self.points().last() {
             None => Leaves::zeroed(header.disk_size, header.block_size),
             Some(newest) => {
-                let at = newest
-                    .change_id
-                    .parse::<ChangeId>()
-                    .map_err(|e| StoreError::Damaged {
-                        disk: self.name.clone(),
-                        why: format!("manifest point id: {e}"),
-                    })?;
+                let at = self.point_id(&newest.change_id)?;
                 // The leaves must give the digest the point was committed with: the leaf
                 // file's body has no checksum of its own, and a misread one (or a misread
                 // full.img) would make the pre-image check below pass wrong bytes into the
@@ -859,9 +871,13 @@ impl DiskStore {
         }
         match self.stage(input, end, true)? {
             Staged::Already(change_id) => Ok(Ingested::AlreadyCommitted { change_id }),
-            Staged::Delta { touched, meta } => {
+            Staged::Delta {
+                touched,
+                meta,
+                undo,
+            } => {
                 let staging = self.dir.join("staging").join("incoming.ctkd");
-                self.merge_staged(&staging, touched, meta, retention.into(), started)
+                self.merge_staged(&staging, touched, meta, undo, retention.into(), started)
             }
         }
     }
@@ -897,8 +913,29 @@ impl DiskStore {
         };
         let mut cut_off = None;
         let mut checkpoint = None;
+        let mut undo = None;
         let header = {
             let mut reader = DeltaReader::new(&mut tee)?;
+            // The pre-images are read and written while the push arrives (the ranges come in
+            // order), instead of in a pass of their own after it: the merge's longest step
+            // after the apply. Not for a resumed push: its delta is only the rest of the
+            // change, and the composed one is undone after (`merge_staged`).
+            if keep_partial
+                && let Some(newest) = self.points().last()
+                && self.check_fits(reader.header()).is_ok()
+            {
+                let full = self.full()?;
+                let base = self.base_leaves(&full, reader.header())?;
+                let path = self.dir.join(STAGED_UNDO);
+                undo = Some(UndoWriter::create(
+                    self,
+                    full,
+                    base,
+                    newest,
+                    reader.header(),
+                    &path,
+                )?);
+            }
             loop {
                 let (offset, length) = match reader.next_record() {
                     Ok(Some(DeltaRecord::Data { offset, data })) => (offset, data.len() as u64),
@@ -915,12 +952,21 @@ impl DiskStore {
                     Some(last) if last.end() == offset => last.length += length,
                     _ => touched.push(Extent::new(offset, length)),
                 }
+                if let Some(u) = undo.as_mut()
+                    && let Err(e) = u.add(offset, length)
+                {
+                    drop(undo);
+                    self.remove(&self.dir.join(STAGED_UNDO));
+                    return Err(e);
+                }
                 checkpoint = Some(reader.checkpoint());
             }
             reader.header().clone()
         };
         if let Some(e) = cut_off {
             drop(tee);
+            drop(undo);
+            self.remove(&self.dir.join(STAGED_UNDO));
             if keep_partial
                 && let Some(cp) = checkpoint
                 && self.check_fits(&header).is_ok()
@@ -952,6 +998,22 @@ impl DiskStore {
             self.remove(&staging);
             return Err(e);
         }
+        let undo = match undo {
+            None => None,
+            Some(u) => {
+                let finished = u.finish().and_then(|(w, base)| {
+                    self.finish(w, "writing the undo")?;
+                    Ok(base)
+                });
+                match finished {
+                    Ok(base) => Some(StagedUndo { base }),
+                    Err(e) => {
+                        self.remove(&self.dir.join(STAGED_UNDO));
+                        return Err(e);
+                    }
+                }
+            }
+        };
         self.check_fits(&header)?;
         if self
             .points()
@@ -959,9 +1021,14 @@ impl DiskStore {
             .any(|p| p.change_id == header.to.to_string())
         {
             self.remove(&staging);
+            self.remove(&self.dir.join(STAGED_UNDO));
             return Ok(Staged::Already(header.to.to_string()));
         }
-        Ok(Staged::Delta { touched, meta })
+        Ok(Staged::Delta {
+            touched,
+            meta,
+            undo,
+        })
     }
 
     /// Merges the verified delta staged at `staging` (writing `touched`) as a new point.
@@ -970,6 +1037,7 @@ impl DiskStore {
         staging: &Path,
         touched: Vec<Extent>,
         meta: PointMeta,
+        staged_undo: Option<StagedUndo>,
         retention: Retention,
         started: std::time::Instant,
     ) -> Result<Ingested> {
@@ -1005,15 +1073,24 @@ impl DiskStore {
         }
 
         // 2. The undo: what this merge will overwrite, as of the newest point. (And the
-        // block digests of the newest point, while full.img still holds it.)
+        // block digests of the newest point, while full.img still holds it.) Written while
+        // the delta was staged, or now.
         let full = self.full()?;
-        let base = self.base_leaves(&full, &header)?;
-        let undo_rel = match self.points().last() {
-            None => None,
-            Some(newest) => {
+        let (base, undo_rel) = match (staged_undo, self.points().last()) {
+            (_, None) => (self.base_leaves(&full, &header)?, None),
+            (Some(staged), Some(_)) => {
                 let rel = format!("undo/{name}.ctkd");
-                self.write_undo(&full, base.as_ref(), newest, &header, &touched, &rel)?;
-                Some(rel)
+                self.fs
+                    .rename(&self.dir.join(STAGED_UNDO), &self.dir.join(&rel))
+                    .map_err(io_err("moving the undo in place"))?;
+                self.sync_dir(&self.dir.join("undo"))?;
+                (staged.base, Some(rel))
+            }
+            (None, Some(newest)) => {
+                let base = self.base_leaves(&full, &header)?;
+                let rel = format!("undo/{name}.ctkd");
+                let base = self.write_undo(base, newest, &header, &touched, &rel)?;
+                (base, Some(rel))
             }
         };
         failpoint("undo_written");
@@ -1317,7 +1394,7 @@ impl DiskStore {
         };
         tracing::info!(disk = %self.name, to = %header.to, resumed_at = next_offset, "resuming a push");
         let incoming = self.dir.join("staging").join("incoming.ctkd");
-        self.merge_staged(&incoming, touched, meta, retention.into(), started)
+        self.merge_staged(&incoming, touched, meta, None, retention.into(), started)
     }
 
     /// Drops the points `retention` does not keep; returns how many. Dropping the oldest
@@ -1387,10 +1464,6 @@ impl DiskStore {
     /// (those of the points between them and of `to`, oldest first: the oldest holder of a
     /// byte wins).
     fn fold_undos(&self, undos: &[String], prev: &Point, to: &Point, rel: &str) -> Result<()> {
-        let bad_id = |e: ctk::ParseChangeIdError| StoreError::Damaged {
-            disk: self.name.clone(),
-            why: format!("manifest point id: {e}"),
-        };
         let sources: Vec<PathBuf> = undos.iter().map(|u| self.dir.join(u)).collect();
         let block_size = self
             .manifest
@@ -1400,8 +1473,8 @@ impl DiskStore {
             disk_id: self.name.clone(),
             disk_size: prev.disk_size,
             block_size,
-            from: Some(prev.change_id.parse().map_err(bad_id)?),
-            to: to.change_id.parse().map_err(bad_id)?,
+            from: Some(self.point_id(&prev.change_id)?),
+            to: self.point_id(&to.change_id)?,
         };
         self.compose(&sources, &header, &self.dir.join(rel))?;
         self.sync_dir(&self.dir.join("undo"))
@@ -1715,80 +1788,24 @@ impl DiskStore {
 
     /// Writes, durably, the pre-images of everything the staged delta will overwrite: the
     /// ranges of its records inside the current size, and the tail a shrink would cut.
+    /// Takes the newest point's leaves to check them against and gives them back.
     fn write_undo(
         &self,
-        full: &dyn FileAt,
-        leaves: Option<&Leaves>,
+        base: Option<Leaves>,
         newest: &Point,
         header: &DeltaHeader,
         touched: &[Extent],
         rel: &str,
-    ) -> Result<()> {
-        let old_size = newest.disk_size;
-        let mut ranges: Vec<Extent> = Vec::new();
-        for &Extent { offset, length } in touched {
-            let end = (offset + length).min(old_size);
-            if offset >= end {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some(last) if last.end() == offset => last.length = end - last.offset,
-                _ => ranges.push(Extent::new(offset, end - offset)),
-            }
+    ) -> Result<Option<Leaves>> {
+        let full = self.full()?;
+        let mut undo = UndoWriter::create(self, full, base, newest, header, &self.dir.join(rel))?;
+        for e in touched {
+            undo.add(e.offset, e.length)?;
         }
-        if header.disk_size < old_size {
-            // A shrink cuts the tail: keep it from the block the new end falls in. Ranges end
-            // on block boundaries (or at the old end), so a tail overlapping the last one
-            // extends it instead.
-            let start = header.disk_size - header.disk_size % header.block_size as u64;
-            match ranges.last_mut() {
-                Some(last) if last.end() >= start => last.length = old_size - last.offset,
-                _ => ranges.push(Extent::new(start, old_size - start)),
-            }
-        }
-        // The undo names the same pair as the merge (previous point -> this one), since the
-        // format orders from before to; its size is the previous point's, which applying it
-        // restores.
-        let undo_header =
-            DeltaHeader {
-                disk_id: self.name.clone(),
-                disk_size: old_size,
-                block_size: header.block_size,
-                from: Some(newest.change_id.parse::<ChangeId>().map_err(|e| {
-                    StoreError::Damaged {
-                        disk: self.name.clone(),
-                        why: format!("manifest point id: {e}"),
-                    }
-                })?),
-                to: header.to,
-            };
-        let path = self.dir.join(rel);
-        let out = self.writer(&path, "creating the undo")?;
-        let options = WriteOptions {
-            zstd_level: Some(1),
-        };
-        // Each pre-image is checked against the newest point's block digests as it is read:
-        // an undo is only read back when a restore needs it, by then too late to fetch the
-        // bytes again, so a bad read (a flipped bit, a misdirected read) must be caught here.
-        // A transient one is read again; one that persists refuses the merge before
-        // anything is recorded. (Found by the simulation's bad reads: the undo kept a
-        // flipped bit, and the older point no longer restored.)
-        let read = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
-            for _ in 0..READ_ATTEMPTS {
-                full.read_exact_at(buf, offset)?;
-                if leaves.is_none_or(|l| l.matches(offset, buf)) {
-                    return Ok(());
-                }
-            }
-            Err(io::Error::other(format!(
-                "full.img at offset {offset} does not read back as the newest point's block \
-                 digests say, {READ_ATTEMPTS} times (bad reads or rot: run verify)"
-            )))
-        };
-        let (w, _) = delta::export_with(read, &ranges, &undo_header, options, out)?;
+        let (w, base) = undo.finish()?;
         self.finish(w, "writing the undo")?;
         self.sync_dir(&self.dir.join("undo"))?;
-        Ok(())
+        Ok(base)
     }
 
     /// Writes the image of point `change_id` to `out` (sparse), calling `progress` with the
@@ -1975,6 +1992,110 @@ fn apply_to(input: impl Read, target: &dyn FileAt) -> Result<()> {
     }
     target.set_len(size).map_err(io_err("sizing the image"))?;
     Ok(())
+}
+
+type FileWriter = BufWriter<vfs::Cursor<Box<dyn FileAt>>>;
+
+/// The pre-images of a merge, written as the ranges it will overwrite come, in ascending
+/// order: while the delta is staged, or from its ranges after. The undo names the same pair
+/// as the merge (previous point -> this one), since the format orders from before to; its
+/// size is the previous point's, which applying it restores.
+struct UndoWriter {
+    full: Box<dyn FileAt>,
+    /// The newest point's leaves, each pre-image is checked against.
+    leaves: Option<Leaves>,
+    old_size: u64,
+    /// Where the ranges of records stop being taken: the old size, or for a shrink the
+    /// start of the block the new end falls in (from there the whole tail is taken at the
+    /// end, so no range ends inside a block).
+    limit: u64,
+    writer: DeltaWriter<FileWriter>,
+    buf: Vec<u8>,
+    /// Pre-images are written up to here (two ranges can share a block's edge).
+    done: u64,
+}
+
+impl UndoWriter {
+    fn create(
+        store: &DiskStore,
+        full: Box<dyn FileAt>,
+        leaves: Option<Leaves>,
+        newest: &Point,
+        header: &DeltaHeader,
+        path: &Path,
+    ) -> Result<UndoWriter> {
+        let from = store.point_id(&newest.change_id)?;
+        let undo_header = DeltaHeader {
+            disk_id: store.name.clone(),
+            disk_size: newest.disk_size,
+            block_size: header.block_size,
+            from: Some(from),
+            to: header.to,
+        };
+        let out = store.writer(path, "creating the undo")?;
+        let options = WriteOptions {
+            zstd_level: Some(1),
+        };
+        let new_size = header.disk_size;
+        let limit = if new_size < newest.disk_size {
+            new_size - new_size % header.block_size as u64
+        } else {
+            newest.disk_size
+        };
+        Ok(UndoWriter {
+            full,
+            leaves,
+            old_size: newest.disk_size,
+            limit,
+            writer: DeltaWriter::new(out, &undo_header, options)?,
+            buf: Vec::new(),
+            done: 0,
+        })
+    }
+
+    /// Adds the pre-image of `[offset, offset + length)` (the part inside the old size and
+    /// not already added).
+    fn add(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.take(offset, (offset + length).min(self.limit))
+    }
+
+    fn take(&mut self, offset: u64, end: u64) -> Result<()> {
+        let start = offset.max(self.done);
+        if start >= end {
+            return Ok(());
+        }
+        let (full, leaves) = (&self.full, self.leaves.as_ref());
+        // Each pre-image is checked against the newest point's block digests as it is read:
+        // an undo is only read back when a restore needs it, by then too late to fetch the
+        // bytes again, so a bad read (a flipped bit, a misdirected read) must be caught here.
+        // A transient one is read again; one that persists refuses the merge before
+        // anything is recorded. (Found by the simulation's bad reads: the undo kept a
+        // flipped bit, and the older point no longer restored.)
+        let read = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
+            for _ in 0..READ_ATTEMPTS {
+                full.read_exact_at(buf, offset)?;
+                if leaves.is_none_or(|l| l.matches(offset, buf)) {
+                    return Ok(());
+                }
+            }
+            Err(io::Error::other(format!(
+                "full.img at offset {offset} does not read back as the newest point's block \
+                 digests say, {READ_ATTEMPTS} times (bad reads or rot: run verify)"
+            )))
+        };
+        self.writer
+            .write_read(Extent::new(start, end - start), &mut self.buf, read)?;
+        self.done = end;
+        Ok(())
+    }
+
+    /// Adds the tail a shrink cuts (from the block the new end falls in) and ends the undo;
+    /// returns its writer (not yet synced) and the leaves.
+    fn finish(mut self) -> Result<(FileWriter, Option<Leaves>)> {
+        self.take(self.limit, self.old_size)?;
+        let (w, _) = self.writer.finish()?;
+        Ok((w, self.leaves))
+    }
 }
 
 fn zero_range(target: &dyn FileAt, offset: u64, length: u64) -> Result<()> {

@@ -124,6 +124,16 @@ fn killed_pushes_resume_from_what_the_receiver_kept() {
     let mut later: Vec<u64> = (0..32).map(|i| i * (SIZE / 32) + 4096).collect();
     later.extend(&spread[..8]);
     s.write(&later, 0x52);
+    // The receiver kept what arrived as a resume state, and dropped the pre-images it had
+    // written as the push came (they are written again for the whole change when it merges).
+    // A SIGKILLed agent sends no close: the receiver learns of it by the 10 s idle timeout.
+    let waited = Instant::now();
+    while !s.partial_json().exists() && waited.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s.partial_json().exists(), "no resume state kept");
+    let staged_undo = s.d.join("store/host1/vm1/staging/undo.ctkd");
+    assert!(!staged_undo.exists(), "a cut-off push left its undo behind");
     let inc = s.completed();
     eprintln!("increment resumed: {inc}");
     assert!(
