@@ -855,22 +855,15 @@ impl ProtectedDisk {
     }
 
     /// Records a cut: in memory for `status`, and appended to `<journal>.cuts` (one JSON
-    /// object per line) so the consistency level of every cut survives restarts.
+    /// object per line, for whoever audits the cuts after a restart: their time and
+    /// consistency level). The log is bounded (`append_bounded`).
     pub fn log_cut(&self, report: &CutReport) {
         let mut entry = report.to_json();
         entry["time_unix_ms"] = json!(unix_ms());
         let mut path = self.journal.clone().into_os_string();
         path.push(".cuts");
         let line = format!("{entry}\n");
-        if let Err(e) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| {
-                use std::io::Write;
-                f.write_all(line.as_bytes())
-            })
-        {
+        if let Err(e) = append_bounded(Path::new(&path), line.as_bytes(), CUT_LOG_MAX) {
             tracing::warn!(error = %e, "could not append to the cut log");
         }
         if let Ok(mut last) = self.last_cut.lock() {
@@ -981,6 +974,27 @@ fn cursor_status(
             _ => None,
         },
     })
+}
+
+/// The size at which the cut log is rotated: about 3,000 cuts, under an hour of one-second
+/// cuts. Continuous mode cuts every second forever, and an unbounded log grew by about
+/// 26 MB a day.
+const CUT_LOG_MAX: u64 = 1 << 20;
+
+/// Appends `line` to the log at `path`; once the log has reached `max` bytes it first
+/// becomes `<path>.1` (replacing the one before), so the two hold between `max` and
+/// `2 * max` bytes of the newest lines.
+fn append_bounded(path: &Path, line: &[u8], max: u64) -> io::Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= max) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        std::fs::rename(path, &old)?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(line)
 }
 
 fn unix_ms() -> u64 {
@@ -1121,6 +1135,41 @@ fn open_output(out: &Path) -> io::Result<File> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_cut_log_is_rotated_and_keeps_the_newest_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("d.img.ctk.cuts");
+        for i in 0..1000 {
+            super::append_bounded(&log, format!("{i:09}\n").as_bytes(), 1000).unwrap();
+        }
+        let rotated = dir.path().join("d.img.ctk.cuts.1");
+        let (now, before) = (
+            std::fs::read_to_string(&log).unwrap(),
+            std::fs::read_to_string(&rotated).unwrap(),
+        );
+        // 10 bytes a line: each file holds 100 lines; the last line written is the newest.
+        assert!(
+            now.len() <= 1000 && before.len() == 1000,
+            "{} {}",
+            now.len(),
+            before.len()
+        );
+        assert!(now.ends_with("000000999\n"), "{now}");
+        // The two together are the newest lines, in order, with none missing.
+        let lines: Vec<u64> = before
+            .lines()
+            .chain(now.lines())
+            .map(|l| l.parse().unwrap())
+            .collect();
+        assert!(
+            lines.windows(2).all(|w| w[1] == w[0] + 1),
+            "a gap or reorder"
+        );
+        assert_eq!(*lines.last().unwrap(), 999);
+        // Nothing else was left beside them.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
     use super::*;
 
     #[test]
