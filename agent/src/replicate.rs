@@ -489,6 +489,11 @@ pub struct Session<'a> {
     conn: Option<quinn::Connection>,
     /// Streams per push: `r.streams`, or 1 once a receiver turned multi-stream pushes down.
     streams: u8,
+    /// Whether the next push asks the receiver for a resume state: at the start and after a
+    /// failed push, not after a commit (a commit drops the receiver's resume state of the
+    /// disk, and this session holds the disk's lock). Saves a round trip per cycle; a
+    /// question skipped wrongly would only cost a push from the beginning.
+    ask_resume: bool,
     _lock: std::fs::File,
 }
 
@@ -542,6 +547,7 @@ impl<'a> Session<'a> {
             limiter: Limiter::new(bwlimit),
             conn: None,
             streams: r.streams,
+            ask_resume: true,
             _lock: lock,
         })
     }
@@ -552,6 +558,7 @@ impl<'a> Session<'a> {
     /// be sent (it checks the whole replica against the source and repairs what differs).
     pub fn once(&mut self, cut: Cut, resync: bool) -> Result<Value> {
         let result = self.once_inner(cut, resync);
+        self.ask_resume = result.is_err();
         if result.is_err()
             && let Some(conn) = self.conn.take()
         {
@@ -719,6 +726,7 @@ impl<'a> Session<'a> {
         // push of this disk (say, of an earlier attempt that was killed after sending it
         // all) may have committed between our question and our push. Each try is a new cut.
         let mut tries = 0;
+        let mut resume_asked = false;
         let (newest, pushed, committed, already, resync, resumed_at) = loop {
             tries += 1;
             let request = Request::Newest { disk: disk.clone() };
@@ -728,9 +736,11 @@ impl<'a> Session<'a> {
                 other => bail!("unexpected answer from the receiver: {other:?}"),
             };
             let plan = match self.plan(&conn, newest.as_deref(), force_resync)? {
-                Plan::Since => self
-                    .resume_plan(&conn, newest.as_deref())?
-                    .unwrap_or(Plan::Since),
+                Plan::Since if self.ask_resume => {
+                    resume_asked = true;
+                    self.resume_plan(&conn, newest.as_deref())?
+                        .unwrap_or(Plan::Since)
+                }
                 other => other,
             };
             let resync = matches!(plan, Plan::Compare { .. });
@@ -814,6 +824,7 @@ impl<'a> Session<'a> {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             "resync": resync,
+            "resume_asked": resume_asked,
             "resumed_at": resumed_at,
         }))
     }

@@ -291,10 +291,13 @@ fn continuous_mode_under_a_steady_write_load_keeps_every_point_equal_to_the_sour
     // The hooks ran for exactly those cuts, and never for the crash-consistent ones.
     let hooks = std::fs::read_to_string(s.d.join("hooks.log")).unwrap();
     assert_eq!(hooks.lines().count(), application);
-    // Incremental from the second cycle on: never a full again.
+    // Incremental from the second cycle on: never a full again. The receiver is asked for
+    // a resume state only by the first push (none failed after it).
     assert!(lines[0]["from"].is_null());
+    assert_eq!(lines[0]["resume_asked"], true, "{}", lines[0]);
     for l in &lines[1..] {
         assert!(l["from"].is_string(), "a later cycle sent a full: {l}");
+        assert_eq!(l["resume_asked"], false, "asked again after a commit: {l}");
     }
     let (kept, newest) = check_points(&s.receiver_bin, &s.d, &log);
     assert_eq!(kept, 20, "retention keeps the newest 20");

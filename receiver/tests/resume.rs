@@ -258,3 +258,82 @@ fn a_push_cut_off_by_a_receiver_restart_resumes_from_what_was_staged() {
     let got = restore(&s.receiver_bin, &store, "vm1", newest, &s.d.join("r.img"));
     assert!(got == std::fs::read(&s.image).unwrap());
 }
+
+#[test]
+fn a_long_running_replicate_asks_for_a_resume_state_after_a_failed_push_only() {
+    let mut s = setup();
+    s.completed();
+    let spread: Vec<u64> = (0..256).map(|i| i * (SIZE / 256)).collect();
+    s.write(&spread, 0x73);
+    // A cut every second, paced at 16 MiB/s: the first push (16 MiB) is cut off 700 ms in by
+    // a receiver restart; the cycles after it go on in the same process.
+    let mut child = s
+        .replicate(&["--every", "1s", "--bwlimit", "16M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    s.pair.restart_receiver();
+    // Gather cycles until two commits came after the failure (or a minute passed).
+    let mut lines: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            lines.push(l);
+        }
+        let failed = lines.iter().position(|l| l["error"].is_string());
+        if failed.is_some_and(|f| {
+            lines[f..]
+                .iter()
+                .filter(|l| l["committed"].is_string())
+                .count()
+                >= 2
+        }) {
+            break;
+        }
+    }
+    // SAFETY: kill with a pid we spawned and still own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    reader.join().unwrap();
+    eprintln!("cycles: {lines:?}");
+    let failed = lines
+        .iter()
+        .position(|l| l["error"].is_string())
+        .expect("the push cut off by the restart did not fail");
+    let commits: Vec<&Value> = lines[failed..]
+        .iter()
+        .filter(|l| l["committed"].is_string())
+        .collect();
+    assert!(
+        commits.len() >= 2,
+        "fewer than two commits after the failure: {lines:?}"
+    );
+    // The push after the failure asked, and went on from what the receiver had kept.
+    assert_eq!(commits[0]["resume_asked"], true, "{}", commits[0]);
+    assert!(
+        commits[0]["resumed_at"].as_u64().is_some_and(|at| at > 0),
+        "the push after the failure did not resume: {}",
+        commits[0]
+    );
+    // The one after a commit did not ask.
+    assert_eq!(commits[1]["resume_asked"], false, "{}", commits[1]);
+    let store = s.store();
+    let newest = commits.last().unwrap()["committed"].as_str().unwrap();
+    let got = restore(&s.receiver_bin, &store, "vm1", newest, &s.d.join("r.img"));
+    assert!(
+        got == std::fs::read(&s.image).unwrap(),
+        "the newest point differs from the source"
+    );
+}
