@@ -112,14 +112,15 @@ pub struct ProtectedDisk {
     snapshot: Mutex<Option<Snapshot>>,
     snapshot_room: Condvar,
     cow_limit: u64,
-    /// What this process learned about each cursor as it moved (for a replication cursor:
-    /// when the receiver last committed, the cut time of that point, the replication rate).
-    /// Not journaled: unknown after a restart until the cursor moves again.
-    cursor_meta: Mutex<std::collections::HashMap<String, CursorMeta>>,
+    /// What was learned about each cursor as it moved (for a replication cursor: when the
+    /// receiver last committed, the cut time of that point, the replication rate), with the
+    /// point it was learned at. Kept in `<journal>.cursors` so the RPO is known after a
+    /// restart (see `load_cursor_meta`).
+    cursor_meta: Mutex<std::collections::HashMap<String, (ChangeId, CursorMeta)>>,
 }
 
 /// What a cursor's mover told the agent along with the move (see `ProtectedDisk::cursor`).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct CursorMeta {
     /// When the cursor was last set (unix ms).
     pub set_unix_ms: u64,
@@ -151,6 +152,7 @@ impl ProtectedDisk {
         let (tracker, outcome) =
             Tracker::open(FileStorage::new(journal), config, Generation::random)
                 .with_context(|| format!("opening the change journal {}", journal.display()))?;
+        let cursor_meta = load_cursor_meta(journal, &tracker);
         Ok((
             ProtectedDisk {
                 name: name.to_owned(),
@@ -166,7 +168,7 @@ impl ProtectedDisk {
                 snapshot: Mutex::new(None),
                 snapshot_room: Condvar::new(),
                 cow_limit: COW_LIMIT_DEFAULT,
-                cursor_meta: Mutex::new(std::collections::HashMap::new()),
+                cursor_meta: Mutex::new(cursor_meta),
             },
             outcome,
         ))
@@ -827,14 +829,14 @@ impl ProtectedDisk {
         at: Option<ChangeId>,
         meta: CursorMeta,
     ) -> Result<(), DiskError> {
-        self.with_tracker(|t| {
+        let at = self.with_tracker(|t| {
             let at = at.unwrap_or(t.latest());
             match op {
                 "register" => t.register_cursor(name, at)?,
                 "advance" => t.advance_cursor(name, at)?,
                 _ => t.drop_cursor(name)?,
             }
-            Ok(())
+            Ok(at)
         })?;
         if let Ok(mut known) = self.cursor_meta.lock() {
             if op == "drop" {
@@ -842,14 +844,15 @@ impl ProtectedDisk {
             } else {
                 // A move that says nothing of the rate (a push too small to measure the link)
                 // keeps the last one known.
-                let before = known.get(name).copied().unwrap_or_default();
+                let before = known.get(name).map(|(_, m)| *m).unwrap_or_default();
                 let meta = CursorMeta {
                     set_unix_ms: unix_ms(),
                     rate_bps: meta.rate_bps.or(before.rate_bps),
                     ..meta
                 };
-                known.insert(name.to_owned(), meta);
+                known.insert(name.to_owned(), (at, meta));
             }
+            save_cursor_meta(&self.journal, &known);
         }
         Ok(())
     }
@@ -884,7 +887,11 @@ impl ProtectedDisk {
             "open_epoch_blocks": t.map(|t| t.map().open_blocks().len()),
             "block_size": t.map(|t| t.geometry().block_size()),
             "cursors": t.map(|t| t.map().cursors().map(|(n, id)| {
-                let meta = self.cursor_meta.lock().ok().and_then(|m| m.get(n).copied());
+                let meta = self
+                    .cursor_meta
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(n).filter(|(at, _)| *at == id).map(|(_, m)| *m));
                 cursor_status(t, n, id, meta)
             }).collect::<Vec<_>>()),
             "journal_syncs": t.map(|t| t.syncs()),
@@ -974,6 +981,92 @@ fn cursor_status(
             _ => None,
         },
     })
+}
+
+/// Where the cursors' meta is kept: `<journal>.cursors`, a JSON object of
+/// `name -> {"at": ChangeId, ...CursorMeta}`.
+fn cursor_meta_path(journal: &Path) -> PathBuf {
+    let mut path = journal.as_os_str().to_owned();
+    path.push(".cursors");
+    PathBuf::from(path)
+}
+
+/// Longest `<journal>.cursors` read back (a few hundred bytes a cursor).
+const CURSOR_META_MAX: u64 = 1 << 20;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedMeta {
+    at: String,
+    #[serde(flatten)]
+    meta: CursorMeta,
+}
+
+/// The cursors' meta as saved, for the cursors the journal still holds at the same point
+/// (a cursor moved since, say by a run whose save was lost, gets nothing: its RPO is
+/// unknown until it moves again, never the age of another cut). A missing, oversized or
+/// unreadable file gives nothing, with a warning for the last two: it only informs.
+fn load_cursor_meta(
+    journal: &Path,
+    tracker: &Tracker<FileStorage>,
+) -> std::collections::HashMap<String, (ChangeId, CursorMeta)> {
+    let path = cursor_meta_path(journal);
+    let mut known = std::collections::HashMap::new();
+    let text = match std::fs::metadata(&path) {
+        Err(_) => return known,
+        Ok(m) if m.len() > CURSOR_META_MAX => {
+            tracing::warn!(file = %path.display(), "cursor meta file too large: ignored");
+            return known;
+        }
+        Ok(_) => std::fs::read_to_string(&path),
+    };
+    let saved: std::collections::HashMap<String, SavedMeta> = match text
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(saved) => saved,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cursor meta file unreadable: ignored");
+            return known;
+        }
+    };
+    for (name, at) in tracker.map().cursors() {
+        if let Some(s) = saved.get(name)
+            && s.at == at.to_string()
+        {
+            known.insert(name.to_owned(), (at, s.meta));
+        }
+    }
+    known
+}
+
+/// Replaces `<journal>.cursors` with `known` (written beside and renamed, so a crash leaves
+/// the old or the new file). Not fsynced: losing it only loses the RPO until the next move.
+fn save_cursor_meta(
+    journal: &Path,
+    known: &std::collections::HashMap<String, (ChangeId, CursorMeta)>,
+) {
+    let saved: std::collections::BTreeMap<&str, SavedMeta> = known
+        .iter()
+        .map(|(name, (at, meta))| {
+            (
+                name.as_str(),
+                SavedMeta {
+                    at: at.to_string(),
+                    meta: *meta,
+                },
+            )
+        })
+        .collect();
+    let path = cursor_meta_path(journal);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let written = serde_json::to_vec(&saved)
+        .map_err(io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(file = %path.display(), error = %e, "could not save the cursor meta");
+    }
 }
 
 /// The size at which the cut log is rotated: about 3,000 cuts, under an hour of one-second

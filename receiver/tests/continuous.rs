@@ -201,21 +201,6 @@ impl Setup {
         });
         (Proc(child), lines)
     }
-
-    fn cursor(&self) -> Value {
-        let (ok, out, err) = run(Command::new(&self.agent_bin)
-            .args(["status", "--json", "--control"])
-            .arg(self.d.join("ctl.sock")));
-        assert!(ok, "status: {err}");
-        let status: Value = serde_json::from_str(&out).unwrap();
-        status["disks"][0]["cursors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "replica")
-            .cloned()
-            .unwrap_or(Value::Null)
-    }
 }
 
 /// Asks a background `replicate` to stop (SIGTERM: after the push under way) and waits.

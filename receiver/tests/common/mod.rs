@@ -251,6 +251,22 @@ impl Pair {
     pub fn store(&self) -> PathBuf {
         self.d.join("store/host1")
     }
+
+    /// The `replica` cursor of the first disk, as `ctk-agent status --json` shows it.
+    pub fn cursor(&self) -> serde_json::Value {
+        let (ok, out, err) = run(Command::new(&self.agent_bin)
+            .args(["status", "--json", "--control"])
+            .arg(self.d.join("ctl.sock")));
+        assert!(ok, "status: {err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        status["disks"][0]["cursors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "replica")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Writes `size` seeded random bytes to `path` (incompressible: a bandwidth limit holds a
