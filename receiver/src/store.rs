@@ -899,6 +899,21 @@ impl DiskStore {
         end: impl FnOnce(R) -> Result<PointMeta>,
         keep_partial: bool,
     ) -> Result<Staged> {
+        let staged = self.stage_inner(input, end, keep_partial);
+        // Whatever failed (a cut-off or damaged push, a bad pre-image read, a full disk), the
+        // undo written so far is of no use: its space goes back now, not at the next commit.
+        if staged.is_err() {
+            self.remove(&self.dir.join(STAGED_UNDO));
+        }
+        staged
+    }
+
+    fn stage_inner<R: Read>(
+        &mut self,
+        input: Replayed<R>,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+        keep_partial: bool,
+    ) -> Result<Staged> {
         let name = if keep_partial {
             "incoming.ctkd"
         } else {
@@ -952,12 +967,8 @@ impl DiskStore {
                     Some(last) if last.end() == offset => last.length += length,
                     _ => touched.push(Extent::new(offset, length)),
                 }
-                if let Some(u) = undo.as_mut()
-                    && let Err(e) = u.add(offset, length)
-                {
-                    drop(undo);
-                    self.remove(&self.dir.join(STAGED_UNDO));
-                    return Err(e);
+                if let Some(u) = undo.as_mut() {
+                    u.add(offset, length)?;
                 }
                 checkpoint = Some(reader.checkpoint());
             }
@@ -966,7 +977,6 @@ impl DiskStore {
         if let Some(e) = cut_off {
             drop(tee);
             drop(undo);
-            self.remove(&self.dir.join(STAGED_UNDO));
             if keep_partial
                 && let Some(cp) = checkpoint
                 && self.check_fits(&header).is_ok()
@@ -1001,17 +1011,9 @@ impl DiskStore {
         let undo = match undo {
             None => None,
             Some(u) => {
-                let finished = u.finish().and_then(|(w, base)| {
-                    self.finish(w, "writing the undo")?;
-                    Ok(base)
-                });
-                match finished {
-                    Ok(base) => Some(StagedUndo { base }),
-                    Err(e) => {
-                        self.remove(&self.dir.join(STAGED_UNDO));
-                        return Err(e);
-                    }
-                }
+                let (w, base) = u.finish()?;
+                self.finish(w, "writing the undo")?;
+                Some(StagedUndo { base })
             }
         };
         self.check_fits(&header)?;

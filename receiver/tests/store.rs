@@ -323,6 +323,11 @@ fn bad_deltas_and_names_are_refused_and_change_nothing() {
             &["ingest", "--store", s, "--disk", "vm1", p.to_str().unwrap()],
             "damaged",
         );
+        // The pre-images written while it was staged went with it.
+        assert!(
+            !store.join("vm1/staging/undo.ctkd").exists(),
+            "a refused push left its undo behind (flip at {at})"
+        );
     }
     let p = dir.path().join("short.ctkd");
     std::fs::write(&p, &good[..good.len() - 1]).unwrap();
