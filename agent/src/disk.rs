@@ -11,7 +11,7 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
 use roaring::RoaringBitmap;
@@ -101,6 +101,11 @@ pub struct ProtectedDisk {
     pub path: PathBuf,
     pub journal: PathBuf,
     file: File,
+    /// The backing opened a second time for direct reads (no page cache) by exports; `None`
+    /// where direct I/O is off or refused. `direct_ok` turns it off for good if a direct
+    /// read is refused anyway (an alignment this code does not know of).
+    direct: Option<File>,
+    direct_ok: AtomicBool,
     size: u64,
     /// `None` once closed at shutdown.
     tracker: Mutex<Option<Tracker<FileStorage>>>,
@@ -153,12 +158,28 @@ impl ProtectedDisk {
             Tracker::open(FileStorage::new(journal), config, Generation::random)
                 .with_context(|| format!("opening the change journal {}", journal.display()))?;
         let cursor_meta = load_cursor_meta(journal, &tracker);
+        let direct = crate::readahead::open_direct(path)
+            .with_context(|| {
+                format!(
+                    "opening disk {name:?} at {} for direct reads",
+                    path.display()
+                )
+            })?
+            // The same file, not whatever the path names a moment later.
+            .filter(|d| same_file(d, &file));
+        tracing::debug!(
+            disk = name,
+            direct = direct.is_some(),
+            "exports read the backing"
+        );
         Ok((
             ProtectedDisk {
                 name: name.to_owned(),
                 path: path.to_owned(),
                 journal: journal.to_owned(),
                 file,
+                direct_ok: AtomicBool::new(direct.is_some()),
+                direct,
                 size,
                 tracker: Mutex::new(Some(tracker)),
                 gate: RwLock::new(()),
@@ -519,6 +540,28 @@ impl ProtectedDisk {
         ))
     }
 
+    /// Reads the backing for an export: directly (past the page cache) where the piece and
+    /// its buffer allow, else through the cache. Either way the bytes are the file's: a
+    /// direct read first writes back any dirty cached pages of its range.
+    fn read_for_export(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = &self.direct
+            && self.direct_ok.load(Ordering::Relaxed)
+            && crate::readahead::direct_fits(offset, buf)
+        {
+            match direct.read_exact_at(buf, offset) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        disk = %self.name, error = %e,
+                        "a direct read was refused: exports of this disk read through the page cache from now on"
+                    );
+                }
+                done => return done,
+            }
+        }
+        self.file.read_exact_at(buf, offset)
+    }
+
     /// Copies the blocks of `[offset, offset + length)` that a running export has not read yet,
     /// so it still reads them as of its cut. At the memory cap, waits for the export to move
     /// on (backpressure) rather than grow without bound.
@@ -718,16 +761,20 @@ impl ProtectedDisk {
             to,
         };
         let changed: u64 = extents.iter().map(|e| e.length).sum();
-        let mut prefetch = Prefetch {
+        // Read-ahead hints only help reads through the page cache; direct reads are read
+        // ahead by `readahead::export`'s thread.
+        let mut prefetch = (!self.direct_ok.load(Ordering::Relaxed)).then(|| Prefetch {
             fd: self.file.as_raw_fd(),
             extents: &extents,
             next: 0,
             pos: 0,
             issued: 0,
             consumed: 0,
-        };
+        });
         let mut read_at = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
-            prefetch.consumed(buf.len() as u64);
+            if let Some(p) = prefetch.as_mut() {
+                p.consumed(buf.len() as u64);
+            }
             let mut guard = self
                 .snapshot
                 .lock()
@@ -737,7 +784,7 @@ impl ProtectedDisk {
                 .ok_or_else(|| io::Error::other("the export's snapshot is gone"))?;
             // Under the lock no writer can overwrite a pending block of this piece: it has to
             // preserve it first, and it cannot until we are done.
-            self.file.read_exact_at(buf, offset)?;
+            self.read_for_export(buf, offset)?;
             let (first, last) = (
                 (offset >> snap.shift) as u32,
                 ((offset + buf.len() as u64 - 1) >> snap.shift) as u32,
@@ -775,14 +822,16 @@ impl ProtectedDisk {
         let out = BufWriter::with_capacity(1 << 20, file);
         let (writer, summary, changed) = match plan {
             ExportPlan::Changed(_) => {
-                let (w, s) = delta::export_with(read_at, &extents, &header, options, out)?;
+                let (w, s) = crate::readahead::export(read_at, &extents, &header, options, out)?;
                 (w, s, changed)
             }
             ExportPlan::Resume { .. } => {
                 // The blocks the receiver already holds: read (as of the cut) only for their
                 // leaves, so the image digest still covers the whole image.
                 if leaves.is_some() {
-                    let mut buf = vec![0u8; ctk::limits::DELTA_RECORD_DATA_MAX];
+                    // Aligned, so these reads can be direct too.
+                    let mut buf =
+                        crate::readahead::AlignedBuf::new(ctk::limits::DELTA_RECORD_DATA_MAX);
                     for e in &leaves_only {
                         let mut pos = e.offset;
                         while pos < e.end() {
@@ -792,7 +841,8 @@ impl ProtectedDisk {
                         }
                     }
                 }
-                let (w, s) = delta::export_with(&mut read_at, &extents, &header, options, out)?;
+                let (w, s) =
+                    crate::readahead::export(&mut read_at, &extents, &header, options, out)?;
                 (w, s, changed)
             }
             ExportPlan::Compare { unit, theirs, .. } => {
@@ -903,6 +953,7 @@ impl ProtectedDisk {
             "write_zeroes": c.zeroes.load(Ordering::Relaxed),
             "cow_blocks_preserved": c.cow_blocks.load(Ordering::Relaxed),
             "cow_waits": c.cow_waits.load(Ordering::Relaxed),
+            "export_reads": if self.direct_ok.load(Ordering::Relaxed) { "direct" } else { "page cache" },
             "last_cut": self.last_cut.lock().ok().and_then(|l| l.clone()),
         })
     }
@@ -1088,6 +1139,15 @@ fn append_bounded(path: &Path, line: &[u8], max: u64) -> io::Result<()> {
         .append(true)
         .open(path)?
         .write_all(line)
+}
+
+/// Whether two open files are one (device and inode).
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino() && a.rdev() == b.rdev(),
+        _ => false,
+    }
 }
 
 fn unix_ms() -> u64 {

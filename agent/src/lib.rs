@@ -10,5 +10,6 @@ pub mod nbd;
 pub mod nbd_client;
 pub mod pipeline;
 pub mod quickstart;
+pub mod readahead;
 pub mod replicate;
 pub mod server;

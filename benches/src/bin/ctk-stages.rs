@@ -3,6 +3,8 @@
 //!   ctk-stages gen FILE SIZE_MIB   a mixed image (25% zeros, 25% random, 50% text-like)
 //!   ctk-stages drop FILE           drop FILE's pages from the page cache (no root needed)
 //!   ctk-stages read FILE           cold sequential read, 1 MiB at a time -> bytes/s
+//!   ctk-stages read-direct FILE    sequential read past the page cache (O_DIRECT), 1 MiB at
+//!                                  a time, one read in flight -> bytes/s
 //!   ctk-stages encode FILE         delta encoding alone (zero detection, CRC32, zstd 1) of
 //!                                  FILE held in memory -> input bytes/s
 //!   ctk-stages write FILE BYTES    sequential write of BYTES into a new FILE, then fsync (the
@@ -64,6 +66,26 @@ fn main() {
                 if n == 0 {
                     break;
                 }
+                total += n as u64;
+            }
+            println!("{:.0}", total as f64 / started.elapsed().as_secs_f64());
+        }
+        "read-direct" => {
+            // The device alone, as ctk's exports read it: no page cache to fill (cold by
+            // construction), one 1 MiB read after another.
+            let f = ctk_agent::readahead::open_direct(std::path::Path::new(arg(1)))
+                .expect("open")
+                .expect("this filesystem refuses O_DIRECT");
+            let len = f.metadata().expect("size").len();
+            let mut buf = ctk_agent::readahead::AlignedBuf::new(1 << 20);
+            let (started, mut total) = (Instant::now(), 0u64);
+            while total < len {
+                let n = (len - total).min(1 << 20) as usize;
+                // The file's unaligned tail, if any, is left out (at most 4 KiB).
+                if !ctk_agent::readahead::direct_fits(total, &buf[..n]) {
+                    break;
+                }
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], total).expect("read");
                 total += n as u64;
             }
             println!("{:.0}", total as f64 / started.elapsed().as_secs_f64());
