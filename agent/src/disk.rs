@@ -540,12 +540,25 @@ impl ProtectedDisk {
         ))
     }
 
-    /// Reads the backing for an export: directly (past the page cache) where the piece and
-    /// its buffer allow, else through the cache. Either way the bytes are the file's: a
-    /// direct read first writes back any dirty cached pages of its range.
+    /// Whether an export reads the piece `[offset, offset + len)` directly: only whole
+    /// record-sized, aligned pieces (a first full, long runs of changes). Shorter pieces
+    /// (scattered small changes) go through the page cache, where `Prefetch` hints let the
+    /// kernel read many at once; direct, one read at a time, each would wait out the disk's
+    /// latency (2% of 4 GiB in 64 KiB extents staged 1.4x slower that way, BENCHMARKS.md).
+    fn reads_directly(&self, offset: u64, len: usize) -> bool {
+        self.direct.is_some()
+            && self.direct_ok.load(Ordering::Relaxed)
+            && len == ctk::limits::DELTA_RECORD_DATA_MAX
+            && offset.is_multiple_of(crate::readahead::DIRECT_ALIGN as u64)
+    }
+
+    /// Reads the backing for an export: directly (past the page cache) where
+    /// `reads_directly` says so and the buffer is aligned, else through the cache. Either
+    /// way the bytes are the file's: a direct read first writes back any dirty cached pages
+    /// of its range.
     fn read_for_export(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if let Some(direct) = &self.direct
-            && self.direct_ok.load(Ordering::Relaxed)
+            && self.reads_directly(offset, buf.len())
             && crate::readahead::direct_fits(offset, buf)
         {
             match direct.read_exact_at(buf, offset) {
@@ -761,20 +774,21 @@ impl ProtectedDisk {
             to,
         };
         let changed: u64 = extents.iter().map(|e| e.length).sum();
-        // Read-ahead hints only help reads through the page cache; direct reads are read
-        // ahead by `readahead::export`'s thread.
-        let mut prefetch = (!self.direct_ok.load(Ordering::Relaxed)).then(|| Prefetch {
+        // Read-ahead hints, for the pieces read through the page cache (a compare reads
+        // into plain buffers: all of them); direct reads are read ahead by
+        // `readahead::export`'s thread, and a hint would only read them twice.
+        let may_direct = !matches!(plan, ExportPlan::Compare { .. });
+        let mut prefetch = Prefetch {
             fd: self.file.as_raw_fd(),
             extents: &extents,
             next: 0,
             pos: 0,
             issued: 0,
             consumed: 0,
-        });
+            skip: |offset, len| may_direct && self.reads_directly(offset, len),
+        };
         let mut read_at = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
-            if let Some(p) = prefetch.as_mut() {
-                p.consumed(buf.len() as u64);
-            }
+            prefetch.consumed(buf.len() as u64);
             let mut guard = self
                 .snapshot
                 .lock()
@@ -1199,34 +1213,42 @@ fn block_runs(
 
 /// Asks the kernel to read ahead along an export's extents, so the disk works while the
 /// export compresses what it already has (the export reads one piece at a time, and the
-/// kernel's own readahead does not follow scattered extents).
-struct Prefetch<'a> {
+/// kernel's own readahead does not follow scattered extents). It walks the export's pieces
+/// as `DeltaWriter::write_read` cuts them and hints every one that `skip` does not claim
+/// (those are read directly, past the cache).
+struct Prefetch<'a, S: Fn(u64, usize) -> bool> {
     fd: std::os::fd::RawFd,
     extents: &'a [ctk::Extent],
-    /// The extent the next hint starts in, and where in it.
+    /// The extent the next piece is in, and where in it.
     next: usize,
     pos: u64,
-    /// Bytes hinted and bytes read so far, in extent order.
+    /// Bytes walked and bytes read so far, in extent order.
     issued: u64,
     consumed: u64,
+    skip: S,
 }
 
-impl Prefetch<'_> {
+impl<S: Fn(u64, usize) -> bool> Prefetch<'_, S> {
     /// How far ahead of the export the hints run.
     const WINDOW: u64 = 32 << 20;
-    /// The most one hint asks for.
-    const PIECE: u64 = 4 << 20;
 
     fn consumed(&mut self, n: u64) {
         self.consumed += n;
         while self.issued < self.consumed + Self::WINDOW && self.next < self.extents.len() {
             let e = self.extents[self.next];
             let start = self.pos.max(e.offset);
-            let len = (e.end() - start).min(Self::PIECE);
-            // SAFETY: fadvise on an open descriptor touches no memory; it is only a hint.
-            unsafe {
-                libc::posix_fadvise(self.fd, start as i64, len as i64, libc::POSIX_FADV_WILLNEED)
-            };
+            let len = (e.end() - start).min(ctk::limits::DELTA_RECORD_DATA_MAX as u64);
+            if !(self.skip)(start, len as usize) {
+                // SAFETY: fadvise on an open descriptor touches no memory; it is only a hint.
+                unsafe {
+                    libc::posix_fadvise(
+                        self.fd,
+                        start as i64,
+                        len as i64,
+                        libc::POSIX_FADV_WILLNEED,
+                    )
+                };
+            }
             self.issued += len;
             self.pos = start + len;
             if self.pos >= e.end() {
