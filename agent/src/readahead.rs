@@ -9,7 +9,7 @@
 //! same order, same pieces); only their timing moves earlier, so the point-in-time rules of
 //! the caller's `read_at` (the copy-on-write snapshot) hold unchanged.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::mpsc;
@@ -18,81 +18,18 @@ use ctk::Extent;
 use ctk::delta::{DeltaError, DeltaHeader, DeltaSummary, DeltaWriter, WriteOptions};
 use ctk::limits::DELTA_RECORD_DATA_MAX;
 
-/// What a direct read (`O_DIRECT`) asks of a buffer's address, a file offset and a length,
-/// rounded up to cover the devices here: 4 KiB suits both 512-byte and 4 KiB logical
-/// sectors. Exports read directly because, on this project's machines, a cold read through
-/// the page cache costs the kernel more CPU than ctk spends on zstd and CRC together
-/// (BENCHMARKS.md), and because a backup's reads should not evict the host's own cache.
-pub const DIRECT_ALIGN: usize = 4096;
+// Direct reads need aligned memory and ranges; the helpers live beside the store's `Vfs`.
+// Exports read directly because, on this project's machines, a cold read through the page
+// cache costs the kernel more CPU than ctk spends on zstd and CRC together (BENCHMARKS.md),
+// and because a backup's reads should not evict the host's own cache.
+pub use ctk::vfs::{AlignedBuf, DIRECT_ALIGN, direct_fits};
 
-/// Whether a direct read into `buf` at `offset` meets [`DIRECT_ALIGN`]: the offset, the
-/// length and the buffer's address (memory from [`AlignedBuf`]).
-pub fn direct_fits(offset: u64, buf: &[u8]) -> bool {
-    offset.is_multiple_of(DIRECT_ALIGN as u64)
-        && buf.len().is_multiple_of(DIRECT_ALIGN)
-        && !buf.is_empty()
-        && buf.as_ptr().align_offset(DIRECT_ALIGN) == 0
-}
-
-/// A zeroed heap buffer whose first byte sits on a [`DIRECT_ALIGN`] boundary. Safe code:
-/// it over-allocates by one alignment and hands out the aligned window.
-pub struct AlignedBuf {
-    bytes: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> AlignedBuf {
-        let bytes = vec![0u8; len + DIRECT_ALIGN];
-        // Always below DIRECT_ALIGN for a byte pointer; `min` only keeps the slice in range
-        // should that ever not hold (the buffer is then merely unaligned: read buffered).
-        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        AlignedBuf { bytes, start, len }
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.bytes[self.start..self.start + self.len]
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.start..self.start + self.len]
-    }
-}
-
-/// Whether direct reads may be used: yes unless the environment says `CTK_DIRECT_IO=off`
-/// (for a filesystem that accepts `O_DIRECT` but misbehaves with it, and for tests of the
-/// buffered path).
-pub fn direct_io_allowed() -> bool {
-    !matches!(
-        std::env::var("CTK_DIRECT_IO").as_deref(),
-        Ok("off" | "0" | "no" | "false")
-    )
-}
-
-/// Opens `path` read-only for direct reads: `None` where that is turned off
-/// ([`direct_io_allowed`]) or the filesystem refuses `O_DIRECT` (EINVAL). Reads on it need
-/// [`direct_fits`]. Mixing it with a buffered descriptor of the same file (the NBD front's)
-/// is coherent: a direct read first writes back the dirty cached pages of its range.
+/// Opens `path` read-only for direct reads (`ctk::vfs::open_direct`): `None` where that is
+/// turned off (`CTK_DIRECT_IO=off`) or the filesystem refuses `O_DIRECT`. Mixing it with a
+/// buffered descriptor of the same file (the NBD front's) is coherent: a direct read first
+/// writes back the dirty cached pages of its range.
 pub fn open_direct(path: &Path) -> io::Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if !direct_io_allowed() {
-        return Ok(None);
-    }
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        Err(e) => Err(e),
-    }
+    ctk::vfs::open_direct(path, false)
 }
 
 /// Pieces read ahead of the encoder at most (each up to [`DELTA_RECORD_DATA_MAX`]): with

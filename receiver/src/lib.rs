@@ -4,3 +4,4 @@
 pub mod retention;
 pub mod server;
 pub mod store;
+pub mod write_behind;

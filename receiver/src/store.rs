@@ -44,6 +44,7 @@ use ctk::{ChangeId, Extent};
 use serde::{Deserialize, Serialize};
 
 use crate::retention::Retention;
+use crate::write_behind::WriteBehind;
 
 /// Largest manifest read back (a few hundred bytes per point).
 const MANIFEST_LEN_MAX: u64 = 16 << 20;
@@ -1669,6 +1670,14 @@ impl DiskStore {
         } else {
             Leaves::zeroed(header.disk_size, header.block_size).ok()
         };
+        // Past the page cache where the filesystem allows (see `write_behind`); on any early
+        // return it is dropped, which waits for its queued writes. A fresh full.img is one
+        // hole; a resumed one holds the received part between this push's records.
+        let direct = self
+            .fs
+            .open_direct(&self.full_path())
+            .map_err(io_err("opening full.img for direct writes"))?;
+        let mut out = WriteBehind::new(full, direct, !resumed);
         let mut reader = DeltaReader::new(&mut input)?;
         loop {
             let record = match reader.next_record() {
@@ -1677,6 +1686,9 @@ impl DiskStore {
                 // The input ended or failed part way: a push cut off.
                 Err(e) if is_cut_off(&e) => {
                     let at = reader.checkpoint().next_offset;
+                    // Every record below `at` must be in the file before the caller syncs
+                    // it as the resume state; if one failed to land, this is no cut-off.
+                    out.finish().map_err(io_err("writing full.img"))?;
                     if at > 0 {
                         *reached = Some(at);
                     }
@@ -1686,7 +1698,7 @@ impl DiskStore {
             };
             match record {
                 DeltaRecord::Data { offset, data } => {
-                    full.write_all_at(data, offset)
+                    out.write(offset, data)
                         .map_err(io_err("writing full.img"))?;
                     if let Some(l) = leaves.as_mut() {
                         let _ = l.set_data(offset, data);
@@ -1704,6 +1716,7 @@ impl DiskStore {
                 }
             }
         }
+        out.finish().map_err(io_err("writing full.img"))?;
         let delta_bytes = reader.summary().stream_bytes;
         drop(reader);
         let mut extra = [0u8; 1];
