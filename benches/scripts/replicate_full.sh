@@ -11,6 +11,10 @@
 # machine, /dev/shm stands in for a receiver with a disk of its own (the replica's writes
 # then no longer share the device with the agent's reads).
 #
+# A last row, not one of the issue's stages, measures the one disk doing both of its jobs at
+# once: the image read directly while the replica's non-zero bytes are written directly
+# beside it. On a machine where agent and receiver share one device, that is the ceiling.
+#
 # Prints the medians and the ratio ctk / slowest stage (issue 4's goal: >= 0.8).
 set -euo pipefail
 size_mib=${1:-4096}
@@ -33,7 +37,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 
 store=${STORE_DIR:-$work}/ctk-bench-store.$$
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work" "$store"' EXIT
-read_bps=(); dread_bps=(); enc_bps=(); quic_bps=(); ctk_bps=(); write_bps=(); ratios=(); busy=()
+read_bps=(); dread_bps=(); rw_bps=(); enc_bps=(); quic_bps=(); ctk_bps=(); write_bps=(); ratios=(); busy=()
 # The share of the machine's CPU time (all cores) spent busy between two /proc/stat samples.
 cpu_sample() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 # The non-zero part of the image: what the replica's disk must take.
@@ -52,6 +56,7 @@ for run in $(seq "$runs"); do
   enc_bps+=("$("$bin/ctk-stages" encode "$work/src.img")")
   quic_bps+=("$("$bin/ctk-stages" quic "$bytes")")
   write_bps+=("$("$bin/ctk-stages" write "${STORE_DIR:-$work}/ctk-bench-w.$$" "$nonzero")")
+  rw_bps+=("$("$bin/ctk-stages" read-write "$work/src.img" "${STORE_DIR:-$work}/ctk-bench-rw.$$" "$nonzero")")
   # ctk: a fresh receiver store and a fresh journal each run, the image cold.
   rm -rf "$store" "$work/src.img.ctk"* "$work"/*.sock
   "$bin/ctk-receiver" serve --identity "$work/rid" --store "$store" --listen 127.0.0.1:0 \
@@ -76,18 +81,18 @@ for run in $(seq "$runs"); do
   kill $apid $rpid; wait $apid $rpid 2>/dev/null || true
   # This run's ratio against its own slowest stage (the disk is noisy from run to run).
   ratios+=("$(python3 -c "print(${ctk_bps[-1]} / min(${read_bps[-1]}, ${enc_bps[-1]}, ${quic_bps[-1]} * $bytes / $sent))")")
-  echo "run $run: read ${read_bps[-1]} (direct $direct, buffered $buffered) encode ${enc_bps[-1]} quic ${quic_bps[-1]} write ${write_bps[-1]} ctk ${ctk_bps[-1]} B/s; sent $sent bytes; ratio ${ratios[-1]}; CPU busy ${busy[-1]}" >&2
+  echo "run $run: read ${read_bps[-1]} (direct $direct, buffered $buffered) encode ${enc_bps[-1]} quic ${quic_bps[-1]} write ${write_bps[-1]} read+write ${rw_bps[-1]} ctk ${ctk_bps[-1]} B/s; sent $sent bytes; ratio ${ratios[-1]}; CPU busy ${busy[-1]}" >&2
 done
 r=$(printf '%s\n' "${read_bps[@]}" | median); dr=$(printf '%s\n' "${dread_bps[@]}" | median); e=$(printf '%s\n' "${enc_bps[@]}" | median)
 q=$(printf '%s\n' "${quic_bps[@]}" | median); c=$(printf '%s\n' "${ctk_bps[@]}" | median)
 w=$(printf '%s\n' "${write_bps[@]}" | median); rr=$(printf '%s\n' "${ratios[@]}" | median)
-cb=$(printf '%s\n' "${busy[@]}" | median)
-python3 - "$r" "$e" "$q" "$c" "$size_mib" "$runs" "$sent" "$w" "$nonzero" "$rr" "$cb" "$dr" "${STORE_DIR:-beside the image}" <<'PY'
+cb=$(printf '%s\n' "${busy[@]}" | median); rw=$(printf '%s\n' "${rw_bps[@]}" | median)
+python3 - "$r" "$e" "$q" "$c" "$size_mib" "$runs" "$sent" "$w" "$nonzero" "$rr" "$cb" "$dr" "${STORE_DIR:-beside the image}" "$rw" <<'PY'
 import sys
 r, e, q, c = map(float, sys.argv[1:5]); size, runs, sent = sys.argv[5], sys.argv[6], int(sys.argv[7])
 w, nonzero, rr = float(sys.argv[8]), int(sys.argv[9]), float(sys.argv[10])
 cb = float(sys.argv[11])
-dr, store = float(sys.argv[12]), sys.argv[13]
+dr, store, rw = float(sys.argv[12]), sys.argv[13], float(sys.argv[14])
 image = int(size) << 20
 # Every rate is in image bytes per second: QUIC only has to carry the delta (zeros skipped,
 # the rest compressed), so its rate is scaled by image / sent.
@@ -100,7 +105,9 @@ print(f"| delta encoding (zero detection, CRC32, zstd 1) | {e/1e6:.0f} |")
 print(f"| QUIC on loopback, ctk transport ({q/1e6:.0f} MB/s raw; the delta is {sent/image:.2f} of the image) | {q_image/1e6:.0f} |")
 print(f"| **ctk first full, end to end** (export, QUIC, stage, verify, merge, fsync) | **{c/1e6:.0f}** |")
 print(f"| replica disk: sequential write + fsync of the {nonzero/2**20:.0f} MiB of non-zero data (not one of the issue's stages) | {w*image/nonzero/1e6:.0f} |")
+print(f"| one disk, both jobs: the image read directly while the {nonzero/2**20:.0f} MiB are written directly beside it (not one of the issue's stages) | {rw/1e6:.0f} |")
 print(f"receiver store: {store}")
 print(f"CPU busy during ctk's runs (share of both cores, all processes), median: {cb:.2f}")
 print(f"ratio ctk / slowest stage ({slowest[0]}), of the medians: {c/slowest[1]:.2f}; median of the per-run ratios: {rr:.2f} (goal >= 0.8); delta sent {sent/2**20:.0f} MiB")
+print(f"ratio ctk / one disk doing both jobs: {c/rw:.2f}")
 PY

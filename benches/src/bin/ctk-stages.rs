@@ -5,6 +5,12 @@
 //!   ctk-stages read FILE           cold sequential read, 1 MiB at a time -> bytes/s
 //!   ctk-stages read-direct FILE    sequential read past the page cache (O_DIRECT), 1 MiB at
 //!                                  a time, one read in flight -> bytes/s
+//!   ctk-stages read-write FILE OUT BYTES
+//!                                  the one disk doing what a first full on one machine asks
+//!                                  of it: FILE read directly while BYTES are written directly
+//!                                  into a new OUT (1 MiB at a time each, fsync at the end;
+//!                                  OUT removed after; buffered where OUT's filesystem refuses
+//!                                  O_DIRECT) -> FILE's bytes/s over the longer of the two
 //!   ctk-stages encode FILE         delta encoding alone (zero detection, CRC32, zstd 1) of
 //!                                  FILE held in memory -> input bytes/s
 //!   ctk-stages write FILE BYTES    sequential write of BYTES into a new FILE, then fsync (the
@@ -34,6 +40,27 @@ fn drop_cache(path: &str) {
     f.sync_all().expect("sync");
     // SAFETY: fadvise on an open descriptor touches no memory.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// Reads `path` whole, directly (no page cache: cold by construction), one 1 MiB read after
+/// another, as ctk's exports read; returns the bytes read (an unaligned tail, at most 4 KiB,
+/// is left out).
+fn direct_read_all(path: &str) -> u64 {
+    let f = ctk::vfs::open_direct(std::path::Path::new(path), false)
+        .expect("open")
+        .expect("this filesystem refuses O_DIRECT");
+    let len = f.metadata().expect("size").len();
+    let mut buf = ctk::vfs::AlignedBuf::new(1 << 20);
+    let mut total = 0u64;
+    while total < len {
+        let n = (len - total).min(1 << 20) as usize;
+        if !ctk::vfs::direct_fits(total, &buf[..n]) {
+            break;
+        }
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], total).expect("read");
+        total += n as u64;
+    }
+    total
 }
 
 fn main() {
@@ -71,24 +98,40 @@ fn main() {
             println!("{:.0}", total as f64 / started.elapsed().as_secs_f64());
         }
         "read-direct" => {
-            // The device alone, as ctk's exports read it: no page cache to fill (cold by
-            // construction), one 1 MiB read after another.
-            let f = ctk_agent::readahead::open_direct(std::path::Path::new(arg(1)))
-                .expect("open")
-                .expect("this filesystem refuses O_DIRECT");
-            let len = f.metadata().expect("size").len();
-            let mut buf = ctk_agent::readahead::AlignedBuf::new(1 << 20);
-            let (started, mut total) = (Instant::now(), 0u64);
-            while total < len {
-                let n = (len - total).min(1 << 20) as usize;
-                // The file's unaligned tail, if any, is left out (at most 4 KiB).
-                if !ctk_agent::readahead::direct_fits(total, &buf[..n]) {
-                    break;
-                }
-                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], total).expect("read");
-                total += n as u64;
-            }
+            let started = Instant::now();
+            let total = direct_read_all(arg(1));
             println!("{:.0}", total as f64 / started.elapsed().as_secs_f64());
+        }
+        "read-write" => {
+            let (path, out) = (arg(1).to_owned(), arg(2).to_owned());
+            let bytes: u64 = arg(3).parse().expect("BYTES");
+            let started = Instant::now();
+            let reader = std::thread::spawn(move || direct_read_all(&path));
+            let w = std::fs::File::create(&out).expect("create");
+            drop(w);
+            // tmpfs (a STORE_DIR of /dev/shm) refuses O_DIRECT: write through it as ctk's
+            // receiver then does.
+            let w = match ctk::vfs::open_direct(std::path::Path::new(&out), true).expect("open") {
+                Some(w) => w,
+                None => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&out)
+                    .expect("open"),
+            };
+            let mut block = ctk::vfs::AlignedBuf::new(1 << 20);
+            for (i, b) in block.iter_mut().enumerate() {
+                *b = ((i as u32).wrapping_mul(2654435761) >> 13) as u8 | 1;
+            }
+            let mut done = 0u64;
+            while done < bytes {
+                // Whole MiBs only: direct writes must stay aligned.
+                std::os::unix::fs::FileExt::write_all_at(&w, &block, done).expect("write");
+                done += 1 << 20;
+            }
+            w.sync_all().expect("fsync");
+            let read = reader.join().expect("reader");
+            let _ = std::fs::remove_file(&out);
+            println!("{:.0}", read as f64 / started.elapsed().as_secs_f64());
         }
         "encode" => {
             let data = std::fs::read(arg(1)).expect("read");
