@@ -38,10 +38,13 @@ pub const DEPTH: usize = 8;
 
 /// Writes the delta of `extents` into `out` as [`ctk::delta::export_with`] does, reading
 /// each piece (at most [`DELTA_RECORD_DATA_MAX`] bytes, never across an extent's end) with
-/// `read_at` on another thread, up to [`DEPTH`] pieces ahead. A failed read ends the export
+/// `read_at` on another thread, up to [`DEPTH`] pieces ahead. Each piece, once read, is
+/// shown to `on_piece` on the caller's thread, in order, before it is encoded (work on the
+/// data that should not hold up the reads). A failed read or `on_piece` ends the export
 /// with its error; a failed write stops the reads.
 pub fn export<W: Write>(
     read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()> + Send,
+    mut on_piece: impl FnMut(u64, &[u8]) -> io::Result<()>,
     extents: &[Extent],
     header: &DeltaHeader,
     options: WriteOptions,
@@ -76,6 +79,7 @@ pub fn export<W: Write>(
         // early drops `full_rx`, which stops the reader at its next piece.
         for piece in full_rx {
             let (offset, buf, n) = piece?;
+            on_piece(offset, &buf[..n])?;
             writer.write_extent(offset, &buf[..n])?;
             let _ = free_tx.send(buf);
         }
@@ -129,10 +133,16 @@ mod tests {
         let h = header(size as u64 + 1000);
         let opts = WriteOptions::default();
         let mut ahead_reads = vec![];
+        let mut shown = vec![];
         let (a, _) = export(
             |off, buf: &mut [u8]| {
                 ahead_reads.push((off, buf.len()));
                 buf.copy_from_slice(&img[off as usize..off as usize + buf.len()]);
+                Ok(())
+            },
+            |off, data: &[u8]| {
+                assert_eq!(data, &img[off as usize..off as usize + data.len()]);
+                shown.push((off, data.len()));
                 Ok(())
             },
             &extents,
@@ -156,6 +166,10 @@ mod tests {
         .expect("inline export");
         assert_eq!(a, b, "the two exports differ");
         assert_eq!(ahead_reads, inline_reads);
+        assert_eq!(
+            shown, inline_reads,
+            "on_piece saw other pieces than were read"
+        );
         let mut r = DeltaReader::new(&a[..]).expect("header");
         let mut covered = 0u64;
         while let Some(rec) = r.next_record().expect("record") {
@@ -183,6 +197,7 @@ mod tests {
                 }
                 Ok(())
             },
+            |_, _: &[u8]| Ok(()),
             &extents,
             &header(32 << 20),
             WriteOptions::default(),
@@ -223,6 +238,7 @@ mod tests {
                 buf.fill(1);
                 Ok(())
             },
+            |_, _: &[u8]| Ok(()),
             &extents,
             &header(256 << 20),
             WriteOptions { zstd_level: None },
@@ -237,5 +253,36 @@ mod tests {
             reads <= 4 + DEPTH + 1,
             "{reads} reads after the output failed"
         );
+    }
+
+    /// A piece that `on_piece` refuses ends the export with that error: nothing of it or
+    /// after it is encoded.
+    #[test]
+    fn a_refused_piece_ends_the_export() {
+        let extents = [Extent {
+            offset: 0,
+            length: 8 << 20,
+        }];
+        let mut out = Vec::new();
+        let err = export(
+            |_, buf: &mut [u8]| {
+                buf.fill(7);
+                Ok(())
+            },
+            |off, _: &[u8]| {
+                if off == 2 << 20 {
+                    return Err(io::Error::other("leaves file full"));
+                }
+                Ok(())
+            },
+            &extents,
+            &header(8 << 20),
+            WriteOptions { zstd_level: None },
+            &mut out,
+        )
+        .expect_err("must fail");
+        assert!(err.to_string().contains("leaves file full"), "{err}");
+        // Two records of 1 MiB at most, plus the header: the third piece never went out.
+        assert!(out.len() < (2 << 20) + 4096, "{} bytes written", out.len());
     }
 }
