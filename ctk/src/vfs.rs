@@ -48,6 +48,11 @@ pub trait FileAt: Send + Sync {
         Ok(())
     }
 
+    /// A hint that `[offset, offset + length)` will be read soon: the kernel may start
+    /// reading it now, alongside other such ranges, instead of one read at a time when
+    /// asked. Only a hint; the default does nothing.
+    fn will_need(&self, _offset: u64, _length: u64) {}
+
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
             match self.read_at(buf, offset) {
@@ -97,6 +102,18 @@ impl FileAt for File {
         }
         Ok(())
     }
+    fn will_need(&self, offset: u64, length: u64) {
+        // SAFETY: fadvise on an open descriptor touches no memory; a failure only loses
+        // the hint.
+        unsafe {
+            libc::posix_fadvise(
+                self.as_raw_fd(),
+                offset as i64,
+                length as i64,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
     }
@@ -120,6 +137,9 @@ impl<F: FileAt + ?Sized> FileAt for Box<F> {
     }
     fn zero(&self, offset: u64, length: u64) -> io::Result<()> {
         (**self).zero(offset, length)
+    }
+    fn will_need(&self, offset: u64, length: u64) {
+        (**self).will_need(offset, length)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_exact_at(buf, offset)

@@ -2028,7 +2028,18 @@ struct UndoWriter {
     buf: Vec<u8>,
     /// Pre-images are written up to here (two ranges can share a block's edge).
     done: u64,
+    /// Ranges added but not yet read, oldest first, and their bytes: each is hinted to the
+    /// kernel when added and read once [`UNDO_AHEAD`] bytes (or [`UNDO_AHEAD_RANGES`]
+    /// ranges) are queued behind it, so the disk fetches many at once instead of one cold
+    /// read at a time while the push waits (2% of a 4 GiB replica in 64 KiB extents: the
+    /// staging took 0.45-0.69 s with the reads one by one, BENCHMARKS.md).
+    pending: std::collections::VecDeque<(u64, u64)>,
+    pending_bytes: u64,
 }
+
+/// How far the undo's reads of pre-images trail the ranges they were hinted for.
+const UNDO_AHEAD: u64 = 8 << 20;
+const UNDO_AHEAD_RANGES: usize = 1024;
 
 impl UndoWriter {
     fn create(
@@ -2065,13 +2076,35 @@ impl UndoWriter {
             writer: DeltaWriter::new(out, &undo_header, options)?,
             buf: Vec::new(),
             done: 0,
+            pending: std::collections::VecDeque::new(),
+            pending_bytes: 0,
         })
     }
 
     /// Adds the pre-image of `[offset, offset + length)` (the part inside the old size and
-    /// not already added).
+    /// not already added). Read a little later, in order: see `pending`.
     fn add(&mut self, offset: u64, length: u64) -> Result<()> {
-        self.take(offset, (offset + length).min(self.limit))
+        let end = offset.saturating_add(length).min(self.limit);
+        if offset >= end {
+            return Ok(());
+        }
+        // A long range (a large zero record) is hinted only as far as the queue reaches:
+        // the rest is read in its turn, with the kernel's own read-ahead.
+        self.full.will_need(offset, (end - offset).min(UNDO_AHEAD));
+        self.pending.push_back((offset, end));
+        self.pending_bytes += end - offset;
+        while self.pending_bytes > UNDO_AHEAD || self.pending.len() > UNDO_AHEAD_RANGES {
+            self.take_oldest()?;
+        }
+        Ok(())
+    }
+
+    fn take_oldest(&mut self) -> Result<()> {
+        if let Some((offset, end)) = self.pending.pop_front() {
+            self.pending_bytes -= end - offset;
+            self.take(offset, end)?;
+        }
+        Ok(())
     }
 
     fn take(&mut self, offset: u64, end: u64) -> Result<()> {
@@ -2107,6 +2140,9 @@ impl UndoWriter {
     /// Adds the tail a shrink cuts (from the block the new end falls in) and ends the undo;
     /// returns its writer (not yet synced) and the leaves.
     fn finish(mut self) -> Result<(FileWriter, Option<Leaves>)> {
+        while !self.pending.is_empty() {
+            self.take_oldest()?;
+        }
         self.take(self.limit, self.old_size)?;
         let (w, _) = self.writer.finish()?;
         Ok((w, self.leaves))

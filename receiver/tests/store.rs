@@ -998,3 +998,64 @@ fn a_leaf_file_that_lies_is_not_trusted_to_check_pre_images() {
     }
     ok(&["verify", "--store", s, "--disk", "vm1"]);
 }
+
+/// A merge whose pre-images are many (more ranges and more bytes than the undo queues
+/// ahead of its reads) keeps every one of them: the point before it restores exactly.
+#[test]
+fn a_merge_of_many_scattered_ranges_keeps_every_pre_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let mut rng = Rng(7);
+    let size = 24 << 20;
+    let before: Vec<u8> = (0..size)
+        .map(|i| (i / BS) as u8 ^ (i % 251) as u8)
+        .collect();
+    // Every other block changed: 3,072 ranges of one block (past the 1,024 the undo queues)
+    // and 12 MiB (past its 8 MiB); then one long run, for the byte bound alone.
+    let mut after = before.clone();
+    for b in after.chunks_mut(BS).step_by(2) {
+        b.fill((rng.next() % 255) as u8 + 1);
+    }
+    let mut last = after.clone();
+    last[2 << 20..14 << 20].fill(0x5a);
+    let d0 = dir.path().join("d0.ctkd");
+    let d1 = dir.path().join("d1.ctkd");
+    let d2 = dir.path().join("d2.ctkd");
+    write_delta(&d0, "vm1", None, &before, None, id(1), &mut rng);
+    write_delta(
+        &d1,
+        "vm1",
+        Some(&before),
+        &after,
+        Some(id(1)),
+        id(2),
+        &mut rng,
+    );
+    write_delta(
+        &d2,
+        "vm1",
+        Some(&after),
+        &last,
+        Some(id(2)),
+        id(3),
+        &mut rng,
+    );
+    for d in [&d0, &d1, &d2] {
+        ok(&[
+            "ingest",
+            "--store",
+            s,
+            "--disk",
+            "vm1",
+            "--json",
+            d.to_str().unwrap(),
+        ]);
+    }
+    let kept = points(s, "vm1");
+    assert_eq!(kept.len(), 3);
+    for (point, state) in kept.iter().zip([&before, &after, &last]) {
+        let image = restored(s, "vm1", point, &dir.path().join("r.img"));
+        assert!(image == *state, "point {point} restores wrong");
+    }
+}
