@@ -123,7 +123,7 @@ pub enum DigestError {
 
 /// The leaf of one block's bytes (a whole block, or the partial last one).
 pub fn leaf(data: &[u8]) -> u64 {
-    if data.iter().all(|&b| b == 0) {
+    if crate::delta::is_zero(data) {
         return 0;
     }
     // 0 means zeros; a data block that hashes to 0 takes 1 instead.

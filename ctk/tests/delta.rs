@@ -349,3 +349,20 @@ fn fuzz_seeds_are_valid_deltas() {
     }
     assert!(n >= 2, "seeds missing in {}", dir.display());
 }
+
+/// Zero detection is word-wise in 256-byte chunks: every length around the chunk and word
+/// edges, with one non-zero byte at every position, must still be seen.
+#[test]
+fn zero_detection_sees_any_single_nonzero_byte() {
+    for len in [
+        0usize, 1, 7, 8, 15, 16, 255, 256, 257, 511, 512, 520, 4096, 4099,
+    ] {
+        let mut buf = vec![0u8; len];
+        assert!(ctk::delta::is_zero(&buf), "{len} zeros");
+        for at in 0..len {
+            buf[at] = 0x80;
+            assert!(!ctk::delta::is_zero(&buf), "len {len}, byte {at}");
+            buf[at] = 0;
+        }
+    }
+}

@@ -37,6 +37,7 @@ use std::sync::Arc;
 
 use ctk::delta::{
     self, DeltaError, DeltaFile, DeltaHeader, DeltaReader, DeltaRecord, DeltaWriter, WriteOptions,
+    is_zero,
 };
 use ctk::digest::{DigestError, LeafFile, Leaves};
 use ctk::vfs::{self, FileAt, LockGuard, RealFs, Vfs};
@@ -54,6 +55,8 @@ pub const POINTS_MAX: usize = 10_000;
 pub const KEEP_DEFAULT: usize = 30;
 /// Copy and apply unit.
 const CHUNK: usize = 1 << 20;
+// The block a size change cuts into is read back in one chunk.
+const _: () = assert!(CHUNK >= ctk::limits::BLOCK_SIZE_MAX as usize);
 /// Reads of a pre-image tried before its mismatch with the block digests is taken as real.
 const READ_ATTEMPTS: usize = 3;
 
@@ -717,43 +720,6 @@ impl DiskStore {
         }
     }
 
-    /// Brings `leaves` from the point before to the merged image: the blocks the delta
-    /// wrote, read back from full.img (what is really there, not what was sent), and the
-    /// block a size change cuts into.
-    fn merged_leaves(
-        &self,
-        mut leaves: Leaves,
-        full: &dyn FileAt,
-        header: &DeltaHeader,
-        touched: &[Extent],
-    ) -> Result<Option<Leaves>> {
-        let old_size = leaves.disk_size();
-        if leaves.resize(header.disk_size).is_err() {
-            return Ok(None);
-        }
-        let bs = header.block_size as u64;
-        let edge = leaves
-            .edge_block(old_size)
-            .map(|b| Extent::new(b * bs, bs.min(header.disk_size - b * bs)));
-        let mut buf = vec![0u8; CHUNK];
-        for e in touched.iter().chain(edge.iter()) {
-            let mut pos = e.offset;
-            while pos < e.end() {
-                let n = (e.end() - pos).min(CHUNK as u64) as usize;
-                full.read_exact_at(&mut buf[..n], pos)
-                    .map_err(io_err("reading back the merged image"))?;
-                leaves
-                    .set_data(pos, &buf[..n])
-                    .map_err(|e| StoreError::Damaged {
-                        disk: self.name.clone(),
-                        why: format!("block digests: {e}"),
-                    })?;
-                pos += n as u64;
-            }
-        }
-        Ok(Some(leaves))
-    }
-
     /// Compares the merged image's digest with the agent's. `Ok(true)`: both known and
     /// equal; `Ok(false)`: one side does not know it (the point is recorded unchecked).
     /// Returns the merged image's digest (if its leaves are known) with the verdict, so
@@ -978,6 +944,9 @@ impl DiskStore {
         if let Some(e) = cut_off {
             drop(tee);
             drop(undo);
+            // Gone before the resume state appears (`stage` would remove it after): whoever
+            // sees a resume state sees no stale undo beside it.
+            self.remove(&self.dir.join(STAGED_UNDO));
             if keep_partial
                 && let Some(cp) = checkpoint
                 && self.check_fits(&header).is_ok()
@@ -1112,31 +1081,22 @@ impl DiskStore {
         self.write_manifest(m)?;
         failpoint("applying_recorded");
 
-        // 4. Apply, durably.
-        apply_to(
+        // 4. Apply, durably, and 5. read the merged blocks back for their leaves: a thread
+        // follows the apply a record behind and keeps reading while full.img is synced (the
+        // pages it reads are the ones just written, as they would be after the sync).
+        let leaves = apply_and_read_back(
             self.reader(&self.dir.join(&staged_rel), "opening the staged delta")?,
             &full,
+            base,
+            &header,
+            &touched,
+            &self.name,
         )?;
-        full.sync().map_err(io_err("syncing full.img"))?;
         failpoint("applied");
         step("applied", &mut steps);
-        if std::env::var("CTK_FAILPOINT").is_ok_and(|v| v == "flip_merged")
-            && let Some(first) = touched.first()
-        {
-            // Test hook: a byte of the merged image goes bad (a misdirected or torn write,
-            // media rot) after the apply; the digest check below must catch it.
-            let mut b = [0u8; 1];
-            full.read_exact_at(&mut b, first.offset)
-                .and_then(|()| full.write_all_at(&[b[0] ^ 0x20], first.offset))
-                .map_err(io_err("flipping a byte (test hook)"))?;
-        }
 
-        // 5. The merged image must be the one the agent digested: if not, put the previous
+        // The merged image must be the one the agent digested: if not, put the previous
         // point back and refuse.
-        let leaves = match base {
-            Some(base) => self.merged_leaves(base, &full, &header, &touched)?,
-            None => None,
-        };
         let checked = match self.check_digest(leaves.as_ref(), &meta) {
             Ok(checked) => checked,
             Err(e) => {
@@ -1991,6 +1951,17 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
 
 /// Applies a (verified) delta to `target`: data written, zero ranges punched as holes.
 fn apply_to(input: impl Read, target: &dyn FileAt) -> Result<()> {
+    apply_reporting(input, target, |_| Ok(()))
+}
+
+/// [`apply_to`], calling `written(end)` after each record (an error from it stops the apply): every byte of the delta's
+/// records below `end` is then written (records are ascending and disjoint, which the
+/// reader enforces), so a reader may follow the apply that far.
+fn apply_reporting(
+    input: impl Read,
+    target: &dyn FileAt,
+    mut written: impl FnMut(u64) -> Result<()>,
+) -> Result<()> {
     let mut reader = DeltaReader::new(input)?;
     let size = reader.header().disk_size;
     let len = target.len().map_err(io_err("reading a size"))?;
@@ -1998,15 +1969,167 @@ fn apply_to(input: impl Read, target: &dyn FileAt) -> Result<()> {
         target.set_len(size).map_err(io_err("growing the image"))?;
     }
     while let Some(record) = reader.next_record()? {
-        match record {
-            DeltaRecord::Data { offset, data } => target
-                .write_all_at(data, offset)
-                .map_err(io_err("writing the image"))?,
-            DeltaRecord::Zero { offset, length } => zero_range(target, offset, length)?,
-        }
+        let end = match record {
+            DeltaRecord::Data { offset, data } => {
+                target
+                    .write_all_at(data, offset)
+                    .map_err(io_err("writing the image"))?;
+                offset + data.len() as u64
+            }
+            // A short zero range is written as its zeros: punching a hole costs ext4 an
+            // extent-tree change in the journal per call (40% of an incremental apply's time
+            // went to 64 KiB punches), and the blocks are allocated again by the next write
+            // there. Long ones (a trimmed file) become holes, as the replica is thin.
+            DeltaRecord::Zero { offset, length } if length <= ZERO_WRITE_MAX as u64 => {
+                target
+                    .write_all_at(&ZEROS[..length as usize], offset)
+                    .map_err(io_err("writing the image"))?;
+                offset + length
+            }
+            DeltaRecord::Zero { offset, length } => {
+                zero_range(target, offset, length)?;
+                offset + length
+            }
+        };
+        written(end)?;
     }
     target.set_len(size).map_err(io_err("sizing the image"))?;
     Ok(())
+}
+
+/// Applies the verified delta `input` to `full` and syncs it, while a second thread reads
+/// the merged blocks back a record behind the apply and brings `base` (the leaves of the
+/// point before) to the merged image: the blocks the delta wrote, as full.img really holds
+/// them (not as they were sent), and the block a size change cuts into. The read-back was a
+/// pass of its own after the sync (a quarter of an incremental merge, BENCHMARKS.md); it
+/// reads the same pages either way. `Ok(None)` when there are no leaves to bring along.
+fn apply_and_read_back(
+    input: impl Read,
+    full: &dyn FileAt,
+    base: Option<Leaves>,
+    header: &DeltaHeader,
+    touched: &[Extent],
+    disk: &str,
+) -> Result<Option<Leaves>> {
+    // Test hook: a byte of the merged image goes bad as it is written (a misdirected or torn
+    // write, media rot); the digest check must catch it.
+    let mut flip = std::env::var("CTK_FAILPOINT").is_ok_and(|v| v == "flip_merged");
+    let mut flip_first = |end: u64| -> Result<()> {
+        if std::mem::take(&mut flip)
+            && let Some(first) = touched.first()
+            && first.offset < end
+        {
+            let mut b = [0u8; 1];
+            full.read_exact_at(&mut b, first.offset)
+                .and_then(|()| full.write_all_at(&[b[0] ^ 0x20], first.offset))
+                .map_err(io_err("flipping a byte (test hook)"))?;
+        }
+        Ok(())
+    };
+    let Some(base) = base else {
+        apply_reporting(input, full, &mut flip_first)?;
+        full.sync().map_err(io_err("syncing full.img"))?;
+        return Ok(None);
+    };
+    // Bounded: the apply waits rather than queueing an unbounded count of small records.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1024);
+    std::thread::scope(|scope| {
+        let reading = scope.spawn(move || read_back(base, full, header, touched, disk, rx));
+        let mut sent = 0;
+        let applied = apply_reporting(input, full, |end| {
+            flip_first(end)?;
+            // In steps of READ_BACK_STEP: waking the reader for every small record costs
+            // more than the read-back itself (a wake-up of an idle vCPU is an exit to the
+            // host), so it runs in a few long bursts.
+            if end >= sent + READ_BACK_STEP {
+                // A reader that stopped (on an error of its own, returned below) needs no
+                // more.
+                let _ = tx.send(end);
+                sent = end;
+            }
+            Ok(())
+        });
+        // The reader takes the end of the channel as the end of the apply.
+        drop(tx);
+        let synced = applied.and_then(|()| full.sync().map_err(io_err("syncing full.img")));
+        let leaves = reading
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        synced?;
+        leaves
+    })
+}
+
+/// The longest zero range an apply writes as zeros rather than punching a hole: the gap a
+/// first full bridges with zeros, so both leave the same kind of file.
+const ZERO_WRITE_MAX: usize = crate::write_behind::GAP_FILL_MAX as usize;
+static ZEROS: [u8; ZERO_WRITE_MAX] = [0; ZERO_WRITE_MAX];
+
+/// How far the apply runs between wake-ups of its read-back.
+const READ_BACK_STEP: u64 = 8 << 20;
+
+/// The read-back half of [`apply_and_read_back`]: each chunk is read once `written` says the
+/// apply has passed the end of its last block (records are ascending, so nothing below that
+/// is written again), the block a size change cuts into once the apply has ended.
+fn read_back(
+    mut leaves: Leaves,
+    full: &dyn FileAt,
+    header: &DeltaHeader,
+    touched: &[Extent],
+    disk: &str,
+    written: std::sync::mpsc::Receiver<u64>,
+) -> Result<Option<Leaves>> {
+    let old_size = leaves.disk_size();
+    if leaves.resize(header.disk_size).is_err() {
+        return Ok(None);
+    }
+    let bs = header.block_size as u64;
+    let edge = leaves
+        .edge_block(old_size)
+        .map(|b| Extent::new(b * bs, bs.min(header.disk_size - b * bs)));
+    let mut applied_to = 0u64;
+    let mut wait_for = |end: u64| {
+        while applied_to < end {
+            // A closed channel: the apply ended (its outcome is the caller's to judge).
+            applied_to = written.recv().unwrap_or(u64::MAX);
+        }
+    };
+    let mut buf = vec![0u8; CHUNK];
+    for e in touched {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let n = (e.end() - pos).min(CHUNK as u64) as usize;
+            wait_for((pos + n as u64).next_multiple_of(bs));
+            read_leaves(&mut leaves, full, pos, &mut buf[..n], disk)?;
+            pos += n as u64;
+        }
+    }
+    if let Some(e) = edge {
+        wait_for(u64::MAX);
+        read_leaves(
+            &mut leaves,
+            full,
+            e.offset,
+            &mut buf[..e.length as usize],
+            disk,
+        )?;
+    }
+    Ok(Some(leaves))
+}
+
+fn read_leaves(
+    leaves: &mut Leaves,
+    full: &dyn FileAt,
+    pos: u64,
+    buf: &mut [u8],
+    disk: &str,
+) -> Result<()> {
+    full.read_exact_at(buf, pos)
+        .map_err(io_err("reading back the merged image"))?;
+    leaves.set_data(pos, buf).map_err(|e| StoreError::Damaged {
+        disk: disk.to_string(),
+        why: format!("block digests: {e}"),
+    })
 }
 
 type FileWriter = BufWriter<vfs::Cursor<Box<dyn FileAt>>>;
@@ -2153,10 +2276,6 @@ fn zero_range(target: &dyn FileAt, offset: u64, length: u64) -> Result<()> {
     target
         .zero(offset, length)
         .map_err(io_err("zeroing the image"))
-}
-
-fn is_zero(bytes: &[u8]) -> bool {
-    bytes.iter().all(|&b| b == 0)
 }
 
 /// Byte ranges already written by a restore: disjoint, kept as start -> end.
