@@ -510,11 +510,7 @@ impl DiskStore {
 
     /// Flushes a writer and makes its file durable (not its name: `sync_dir`).
     fn finish(&self, w: BufWriter<vfs::Cursor<Box<dyn FileAt>>>, doing: &str) -> Result<()> {
-        w.into_inner()
-            .map_err(|e| io_err(doing)(e.into_error()))?
-            .file
-            .sync()
-            .map_err(io_err(doing))
+        finish_file(w, doing)
     }
 
     /// Writes `bytes` as the whole of `path`, durably, and renames it over `to` (durable
@@ -909,14 +905,14 @@ impl DiskStore {
                 let full = self.full()?;
                 let base = self.base_leaves(&full, reader.header())?;
                 let path = self.dir.join(STAGED_UNDO);
-                undo = Some(UndoWriter::create(
+                undo = Some(UndoThread::spawn(UndoWriter::create(
                     self,
                     full,
                     base,
                     newest,
                     reader.header(),
                     &path,
-                )?);
+                )?)?);
             }
             loop {
                 let (offset, length) = match reader.next_record() {
@@ -972,6 +968,10 @@ impl DiskStore {
             ));
         }
         let meta = end(tee.input.into_inner().1)?;
+        // The undo's last reads and its fsync run while the staged delta is synced.
+        if let Some(u) = undo.as_mut() {
+            u.end();
+        }
         if let Err(e) = self.finish(w, "syncing the staged delta") {
             // A file whose fsync failed is never trusted again (after a writeback error Linux
             // may drop the pages while reads still return them): not even as a resume state.
@@ -980,11 +980,7 @@ impl DiskStore {
         }
         let undo = match undo {
             None => None,
-            Some(u) => {
-                let (w, base) = u.finish()?;
-                self.finish(w, "writing the undo")?;
-                Some(StagedUndo { base })
-            }
+            Some(u) => Some(StagedUndo { base: u.join()? }),
         };
         self.check_fits(&header)?;
         if self
@@ -2270,6 +2266,116 @@ impl UndoWriter {
         let (w, _) = self.writer.finish()?;
         Ok((w, self.leaves))
     }
+}
+
+/// An [`UndoWriter`] on a thread of its own, fed the ranges of a push as they are staged:
+/// reading the pre-images (cold: full.img was mostly written past the page cache), checking
+/// their leaves and compressing them took as long as the rest of the staging together
+/// (BENCHMARKS.md), and on the staging's thread it added to it.
+struct UndoThread {
+    ranges: Option<std::sync::mpsc::SyncSender<UndoMsg>>,
+    thread: Option<std::thread::JoinHandle<Result<Option<Leaves>>>>,
+}
+
+enum UndoMsg {
+    Range(u64, u64),
+    /// The push is whole: write the rest and sync. (A channel closed without it is a push
+    /// abandoned: the thread stops and the caller removes the file.)
+    End,
+}
+
+impl UndoThread {
+    fn spawn(mut undo: UndoWriter) -> Result<UndoThread> {
+        // Bounded: a push of many small records waits for the undo rather than queueing.
+        let (tx, rx) = std::sync::mpsc::sync_channel(UNDO_AHEAD_RANGES);
+        let thread = std::thread::Builder::new()
+            .name("ctk-undo".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        UndoMsg::Range(offset, length) => undo.add(offset, length)?,
+                        UndoMsg::End => {
+                            let (w, leaves) = undo.finish()?;
+                            finish_file(w, "writing the undo")?;
+                            return Ok(leaves);
+                        }
+                    }
+                }
+                Err(io_err("writing the undo")(io::Error::other(
+                    "the push was abandoned",
+                )))
+            })
+            .map_err(io_err("starting the undo's thread"))?;
+        Ok(UndoThread {
+            ranges: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Adds the pre-image of `[offset, offset + length)`; an error of the undo's (a bad
+    /// read, a full disk) is returned here as soon as it is known.
+    fn add(&mut self, offset: u64, length: u64) -> Result<()> {
+        let sent = match &self.ranges {
+            Some(tx) => tx.send(UndoMsg::Range(offset, length)).is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The thread stopped: its error says why.
+        self.ranges = None;
+        match self.wait() {
+            Err(e) => Err(e),
+            Ok(_) => Err(io_err("writing the undo")(io::Error::other(
+                "the undo ended early",
+            ))),
+        }
+    }
+
+    /// The push is whole: the undo finishes and syncs on its thread.
+    fn end(&mut self) {
+        if let Some(tx) = self.ranges.take() {
+            // A thread already stopped reports its error at `join`.
+            let _ = tx.send(UndoMsg::End);
+        }
+    }
+
+    /// Waits for the undo to be written and synced; returns the newest point's leaves.
+    fn join(mut self) -> Result<Option<Leaves>> {
+        self.end();
+        self.wait()
+    }
+
+    fn wait(&mut self) -> Result<Option<Leaves>> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => Err(io_err("writing the undo")(io::Error::other(
+                "the undo's thread was already joined",
+            ))),
+        }
+    }
+}
+
+impl Drop for UndoThread {
+    /// An abandoned push: the thread is stopped and waited for, so the caller may remove the
+    /// file it wrote.
+    fn drop(&mut self) {
+        self.ranges = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Flushes `w` and syncs its file.
+fn finish_file(w: BufWriter<vfs::Cursor<Box<dyn FileAt>>>, doing: &str) -> Result<()> {
+    w.into_inner()
+        .map_err(|e| io_err(doing)(e.into_error()))?
+        .file
+        .sync()
+        .map_err(io_err(doing))
 }
 
 fn zero_range(target: &dyn FileAt, offset: u64, length: u64) -> Result<()> {
