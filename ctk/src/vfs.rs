@@ -53,6 +53,11 @@ pub trait FileAt: Send + Sync {
     /// asked. Only a hint; the default does nothing.
     fn will_need(&self, _offset: u64, _length: u64) {}
 
+    /// A hint that `[offset, offset + length)` is written and will be synced: the kernel may
+    /// start writing it back now, so the `sync` after finds less to do. Only a hint (not
+    /// durable, errors surface at the `sync`); the default does nothing.
+    fn start_writeback(&self, _offset: u64, _length: u64) {}
+
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
             match self.read_at(buf, offset) {
@@ -114,6 +119,18 @@ impl FileAt for File {
             )
         };
     }
+    fn start_writeback(&self, offset: u64, length: u64) {
+        // SAFETY: sync_file_range on an open descriptor touches no memory; a failure only
+        // loses the hint (a write error is reported by the fsync that follows).
+        unsafe {
+            libc::sync_file_range(
+                self.as_raw_fd(),
+                offset as i64,
+                length as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
     }
@@ -140,6 +157,9 @@ impl<F: FileAt + ?Sized> FileAt for Box<F> {
     }
     fn will_need(&self, offset: u64, length: u64) {
         (**self).will_need(offset, length)
+    }
+    fn start_writeback(&self, offset: u64, length: u64) {
+        (**self).start_writeback(offset, length)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_exact_at(buf, offset)
