@@ -34,6 +34,8 @@ pub struct Schedule {
     pub at: Vec<u32>,
     /// Log a warning when the RPO exceeds this, and again when it recovers.
     pub rpo_warn: Option<Duration>,
+    /// The kind of cut of a one-shot or scheduled (`at`) run.
+    pub cut: Cut,
 }
 
 impl Schedule {
@@ -48,6 +50,12 @@ impl Schedule {
         if self.app_every.is_some() && self.every.is_none() {
             bail!(
                 "--app-every adds application-consistent cuts to continuous mode: give --every too"
+            );
+        }
+        if self.every.is_some() && self.cut != Cut::Default {
+            bail!(
+                "--consistency is for one run or --at: continuous mode cuts crash-consistent \
+                 every --every and application-consistent every --app-every"
             );
         }
         for d in [self.every, self.app_every].into_iter().flatten() {
@@ -250,6 +258,13 @@ pub fn run(
         watch_rate_file(path.clone(), rate.clone());
     }
     let mut session = Session::open(r, disk, control, rate)?;
+    if schedule.app_every.is_some() && !session.can_quiesce() {
+        bail!(
+            "--app-every: disk {disk:?} has no pre_freeze hook and no freeze target, so no cut \
+             of it can be application-consistent; configure [disk.cut] for it or leave out \
+             --app-every"
+        );
+    }
     stop_on_signals();
     let newest_cut_ms = Arc::new(AtomicU64::new(0));
     if let Some(limit) = schedule.rpo_warn {
@@ -266,7 +281,7 @@ pub fn run(
         let cut = match (schedule.every, next_app) {
             (Some(_), Some(at)) if started >= at => Cut::Application,
             (Some(_), _) => Cut::Crash,
-            (None, _) => Cut::Default,
+            (None, _) => schedule.cut,
         };
         match session.once(cut, false) {
             Ok(mut answer) => {

@@ -107,6 +107,8 @@ pub struct ProtectedDisk {
     direct: Option<File>,
     direct_ok: AtomicBool,
     size: u64,
+    /// This agent's hold on the journal (`owner`): the image's lock lives on `file`.
+    _journal_lock: crate::owner::LockFile,
     /// `None` once closed at shutdown.
     tracker: Mutex<Option<Tracker<FileStorage>>>,
     gate: RwLock<()>,
@@ -145,11 +147,27 @@ impl ProtectedDisk {
         policy: CutPolicy,
     ) -> Result<(ProtectedDisk, OpenOutcome), anyhow::Error> {
         use anyhow::Context;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        // A block device is opened exclusively: the kernel then refuses to mount it or to
+        // let another exclusive opener in, either of which would write past the tracker.
+        let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(if is_device { libc::O_EXCL } else { 0 })
             .open(path)
-            .with_context(|| format!("opening disk {name:?} at {}", path.display()))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => anyhow::anyhow!(
+                    "disk {name:?}: the block device {} is in use (mounted, or held by another \
+                     program): writes that bypass the agent would not be tracked",
+                    path.display()
+                ),
+                _ => anyhow::Error::new(e)
+                    .context(format!("opening disk {name:?} at {}", path.display())),
+            })?;
+        crate::owner::lock_image(&file, path)?;
+        // Before the journal is read: a second agent must not replay or rewrite it.
+        let journal_lock = crate::owner::lock_journal(journal)?;
         // Seeking to the end gives the size of a file and of a block device alike.
         let size = file.seek(SeekFrom::End(0))?;
         let mut config = TrackerConfig::new(name, size);
@@ -181,6 +199,7 @@ impl ProtectedDisk {
                 direct_ok: AtomicBool::new(direct.is_some()),
                 direct,
                 size,
+                _journal_lock: journal_lock,
                 tracker: Mutex::new(Some(tracker)),
                 gate: RwLock::new(()),
                 counters: Counters::default(),
@@ -197,6 +216,12 @@ impl ProtectedDisk {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The backing's device and inode: what a loop device over the image itself would show.
+    pub fn image_id(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
     fn check(&self, offset: u64, length: u64) -> Result<(), DiskError> {
@@ -412,6 +437,16 @@ impl ProtectedDisk {
         self.with_tracker(|t| {
             let upto = upto.unwrap_or(t.latest());
             Ok((upto, t.changed(since, upto)?))
+        })
+    }
+
+    /// Whether no write was acknowledged since the cut `since`: nothing in the epochs sealed
+    /// after it nor in the open one. A write in flight now is not acknowledged yet, so the
+    /// answer holds as of now: the replica at `since` is the disk as of now.
+    pub fn unchanged_since(&self, since: ChangeId) -> Result<bool, DiskError> {
+        self.with_tracker(|t| {
+            let sealed = t.changed_blocks_unconfirmed(Since::Id(since), t.map().latest())?;
+            Ok(sealed.is_empty() && t.map().open_blocks().is_empty())
         })
     }
 
@@ -970,6 +1005,7 @@ impl ProtectedDisk {
             "latest": t.map(|t| t.latest().to_string()),
             "open_epoch_blocks": t.map(|t| t.map().open_blocks().len()),
             "block_size": t.map(|t| t.geometry().block_size()),
+            "can_quiesce": self.policy.can_quiesce(),
             "cursors": t.map(|t| t.map().cursors().map(|(n, id)| {
                 let meta = self
                     .cursor_meta

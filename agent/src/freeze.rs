@@ -39,12 +39,24 @@ fn ioctl_mount(path: &Path, request: libc::c_ulong) -> std::io::Result<()> {
 pub fn helper_main(mounts: &[PathBuf], timeout: Duration) -> Result<()> {
     let mut frozen: Vec<&Path> = Vec::new();
     let mut freeze_error = None;
-    for mount in mounts {
-        match ioctl_mount(mount, FIFREEZE) {
-            Ok(()) => frozen.push(mount),
-            Err(e) => {
-                freeze_error = Some(format!("error freezing {}: {e}", mount.display()));
-                break;
+    // The agent checks its targets; this is the last line: freezing / would stop the host.
+    if let Some(root) = mounts
+        .iter()
+        .find(|m| std::fs::canonicalize(m).is_ok_and(|r| r == Path::new("/")))
+    {
+        freeze_error = Some(format!(
+            "refusing to freeze {} (the root filesystem)",
+            root.display()
+        ));
+    }
+    if freeze_error.is_none() {
+        for mount in mounts {
+            match ioctl_mount(mount, FIFREEZE) {
+                Ok(()) => frozen.push(mount),
+                Err(e) => {
+                    freeze_error = Some(format!("error freezing {}: {e}", mount.display()));
+                    break;
+                }
             }
         }
     }
@@ -177,6 +189,12 @@ impl Freeze {
             "thawed timeout" => Ok(Thawed::Timeout),
             other => bail!("{other}"),
         }
+    }
+
+    /// When the freeze was asked for: the helper's watchdog fires no earlier than its
+    /// timeout after this.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     pub fn held_for(&self) -> Duration {

@@ -222,6 +222,13 @@ enum Command {
         /// multi-stream pushes.
         #[arg(long, default_value_t = replicate::STREAMS_DEFAULT, value_parser = clap::value_parser!(u8).range(1..=16), value_name = "N")]
         streams: u8,
+        /// The cut of a one-shot run (or of each --at run): crash (NBD writes held for a
+        /// moment, nothing else) or application (the disk's pre-freeze hooks and freezes
+        /// first; refused for a disk that has none). Default: application if the disk has
+        /// hooks or freeze targets, else crash. Continuous mode takes --every and
+        /// --app-every instead.
+        #[arg(long, value_parser = ["crash", "application"])]
+        consistency: Option<String>,
         /// Log a warning when the age of the newest committed cut passes this (e.g. 30s), and
         /// again when it recovers.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
@@ -418,6 +425,7 @@ fn run(cli: Cli) -> Result<()> {
             bwlimit,
             bwlimit_file,
             rpo_warn,
+            consistency,
             resync,
             resync_unit,
             streams,
@@ -454,9 +462,20 @@ fn run(cli: Cli) -> Result<()> {
                 app_every,
                 at,
                 rpo_warn,
+                cut: match consistency.as_deref() {
+                    Some("crash") => replicate::Cut::Crash,
+                    Some(_) => replicate::Cut::Application,
+                    None => replicate::Cut::Default,
+                },
             };
             let text = |a: &serde_json::Value| match a["error"].as_str() {
                 Some(e) => format!("{}: failed, retrying in {}s: {e}", disk, a["retry_in_s"]),
+                None if a["unchanged"] == true => format!(
+                    "{}: in sync: nothing written since {}, the receiver's newest point \
+                     (nothing pushed)",
+                    a["disk"].as_str().unwrap_or(""),
+                    a["committed"].as_str().unwrap_or(""),
+                ),
                 None => format!(
                     "{}: committed {} on the receiver ({} bytes changed, {} sent, {}){}",
                     a["disk"].as_str().unwrap_or(""),
@@ -477,8 +496,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if schedule.is_once() && bwlimit_file.is_none() && rpo_warn.is_none() {
                 let rate = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(bwlimit));
-                let answer = replicate::Session::open(&r, &disk, &call, rate)?
-                    .once(replicate::Cut::Default, resync)?;
+                schedule.check()?;
+                let answer =
+                    replicate::Session::open(&r, &disk, &call, rate)?.once(schedule.cut, resync)?;
                 return print_answer(&target, &answer, text);
             }
             let options = continuous::Options {
@@ -634,6 +654,10 @@ fn serve(
             }
         };
         let (d, outcome) = disk::ProtectedDisk::open(&name, &path, &journal, bs, policy)?;
+        for target in &d.policy.freeze {
+            ctk_agent::mounts::check_target_at_load(target, d.image_id())
+                .with_context(|| format!("disk {name:?}"))?;
+        }
         tracing::info!(disk = %name, ?outcome, size = d.size(), "protecting");
         opened.push(std::sync::Arc::new(d));
     }

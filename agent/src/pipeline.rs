@@ -80,6 +80,15 @@ pub struct CutPolicy {
     pub on_failure: OnFailure,
 }
 
+impl CutPolicy {
+    /// Whether a cut of this disk can be application-consistent: only one with at least one
+    /// quiesce step (a pre-freeze hook or a freeze target) can. Post-thaw hooks and destage
+    /// steps quiesce nothing.
+    pub fn can_quiesce(&self) -> bool {
+        !self.pre_freeze.is_empty() || !self.freeze.is_empty()
+    }
+}
+
 fn default_hook_timeout_ms() -> u64 {
     30_000
 }
@@ -148,12 +157,32 @@ pub fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<()> {
     }
 }
 
-fn destage(steps: &[Destage]) -> Result<()> {
+/// Runs the destage steps, each within its own timeout and all before `deadline` (the
+/// freeze's, when a filesystem is frozen): a step still running then is killed and the cut
+/// fails, so that NBD writes are released before the freeze watchdog thaws. (The thaw writes
+/// the filesystem's superblock through the NBD front: with writes still held, the watchdog's
+/// thaw would block until the destage ended, and every writer of the filesystem with it.)
+fn destage(steps: &[Destage], deadline: Option<Instant>) -> Result<()> {
+    let left_before =
+        |deadline: Option<Instant>| deadline.map(|d| d.saturating_duration_since(Instant::now()));
     for step in steps {
-        let timeout = Duration::from_millis(step.timeout_ms);
+        let own = Duration::from_millis(step.timeout_ms);
         let started = Instant::now();
+        // Whichever comes first: the step's timeout or the freeze's deadline.
+        let timeout = left_before(deadline).map_or(own, |left| left.min(own));
+        let overran = || {
+            anyhow::Error::new(DestageOverran {
+                check: step.clean_check.clone(),
+            })
+        };
         if let Some(command) = &step.command {
-            run_hook("destage command", command, timeout)?;
+            run_hook("destage command", command, timeout).map_err(|e| {
+                if left_before(deadline).is_some_and(|l| l.is_zero()) {
+                    overran()
+                } else {
+                    e
+                }
+            })?;
         }
         loop {
             let left = timeout.saturating_sub(started.elapsed());
@@ -167,15 +196,35 @@ fn destage(steps: &[Destage]) -> Result<()> {
                 break;
             }
             if started.elapsed() >= timeout {
+                if timeout < own {
+                    return Err(overran());
+                }
                 bail!(
                     "the cache did not report clean within {timeout:?} ({:?})",
                     step.clean_check
                 );
             }
-            std::thread::sleep(Duration::from_millis(step.poll_ms.max(1)));
+            std::thread::sleep(Duration::from_millis(step.poll_ms.max(1)).min(left));
         }
     }
     Ok(())
+}
+
+/// A destage step still running when the freeze had to end.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the destage step {check:?} did not finish before the freeze watchdog's deadline: it was \
+     stopped and NBD writes released so the frozen filesystems thaw on time (raise \
+     freeze_timeout_ms above the destage's time, or make the cache destage faster)"
+)]
+pub struct DestageOverran {
+    pub check: String,
+}
+
+/// How long before the freeze watchdog fires the agent must have released NBD writes: the
+/// release, and the thaw's superblock write through the NBD front, happen in this margin.
+fn release_margin(freeze_timeout: Duration) -> Duration {
+    (freeze_timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 /// What a cut did.
@@ -217,6 +266,12 @@ pub fn cut(
 ) -> Result<CutReport> {
     let mut warnings = Vec::new();
     let mut consistency = want;
+    // The label is earned, not asked for: with nothing to quiesce, the cut is a crash cut.
+    if want == Consistency::Application && !policy.can_quiesce() {
+        warnings
+            .push("no pre-freeze hook and no freeze target: recorded as crash-consistent".into());
+        consistency = Consistency::Crash;
+    }
     let degrade = |consistency: &mut Consistency,
                    warnings: &mut Vec<String>,
                    e: anyhow::Error|
@@ -247,10 +302,16 @@ pub fn cut(
     }
     let mut freeze = None;
     if consistency == Consistency::Application && !policy.freeze.is_empty() {
-        match Freeze::start(
-            &policy.freeze,
-            Duration::from_millis(policy.freeze_timeout_ms),
-        ) {
+        // A target that is not the disk's own mounted filesystem would freeze the wrong one
+        // (often /) and quiesce nothing the cut captures.
+        let checked = crate::mounts::check_targets(&policy.freeze, disk.image_id())
+            .map_err(anyhow::Error::from);
+        match checked.and_then(|()| {
+            Freeze::start(
+                &policy.freeze,
+                Duration::from_millis(policy.freeze_timeout_ms),
+            )
+        }) {
             Ok(f) => freeze = Some(f),
             Err(e) => degrade(&mut consistency, &mut warnings, e)?,
         }
@@ -259,11 +320,16 @@ pub fn cut(
     // its timeout, so a seal inside that window was covered by the freeze.
     let freeze_timeout = Duration::from_millis(policy.freeze_timeout_ms);
     let mut covered = None;
-    let held = disk.hold_and_seal(
-        || destage(&policy.destage),
+    // While a filesystem is frozen, NBD writes must be released before its watchdog thaws.
+    let deadline = freeze
+        .as_ref()
+        .map(|f| f.started() + freeze_timeout.saturating_sub(release_margin(freeze_timeout)));
+    let mut inside = Some(inside);
+    let mut held = disk.hold_and_seal(
+        || destage(&policy.destage, deadline),
         |id| {
             covered = freeze.as_ref().map(|f| f.held_for() < freeze_timeout);
-            inside(id)
+            (inside.take().expect("called once"))(id)
         },
     );
     // Thaw only now that NBD writes flow again: thawing writes the filesystem's superblock,
@@ -271,6 +337,20 @@ pub fn cut(
     // writes are held would deadlock.
     let frozen = freeze.as_ref().map(|f| f.held_for());
     let thaw = freeze.take().map(Freeze::thaw);
+    if let Err(e) = &held
+        && e.is::<DestageOverran>()
+    {
+        // The freeze could not cover the destage: the cut is no longer application
+        // consistent. Fall back (writes held again, the destage with its own timeout, no
+        // filesystem frozen) or abort, as configured.
+        let e = held.expect_err("an error");
+        degrade(&mut consistency, &mut warnings, e)?;
+        covered = None;
+        held = disk.hold_and_seal(
+            || destage(&policy.destage, None),
+            |id| (inside.take().expect("not called yet"))(id),
+        );
+    }
     let (change_id, hold, inside_value) = held?;
     match (covered, thaw) {
         (None, _) => {}

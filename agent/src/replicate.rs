@@ -455,9 +455,10 @@ impl Drop for Cleanup {
 }
 
 /// Which kind of cut a push asks the agent for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Cut {
     /// The disk's own default: application-consistent when it has hooks or freezes.
+    #[default]
     Default,
     /// Crash-consistent: no hooks, no freeze (the frequent cuts of continuous mode).
     Crash,
@@ -494,6 +495,8 @@ pub struct Session<'a> {
     /// disk, and this session holds the disk's lock). Saves a round trip per cycle; a
     /// question skipped wrongly would only cost a push from the beginning.
     ask_resume: bool,
+    /// Whether the disk has quiesce steps (hooks or freezes), as the agent said at the start.
+    can_quiesce: bool,
     _lock: std::fs::File,
 }
 
@@ -548,8 +551,14 @@ impl<'a> Session<'a> {
             conn: None,
             streams: r.streams,
             ask_resume: true,
+            can_quiesce: entry["can_quiesce"] == true,
             _lock: lock,
         })
+    }
+
+    /// Whether a cut of this disk can be application-consistent (see `CutPolicy`).
+    pub fn can_quiesce(&self) -> bool {
+        self.can_quiesce
     }
 
     /// One replication: a new cut of the kind `cut` asks for, pushed and committed. On any
@@ -743,6 +752,18 @@ impl<'a> Session<'a> {
                 }
                 other => other,
             };
+            // Nothing written since the receiver's point: no cut, no point, only the news
+            // that the replica is the disk as of now (the RPO then reads "in sync as of").
+            if let (Plan::Since, Some(point)) = (&plan, newest.as_deref()) {
+                let mut ask = json!({"cmd": "unchanged", "disk": disk, "since": point});
+                if let Some(c) = cut.consistency() {
+                    ask["consistency"] = json!(c);
+                }
+                let answer = control(ask)?;
+                if answer["unchanged"] == true {
+                    return self.in_sync(point, &answer, resume_asked, started);
+                }
+            }
             let resync = matches!(plan, Plan::Compare { .. });
             let resumed_at = match &plan {
                 Plan::Resume { next_offset, .. } => Some(*next_offset),
@@ -830,6 +851,44 @@ impl<'a> Session<'a> {
     }
 }
 
+impl Session<'_> {
+    /// A cycle with nothing to push: the cursor stays at `point`, and learns that the
+    /// replica holds the disk as of the agent's `as_of_unix_ms` (its RPO clock restarts).
+    fn in_sync(
+        &self,
+        point: &str,
+        answer: &Value,
+        resume_asked: bool,
+        started: std::time::Instant,
+    ) -> Result<Value> {
+        let as_of = answer["as_of_unix_ms"].as_u64().unwrap_or(0);
+        let mut cursor = json!({
+            "cmd": "cursor", "op": "advance", "name": self.r.cursor, "at": point,
+            "cut_unix_ms": as_of, "disk": self.disk,
+        });
+        if (self.control)(cursor.clone()).is_err() {
+            cursor["op"] = json!("register");
+            (self.control)(cursor).context("registering the replication cursor")?;
+        }
+        Ok(json!({
+            "disk": self.disk,
+            "from": point,
+            "committed": point,
+            "unchanged": true,
+            "already_committed": true,
+            "in_sync_unix_ms": as_of,
+            "cut_unix_ms": as_of,
+            "changed_bytes": 0,
+            "delta_bytes": 0,
+            "consistency": "crash",
+            "seconds": started.elapsed().as_secs_f64(),
+            "resync": false,
+            "resume_asked": resume_asked,
+            "resumed_at": null,
+        }))
+    }
+}
+
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
@@ -902,7 +961,16 @@ pub fn control_call(socket: &std::path::Path, request: &Value) -> Result<Value> 
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut answer = String::new();
-    std::io::BufReader::new(&stream).read_line(&mut answer)?;
+    let n = std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .context("reading the agent's answer")?;
+    if n == 0 {
+        bail!(
+            "the agent at {} closed the connection without answering: it crashed or was killed \
+             (see its log); what was asked may or may not have happened",
+            socket.display()
+        );
+    }
     let answer: Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
     if answer["ok"] != true {
         bail!(

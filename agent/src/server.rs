@@ -61,17 +61,10 @@ impl std::str::FromStr for Listen {
     }
 }
 
-fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    // A stale socket from an earlier run would make bind fail.
-    if std::fs::symlink_metadata(path)
-        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-    {
-        std::fs::remove_file(path)?;
-    }
-    UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
+fn bind_unix(path: &std::path::Path) -> Result<UnixListener> {
+    let listener = crate::owner::bind_unix(path)?;
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
 }
 
 /// Runs the daemon until SIGINT or SIGTERM, then closes every tracker cleanly.
@@ -879,6 +872,13 @@ async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Res
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn parse_since(v: &Value) -> Result<Since> {
     match v.as_str() {
         Some("all") => Ok(Since::All),
@@ -904,14 +904,32 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             .with_context(|| format!("no disk named {n:?}"))?,
     };
     let want = match request["consistency"].as_str() {
-        None if disk.policy.pre_freeze.is_empty() && disk.policy.freeze.is_empty() => {
-            Consistency::Crash
-        }
-        None | Some("application") => Consistency::Application,
+        None if !disk.policy.can_quiesce() => Consistency::Crash,
+        None => Consistency::Application,
+        Some("application") if !disk.policy.can_quiesce() => bail!(
+            "disk {:?} has no pre_freeze hook and no freeze target, so no cut of it can be \
+             application-consistent: configure [disk.cut] for it, or ask for a crash-consistent \
+             cut",
+            disk.name
+        ),
+        Some("application") => Consistency::Application,
         Some("crash") => Consistency::Crash,
         Some(other) => bail!("consistency {other:?}: use \"crash\" or \"application\""),
     };
     match cmd {
+        "unchanged" => {
+            // Would a cut now capture nothing since `since`? Only asked for crash cuts: an
+            // application cut may write as it quiesces, and its label is itself news.
+            let since = parse_since(&request["since"])?;
+            let Since::Id(since) = since else {
+                bail!("\"unchanged\" needs a ChangeId in \"since\"")
+            };
+            let unchanged = want == Consistency::Crash && disk.unchanged_since(since)?;
+            Ok(json!({
+                "ok": true, "disk": disk.name, "since": since.to_string(),
+                "unchanged": unchanged, "as_of_unix_ms": unix_ms(),
+            }))
+        }
         "cut" => {
             let report = pipeline::cut(disk, &disk.policy, want, |_| Ok(Value::Null))?;
             let mut answer = report.to_json();
@@ -1002,10 +1020,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 disk.changed(since, None)?;
             }
             disk.wait_export_idle(EXPORT_WAIT)?;
-            let cut_unix_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let cut_unix_ms = unix_ms();
             // The snapshot is taken inside the hold; NBD writes and the filesystems are
             // released before the data is read, and copy-on-write keeps it as of the cut.
             let mut began = false;
@@ -1063,7 +1078,8 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             Ok(json!({"ok": true, "disk": disk.name, "op": op, "name": name}))
         }
         other => bail!(
-            "unknown command {other:?}: use status, cut, changed, answerable, export or cursor"
+            "unknown command {other:?}: use status, cut, changed, unchanged, answerable, export \
+             or cursor"
         ),
     }
 }

@@ -1,182 +1,31 @@
-//! The cut pipeline against real filesystems on loop devices (root only; CI runs as root):
-//! hooks that fail or hang, the freeze watchdog when the agent is killed mid-cut or hangs,
-//! and the application-consistent ext4 scenario through nbdfuse.
+//! The cut pipeline against real filesystems (root only; CI runs as root): hooks that
+//! fail or hang, the application-consistent ext4 scenario through nbdfuse, and exports
+//! while writes continue. The freeze watchdog's tests are in `freeze.rs`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::io::BufReader;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests mount filesystems: run them as root (CI does)"
-    );
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A small ext4 filesystem on a loop device, unmounted (and thawed) on drop.
-struct Fs {
-    mnt: PathBuf,
-}
-
-impl Fs {
-    fn new(dir: &Path, name: &str) -> Fs {
-        let image = dir.join(format!("{name}.fs"));
-        let mnt = dir.join(name);
-        std::fs::create_dir_all(&mnt).unwrap();
-        sh(&format!(
-            "truncate -s 32M {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
-            image.display(),
-            mnt.display()
-        ));
-        Fs { mnt }
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        // Whatever went wrong, never leave the host with a frozen filesystem.
-        let _ = Command::new("fsfreeze")
-            .arg("-u")
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("umount").arg(&self.mnt).status();
-    }
-}
-
-/// Is the filesystem frozen? A write to a frozen filesystem blocks (uninterruptibly) until
-/// it is thawed, so the probe runs in a child that we only wait for boundedly.
-fn frozen(mnt: &Path, wait: Duration) -> bool {
-    let mut probe = Command::new("touch")
-        .arg(mnt.join(".probe"))
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while started.elapsed() < wait {
-        if probe.try_wait().unwrap().is_some() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // Still blocked: frozen. The probe finishes once something thaws it.
-    std::thread::spawn(move || probe.wait());
-    true
-}
-
-struct Agent {
-    child: Child,
-    control: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // A failed assertion must not leave the agent running (it holds the test's pipes).
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Agent {
-    fn start(dir: &Path, config: &str) -> Agent {
-        let config_path = dir.join("agent.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let control = dir.join("ctl.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .arg("--control")
-            .arg(&control)
-            .arg("--listen")
-            .arg(format!("unix:{}", dir.join("nbd.sock").display()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("ctk-agent ready"),
-            "agent did not start: {line:?}"
-        );
-        Agent { child, control }
-    }
-
-    fn cmd(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
-            .args(args)
-            .arg("--control")
-            .arg(&self.control)
-            .arg("--json")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> serde_json::Value {
-        let out = self.cmd(args);
-        assert!(
-            out.status.success(),
-            "ctk-agent {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn latest(&self, disk: &str) -> String {
-        let status = self.ok(&["status"]);
-        let d = status["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == disk)
-            .unwrap();
-        d["latest"].as_str().unwrap().to_string()
-    }
-
-    fn stop(mut self) {
-        self.terminate();
-    }
-
-    fn terminate(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        assert!(self.child.wait().unwrap().success());
-    }
-}
-
-fn disk_image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.img"));
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    path
-}
+use common::{Agent, Stack, disk_image, frozen, require_root, require_tools, sh};
 
 #[test]
 fn hooks_that_fail_or_hang_abort_cleanly_or_fall_back_as_configured() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let fs = Fs::new(dir.path(), "mnt");
-    let m = fs.mnt.display();
+    let d = dir.path();
+    // The filesystem the cuts freeze lives on the agent's disk "fs", as a host's would: only
+    // such a filesystem may be frozen for a cut.
+    let mnt = d.join("mnt");
+    let m = mnt.display();
     let config = format!(
         r#"
+[[disk]]
+name = "fs"
+path = "{fs}"
+
 [[disk]]
 name = "ok"
 path = "{ok}"
@@ -207,12 +56,14 @@ pre_freeze = [{{ command = "exit 1" }}]
 freeze = ["{m}"]
 on_failure = "crash-consistent"
 "#,
-        ok = disk_image(dir.path(), "ok").display(),
-        failing = disk_image(dir.path(), "failing").display(),
-        hanging = disk_image(dir.path(), "hanging").display(),
-        fallback = disk_image(dir.path(), "fallback").display(),
+        fs = disk_image(d, "fs", 32).display(),
+        ok = disk_image(d, "ok", 8).display(),
+        failing = disk_image(d, "failing", 8).display(),
+        hanging = disk_image(d, "hanging", 8).display(),
+        fallback = disk_image(d, "fallback", 8).display(),
     );
-    let agent = Agent::start(dir.path(), &config);
+    let agent = Agent::start(d, &config);
+    let fs = Stack::mount(&agent.nbd, "fs", &mnt, true);
 
     // Success: application-consistent, hooks ran around the freeze, thawed afterwards.
     let cut = agent.ok(&["cut", "--disk", "ok"]);
@@ -264,186 +115,8 @@ on_failure = "crash-consistent"
     // An explicitly crash-consistent cut skips hooks and freeze altogether.
     let cut = agent.ok(&["cut", "--disk", "failing", "--consistency", "crash"]);
     assert_eq!(cut["consistency"], "crash");
+    drop(fs);
     agent.stop();
-    drop(fs);
-}
-
-#[test]
-fn the_watchdog_thaws_when_the_agent_is_killed_or_hangs_mid_cut() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let fs = Fs::new(dir.path(), "mnt");
-    let m = fs.mnt.display();
-    // The destage step stands in for a cache that never reports clean: the cut sits in the
-    // middle, filesystem frozen and NBD writes held.
-    let config = format!(
-        r#"
-[[disk]]
-name = "stuck"
-path = "{stuck}"
-[disk.cut]
-freeze = ["{m}"]
-freeze_timeout_ms = 60000
-destage = [{{ clean_check = "sleep 602", timeout_ms = 600000 }}]
-
-[[disk]]
-name = "slow"
-path = "{slow}"
-[disk.cut]
-freeze = ["{m}"]
-freeze_timeout_ms = 300
-destage = [{{ clean_check = "sleep 1" }}]
-"#,
-        stuck = disk_image(dir.path(), "stuck").display(),
-        slow = disk_image(dir.path(), "slow").display(),
-    );
-
-    // The agent hangs past the freeze timeout: the watchdog thaws, and the cut that finally
-    // completes is recorded as crash-consistent, not application-consistent.
-    let agent = Agent::start(dir.path(), &config);
-    let cut = agent.ok(&["cut", "--disk", "slow"]);
-    assert_eq!(cut["consistency"], "crash", "{cut}");
-    assert!(
-        cut["warnings"][0].as_str().unwrap().contains("watchdog"),
-        "{cut}"
-    );
-    assert!(!frozen(&fs.mnt, Duration::from_secs(5)));
-
-    // The agent is SIGKILLed while the filesystem is frozen: the helper sees its parent go
-    // and thaws, long before its own 60 s timeout.
-    let mut cutter = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
-        .args(["cut", "--disk", "stuck", "--control"])
-        .arg(&agent.control)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !frozen(&fs.mnt, Duration::from_millis(300)) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the cut never froze the filesystem"
-        );
-    }
-    let mut agent = agent;
-    agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
-    let killed_at = Instant::now();
-    assert!(
-        !frozen(&fs.mnt, Duration::from_secs(10)),
-        "still frozen after the agent died"
-    );
-    eprintln!(
-        "thawed {:?} after the agent was killed",
-        killed_at.elapsed()
-    );
-    let _ = cutter.wait();
-    let _ = Command::new("pkill").args(["-f", "sleep 602"]).status();
-    drop(fs);
-}
-
-/// The agent killed at random instants around the freeze: before the helper starts, while it
-/// is inside FIFREEZE, before its "frozen" reaches the agent, while frozen. Whatever the
-/// instant, the mount is thawed soon after. (CI once caught the helper exiting on a failed
-/// "frozen" report without thawing; this campaign aims at that window.)
-#[test]
-fn killing_the_agent_at_random_instants_of_a_freeze_never_leaves_a_mount_frozen() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let fs = Fs::new(dir.path(), "mnt");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("seed {seed}");
-    let mut rng = seed;
-    const TRIALS: u64 = 10;
-    let mut frozen_when_killed = 0;
-    for trial in 0..TRIALS {
-        let tdir = dir.path().join(format!("t{trial}"));
-        std::fs::create_dir_all(&tdir).unwrap();
-        let config = format!(
-            r#"
-[[disk]]
-name = "stuck"
-path = "{}"
-[disk.cut]
-freeze = ["{}"]
-freeze_timeout_ms = 60000
-destage = [{{ clean_check = "sleep 603", timeout_ms = 600000 }}]
-"#,
-            disk_image(&tdir, "stuck").display(),
-            fs.mnt.display()
-        );
-        // Dirty the filesystem so FIFREEZE has a sync to do and the window is wider.
-        std::fs::write(fs.mnt.join("dirty"), vec![trial as u8; 4 << 20]).unwrap();
-        let mut agent = Agent::start(&tdir, &config);
-        let mut cutter = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
-            .args(["cut", "--disk", "stuck", "--control"])
-            .arg(&agent.control)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_micros(rng % 60_000));
-        // Was the helper already running at the kill (in FIFREEZE, reporting, or frozen)?
-        // Counted, so the campaign shows that it hit the window it aims at.
-        let helper_alive = Command::new("pgrep")
-            .args(["-f", "ctk-agent freeze-helper"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        agent.child.kill().unwrap();
-        agent.child.wait().unwrap();
-        frozen_when_killed += u32::from(helper_alive);
-        assert!(
-            !frozen(&fs.mnt, Duration::from_secs(10)),
-            "trial {trial} (seed {seed}): still frozen 10 s after the agent was killed"
-        );
-        let _ = cutter.wait();
-    }
-    let _ = Command::new("pkill").args(["-f", "sleep 603"]).status();
-    eprintln!(
-        "{TRIALS} trials, {frozen_when_killed} killed with the freeze helper running, none left a mount frozen"
-    );
-    drop(fs);
-}
-
-/// The helper itself, its parent alive but deaf (stdout closed before "frozen" is written):
-/// nobody could ever ask for the thaw, so it must thaw at once rather than exit frozen.
-#[test]
-fn a_freeze_helper_that_cannot_report_thaws_at_once() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let fs = Fs::new(dir.path(), "mnt");
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let mut helper = Command::new(env!("CARGO_BIN_EXE_ctk-agent"))
-        .args(["freeze-helper", "--timeout-ms", "60000"])
-        .arg(&fs.mnt)
-        .stdin(Stdio::piped())
-        .stdout(writer)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while helper.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the helper waited on a parent that cannot hear it"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(
-        !frozen(&fs.mnt, Duration::from_secs(5)),
-        "the helper exited and left the mount frozen"
-    );
-    drop(fs);
 }
 
 /// The issue's scenario: ext4 on a loop device over nbdfuse over the agent's NBD front.
@@ -452,24 +125,10 @@ fn a_freeze_helper_that_cannot_report_thaws_at_once() {
 #[test]
 fn ext4_through_nbdfuse_application_consistent_cuts_rebuild_a_clean_replica() {
     require_root();
-    for tool in ["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck"] {
-        assert!(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {tool}"))
-                .status()
-                .unwrap()
-                .success(),
-            "{tool} is required"
-        );
-    }
+    require_tools(&["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck"]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let image = d.join("vm.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(128 << 20)
-        .unwrap();
+    let image = disk_image(d, "vm", 128);
     let mnt = d.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let config = format!(
@@ -478,60 +137,7 @@ fn ext4_through_nbdfuse_application_consistent_cuts_rebuild_a_clean_replica() {
         mnt.display()
     );
     let agent = Agent::start(d, &config);
-    let fuse = d.join("fuse");
-    std::fs::create_dir_all(&fuse).unwrap();
-    let pidfile = d.join("nbdfuse.pid");
-    let mut nbdfuse = Command::new("nbdfuse")
-        .arg("-P")
-        .arg(&pidfile)
-        .arg(&fuse)
-        .arg(format!(
-            "nbd+unix:///vm?socket={}",
-            d.join("nbd.sock").display()
-        ))
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !pidfile.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "nbdfuse did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    struct Stack {
-        loopdev: Option<String>,
-        mnt: PathBuf,
-        fuse: PathBuf,
-    }
-    impl Drop for Stack {
-        fn drop(&mut self) {
-            let _ = Command::new("fsfreeze")
-                .arg("-u")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status();
-            let _ = Command::new("umount").arg(&self.mnt).status();
-            if let Some(dev) = &self.loopdev {
-                let _ = Command::new("losetup").args(["-d", dev]).status();
-            }
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.fuse)
-                .status();
-        }
-    }
-    let mut stack = Stack {
-        loopdev: None,
-        mnt: mnt.clone(),
-        fuse: fuse.clone(),
-    };
-    let dev = sh(&format!("losetup -f --show {}", fuse.join("nbd").display()));
-    stack.loopdev = Some(dev.clone());
-    sh(&format!(
-        "mkfs.ext4 -q -F {dev} && mount {dev} {}",
-        mnt.display()
-    ));
+    let stack = Stack::mount(&agent.nbd, "vm", &mnt, true);
 
     // Generation 1 of the files, then a full.
     let content = |i: usize, version: u8| -> Vec<u8> {
@@ -585,7 +191,6 @@ fn ext4_through_nbdfuse_application_consistent_cuts_rebuild_a_clean_replica() {
 
     // Tear the stack down, then check the replica as the DR site would.
     drop(stack);
-    let _ = nbdfuse.wait();
     agent.stop();
     let fsck = Command::new("e2fsck")
         .arg("-fn")

@@ -24,11 +24,12 @@ a synthetic full (a sparse raw image of the newest point) and restore points kep
 increments (the blocks each merge overwrote). Every delta is staged and verified whole before it \
 touches the full, and the merge is crash-atomic: killed at any moment, the store reopens at its \
 newest committed point, with a half-done merge finished or undone.\n\n\
-Typical use (deltas from `ctk-agent export`):\n  \
-ctk-receiver ingest --store /srv/ctk --disk vm1 full.ctkd inc1.ctkd\n  \
-ctk-receiver points --store /srv/ctk --disk vm1\n  \
-ctk-receiver restore --store /srv/ctk --disk vm1 --point <ChangeId> -o vm1-restored.img\n  \
-ctk-receiver verify --store /srv/ctk\n\n\
+`serve --store /srv/ctk` keeps each agent's disks under /srv/ctk/AGENT/DISK; the commands \
+that read a store take the agent's directory (or the root and --agent):\n  \
+ctk-receiver points --store /srv/ctk/host1 --disk vm1\n  \
+ctk-receiver restore --store /srv/ctk/host1 --disk vm1 --point <ChangeId> -o vm1-restored.img\n  \
+ctk-receiver verify --store /srv/ctk --all-agents       # exit 3 if anything is damaged\n  \
+ctk-receiver ingest --store /srv/ctk/host1 --disk vm1 full.ctkd inc1.ctkd   # deltas from `ctk-agent export`\n\n\
 Receiving from agents over QUIC:\n  \
 ctk-receiver init --identity /etc/ctk-receiver      # prints this receiver's fingerprint\n  \
 ctk-receiver serve --identity /etc/ctk-receiver --store /srv/ctk --allow host1=sha256:..."
@@ -88,10 +89,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the restore points of one disk, or of every disk in the store.
+    /// List the restore points of one disk, or of every disk of an agent.
     Points {
+        /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
         #[arg(long)]
         store: PathBuf,
+        /// The agent whose disks to list, when --store is the receiver's root.
+        #[arg(long)]
+        agent: Option<String>,
+        /// One disk (default: every disk of the agent).
         #[arg(long)]
         disk: Option<String>,
         #[arg(long)]
@@ -99,8 +105,12 @@ enum Command {
     },
     /// Write a restore point out as a raw image (sparse), with progress on stderr.
     Restore {
+        /// An agent's store (STORE/AGENT), or the root with --agent.
         #[arg(long)]
         store: PathBuf,
+        /// The agent, when --store is the receiver's root.
+        #[arg(long)]
+        agent: Option<String>,
         #[arg(long)]
         disk: String,
         /// The point's ChangeId (see `points`); `latest` for the newest.
@@ -111,10 +121,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Re-read every stored increment and check every checksum.
+    /// Re-read every stored increment and check every checksum, and full.img against the
+    /// newest point's image digest. Exits 3 when it finds damage; a store, agent or disk that
+    /// does not exist is an error (exit 1), never a silent pass.
     Verify {
+        /// An agent's store (STORE/AGENT), or the root with --agent (or --all-agents).
         #[arg(long)]
         store: PathBuf,
+        /// The agent, when --store is the receiver's root.
+        #[arg(long, conflicts_with = "all_agents")]
+        agent: Option<String>,
+        /// Every agent's disks, when --store is the receiver's root.
+        #[arg(long)]
+        all_agents: bool,
+        /// One disk (default: every disk of the agent).
         #[arg(long)]
         disk: Option<String>,
         #[arg(long)]
@@ -176,20 +196,102 @@ fn open(store: &Path, disk: &str) -> Result<DiskStore> {
     Ok(s)
 }
 
-/// The disks of a store: the one named, or every subdirectory with a manifest.
-fn disks(store: &Path, disk: Option<String>) -> Result<Vec<String>> {
-    if let Some(d) = disk {
-        return Ok(vec![d]);
-    }
+/// `verify` found damage (exit code 3, apart from the other failures).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Damaged(String);
+
+/// Whether `dir` is one disk's store: it has a manifest, or (a store whose first merge has
+/// not committed yet) the store's own subdirectories.
+fn is_disk_store(dir: &Path) -> bool {
+    dir.join("manifest.json").is_file()
+        || (dir.join("staging").is_dir() && dir.join("undo").is_dir())
+}
+
+/// The subdirectories of `dir` for which `pick` holds, sorted.
+fn subdirs(dir: &Path, pick: impl Fn(&Path) -> bool) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(store).with_context(|| format!("reading {}", store.display()))? {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
-        if entry.path().join("manifest.json").exists() {
+        if entry.file_type()?.is_dir() && pick(&entry.path()) {
             out.push(entry.file_name().to_string_lossy().into_owned());
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Resolves `--store` (and `--agent`) to the directory holding disk stores, and the disks
+/// asked for in it: the one named, or all of them. Never an empty answer: a level with no
+/// disk store (a receiver's root, a wrong path, a disk that does not exist) is an error that
+/// names what is there, so that a nightly `verify` cannot check nothing for ever.
+fn disks(store: &Path, agent: Option<&str>, disk: Option<&str>) -> Result<(PathBuf, Vec<String>)> {
+    if !store.is_dir() {
+        bail!(
+            "no store at {}: give the --store that `serve` writes to",
+            store.display()
+        );
+    }
+    let dir = match agent {
+        Some(a) => {
+            store::validate_name(a)?;
+            let dir = store.join(a);
+            if !dir.is_dir() {
+                let agents = subdirs(store, |d| {
+                    !subdirs(d, is_disk_store).unwrap_or_default().is_empty()
+                })?;
+                bail!(
+                    "no agent {a:?} in {} (agents there: {})",
+                    store.display(),
+                    list(&agents)
+                );
+            }
+            dir
+        }
+        None => store.to_owned(),
+    };
+    let here = subdirs(&dir, is_disk_store)?;
+    if here.is_empty() {
+        let agents = subdirs(&dir, |d| {
+            !subdirs(d, is_disk_store).unwrap_or_default().is_empty()
+        })?;
+        if !agents.is_empty() {
+            bail!(
+                "{} is a receiver's root, holding the stores of agents {}: add --agent NAME \
+                 (or give --store {}/NAME)",
+                dir.display(),
+                list(&agents),
+                dir.display()
+            );
+        }
+        bail!(
+            "no disk store in {} (each disk has a directory with a manifest.json, under \
+             STORE/AGENT as `serve` lays them out)",
+            dir.display()
+        );
+    }
+    match disk {
+        None => Ok((dir, here)),
+        Some(d) => {
+            store::validate_name(d)?;
+            if !here.iter().any(|h| h == d) {
+                bail!(
+                    "no disk {d:?} in {} (disks there: {})",
+                    dir.display(),
+                    list(&here)
+                );
+            }
+            Ok((dir, vec![d.to_owned()]))
+        }
+    }
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 fn parse_digest(s: &str) -> Result<String, String> {
@@ -355,10 +457,16 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Points { store, disk, json } => {
+        Command::Points {
+            store,
+            agent,
+            disk,
+            json,
+        } => {
             let mut all = Vec::new();
+            let (store, names) = disks(&store, agent.as_deref(), disk.as_deref())?;
             // Read without the store's lock, so a running receiver's merge does not block it.
-            for d in disks(&store, disk)? {
+            for d in names {
                 let points = store::committed_points(&store, &d)?;
                 // The RPO as this side sees it: the age of the newest committed cut.
                 let now_ms = std::time::SystemTime::now()
@@ -401,11 +509,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Restore {
             store,
+            agent,
             disk,
             point,
             output,
             json,
         } => {
+            let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
             let s = open(&store, &disk)?;
             let point = if point == "latest" {
                 s.points()
@@ -449,28 +559,66 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Verify { store, disk, json } => {
-            let mut bad = 0;
-            for d in disks(&store, disk)? {
-                let result = open(&store, &d).and_then(|s| Ok(s.verify()?));
-                match (&result, json) {
-                    (Ok(n), true) => {
-                        println!("{}", json!({"disk": d, "ok": true, "files_checked": n}))
-                    }
-                    (Ok(n), false) => println!(
-                        "{d}: ok ({n} files checked: increments by CRC, full.img by the newest \
-                         point's image digest)"
-                    ),
-                    (Err(e), true) => println!(
-                        "{}",
-                        json!({"disk": d, "ok": false, "error": format!("{e:#}")})
-                    ),
-                    (Err(e), false) => println!("{d}: DAMAGED: {e:#}"),
+        Command::Verify {
+            store,
+            agent,
+            all_agents,
+            disk,
+            json,
+        } => {
+            let stores = if all_agents {
+                let found = subdirs(&store, |d| {
+                    !subdirs(d, is_disk_store).unwrap_or_default().is_empty()
+                })?;
+                if found.is_empty() {
+                    bail!("no agent's store in {}", store.display());
                 }
-                bad += result.is_err() as usize;
+                found
+                    .iter()
+                    .map(|a| disks(&store, Some(a), disk.as_deref()))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                vec![disks(&store, agent.as_deref(), disk.as_deref())?]
+            };
+            let mut bad = 0;
+            let mut checked = 0;
+            for (dir, names) in stores {
+                for d in names {
+                    let result = open(&dir, &d).and_then(|s| Ok(s.verify()?));
+                    checked += 1;
+                    let at = dir.display().to_string();
+                    match (&result, json) {
+                        (Ok(v), true) => println!(
+                            "{}",
+                            json!({"store": at, "disk": d, "ok": true, "points": v.points,
+                                   "files_checked": v.files, "bytes_checked": v.bytes,
+                                   "full_image_checked": v.full_checked})
+                        ),
+                        (Ok(v), false) => println!(
+                            "{at}/{d}: ok: {} point(s), {} file(s), {} bytes read (undo files by \
+                             CRC{})",
+                            v.points,
+                            v.files,
+                            v.bytes,
+                            if v.full_checked {
+                                ", full.img by the newest point's image digest"
+                            } else {
+                                "; full.img NOT checked: the newest point has no image digest"
+                            }
+                        ),
+                        (Err(e), true) => println!(
+                            "{}",
+                            json!({"store": at, "disk": d, "ok": false, "error": format!("{e:#}")})
+                        ),
+                        (Err(e), false) => println!("{at}/{d}: DAMAGED: {e:#}"),
+                    }
+                    bad += result.is_err() as usize;
+                }
             }
             if bad > 0 {
-                bail!("{bad} disk(s) failed verification");
+                return Err(
+                    Damaged(format!("{bad} of {checked} disk(s) failed verification")).into(),
+                );
             }
         }
         Command::Init { identity } => {
@@ -561,7 +709,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // 3: verify found damage; 1: anything else that failed.
+            ExitCode::from(if e.is::<Damaged>() { 3 } else { 1 })
         }
     }
 }

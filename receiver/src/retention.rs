@@ -2,7 +2,10 @@
 //! tiers such as "every point for an hour, hourly for a day, daily for a month"
 //! (`1h:all,24h:1h,30d:1d`). A tier keeps, among the points younger than its span, the
 //! newest point of each period (periods are aligned to the Unix epoch, so a point chosen
-//! stays chosen while it ages within the tier). The newest point is always kept.
+//! stays chosen while it ages within the tier). The newest point is always kept, and so is
+//! the newest point of each consistency level (`keep_newest_of_each`): an application-
+//! consistent point taken every 15 minutes is never pushed out by a count of crash-consistent
+//! ones taken every second.
 //!
 //! Pure: the store applies the answer (dropping a point folds its pre-images into the next
 //! newer kept point's undo, so every kept point restores exactly, at the same cost).
@@ -95,12 +98,40 @@ pub fn select(times: &[u64], now_ms: u64, policy: &Retention) -> Vec<bool> {
     keep
 }
 
+/// Keeps the newest point of each level in `levels` (each point's consistency, oldest
+/// point first; points whose level is unknown are left to the other rules): count-only
+/// retention under frequent crash-consistent cuts must not drop the one application-
+/// consistent point it has.
+pub fn keep_newest_of_each<T: PartialEq>(levels: &[Option<T>], keep: &mut [bool]) {
+    debug_assert_eq!(levels.len(), keep.len());
+    for i in (0..levels.len()).rev() {
+        if levels[i].is_some() && !levels[i + 1..].contains(&levels[i]) {
+            keep[i] = true;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const H: u64 = 3_600_000;
     const D: u64 = 24 * H;
+
+    #[test]
+    fn the_newest_point_of_each_consistency_level_is_kept() {
+        // One application point among crash points every second: count-only retention of 3.
+        let levels: Vec<Option<&str>> = [None]
+            .into_iter()
+            .chain((0..20).map(|i| Some(if i == 5 { "application" } else { "crash" })))
+            .collect();
+        let times: Vec<u64> = (0..21).map(|i| i * 1000).collect();
+        let mut keep = select(&times, 21_000, &3.into());
+        keep_newest_of_each(&levels, &mut keep);
+        let kept: Vec<usize> = (0..21).filter(|&i| keep[i]).collect();
+        // The application point (index 6) stays; the unlabelled oldest one goes.
+        assert_eq!(kept, vec![6, 18, 19, 20]);
+    }
 
     #[test]
     fn tiers_parse_and_nonsense_is_refused() {

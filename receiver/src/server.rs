@@ -80,6 +80,9 @@ pub async fn run(identity: Identity, config: Config) -> Result<()> {
             _ = term.recv() => {}
         }
     };
+    // One receiver per store, for as long as it serves (released by the kernel however
+    // the process ends).
+    let _store_lock = store::lock_root(&config.store)?;
     let endpoint = bind(&identity, &config)?;
     // Tests and scripts wait for this line.
     println!(
@@ -287,7 +290,9 @@ fn refusal(e: &StoreError) -> Refusal {
         }
         StoreError::Delta(_) | StoreError::DigestMismatch { .. } => Refusal::Damaged,
         StoreError::Mismatch(_) => Refusal::Mismatch,
-        StoreError::Io { .. } | StoreError::Damaged { .. } => Refusal::Unavailable,
+        StoreError::Io { .. } | StoreError::Damaged { .. } | StoreError::InUse { .. } => {
+            Refusal::Unavailable
+        }
     }
 }
 
@@ -447,14 +452,19 @@ async fn handle(
                     done: false,
                     handle,
                 };
-                match resume {
+                let count_only = retention.tiers.is_empty().then_some(retention.keep);
+                let result = match resume {
                     None => s.ingest(input, retention, |input| input.end()),
                     Some((resumes, next_offset)) => {
                         s.ingest_resume(input, &resumes, next_offset, retention, |input| {
                             input.end()
                         })
                     }
+                };
+                if let (Ok(Ingested::Committed { .. }), Some(keep)) = (&result, count_only) {
+                    warn_if_history_is_short(&root, &disk, s.points(), keep);
                 }
+                result
             })
             .await;
             match result {
@@ -468,6 +478,44 @@ async fn handle(
             }
         }
     }
+}
+
+/// History shorter than this under count-only retention earns a warning.
+const HISTORY_SHORT_MS: u64 = 3_600_000;
+
+/// Warns, once per disk and process, when count-only retention (no tiers) meets pushes so
+/// frequent that the kept points span less than an hour: a `--keep 30` under one-second
+/// cuts holds half a minute of history. (The newest point of each consistency level is kept
+/// anyway; the rest of the history is what goes.)
+fn warn_if_history_is_short(
+    root: &std::path::Path,
+    disk: &str,
+    points: &[store::Point],
+    keep: usize,
+) {
+    static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let time = |p: &store::Point| p.cut_unix_ms.unwrap_or(p.committed_unix_ms);
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return;
+    };
+    let span_ms = time(last).saturating_sub(time(first));
+    if points.len() < keep || span_ms >= HISTORY_SHORT_MS {
+        return;
+    }
+    let key = root.join(disk);
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if warned.contains(&key) {
+        return;
+    }
+    warned.push(key);
+    warn!(
+        %disk,
+        keep,
+        history_s = span_ms / 1000,
+        "retention by count alone keeps only {keep} points, {} s of history at this push rate; \
+         add --tiers (e.g. 1h:all,24h:1h,30d:1d) to keep older points by age",
+        span_ms / 1000
+    );
 }
 
 /// The answer to a push, from what the store made of it: a commit (or the note that the

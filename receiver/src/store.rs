@@ -83,6 +83,14 @@ pub enum StoreError {
     Damaged { disk: String, why: String },
     #[error("no restore point {0} is kept")]
     NoSuchPoint(String),
+    /// Another `serve` holds the store's root.
+    #[error(
+        "the store {} is served by another ctk-receiver{}: one receiver per store (stop it, \
+         or give this one another --store)",
+        root.display(),
+        holder.map(|p| format!(" (process {p})")).unwrap_or_default()
+    )]
+    InUse { root: PathBuf, holder: Option<u32> },
     #[error(
         "the merged image does not match the agent's digest of it (agent {expected}, merged \
          {got}): nothing committed, the previous point stands"
@@ -161,6 +169,40 @@ fn read_manifest(fs: &dyn Vfs, path: &Path, name: &str) -> Result<Option<Manifes
         });
     }
     Ok(Some(m))
+}
+
+/// The lock a serving receiver holds on its store's root (`.lock`, which no agent's name can
+/// be: names never start with a dot), for as long as it serves. The holder's process id is
+/// written into it, for the error a second receiver gives.
+pub fn lock_root(root: &Path) -> Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let path = root.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(format!("creating {}", path.display())))?;
+    // SAFETY: flock on an open descriptor touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            return Err(StoreError::InUse {
+                root: root.to_owned(),
+                holder,
+            });
+        }
+        return Err(io_err(format!("locking {}", path.display()))(e));
+    }
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    Ok(file)
 }
 
 /// Validates a disk name: it becomes a directory name, so no path may come from outside.
@@ -1364,7 +1406,9 @@ impl DiskStore {
             .iter()
             .map(|p| p.cut_unix_ms.unwrap_or(p.committed_unix_ms))
             .collect();
-        let keep = crate::retention::select(&times, (self.clock)(), retention);
+        let mut keep = crate::retention::select(&times, (self.clock)(), retention);
+        let levels: Vec<Option<&str>> = points.iter().map(|p| p.consistency.as_deref()).collect();
+        crate::retention::keep_newest_of_each(&levels, &mut keep);
         let dropped = keep.iter().filter(|k| !**k).count();
         if dropped == 0 {
             return Ok(0);
@@ -1892,18 +1936,23 @@ impl DiskStore {
 
     /// Re-reads every undo file and any staged delta, checking every CRC, and full.img
     /// against the newest point's digest; returns how many files were checked.
-    pub fn verify(&self) -> Result<usize> {
-        let mut checked = 0;
+    pub fn verify(&self) -> Result<Verified> {
+        let mut done = Verified {
+            points: self.points().len(),
+            ..Verified::default()
+        };
         for p in self.points() {
             if let Some(undo) = &p.undo {
-                let (h, _) = delta::verify(self.reader(&self.dir.join(undo), "opening an undo")?)?;
+                let path = self.dir.join(undo);
+                let (h, _) = delta::verify(self.reader(&path, "opening an undo")?)?;
                 if h.to.to_string() != p.change_id || h.from.map(|f| f.to_string()) != p.from {
                     return Err(StoreError::Damaged {
                         disk: self.name.clone(),
                         why: format!("{undo} is not the undo of {}", p.change_id),
                     });
                 }
-                checked += 1;
+                done.files += 1;
+                done.bytes += self.fs.open(&path).and_then(|f| f.len()).unwrap_or(0);
             }
         }
         let size = self
@@ -1919,11 +1968,28 @@ impl DiskStore {
             Some(p) if p.image_digest.is_some() => {
                 let full = self.open_file(&self.full_path(), "opening full.img")?;
                 self.check_image(&full, p, "full.img")?;
-                Ok(checked + 1)
+                done.files += 1;
+                done.bytes += size;
+                done.full_checked = true;
+                Ok(done)
             }
-            _ => Ok(checked),
+            _ => Ok(done),
         }
     }
+}
+
+/// What `verify` checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Restore points in the manifest.
+    pub points: usize,
+    /// Files read whole and checked: undo files (every record's CRC and the trailer) and
+    /// full.img (against the newest point's image digest).
+    pub files: usize,
+    /// Bytes of those files read.
+    pub bytes: u64,
+    /// Whether full.img was checked against a digest (a point without one cannot be).
+    pub full_checked: bool,
 }
 
 /// Copies what a reader reads into a file as it goes.

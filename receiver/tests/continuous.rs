@@ -153,7 +153,10 @@ impl std::ops::Deref for Setup {
 /// A receiver keeping `keep` points and an agent protecting a 16 MiB disk whose
 /// application-consistent cuts run a hook that logs to `d/hooks.log`.
 fn setup(keep: usize) -> Setup {
-    let pair = Pair::new(keep);
+    setup_with(Pair::new(keep))
+}
+
+fn setup_with(pair: Pair) -> Setup {
     let d = &pair.d;
     let image = d.join("vm1.img");
     std::fs::File::create(&image)
@@ -403,4 +406,67 @@ fn a_throttled_link_coalesces_then_recovers_without_a_full_resync() {
         log.last().unwrap().0,
         "the newest point misses writes"
     );
+}
+
+/// An idle disk makes no new points: a cycle with nothing written since the receiver's
+/// newest point pushes nothing and says the replica is in sync as of then. And count-only
+/// retention under frequent crash points keeps the newest application-consistent point,
+/// with a warning on the receiver that its history is short. (Before the fix each idle
+/// second became a point, and `--keep` pushed the application point out.)
+#[test]
+fn idle_cycles_make_no_points_and_count_retention_keeps_the_application_point() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup_with(Pair::new_logged(3));
+    let uri = format!("nbd+unix:///vm1?socket={}", s.d.join("nbd.sock").display());
+    let write = |i: u64| {
+        let (ok, _, err) = run(Command::new(tool("qemu-io"))
+            .args(["-f", "raw", &uri, "-c"])
+            .arg(format!("write -P {} {} 4k", i % 250 + 1, i * 8192)));
+        assert!(ok, "{err}");
+    };
+    let once = |consistency: &str| -> Value {
+        let (ok, out, err) = run(&mut s.replicate(&["--consistency", consistency]));
+        assert!(ok, "replicate: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    write(0);
+    let app = once("application");
+    assert_eq!(app["consistency"], "application", "{app}");
+    for i in 1..=6 {
+        write(i);
+        let c = once("crash");
+        assert_eq!(c["consistency"], "crash", "{c}");
+    }
+    let listed = points(&s.receiver_bin, &s.store());
+    let kept: Vec<&Value> = listed[0]["points"].as_array().unwrap().iter().collect();
+    assert!(
+        kept.iter().any(|p| p["change_id"] == app["committed"]),
+        "the application-consistent point was dropped by count: {kept:?}"
+    );
+    assert_eq!(kept.len(), 4, "the newest 3, and the application point");
+
+    // Idle: cycles every 200 ms for 2 s commit nothing new.
+    let (repl, lines) = s.replicate_background(&["--every", "200ms"]);
+    std::thread::sleep(Duration::from_secs(2));
+    stop(repl);
+    let lines = lines.join().unwrap();
+    assert!(lines.len() >= 3, "{lines:?}");
+    let newest = kept.last().unwrap()["change_id"].clone();
+    for l in &lines {
+        assert_eq!(l["unchanged"], true, "an idle cycle pushed: {l}");
+        assert_eq!(l["committed"], newest, "{l}");
+        assert_eq!(l["delta_bytes"], 0, "{l}");
+    }
+    let after = points(&s.receiver_bin, &s.store());
+    assert_eq!(
+        after[0]["points"].as_array().unwrap().len(),
+        4,
+        "idle cycles became points"
+    );
+    // The RPO reads "in sync as of the last cycle", not the age of the last point.
+    let cursor = s.cursor();
+    assert!(cursor["rpo_s"].as_f64().unwrap() < 1.5, "{cursor}");
+    assert_eq!(cursor["at"], newest, "{cursor}");
+    let log = std::fs::read_to_string(s.d.join("receiver.log")).unwrap();
+    assert!(log.contains("retention by count alone"), "{log}");
 }

@@ -576,8 +576,8 @@ fn ingest_keep3(s: &str, delta: &Path) {
 }
 
 fn points_or_empty(s: &str) -> Vec<String> {
-    // A kill before the store existed leaves nothing to recover or list.
-    if !Path::new(s).exists() {
+    // A kill before the disk's store existed leaves nothing to recover or list.
+    if !Path::new(s).join("vm1").exists() {
         return Vec::new();
     }
     // Recovery first (verify opens the store), then the committed points.

@@ -37,11 +37,12 @@ impl Drop for Proc {
 
 /// Starts a daemon and waits for its ready line; returns it and the line.
 pub fn start(cmd: &mut Command) -> (Proc, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    start_with(cmd, Stdio::inherit())
+}
+
+/// `start`, its stderr (its log) going to `stderr`.
+pub fn start_with(cmd: &mut Command, stderr: Stdio) -> (Proc, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -93,7 +94,14 @@ pub fn start_receiver_at(
     keep: usize,
     listen: SocketAddr,
 ) -> (Proc, SocketAddr) {
-    let (p, ready) = start(
+    // The log goes to the test's stderr, and to `d/receiver.log` when that file exists
+    // (tests that check what the receiver logs create it).
+    let log = d.join("receiver.log");
+    let stderr = match std::fs::OpenOptions::new().append(true).open(&log) {
+        Ok(f) => Stdio::from(f),
+        Err(_) => Stdio::inherit(),
+    };
+    let (p, ready) = start_with(
         Command::new(bin)
             .args(["serve", "--listen", &listen.to_string(), "--keep"])
             .arg(keep.to_string())
@@ -103,6 +111,7 @@ pub fn start_receiver_at(
             .arg(d.join("store"))
             .arg("--allow")
             .arg(format!("host1={afp}")),
+        stderr,
     );
     (p, ready.split_whitespace().nth(4).unwrap().parse().unwrap())
 }
@@ -198,7 +207,19 @@ impl Pair {
     /// `new` in a directory the caller prepared (say, with `store` on a filesystem of its
     /// own).
     pub fn new_in(dir: tempfile::TempDir, keep: usize) -> Pair {
+        Pair::new_in_logged(dir, keep, false)
+    }
+
+    /// `new`, the receiver's log kept in `d/receiver.log` (for tests of what it logs).
+    pub fn new_logged(keep: usize) -> Pair {
+        Pair::new_in_logged(tempfile::tempdir().unwrap(), keep, true)
+    }
+
+    fn new_in_logged(dir: tempfile::TempDir, keep: usize, logged: bool) -> Pair {
         let d = dir.path().to_owned();
+        if logged {
+            std::fs::File::create(d.join("receiver.log")).unwrap();
+        }
         let receiver_bin = PathBuf::from(env!("CARGO_BIN_EXE_ctk-receiver"));
         let agent_bin = agent_bin();
         let rfp = init(&receiver_bin, &d.join("rid"));

@@ -1,0 +1,155 @@
+//! The receiver's read commands as an operator runs them: `points`, `restore` and `verify`
+//! at the levels of the store `serve` lays out (STORE/AGENT/DISK). A level with nothing to
+//! check is an error that names what is there, never a silent pass; `verify` says what it
+//! checked and exits 3 on damage. (Before the fix `verify` at the store's root checked
+//! nothing and exited 0, and `points --disk` of a missing disk printed its name.)
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::run;
+use ctk::delta::{DeltaHeader, WriteOptions};
+use ctk::{ChangeId, Extent, Generation};
+
+fn receiver() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ctk-receiver"))
+}
+
+/// Ingests a full and an increment of a small image into STORE/host1/vm1.
+fn two_points(store: &Path) {
+    let dir = store.parent().unwrap();
+    let image = dir.join("src.img");
+    let mut bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, &bytes).unwrap();
+    let generation = Generation::random();
+    let full = DeltaHeader {
+        disk_id: "vm1".into(),
+        disk_size: bytes.len() as u64,
+        block_size: 4096,
+        from: None,
+        to: ChangeId::new(generation, 1),
+    };
+    let write = |header: &DeltaHeader, extents: &[Extent], name: &str| {
+        let file = std::fs::File::open(&image).unwrap();
+        let out = std::fs::File::create(dir.join(name)).unwrap();
+        ctk::delta::export(&file, extents, header, WriteOptions::default(), out).unwrap();
+        dir.join(name)
+    };
+    let whole = [Extent {
+        offset: 0,
+        length: 1 << 20,
+    }];
+    let f = write(&full, &whole, "full.ctkd");
+    bytes[8192..12288].fill(7);
+    std::fs::write(&image, &bytes).unwrap();
+    let inc = DeltaHeader {
+        from: Some(full.to),
+        to: ChangeId::new(generation, 2),
+        ..full.clone()
+    };
+    let i = write(
+        &inc,
+        &[Extent {
+            offset: 8192,
+            length: 4096,
+        }],
+        "inc.ctkd",
+    );
+    let (ok, _, err) = run(receiver()
+        .args(["ingest", "--disk", "vm1", "--store"])
+        .arg(store.join("host1"))
+        .arg(&f)
+        .arg(&i));
+    assert!(ok, "ingest: {err}");
+}
+
+#[test]
+fn read_commands_refuse_levels_with_nothing_to_check_and_verify_reports_what_it_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    two_points(&root);
+    let agent = root.join("host1");
+
+    // The root, as `serve --store` names it: an error that names the agents.
+    for cmd in [&["points"][..], &["verify"]] {
+        let (ok, out, err) = run(receiver().args(cmd).arg("--store").arg(&root));
+        assert!(!ok, "{cmd:?} at the root passed: {out}");
+        assert!(
+            err.contains("receiver's root") && err.contains("host1"),
+            "{err}"
+        );
+    }
+    // A disk that does not exist: an error listing those that do; nothing created.
+    let (ok, out, err) = run(receiver()
+        .args(["points", "--disk", "nosuch", "--store"])
+        .arg(&agent));
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("no disk \"nosuch\"") && err.contains("vm1"),
+        "{err}"
+    );
+    let (ok, _, err) = run(receiver()
+        .args(["verify", "--disk", "nosuch", "--store"])
+        .arg(&agent));
+    assert!(!ok && err.contains("no disk"), "{err}");
+    let (ok, _, err) = run(receiver()
+        .args(["restore", "--disk", "nosuch", "--point", "latest", "-o"])
+        .arg(dir.path().join("x.img"))
+        .arg("--store")
+        .arg(&agent));
+    assert!(!ok && err.contains("no disk"), "{err}");
+    assert!(
+        !agent.join("nosuch").exists(),
+        "a read command created a store"
+    );
+    // A directory with no store at all.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, _, err) = run(receiver().args(["verify", "--store"]).arg(&empty));
+    assert!(!ok && err.contains("no disk store"), "{err}");
+    let (ok, _, err) = run(receiver()
+        .args(["verify", "--store"])
+        .arg(dir.path().join("missing")));
+    assert!(!ok && err.contains("no store at"), "{err}");
+
+    // The right levels: the agent's directory, or the root with --agent / --all-agents.
+    let (ok, out, err) = run(receiver().args(["points", "--json", "--store"]).arg(&agent));
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["points"].as_array().unwrap().len(), 2);
+    for args in [vec!["--agent", "host1"], vec!["--all-agents"]] {
+        let (ok, out, err) = run(receiver()
+            .args(["verify", "--json", "--store"])
+            .arg(&root)
+            .args(&args));
+        assert!(ok, "{args:?}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["points"], 2, "{v}");
+        assert!(v["files_checked"].as_u64().unwrap() >= 1, "{v}");
+        assert!(v["bytes_checked"].as_u64().unwrap() > 0, "{v}");
+    }
+    let (ok, out, _) = run(receiver().args(["verify", "--store"]).arg(&agent));
+    assert!(ok && out.contains("2 point(s)"), "{out}");
+
+    // Damage: exit 3, and the disk named.
+    let undo = std::fs::read_dir(agent.join("vm1/undo"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&undo).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&undo, bytes).unwrap();
+    let out = receiver()
+        .args(["verify", "--store"])
+        .arg(&agent)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "damage must exit 3");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vm1: DAMAGED"));
+}
