@@ -6,6 +6,11 @@
 //! control = "/run/ctk-agent/control.sock"
 //! listen = ["unix:/run/ctk-agent/nbd.sock"]
 //! zstd_level = 1
+//! # Bounds on what clients can make the agent hold (defaults shown; agent/src/limits.rs).
+//! nbd_connections_max = 128
+//! control_connections_max = 16
+//! nbd_memory_max = "256M"
+//! nbd_handshake_timeout_ms = 10000
 //!
 //! [[disk]]
 //! name = "db1"
@@ -37,6 +42,14 @@ pub struct Config {
     pub listen: Vec<String>,
     pub zstd_level: Option<i32>,
     pub journal_dir: Option<PathBuf>,
+    /// Most NBD connections at once (over it, a client is told so and closed).
+    pub nbd_connections_max: Option<usize>,
+    /// Most control connections at once.
+    pub control_connections_max: Option<usize>,
+    /// Payload memory all NBD connections share, as a size ("256M"; at least 32M).
+    pub nbd_memory_max: Option<String>,
+    /// How long an NBD client has to finish its handshake.
+    pub nbd_handshake_timeout_ms: Option<u64>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }

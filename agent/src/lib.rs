@@ -3,9 +3,12 @@
 
 pub mod config;
 pub mod continuous;
+pub mod control;
 pub mod demo;
 pub mod disk;
 pub mod freeze;
+pub mod front;
+pub mod limits;
 pub mod mounts;
 pub mod nbd;
 pub mod nbd_client;

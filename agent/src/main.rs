@@ -1,7 +1,9 @@
 //! `ctk-agent`: the host-resident half of ctk. Parses and resolves the command line, then
 //! calls library code; only this binary uses anyhow.
 
-use ctk_agent::{config, continuous, demo, disk, freeze, pipeline, quickstart, replicate, server};
+use ctk_agent::{
+    config, continuous, demo, disk, freeze, limits, pipeline, quickstart, replicate, server,
+};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -622,7 +624,7 @@ fn serve(
     block_size: u64,
     zstd_level: Option<i32>,
 ) -> Result<()> {
-    let file = match &config {
+    let mut file = match &config {
         Some(path) => config::load(path)?,
         None => config::Config::default(),
     };
@@ -631,7 +633,7 @@ fn serve(
         .into_iter()
         .map(|(name, path)| (name, path, block_size, None, pipeline::CutPolicy::default()))
         .collect();
-    for d in file.disks {
+    for d in std::mem::take(&mut file.disks) {
         parse_disk(&format!("{}={}", d.name, d.path.display())).map_err(anyhow::Error::msg)?;
         let bs = match &d.block_size {
             Some(text) => parse_size(text).map_err(anyhow::Error::msg)?,
@@ -672,18 +674,51 @@ fn serve(
         );
     }
     let control = control
-        .or(file.control)
+        .or(file.control.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL));
     let zstd_level = zstd_level.or(file.zstd_level).unwrap_or(1);
     anyhow::ensure!((1..=19).contains(&zstd_level), "zstd_level must be 1 to 19");
-    let agent = std::sync::Arc::new(server::Agent {
-        disks: opened,
-        zstd_level,
-    });
+    let limits = resolve_limits(&file)?;
+    let agent = std::sync::Arc::new(server::Agent::new(opened, zstd_level, limits));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(server::run(agent, listens, control))
+}
+
+/// The daemon's bounds: the configuration's, else the defaults fitted to the descriptors
+/// this process may open (its soft limit raised to the hard one first).
+fn resolve_limits(file: &config::Config) -> Result<limits::Limits> {
+    let mut l = limits::Limits::default();
+    if let Some(n) = file.nbd_connections_max {
+        anyhow::ensure!(n >= 1, "nbd_connections_max must be at least 1");
+        l.nbd_connections = n;
+    }
+    if let Some(n) = file.control_connections_max {
+        anyhow::ensure!(n >= 1, "control_connections_max must be at least 1");
+        l.control_connections = n;
+    }
+    if let Some(text) = &file.nbd_memory_max {
+        l.nbd_memory = parse_size(text).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            l.nbd_memory >= u64::from(ctk_agent::nbd::PAYLOAD_MAX),
+            "nbd_memory_max must be at least 32M, the largest request the agent accepts"
+        );
+    }
+    if let Some(ms) = file.nbd_handshake_timeout_ms {
+        anyhow::ensure!(ms >= 100, "nbd_handshake_timeout_ms must be at least 100");
+        l.nbd_handshake_timeout = std::time::Duration::from_millis(ms);
+    }
+    let fds = limits::raise_descriptor_limit();
+    if let Some(warning) = l.fit_to_descriptors(
+        fds,
+        file.nbd_connections_max.is_some(),
+        file.control_connections_max.is_some(),
+    ) {
+        tracing::warn!("{warning}");
+    }
+    tracing::debug!(?l, fds, "limits");
+    Ok(l)
 }
 
 fn print_answer(

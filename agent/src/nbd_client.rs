@@ -86,4 +86,25 @@ impl NbdClient {
     pub fn flush(&mut self) -> Result<()> {
         self.request(nbd::CMD_FLUSH, 0, 0, &[])
     }
+
+    /// Sends `count` READs of `length` bytes at `offset` and reads none of the replies: the
+    /// client that never drains its socket, which the agent's memory bounds are tested with.
+    pub fn read_without_reading_replies(
+        &mut self,
+        offset: u64,
+        length: u32,
+        count: u32,
+    ) -> Result<()> {
+        for _ in 0..count {
+            self.cookie += 1;
+            let mut r = nbd::REQUEST_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&nbd::CMD_READ.to_be_bytes());
+            r.extend_from_slice(&self.cookie.to_be_bytes());
+            r.extend_from_slice(&offset.to_be_bytes());
+            r.extend_from_slice(&length.to_be_bytes());
+            self.s.write_all(&r)?;
+        }
+        Ok(())
+    }
 }

@@ -108,10 +108,11 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     // The agent, protecting the image behind its NBD front and control socket.
     let journal = dir.join("source.img.ctk");
     let (disk, _) = ProtectedDisk::open(DISK, &source_path, &journal, 4096, CutPolicy::default())?;
-    let agent = Arc::new(Agent {
-        disks: vec![Arc::new(disk)],
-        zstd_level: opts.zstd_level,
-    });
+    let agent = Arc::new(Agent::new(
+        vec![Arc::new(disk)],
+        opts.zstd_level,
+        crate::limits::Limits::default(),
+    ));
     let nbd_socket = dir.join("nbd.sock");
     let control = dir.join("ctl.sock");
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
