@@ -257,6 +257,8 @@ pub struct Tracker<S: JournalStorage> {
     snapshot_len: u64,
     scratch: Vec<u8>,
     syncs: u64,
+    /// The size the journal last saw, when the disk was found larger at open.
+    grown_from: Option<u64>,
 }
 
 impl<S: JournalStorage> Tracker<S> {
@@ -298,9 +300,12 @@ impl<S: JournalStorage> Tracker<S> {
                 );
                 (None, OpenOutcome::NewGeneration { reason }, None)
             }
-            Replay::Replayed(r) if r.map.geometry().disk_size() != config.disk_size => {
+            // A disk that only grew while the tracker was closed keeps its history: the new
+            // range is reported changed (below). One that shrank may have lost what a
+            // consumer needs of its end: continuity is lost.
+            Replay::Replayed(r) if r.map.geometry().disk_size() > config.disk_size => {
                 let reason = format!(
-                    "the disk is {} bytes but the journal last saw {} bytes: it was resized outside ctk",
+                    "the disk is {} bytes but the journal last saw {} bytes: it was shrunk outside ctk",
                     config.disk_size,
                     r.map.geometry().disk_size()
                 );
@@ -353,9 +358,21 @@ impl<S: JournalStorage> Tracker<S> {
             }
             (_, outcome, _) => outcome,
         };
+        let mut grown_from = None;
         let map = match map {
             Some(mut m) => {
                 m.set_options(config.map);
+                let old = m.geometry().disk_size();
+                if old < config.disk_size {
+                    // Every block from the old end on is reported changed for every earlier
+                    // ChangeId; the snapshot written below makes that durable.
+                    m.resize(config.disk_size)?;
+                    grown_from = Some(old);
+                    info!(
+                        disk = %config.disk_id, from = old, to = config.disk_size,
+                        "the disk grew while the tracker was closed: the new range is reported changed"
+                    );
+                }
                 m
             }
             None => {
@@ -413,11 +430,18 @@ impl<S: JournalStorage> Tracker<S> {
             snapshot_len: 0,
             scratch: Vec::new(),
             syncs: 0,
+            grown_from,
         };
         // Start every session from a fresh snapshot: a torn tail is never appended to, and a
         // recovery epoch is durable before any new write is accepted.
         tracker.rewrite()?;
         Ok((tracker, outcome))
+    }
+
+    /// The size the journal last saw, if the disk was found larger when it was opened (the
+    /// new range is reported changed since every earlier ChangeId).
+    pub fn grown_at_open(&self) -> Option<u64> {
+        self.grown_from
     }
 
     /// The change map, for queries.

@@ -207,9 +207,10 @@ fn another_disks_journal_starts_a_new_generation() {
 }
 
 #[test]
-fn a_disk_resized_outside_ctk_or_a_new_block_size_starts_a_new_generation() {
+fn a_disk_shrunk_outside_ctk_or_a_new_block_size_starts_a_new_generation() {
     for change in [
-        |c: &mut TrackerConfig| c.disk_size += MIB,
+        |c: &mut TrackerConfig| c.disk_size -= MIB,
+        |c: &mut TrackerConfig| c.disk_size -= 1,
         |c: &mut TrackerConfig| c.block_size = 8192,
     ] {
         let storage = MemStorage::new();
@@ -222,6 +223,57 @@ fn a_disk_resized_outside_ctk_or_a_new_block_size_starts_a_new_generation() {
             matches!(outcome, OpenOutcome::NewGeneration { .. }),
             "{outcome:?}"
         );
+    }
+}
+
+/// A disk grown while its tracker was closed (the usual way to grow a VM's disk: stop,
+/// `truncate`, start) keeps its history, and every earlier ChangeId answers with the new
+/// range as changed: no full copy, and no block of the new range unreported. Holds after a
+/// clean close and after a crash, and survives a further reopen.
+#[test]
+fn a_disk_grown_while_closed_keeps_its_generation_and_reports_the_new_range() {
+    for clean in [true, false] {
+        let storage = MemStorage::new();
+        let (mut t, _) = open(&storage, config());
+        write(&mut t, 4096, 4096);
+        let c1 = t.cut().unwrap();
+        write(&mut t, 8 * MIB, 4096);
+        if clean {
+            t.close().unwrap();
+        } else {
+            drop(t);
+        }
+        let mut grown = config();
+        grown.disk_size = 64 * MIB + 3 * MIB + 512;
+        let (t, outcome) = Tracker::open(storage.clone(), grown.clone(), || Generation(9)).unwrap();
+        assert!(
+            !matches!(outcome, OpenOutcome::NewGeneration { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(t.grown_at_open(), Some(64 * MIB));
+        assert_eq!(t.latest().generation, c1.generation);
+        // The write after c1 (in a recovery epoch, or still in the open epoch after a clean
+        // close) and the new range, once cut.
+        let mut t = t;
+        let c2 = t.cut().unwrap();
+        let changed_c2 = t.changed(Since::Id(c1), c2).unwrap();
+        let covers = |extents: &[ctk::Extent], offset: u64, len: u64| {
+            extents
+                .iter()
+                .any(|e| e.offset <= offset && offset + len <= e.offset + e.length)
+        };
+        assert!(
+            covers(&changed_c2, 64 * MIB, 3 * MIB + 512),
+            "{changed_c2:?}"
+        );
+        assert!(covers(&changed_c2, 8 * MIB, 4096), "{changed_c2:?}");
+        // And after another reopen, from the snapshot written at open.
+        t.close().unwrap();
+        let (t, outcome) = Tracker::open(storage.clone(), grown, || Generation(10)).unwrap();
+        assert_eq!(outcome, OpenOutcome::Clean, "clean={clean}");
+        assert_eq!(t.grown_at_open(), None);
+        let again = t.changed(Since::Id(c1), c2).unwrap();
+        assert_eq!(again, changed_c2);
     }
 }
 
