@@ -1,5 +1,5 @@
 //! The control socket: one JSON object per line each way, `cut`, `export`, `changed`,
-//! `unchanged`, `answerable`, `cursor` and `status`, answered for the owner only (mode 0600).
+//! `unchanged`, `answerable`, `cursor`, `resize` and `status`, answered for the owner only (mode 0600).
 //! Bounded: a request line is at most `CONTROL_LINE_MAX` bytes, a connection that sends
 //! nothing for `CONTROL_IDLE_TIMEOUT` is closed, and connections over the cap get one line
 //! saying so.
@@ -138,6 +138,15 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 "unchanged": unchanged, "as_of_unix_ms": unix_ms(),
             }))
         }
+        "resize" => {
+            let size = request["size"]
+                .as_u64()
+                .context("resize needs the new \"size\" in bytes")?;
+            let r = disk.resize(size)?;
+            Ok(json!({
+                "ok": true, "disk": disk.name, "old_size": r.old_size, "new_size": r.new_size,
+            }))
+        }
         "cut" => {
             let report = pipeline::cut(disk, &disk.policy, want, |_| Ok(Value::Null))?;
             let mut answer = report.to_json();
@@ -232,9 +241,12 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             // The snapshot is taken inside the hold; NBD writes and the filesystems are
             // released before the data is read, and copy-on-write keeps it as of the cut.
             let mut began = false;
+            let mut size_at_cut = 0;
             let report = pipeline::cut(disk, &disk.policy, want, |to| {
                 disk.begin_snapshot(&plan, to)?;
                 began = true;
+                // The size cannot change while the snapshot lives (resize waits for it).
+                size_at_cut = disk.size();
                 Ok(Value::Null)
             });
             // A cut that failed after this export's snapshot began leaves it behind; one
@@ -261,6 +273,7 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             answer["to"] = json!(report.change_id.to_string());
             answer["path"] = json!(path.display().to_string());
             answer["cut_unix_ms"] = json!(cut_unix_ms);
+            answer["disk_size"] = json!(size_at_cut);
             Ok(answer)
         }
         "cursor" => {
@@ -286,8 +299,8 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             Ok(json!({"ok": true, "disk": disk.name, "op": op, "name": name}))
         }
         other => bail!(
-            "unknown command {other:?}: use status, cut, changed, unchanged, answerable, export \
-             or cursor"
+            "unknown command {other:?}: use status, cut, changed, unchanged, answerable, export, \
+             cursor or resize"
         ),
     }
 }

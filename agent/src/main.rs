@@ -151,6 +151,21 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Grow or shrink a protected disk while it is served (a raw image file; resize a block
+    /// device itself and the agent follows at its next cut). The change journal records the
+    /// new size first, so tracking continues: growing marks the new range changed, and the
+    /// next `replicate` sends only the blocks written since, the receiver's replica taking
+    /// the new size. NBD clients see the new size when they reconnect (as with qemu-nbd).
+    /// Shrinking discards the end of the disk.
+    ///
+    /// Example: ctk-agent resize --disk vm1 --size 40G
+    Resize {
+        /// The new size: bytes, or with K, M, G, T (powers of 1024).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Create this agent's identity (key and self-signed certificate) and print its
     /// fingerprint: the receiver allows the agent by it (`ctk-receiver serve --allow`).
     /// Run again, it prints the existing identity's fingerprint (never replaced).
@@ -401,6 +416,18 @@ fn run(cli: Cli) -> Result<()> {
                     a["changed_bytes"],
                     a["delta_bytes"],
                     a["to"].as_str().unwrap_or("")
+                )
+            })
+        }
+        Command::Resize { size, target } => {
+            let answer = control(&target, json!({"cmd": "resize", "size": size}))?;
+            print_answer(&target, &answer, |a| {
+                format!(
+                    "{}: resized from {} to {} bytes; NBD clients see the new size when they \
+                     reconnect, and the next replicate carries it to the receiver",
+                    a["disk"].as_str().unwrap_or(""),
+                    a["old_size"],
+                    a["new_size"]
                 )
             })
         }

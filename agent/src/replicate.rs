@@ -107,6 +107,13 @@ fn leaves_after(
     };
     let mut leaves = match base {
         Some(Ok(l)) if l.disk_size() == disk_size && l.block_size() == block_size => l,
+        // The disk was resized since that point: the export carries every block from the
+        // smaller end on (the tracker reports them changed), so the pairs below complete
+        // the leaves of the new size.
+        Some(Ok(mut l)) if l.block_size() == block_size => {
+            l.resize(disk_size)?;
+            l
+        }
         Some(Err(e)) => {
             tracing::warn!(error = %e, "no image digest for this push");
             return Ok(None);
@@ -345,7 +352,8 @@ fn push(
         Plan::Since | Plan::Resume { .. } => newest,
         Plan::Compare { .. } => None,
     };
-    let leaves = leaves_after(leaf_path, base, geometry.0, geometry.1, &pairs)
+    let size_at_cut = exported["disk_size"].as_u64().unwrap_or(geometry.0);
+    let leaves = leaves_after(leaf_path, base, size_at_cut, geometry.1, &pairs)
         .context("digesting the exported delta")?;
     // Before the end frame: were this process killed after the receiver's commit, the next
     // run must still know the leaves of what is then the receiver's newest point.
@@ -727,7 +735,25 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Reads the disk's size again: it may have been resized since the last push.
+    fn refresh_geometry(&mut self) -> Result<()> {
+        let status = (self.control)(json!({"cmd": "status"}))?;
+        let size = status["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["name"] == self.disk.as_str())
+            .and_then(|d| d["size"].as_u64())
+            .context("the agent's status: size")?;
+        if size != self.geometry.0 {
+            tracing::info!(disk = %self.disk, from = self.geometry.0, to = size, "the disk was resized");
+            self.geometry.0 = size;
+        }
+        Ok(())
+    }
+
     fn once_inner(&mut self, cut: Cut, force_resync: bool) -> Result<Value> {
+        self.refresh_geometry()?;
         let conn = self.connection()?;
         let (disk, control) = (self.disk.clone(), self.control);
         let started = std::time::Instant::now();

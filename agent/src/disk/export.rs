@@ -224,17 +224,17 @@ impl ProtectedDisk {
                     leaves_only = ctk::map::blocks_to_extents(&kept, &geometry);
                     ctk::map::blocks_to_extents(&send, &geometry)
                 }
-                ExportPlan::Compare { .. } if self.size == 0 => Vec::new(),
+                ExportPlan::Compare { .. } if self.size() == 0 => Vec::new(),
                 ExportPlan::Compare { .. } => vec![Extent {
                     offset: 0,
-                    length: self.size,
+                    length: self.size(),
                 }],
             };
             Ok((t.geometry().block_size(), extents))
         })?;
         let header = DeltaHeader {
             disk_id: self.name.clone(),
-            disk_size: self.size,
+            disk_size: self.size(),
             block_size,
             from: match plan {
                 ExportPlan::Changed(Since::All)
@@ -365,7 +365,13 @@ impl ProtectedDisk {
                         leaves_of(offset, buf)
                     };
                     ctk::push::compare_export(
-                        read_at, self.size, *unit, theirs, &header, options, out,
+                        read_at,
+                        self.size(),
+                        *unit,
+                        theirs,
+                        &header,
+                        options,
+                        out,
                     )?
                 }
             }

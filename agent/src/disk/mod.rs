@@ -13,6 +13,7 @@ mod status;
 
 pub use cursors::CursorMeta;
 pub use export::ExportPlan;
+pub use resize::Resized;
 pub use snapshot::COW_LIMIT_DEFAULT;
 
 use cursors::{cursor_status, load_cursor_meta};
@@ -52,6 +53,8 @@ pub enum DiskError {
     Busy,
     #[error("delta export failed: {0}")]
     Delta(#[from] delta::DeltaError),
+    #[error("resize refused: {0}")]
+    Resize(String),
 }
 
 impl DiskError {
@@ -103,7 +106,8 @@ pub struct ProtectedDisk {
     /// read is refused anyway (an alignment this code does not know of).
     direct: Option<File>,
     direct_ok: AtomicBool,
-    size: u64,
+    /// The disk's size: changed only by `resize`, under the exclusive gate.
+    size: AtomicU64,
     /// This agent's hold on the journal (`owner`): the image's lock lives on `file`.
     _journal_lock: crate::owner::LockFile,
     /// `None` once closed at shutdown.
@@ -184,7 +188,7 @@ impl ProtectedDisk {
                 file,
                 direct_ok: AtomicBool::new(direct.is_some()),
                 direct,
-                size,
+                size: AtomicU64::new(size),
                 _journal_lock: journal_lock,
                 tracker: Mutex::new(Some(tracker)),
                 gate: RwLock::new(()),
@@ -201,7 +205,7 @@ impl ProtectedDisk {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// The backing's device and inode: what a loop device over the image itself would show.
@@ -211,12 +215,13 @@ impl ProtectedDisk {
     }
 
     fn check(&self, offset: u64, length: u64) -> Result<(), DiskError> {
+        let size = self.size();
         match offset.checked_add(length) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(DiskError::OutOfRange {
                 offset,
                 length,
-                size: self.size,
+                size,
             }),
         }
     }
@@ -381,6 +386,7 @@ impl ProtectedDisk {
                 .write()
                 .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
             let drained = asked.elapsed();
+            self.follow_backing_size()?;
             destage()?;
             let before_seal = Instant::now();
             // Sealed in memory and appended; the fsync waits until writes flow again.
@@ -430,6 +436,10 @@ impl ProtectedDisk {
     /// after it nor in the open one. A write in flight now is not acknowledged yet, so the
     /// answer holds as of now: the replica at `since` is the disk as of now.
     pub fn unchanged_since(&self, since: ChangeId) -> Result<bool, DiskError> {
+        // A backing resized behind the agent is a change its next cut records.
+        if self.backing_size_changed()? {
+            return Ok(false);
+        }
         self.with_tracker(|t| {
             let sealed = t.changed_blocks_unconfirmed(Since::Id(since), t.map().latest())?;
             Ok(sealed.is_empty() && t.map().open_blocks().is_empty())
@@ -492,7 +502,7 @@ impl ProtectedDisk {
             "name": self.name,
             "path": self.path.display().to_string(),
             "journal": self.journal.display().to_string(),
-            "size": self.size,
+            "size": self.size(),
             "latest": t.map(|t| t.latest().to_string()),
             "open_epoch_blocks": t.map(|t| t.map().open_blocks().len()),
             "block_size": t.map(|t| t.geometry().block_size()),

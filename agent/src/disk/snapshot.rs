@@ -63,7 +63,7 @@ impl ProtectedDisk {
             }
             for block in hits {
                 let start = (block as u64) << snap.shift;
-                let len = ((1u64 << snap.shift).min(self.size - start)) as usize;
+                let len = ((1u64 << snap.shift).min(self.size() - start)) as usize;
                 let mut data = vec![0u8; len].into_boxed_slice();
                 self.file.read_exact_at(&mut data, start)?;
                 snap.preserved_bytes += len as u64;
