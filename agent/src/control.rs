@@ -236,6 +236,13 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
             if let ExportPlan::Changed(since) | ExportPlan::Resume { since, .. } = plan {
                 disk.changed(since, None)?;
             }
+            // A path that cannot be written fails here, before a cut is taken for nothing.
+            let to_file = !std::fs::metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+            if to_file {
+                std::fs::File::create(path)
+                    .with_context(|| format!("cannot create the export file {}", path.display()))?;
+            }
             disk.wait_export_idle(EXPORT_WAIT)?;
             let cut_unix_ms = unix_ms();
             // The snapshot is taken inside the hold; NBD writes and the filesystems are
@@ -255,9 +262,29 @@ fn control_request(agent: &Agent, line: &str) -> Result<Value> {
                 if began {
                     disk.abort_snapshot()
                 }
+                if to_file {
+                    let _ = std::fs::remove_file(path);
+                }
             })?;
-            let (changed, s, peak) =
-                disk.export_snapshot(&plan, report.change_id, path, leaves, agent.zstd_level)?;
+            let exported =
+                disk.export_snapshot(&plan, report.change_id, path, leaves, agent.zstd_level);
+            let (changed, s, peak) = exported.map_err(|e| {
+                // Nothing half-written is left to be taken for a delta.
+                let removed = to_file && std::fs::remove_file(path).is_ok();
+                if let Some(l) = leaves {
+                    let _ = std::fs::remove_file(l);
+                }
+                anyhow::Error::new(e).context(format!(
+                    "the export of disk {:?} to {} failed{}",
+                    disk.name,
+                    path.display(),
+                    if removed {
+                        " (its partial file was removed)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
             let mut report = report;
             report.inside = json!({
                 "changed_bytes": changed, "data_bytes": s.data_bytes, "zero_bytes": s.zero_bytes,

@@ -64,7 +64,13 @@ enum Command {
         json: bool,
     },
     /// Run the agent: serve each protected disk over NBD with change tracking, and answer
-    /// cut / changed / export / status on the control socket. Stops cleanly on SIGINT/SIGTERM.
+    /// cut / changed / export / resize / status on the control socket. Stops cleanly on
+    /// SIGINT/SIGTERM.
+    ///
+    /// One agent per disk: the image and its journal are locked for the life of the process
+    /// (a second `serve` on either exits naming the holder); a socket left by a killed agent
+    /// is replaced, one something still answers on never is. Bounds on what clients can make
+    /// it hold (connections, memory, timeouts) are in the configuration (docs/nbd.md).
     ///
     /// Example: ctk-agent serve --disk vm1=/var/lib/images/vm1.img --listen unix:/run/ctk-agent/nbd.sock
     /// then: qemu-io -f raw 'nbd+unix:///vm1?socket=/run/ctk-agent/nbd.sock' -c 'write 0 4k'
@@ -102,8 +108,19 @@ enum Command {
         timeout_ms: u64,
         mounts: Vec<PathBuf>,
     },
-    /// Cut now: hold NBD writes, let those in flight finish, flush the backing, seal the
-    /// epoch. Prints the new ChangeId.
+    /// (internal) Run a hook or destage command for the agent, killing it and everything it
+    /// started if the agent dies first.
+    #[command(hide = true)]
+    HookRunner {
+        #[arg(long)]
+        parent: u32,
+        #[arg(last = true)]
+        command: String,
+    },
+    /// Cut now: hold NBD writes, let those in flight finish, seal the epoch, release the
+    /// writes, then make the seal and the backing durable. With the disk's hooks and freezes
+    /// (the default when it has any) the cut is application-consistent. Prints the new
+    /// ChangeId.
     Cut {
         /// crash (hold NBD writes only) or application (hooks and filesystem freeze first).
         /// Default: application if the disk has hooks or freeze targets configured.
@@ -125,7 +142,8 @@ enum Command {
         target: Target,
     },
     /// Cut, and write the blocks changed since a ChangeId (or "all") up to that cut as a
-    /// delta file. Writes are held while the delta is written.
+    /// delta file. Writes are held only for the cut; the delta is the disk as of the cut
+    /// while writes go on (copy-on-write). A failed export leaves no partial file.
     Export {
         #[arg(long)]
         since: String,
@@ -370,6 +388,10 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::FreezeHelper { timeout_ms, mounts } => {
             freeze::helper_main(&mounts, std::time::Duration::from_millis(timeout_ms))
+        }
+        Command::HookRunner { parent, command } => {
+            let code = pipeline::hook_runner_main(parent, &command)?;
+            std::process::exit(code);
         }
         Command::Cut {
             consistency,

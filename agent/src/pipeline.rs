@@ -120,11 +120,17 @@ impl Consistency {
     }
 }
 
-/// Runs a hook, killing it and its children at the timeout.
+/// Runs a hook, killing it and its children at the timeout. The hook runs under
+/// `hook-runner` (this executable) in a process group of its own: the runner kills the
+/// whole group if the agent dies, so no hook or destage step outlives a killed agent.
 pub fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let exe = std::env::current_exe().context("locating ctk-agent for the hook runner")?;
+    let mut child = Command::new(exe)
+        .arg("hook-runner")
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .arg("--")
         .arg(command)
         .process_group(0)
         .stdin(Stdio::null())
@@ -134,7 +140,14 @@ pub fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<()> {
         .with_context(|| format!("{what}: starting {command:?}"))?;
     let started = Instant::now();
     loop {
-        if let Some(status) = child.try_wait()? {
+        if exited(child.id()) {
+            // Whatever the hook left running in its group (a `cmd &`) goes with it. Done
+            // before the runner is reaped, so its id cannot name another group yet.
+            // SAFETY: signalling the hook's own process group, which its runner leads.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let status = child.wait()?;
             if status.success() {
                 return Ok(());
             }
@@ -146,7 +159,7 @@ pub fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<()> {
             bail!("{what} {command:?} failed ({status}): {}", err.trim());
         }
         if started.elapsed() >= timeout {
-            // SAFETY: signalling the hook's own process group, which it leads.
+            // SAFETY: signalling the hook's own process group, which its runner leads.
             unsafe {
                 libc::kill(-(child.id() as i32), libc::SIGKILL);
             }
@@ -154,6 +167,51 @@ pub fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<()> {
             bail!("{what} {command:?} did not finish within {timeout:?} and was killed");
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether the child `pid` has exited, without reaping it.
+fn exited(pid: u32) -> bool {
+    // SAFETY: waitid writes only into the zeroed siginfo we own.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: si_pid is valid to read for a WEXITED answer; zero when nothing changed.
+    rc == 0 && unsafe { info.si_pid() } != 0
+}
+
+/// The hook runner's main (`ctk-agent hook-runner --parent PID -- COMMAND`): runs `sh -c
+/// COMMAND` in its own process group and exits as it does; if the agent `parent` goes away
+/// first (this process is handed to another parent), kills the whole group, itself
+/// included. Returns the exit code to pass on.
+pub fn hook_runner_main(parent: u32, command: &str) -> Result<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+        }
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } as u32 != parent {
+            // SAFETY: signalling our own process group: the hook and all it started.
+            unsafe {
+                libc::kill(0, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

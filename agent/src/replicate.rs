@@ -321,9 +321,9 @@ fn push(
                         .and_then(|f| f.ok())
                         .map(|f| Response::decode(&f))
                     {
-                        Some(Ok(Response::Refused { refusal, message })) => Err(anyhow::anyhow!(
-                            "the receiver refused the delta ({refusal:?}): {message}"
-                        )),
+                        Some(Ok(Response::Refused { message, .. })) => {
+                            Err(anyhow::anyhow!("the receiver refused the delta: {message}"))
+                        }
                         _ => Err(e),
                     }
                 }
@@ -574,7 +574,7 @@ impl<'a> Session<'a> {
     /// With `resync`, the push compares digests with the receiver even when a delta could
     /// be sent (it checks the whole replica against the source and repairs what differs).
     pub fn once(&mut self, cut: Cut, resync: bool) -> Result<Value> {
-        let result = self.once_inner(cut, resync);
+        let result = self.once_inner(cut, resync).map_err(|e| self.explain(e));
         self.ask_resume = result.is_err();
         if result.is_err()
             && let Some(conn) = self.conn.take()
@@ -582,6 +582,21 @@ impl<'a> Session<'a> {
             conn.close(1u32.into(), b"failed");
         }
         result
+    }
+
+    /// One clear sentence for failures whose cause is buried in the TLS and QUIC layers'
+    /// text: a receiver that does not know this agent's certificate.
+    fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        if format!("{e:#}").contains("is not on the allow-list") {
+            let fp = self.identity.fingerprint();
+            return anyhow::anyhow!(
+                "the receiver at {} does not allow this agent: its certificate {fp} is not on \
+                 the allow-list; on the receiver, add --allow NAME={fp} to `ctk-receiver serve` \
+                 (or a line \"NAME {fp}\" to its --agents file)",
+                self.r.receiver
+            );
+        }
+        e
     }
 
     fn connection(&mut self) -> Result<quinn::Connection> {
@@ -803,7 +818,10 @@ impl<'a> Session<'a> {
                 Ok(p) => format!("{:?}", p.answer),
                 Err(e) => format!("{e:#}"),
             };
-            if self.streams > 1 && refusal.contains("UnexpectedVariant") && tries < 3 {
+            // Older receivers said it in bincode's words, newer ones in a sentence.
+            let unknown =
+                refusal.contains("UnexpectedVariant") || refusal.contains("unknown Request kind");
+            if self.streams > 1 && unknown && tries < 3 {
                 tracing::warn!(
                     receiver = %self.r.receiver, streams = self.streams,
                     "the receiver does not know multi-stream pushes (it is older than this agent): \
@@ -823,7 +841,7 @@ impl<'a> Session<'a> {
                 }
                 AfterPush::Retry(message) => {
                     bail!(
-                        "the receiver refused the delta ({:?}): {message}",
+                        "the receiver refused the delta ({}): {message}",
                         Refusal::Mismatch
                     )
                 }

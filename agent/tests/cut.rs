@@ -360,3 +360,63 @@ fn export_while_writes_continue_is_the_disk_as_of_the_cut() {
     assert!(after["changed_bytes"].as_u64().unwrap() > 0);
     agent.stop();
 }
+
+/// An export that cannot be written says which path failed and leaves nothing behind: a
+/// directory that does not exist is refused before a cut is taken, and a disk that fills up
+/// mid-export leaves no partial file. (It said "I/O error on the backing", which reads as the
+/// disk image, and left the partial file.)
+#[test]
+fn a_failed_export_names_its_path_and_leaves_no_partial_file() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = disk_image(d, "d0", 16);
+    // Incompressible data, so the delta is about as large as the disk.
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let bytes: Vec<u8> = (0..(16 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&image, bytes).unwrap();
+    let agent = Agent::start(
+        d,
+        &format!("[[disk]]\nname = \"d0\"\npath = \"{}\"\n", image.display()),
+    );
+    let before = agent.latest("d0");
+    let missing = d.join("no/such/dir/full.ctkd");
+    let out = agent.cmd(&["export", "--since", "all", "-o", missing.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains(missing.to_str().unwrap()) && !err.contains("backing"),
+        "{err}"
+    );
+    assert_eq!(
+        agent.latest("d0"),
+        before,
+        "a cut was taken for an export that could not be written"
+    );
+
+    let small = d.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=2m tmpfs {}",
+        small.display()
+    ));
+    let full = small.join("full.ctkd");
+    let out = agent.cmd(&["export", "--since", "all", "-o", full.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let left = std::fs::read_dir(&small).unwrap().count();
+    let _ = Command::new("umount").arg(&small).status();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains(full.to_str().unwrap()) && err.contains("No space left"),
+        "{err}"
+    );
+    assert_eq!(left, 0, "the partial export was left behind");
+    agent.stop();
+}

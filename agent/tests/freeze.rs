@@ -491,3 +491,79 @@ fn a_cut_with_nothing_to_quiesce_is_never_labelled_application() {
     assert!(!d.join("x.ctkd").exists(), "a refused export left a file");
     agent.stop();
 }
+
+/// Hooks and destage steps, and whatever they start, die with a SIGKILLed agent. (Before
+/// the fix they ran on in their own process group: here, `sleep`s for ten minutes.)
+#[test]
+fn hooks_and_destage_steps_die_with_a_killed_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = format!(
+        r#"
+[[disk]]
+name = "hooked"
+path = "{}"
+[disk.cut]
+pre_freeze = [{{ command = "sleep 611 & sleep 612", timeout_ms = 600000 }}]
+
+[[disk]]
+name = "destaged"
+path = "{}"
+[disk.cut]
+destage = [{{ clean_check = "sleep 613 & sleep 614", timeout_ms = 600000 }}]
+"#,
+        disk_image(d, "hooked", 8).display(),
+        disk_image(d, "destaged", 8).display()
+    );
+    let mut agent = Agent::start(d, &config);
+    let running = |pattern: &str| {
+        Command::new("pgrep")
+            .args(["-f", pattern])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let cutters: Vec<_> = ["hooked", "destaged"]
+        .iter()
+        .map(|disk| {
+            Command::new(agent_bin())
+                .args(["cut", "--disk", disk, "--control"])
+                .arg(&agent.control)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    while !["sleep 611", "sleep 612", "sleep 613", "sleep 614"]
+        .iter()
+        .all(|p| running(p))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the hooks never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.kill();
+    let killed = Instant::now();
+    while ["sleep 611", "sleep 612", "sleep 613", "sleep 614"]
+        .iter()
+        .any(|p| running(p))
+    {
+        if killed.elapsed() > Duration::from_secs(5) {
+            let _ = Command::new("pkill").args(["-f", "sleep 61[1-4]"]).status();
+            panic!("hook or destage processes outlived the agent by 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "hooks gone {:?} after the agent was killed",
+        killed.elapsed()
+    );
+    for mut c in cutters {
+        let _ = c.wait();
+    }
+}

@@ -162,7 +162,7 @@ pub fn after_push(answer: &Response, exported_to: &str) -> AfterPush {
             message,
         } => AfterPush::Retry(message.clone()),
         Response::Refused { refusal, message } => AfterPush::Failed(format!(
-            "the receiver refused the delta ({refusal:?}): {message}"
+            "the receiver refused the delta ({refusal}): {message}"
         )),
         other => AfterPush::Failed(format!("unexpected answer from the receiver: {other:?}")),
     }

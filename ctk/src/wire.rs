@@ -140,6 +140,17 @@ pub enum Refusal {
     Unavailable,
 }
 
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::BadRequest => "the request is invalid",
+            Refusal::Mismatch => "the delta does not continue the replica",
+            Refusal::Damaged => "the delta arrived damaged",
+            Refusal::Unavailable => "the receiver could not store it",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum Response {
     Newest {
@@ -196,6 +207,23 @@ fn config() -> impl bincode::config::Config {
         .with_limit::<FRAME_MAX>()
 }
 
+/// One sentence for a decoding failure (bincode's own text is its Debug form).
+fn describe(e: &bincode::error::DecodeError) -> String {
+    use bincode::error::DecodeError as E;
+    match e {
+        E::UnexpectedVariant {
+            type_name, found, ..
+        } => {
+            let name = type_name.rsplit("::").next().unwrap_or(type_name);
+            format!("unknown {name} kind {found} (is the peer a newer version?)")
+        }
+        E::UnexpectedEnd { .. } => "the frame ends before its message does".into(),
+        E::LimitExceeded => format!("a length in the frame is over the {FRAME_MAX}-byte limit"),
+        E::Utf8 { .. } => "a string in the frame is not UTF-8".into(),
+        other => other.to_string(),
+    }
+}
+
 fn encode<T: Encode>(value: &T) -> Vec<u8> {
     bincode::encode_to_vec(value, config()).expect("messages of bounded size encode")
 }
@@ -205,7 +233,7 @@ fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, WireError> {
         return Err(WireError::TooLarge(bytes.len()));
     }
     let (value, used) = bincode::decode_from_slice::<T, _>(bytes, config())
-        .map_err(|e| WireError::Malformed(e.to_string()))?;
+        .map_err(|e| WireError::Malformed(describe(&e)))?;
     if used != bytes.len() {
         return Err(WireError::Malformed("bytes after the message".into()));
     }

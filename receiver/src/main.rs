@@ -662,7 +662,7 @@ fn run(cli: Cli) -> Result<()> {
                 let (name, fp) = a
                     .split_once('=')
                     .context("--allow takes NAME=FINGERPRINT")?;
-                store::validate_name(name)?;
+                store::validate_agent_name(name).map_err(anyhow::Error::msg)?;
                 list.push((name.to_owned(), fp.parse()?));
             }
             if list.is_empty() {

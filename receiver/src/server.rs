@@ -62,7 +62,9 @@ pub fn parse_agents(text: &str) -> Result<Vec<(String, Fingerprint)>> {
         let (Some(name), Some(fp), None) = (parts.next(), parts.next(), parts.next()) else {
             anyhow::bail!("line {}: use NAME FINGERPRINT", n + 1);
         };
-        store::validate_name(name).with_context(|| format!("line {}", n + 1))?;
+        store::validate_agent_name(name)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("line {}", n + 1))?;
         out.push((
             name.to_owned(),
             fp.parse().with_context(|| format!("line {}", n + 1))?,

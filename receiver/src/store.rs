@@ -205,6 +205,17 @@ pub fn lock_root(root: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// Validates an agent's name (`serve --allow NAME=...`): it becomes the directory of the
+/// agent's disks, so it follows the rule of disk names.
+pub fn validate_agent_name(name: &str) -> std::result::Result<(), String> {
+    validate_name(name).map_err(|_| {
+        format!(
+            "agent name {:?} is not valid: use 1-128 of A-Z a-z 0-9 . _ -, not starting with . or -",
+            name.chars().take(80).collect::<String>()
+        )
+    })
+}
+
 /// Validates a disk name: it becomes a directory name, so no path may come from outside.
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -1871,11 +1882,7 @@ impl DiskStore {
                 for (start, end) in gaps {
                     if let Some(data) = data {
                         let piece = &data[(start - r.offset) as usize..(end - r.offset) as usize];
-                        if !is_zero(piece) {
-                            target
-                                .write_all_at(piece, start)
-                                .map_err(io_err("writing the restored image"))?;
-                        }
+                        write_sparse(&*target, piece, start)?;
                     }
                     done += end - start;
                 }
@@ -1892,11 +1899,7 @@ impl DiskStore {
                 let n = (end - pos).min(CHUNK as u64) as usize;
                 full.read_exact_at(&mut buf[..n], pos)
                     .map_err(io_err("reading full.img"))?;
-                if !is_zero(&buf[..n]) {
-                    target
-                        .write_all_at(&buf[..n], pos)
-                        .map_err(io_err("writing the restored image"))?;
-                }
+                write_sparse(&*target, &buf[..n], pos)?;
                 pos += n as u64;
                 done += n as u64;
                 progress(done, size);
@@ -1990,6 +1993,42 @@ pub struct Verified {
     pub bytes: u64,
     /// Whether full.img was checked against a digest (a point without one cannot be).
     pub full_checked: bool,
+}
+
+/// The granularity of a restored image's holes: a block of zeros is not written.
+const SPARSE_BLOCK: u64 = 4096;
+
+/// Writes `data` at `offset` into a target that starts as one hole, leaving out every
+/// `SPARSE_BLOCK` (aligned to the image) that holds only zeros, so the restored image is as
+/// thin as the source; runs of blocks with data go out as one write.
+fn write_sparse(target: &dyn FileAt, data: &[u8], offset: u64) -> Result<()> {
+    let end = offset + data.len() as u64;
+    let mut run: Option<u64> = None;
+    let mut pos = offset;
+    while pos < end {
+        let next = ((pos / SPARSE_BLOCK + 1) * SPARSE_BLOCK).min(end);
+        let block = &data[(pos - offset) as usize..(next - offset) as usize];
+        match (is_zero(block), run) {
+            (false, None) => run = Some(pos),
+            (true, Some(from)) => {
+                target
+                    .write_all_at(
+                        &data[(from - offset) as usize..(pos - offset) as usize],
+                        from,
+                    )
+                    .map_err(io_err("writing the restored image"))?;
+                run = None;
+            }
+            _ => {}
+        }
+        pos = next;
+    }
+    if let Some(from) = run {
+        target
+            .write_all_at(&data[(from - offset) as usize..], from)
+            .map_err(io_err("writing the restored image"))?;
+    }
+    Ok(())
 }
 
 /// Copies what a reader reads into a file as it goes.

@@ -37,6 +37,19 @@ fn a_second_receiver_on_a_store_is_refused_and_names_the_first() {
         err.contains("served by another ctk-receiver") && err.contains(&first.0.id().to_string()),
         "{err}"
     );
+    // An agent's name that could be a path is refused as an agent's name.
+    let out = Command::new(&bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--identity"])
+        .arg(d.join("rid"))
+        .arg("--store")
+        .arg(d.join("store2"))
+        .arg("--allow")
+        .arg(format!("../x={afp}"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("agent name \"../x\" is not valid"), "{err}");
     // Killed, the first one's lock goes with it.
     let _ = first.0.kill();
     let _ = first.0.wait();

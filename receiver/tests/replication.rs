@@ -159,6 +159,16 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     stranger.save(&d.join("stranger")).unwrap();
     let (ok, _, err) = replicate(&d.join("stranger"), &rfp);
     assert!(!ok && err.contains("not on the allow-list"), "{err}");
+    // One sentence that says what to do, not the TLS layers' text twice over.
+    let stranger_fp = stranger.fingerprint().to_string();
+    assert!(
+        err.contains(&format!("--allow NAME={stranger_fp}")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("broke the protocol") && err.matches("allow-list").count() == 1,
+        "{err}"
+    );
 
     // Hostile requests from an allowed agent: each refused, the receiver stays up.
     let refused = |r: Response, want: Refusal| match r {
@@ -178,6 +188,16 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
         raw_call(&other, addr, pin, b"\xff\xff\xff\xffgarbage", &[]),
         Refusal::BadRequest,
     );
+    // A request kind from a newer (or foreign) peer: refused in a sentence, not in the
+    // decoder's Debug text.
+    match raw_call(&other, addr, pin, &[99, 0, 0, 0], &[]) {
+        Response::Refused { refusal, message } => {
+            assert_eq!(refusal, Refusal::BadRequest);
+            assert!(message.contains("unknown Request kind 99"), "{message}");
+            assert!(!message.contains("UnexpectedVariant"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     let push = Request::Push { disk: "vm1".into() }.encode();
     // Garbage where the delta should be, properly chunked.
     let mut body = 4096u32.to_le_bytes().to_vec();

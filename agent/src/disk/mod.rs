@@ -43,7 +43,7 @@ use serde_json::json;
 pub enum DiskError {
     #[error("range at {offset} (+{length}) is outside the {size}-byte disk")]
     OutOfRange { offset: u64, length: u64, size: u64 },
-    #[error("I/O error on the backing: {0}")]
+    #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     #[error(transparent)]
     Tracker(#[from] TrackerError),
