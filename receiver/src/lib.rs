@@ -4,4 +4,3 @@
 pub mod retention;
 pub mod server;
 pub mod store;
-pub mod write_behind;

@@ -102,6 +102,7 @@ impl<'a> WriteBehind<'a> {
     }
 
     /// Whether writes go past the page cache.
+    #[cfg(test)]
     pub fn is_direct(&self) -> bool {
         self.behind.is_some()
     }

@@ -1,0 +1,246 @@
+//! The manifest: the committed points of a disk and the merge in progress, replaced whole (write, fsync, rename, fsync the directory) and checked against its own CRC32 at every read.
+
+use super::*;
+
+/// Reads a manifest (`None`: there is none) and checks it is of this disk and version.
+pub(super) fn read_manifest(fs: &dyn Vfs, path: &Path, name: &str) -> Result<Option<Manifest>> {
+    let f = match fs.open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("opening the manifest")(e)),
+    };
+    let mut text = String::new();
+    vfs::Cursor::new(f)
+        .take(MANIFEST_LEN_MAX)
+        .read_to_string(&mut text)
+        .map_err(io_err("reading the manifest"))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Damaged {
+        disk: name.into(),
+        why: format!("manifest.json: {e}"),
+    })?;
+    if !(1..=MANIFEST_VERSION).contains(&m.version) || m.disk != name || m.points.len() > POINTS_MAX
+    {
+        return Err(StoreError::Damaged {
+            disk: name.into(),
+            why: "manifest.json is of another version or disk".into(),
+        });
+    }
+    // Every byte of what the store commits to is checked before it is used: a bad read of
+    // the manifest (a flipped digit in a ChangeId or an undo's name) would otherwise be
+    // written back by the next merge as the truth. (Found by the simulation's bad reads.)
+    if m.version >= 2 && m.checksum.as_deref() != Some(m.checksum().as_str()) {
+        return Err(StoreError::Damaged {
+            disk: name.into(),
+            why: "manifest.json does not match its checksum (a bad read, or damage)".into(),
+        });
+    }
+    Ok(Some(m))
+}
+
+/// One committed restore point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Point {
+    pub change_id: String,
+    /// The point this one was merged onto (none for the first full).
+    pub from: Option<String>,
+    pub disk_size: u64,
+    pub committed_unix_ms: u64,
+    /// Undo file (relative to the disk directory) back to the previous point, if kept.
+    pub undo: Option<String>,
+    pub delta_bytes: u64,
+    /// When the agent cut it (unix ms), if the agent said.
+    #[serde(default)]
+    pub cut_unix_ms: Option<u64>,
+    /// "crash" or "application", if the agent said.
+    #[serde(default)]
+    pub consistency: Option<String>,
+    /// The digest of the whole image as of this point (`ctk::digest`), as merged here.
+    #[serde(default)]
+    pub image_digest: Option<String>,
+    /// The agent sent its own digest of the image and it matched: the point is checked end
+    /// to end. False for points the agent could not vouch for.
+    #[serde(default)]
+    pub digest_checked: bool,
+}
+
+/// What the sender says about a point: when it was cut and how consistent it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointMeta {
+    pub cut_unix_ms: Option<u64>,
+    pub consistency: Option<String>,
+    /// The agent's digest of the whole image as of the cut, if it sent one.
+    #[serde(default)]
+    pub image_digest: Option<String>,
+}
+
+/// The merge in progress, as the manifest records it before full.img is touched.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(from = "ApplyingRecord", into = "ApplyingRecord")]
+pub(super) enum Applying {
+    /// A verified, durable staged delta: after a crash it is applied again, or undone with
+    /// `undo` (none when the store had no point: undone by emptying full.img).
+    Staged {
+        change_id: String,
+        staged: String,
+        undo: Option<String>,
+        meta: PointMeta,
+    },
+    /// A first full written straight into full.img as it arrived (no staged copy): after a
+    /// crash it can only be undone, which empties the store.
+    Direct { change_id: String, meta: PointMeta },
+}
+
+impl Applying {
+    pub(super) fn change_id(&self) -> &str {
+        match self {
+            Applying::Staged { change_id, .. } | Applying::Direct { change_id, .. } => change_id,
+        }
+    }
+
+    /// The staged delta, relative to the disk's directory (none for a direct full).
+    pub(super) fn staged(&self) -> Option<&str> {
+        match self {
+            Applying::Staged { staged, .. } => Some(staged),
+            Applying::Direct { .. } => None,
+        }
+    }
+
+    pub(super) fn undo(&self) -> Option<&str> {
+        match self {
+            Applying::Staged { undo, .. } => undo.as_deref(),
+            Applying::Direct { .. } => None,
+        }
+    }
+
+    pub(super) fn meta(&self) -> &PointMeta {
+        match self {
+            Applying::Staged { meta, .. } | Applying::Direct { meta, .. } => meta,
+        }
+    }
+}
+
+/// `Applying` as manifest.json holds it (docs/format.md section 5): one object whose
+/// `direct` says which kind, `staged` empty for a direct full.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct ApplyingRecord {
+    change_id: String,
+    staged: String,
+    undo: Option<String>,
+    #[serde(default)]
+    meta: PointMeta,
+    #[serde(default)]
+    direct: bool,
+}
+
+impl From<ApplyingRecord> for Applying {
+    fn from(r: ApplyingRecord) -> Applying {
+        if r.direct {
+            Applying::Direct {
+                change_id: r.change_id,
+                meta: r.meta,
+            }
+        } else {
+            Applying::Staged {
+                change_id: r.change_id,
+                staged: r.staged,
+                undo: r.undo,
+                meta: r.meta,
+            }
+        }
+    }
+}
+
+impl From<Applying> for ApplyingRecord {
+    fn from(a: Applying) -> ApplyingRecord {
+        match a {
+            Applying::Staged {
+                change_id,
+                staged,
+                undo,
+                meta,
+            } => ApplyingRecord {
+                change_id,
+                staged,
+                undo,
+                meta,
+                direct: false,
+            },
+            Applying::Direct { change_id, meta } => ApplyingRecord {
+                change_id,
+                staged: String::new(),
+                undo: None,
+                meta,
+                direct: true,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct Manifest {
+    pub(super) version: u32,
+    pub(super) disk: String,
+    pub(super) block_size: Option<u32>,
+    pub(super) points: Vec<Point>,
+    pub(super) applying: Option<Applying>,
+    /// CRC32 (hex) of the manifest's compact JSON with this field absent. Version 2 on; a
+    /// manifest of version 1 has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) checksum: Option<String>,
+}
+
+/// The manifest version this code writes: 2 adds the checksum.
+pub(super) const MANIFEST_VERSION: u32 = 2;
+
+impl Manifest {
+    pub(super) fn checksum(&self) -> String {
+        let mut bare = self.clone();
+        bare.checksum = None;
+        let text = serde_json::to_vec(&bare).expect("a manifest serialises");
+        format!("{:08x}", crc32fast::hash(&text))
+    }
+}
+
+impl DiskStore {
+    pub(super) fn write_manifest(&mut self, mut manifest: Manifest) -> Result<()> {
+        manifest.version = MANIFEST_VERSION;
+        manifest.checksum = None;
+        manifest.checksum = Some(manifest.checksum());
+        let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+        self.replace_file(
+            &self.dir.join("manifest.json.tmp"),
+            &self.dir.join("manifest.json"),
+            &text,
+            "writing the manifest",
+        )?;
+        // From the rename on, the new manifest is what readers see and may be what a crash
+        // leaves, so everything after builds on it even if the directory sync fails: rolling
+        // back a merge the visible manifest already calls committed would destroy the point
+        // (found by the simulation: a first full emptied under its own committed manifest).
+        self.manifest = manifest;
+        self.sync_dir(&self.dir)
+    }
+
+    pub(super) fn point_for(
+        &self,
+        staged: &Path,
+        undo: Option<String>,
+        meta: PointMeta,
+    ) -> Result<Point> {
+        let reader = DeltaReader::new(self.reader(staged, "opening the staged delta")?)?;
+        let h = reader.header().clone();
+        let delta_bytes = self.fs.open(staged).and_then(|f| f.len()).unwrap_or(0);
+        Ok(Point {
+            change_id: h.to.to_string(),
+            from: h.from.map(|f| f.to_string()),
+            disk_size: h.disk_size,
+            committed_unix_ms: (self.clock)(),
+            undo,
+            delta_bytes,
+            cut_unix_ms: meta.cut_unix_ms,
+            consistency: meta.consistency,
+            image_digest: None,
+            digest_checked: false,
+        })
+    }
+}

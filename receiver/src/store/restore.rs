@@ -1,0 +1,270 @@
+//! Restore and verify: a point materialized by reading each byte once, from the oldest newer undo that holds it or else the full; every stored checksum checked.
+
+use super::*;
+
+/// What `verify` checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Restore points in the manifest.
+    pub points: usize,
+    /// Files read whole and checked: undo files (every record's CRC and the trailer) and
+    /// full.img (against the newest point's image digest).
+    pub files: usize,
+    /// Bytes of those files read.
+    pub bytes: u64,
+    /// Whether full.img was checked against a digest (a point without one cannot be).
+    pub full_checked: bool,
+}
+
+/// The granularity of a restored image's holes: a block of zeros is not written.
+pub(super) const SPARSE_BLOCK: u64 = 4096;
+
+/// Writes `data` at `offset` into a target that starts as one hole, leaving out every
+/// `SPARSE_BLOCK` (aligned to the image) that holds only zeros, so the restored image is as
+/// thin as the source; runs of blocks with data go out as one write.
+pub(super) fn write_sparse(target: &dyn FileAt, data: &[u8], offset: u64) -> Result<()> {
+    let end = offset + data.len() as u64;
+    let mut run: Option<u64> = None;
+    let mut pos = offset;
+    while pos < end {
+        let next = ((pos / SPARSE_BLOCK + 1) * SPARSE_BLOCK).min(end);
+        let block = &data[(pos - offset) as usize..(next - offset) as usize];
+        match (is_zero(block), run) {
+            (false, None) => run = Some(pos),
+            (true, Some(from)) => {
+                target
+                    .write_all_at(
+                        &data[(from - offset) as usize..(pos - offset) as usize],
+                        from,
+                    )
+                    .map_err(io_err("writing the restored image"))?;
+                run = None;
+            }
+            _ => {}
+        }
+        pos = next;
+    }
+    if let Some(from) = run {
+        target
+            .write_all_at(&data[(from - offset) as usize..], from)
+            .map_err(io_err("writing the restored image"))?;
+    }
+    Ok(())
+}
+
+/// Byte ranges already written by a restore: disjoint, kept as start -> end.
+#[derive(Default)]
+pub(super) struct Covered(std::collections::BTreeMap<u64, u64>);
+
+impl Covered {
+    /// Marks `[start, end)` covered and returns the parts of it that were not yet, ascending.
+    pub(super) fn claim(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        if start >= end {
+            return gaps;
+        }
+        // Every covered range that touches [start, end), starting with one that begins
+        // before `start` and reaches into it.
+        let first = self
+            .0
+            .range(..=start)
+            .next_back()
+            .filter(|&(_, &e)| e >= start)
+            .map(|(&s, _)| s)
+            .unwrap_or(start);
+        let touching: Vec<(u64, u64)> = self.0.range(first..=end).map(|(&s, &e)| (s, e)).collect();
+        let mut pos = start;
+        let (mut lo, mut hi) = (start, end);
+        for &(s, e) in &touching {
+            if s > pos {
+                gaps.push((pos, s.min(end)));
+            }
+            pos = pos.max(e);
+            lo = lo.min(s);
+            hi = hi.max(e);
+            self.0.remove(&s);
+        }
+        if pos < end {
+            gaps.push((pos, end));
+        }
+        self.0.insert(lo, hi);
+        gaps
+    }
+}
+
+impl DiskStore {
+    /// The resync hashes of the newest point (`ctk::digest::unit_hash` of each `unit` bytes
+    /// of full.img, in order): its ChangeId, disk size and the hashes, 32 bytes each. Read
+    /// under the store's lock, so no merge changes full.img meanwhile. The unit is checked
+    /// before anything is allocated (`ctk::digest::unit_count`).
+    pub fn unit_digests(&self, unit: u32) -> Result<(String, u64, Vec<u8>)> {
+        let newest = self
+            .points()
+            .last()
+            .ok_or_else(|| StoreError::NoSuchPoint("(any: the store is empty)".into()))?;
+        let size = newest.disk_size;
+        let count = ctk::digest::unit_count(size, unit).map_err(StoreError::Protocol)?;
+        let full = self.open_file(&self.full_path(), "opening full.img")?;
+        let mut hashes = Vec::with_capacity(count as usize * 32);
+        let mut buf = vec![0u8; unit as usize];
+        for i in 0..count {
+            let at = i * unit as u64;
+            let n = (size - at).min(unit as u64) as usize;
+            full.read_exact_at(&mut buf[..n], at)
+                .map_err(io_err("reading full.img for a resync"))?;
+            hashes.extend_from_slice(&ctk::digest::unit_hash(&buf[..n]));
+        }
+        Ok((newest.change_id.clone(), size, hashes))
+    }
+
+    /// Writes the image of point `change_id` to `out` (sparse), calling `progress` with the
+    /// bytes done and the total.
+    ///
+    /// Each byte is read once, from the first source that holds it as of the point: the undo
+    /// of the next newer point (the pre-images its merge overwrote, that is, this point's
+    /// bytes), else the undo of the one after, and so on, else the full. Only record heads
+    /// are read from undo files whose records are not needed, so the cost is the image's
+    /// size plus a few bytes per record of the newer undos, however long the chain. (It was
+    /// a full copy plus every newer undo applied in turn, each byte written once per point.)
+    pub fn restore(
+        &self,
+        change_id: &str,
+        out: &Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Point> {
+        let index = self
+            .points()
+            .iter()
+            .position(|p| p.change_id == change_id)
+            .ok_or_else(|| StoreError::NoSuchPoint(change_id.into()))?;
+        let point = self.points()[index].clone();
+        let size = point.disk_size;
+        let target = self
+            .fs
+            .create(out)
+            .map_err(io_err(format!("creating {}", out.display())))?;
+        target
+            .set_len(size)
+            .map_err(io_err("sizing the restored image"))?;
+        let mut covered = Covered::default();
+        let mut done = 0u64;
+        for p in &self.points()[index + 1..] {
+            let undo = p.undo.as_ref().ok_or_else(|| StoreError::Damaged {
+                disk: self.name.clone(),
+                why: format!("point {} has no undo", p.change_id),
+            })?;
+            let mut undo_file =
+                DeltaFile::open(self.open_file(&self.dir.join(undo), "opening an undo")?)?;
+            let records = undo_file.records().to_vec();
+            for r in records {
+                let gaps = covered.claim(r.offset, r.end().min(size));
+                if gaps.is_empty() {
+                    continue;
+                }
+                // A zero record needs nothing written: the target starts as one hole.
+                let data = if r.zero {
+                    None
+                } else {
+                    Some(undo_file.read(&r)?)
+                };
+                for (start, end) in gaps {
+                    if let Some(data) = data {
+                        let piece = &data[(start - r.offset) as usize..(end - r.offset) as usize];
+                        write_sparse(&*target, piece, start)?;
+                    }
+                    done += end - start;
+                }
+                progress(done, size);
+            }
+        }
+        // Everything no newer merge overwrote is as the full holds it.
+        let full = self.open_file(&self.full_path(), "opening full.img")?;
+        let full_len = full.len().map_err(io_err("reading a size"))?;
+        let mut buf = vec![0u8; CHUNK];
+        for (start, end) in covered.claim(0, size.min(full_len)) {
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(CHUNK as u64) as usize;
+                full.read_exact_at(&mut buf[..n], pos)
+                    .map_err(io_err("reading full.img"))?;
+                write_sparse(&*target, &buf[..n], pos)?;
+                pos += n as u64;
+                done += n as u64;
+                progress(done, size);
+            }
+        }
+        progress(size, size);
+        target
+            .sync()
+            .map_err(io_err("syncing the restored image"))?;
+        self.check_image(&target, &point, "the restored image")?;
+        Ok(point)
+    }
+
+    /// Reads `image` whole and compares its digest with the one recorded for `point`
+    /// (nothing to compare for points merged before digests existed). A mismatch means the
+    /// store does not hold what was committed: an error, never a silent wrong image.
+    pub(super) fn check_image(&self, image: &dyn FileAt, point: &Point, what: &str) -> Result<()> {
+        let (Some(expected), Some(bs)) = (&point.image_digest, self.manifest.block_size) else {
+            return Ok(());
+        };
+        let got = match Leaves::of_image(image, point.disk_size, bs) {
+            Ok(l) => l.digest(),
+            Err(DigestError::Io(e)) => return Err(io_err(format!("reading {what}"))(e)),
+            Err(_) => return Ok(()),
+        };
+        if got.to_string() != *expected {
+            return Err(StoreError::Damaged {
+                disk: self.name.clone(),
+                why: format!(
+                    "{what} of point {} has digest {got}, the point was committed as {expected}",
+                    point.change_id
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Re-reads every undo file and any staged delta, checking every CRC, and full.img
+    /// against the newest point's digest; returns how many files were checked.
+    pub fn verify(&self) -> Result<Verified> {
+        let mut done = Verified {
+            points: self.points().len(),
+            ..Verified::default()
+        };
+        for p in self.points() {
+            if let Some(undo) = &p.undo {
+                let path = self.dir.join(undo);
+                let (h, _) = delta::verify(self.reader(&path, "opening an undo")?)?;
+                if h.to.to_string() != p.change_id || h.from.map(|f| f.to_string()) != p.from {
+                    return Err(StoreError::Damaged {
+                        disk: self.name.clone(),
+                        why: format!("{undo} is not the undo of {}", p.change_id),
+                    });
+                }
+                done.files += 1;
+                done.bytes += self.fs.open(&path).and_then(|f| f.len()).unwrap_or(0);
+            }
+        }
+        let size = self
+            .fs
+            .open(&self.full_path())
+            .and_then(|f| f.len())
+            .unwrap_or(0);
+        match self.points().last() {
+            Some(p) if p.disk_size != size => Err(StoreError::Damaged {
+                disk: self.name.clone(),
+                why: format!("full.img is {size} bytes, the newest point {}", p.disk_size),
+            }),
+            Some(p) if p.image_digest.is_some() => {
+                let full = self.open_file(&self.full_path(), "opening full.img")?;
+                self.check_image(&full, p, "full.img")?;
+                done.files += 1;
+                done.bytes += size;
+                done.full_checked = true;
+                Ok(done)
+            }
+            _ => Ok(done),
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Retention: dropping points, folding the undo files of those between kept ones into the next kept point's.
+
+use super::*;
+
+impl DiskStore {
+    /// Drops the points `retention` does not keep; returns how many. Dropping the oldest
+    /// points only forgets their way back. Dropping points between two kept ones folds their
+    /// undo files into the newer kept point's: one new undo taking it straight back to the
+    /// older kept point (where several hold a byte, the oldest undo wins: it holds the older
+    /// point's byte). The fold is written and synced before the manifest that uses it, and
+    /// the files it replaces are removed after, so a crash anywhere leaves either the old or
+    /// the new set of points, each restoring exactly.
+    pub(super) fn retain(&mut self, retention: &Retention) -> Result<usize> {
+        let points = self.manifest.points.clone();
+        let times: Vec<u64> = points
+            .iter()
+            .map(|p| p.cut_unix_ms.unwrap_or(p.committed_unix_ms))
+            .collect();
+        let mut keep = crate::retention::select(&times, (self.clock)(), retention);
+        let levels: Vec<Option<&str>> = points.iter().map(|p| p.consistency.as_deref()).collect();
+        crate::retention::keep_newest_of_each(&levels, &mut keep);
+        let dropped = keep.iter().filter(|k| !**k).count();
+        if dropped == 0 {
+            return Ok(0);
+        }
+        let mut kept: Vec<Point> = Vec::new();
+        let mut run: Vec<&Point> = Vec::new();
+        for (p, keep) in points.iter().zip(keep) {
+            if !keep {
+                run.push(p);
+                continue;
+            }
+            let mut p = p.clone();
+            match kept.last() {
+                // Nothing older is kept: its way back is not needed.
+                None => p.undo = None,
+                Some(prev) if !run.is_empty() => {
+                    let undos: Vec<String> = run
+                        .iter()
+                        .copied()
+                        .chain([&p])
+                        .map(|q| {
+                            q.undo.clone().ok_or_else(|| StoreError::Damaged {
+                                disk: self.name.clone(),
+                                why: format!("point {} has no undo", q.change_id),
+                            })
+                        })
+                        .collect::<Result<_>>()?;
+                    let rel = format!(
+                        "undo/{}-back-to-{}.ctkd",
+                        p.change_id.replace('/', "-"),
+                        prev.change_id.replace('/', "-")
+                    );
+                    self.fold_undos(&undos, prev, &p, &rel)?;
+                    p.undo = Some(rel);
+                    p.from = Some(prev.change_id.clone());
+                }
+                Some(_) => {}
+            }
+            run.clear();
+            kept.push(p);
+        }
+        failpoint("folded");
+        let mut m = self.manifest.clone();
+        m.points = kept;
+        self.write_manifest(m)?;
+        self.remove_orphans();
+        Ok(dropped)
+    }
+
+    /// Writes undo file `rel` taking point `to` back to `prev`, from the undo files `undos`
+    /// (those of the points between them and of `to`, oldest first: the oldest holder of a
+    /// byte wins).
+    pub(super) fn fold_undos(
+        &self,
+        undos: &[String],
+        prev: &Point,
+        to: &Point,
+        rel: &str,
+    ) -> Result<()> {
+        let sources: Vec<PathBuf> = undos.iter().map(|u| self.dir.join(u)).collect();
+        let block_size = self
+            .manifest
+            .block_size
+            .unwrap_or(ctk::limits::BLOCK_SIZE_DEFAULT);
+        let header = DeltaHeader {
+            disk_id: self.name.clone(),
+            disk_size: prev.disk_size,
+            block_size,
+            from: Some(self.point_id(&prev.change_id)?),
+            to: self.point_id(&to.change_id)?,
+        };
+        self.compose(&sources, &header, &self.dir.join(rel))?;
+        self.sync_dir(&self.dir.join("undo"))
+    }
+}
