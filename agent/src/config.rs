@@ -32,8 +32,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::pipeline::CutPolicy;
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -87,6 +85,87 @@ pub fn parse(text: &str) -> Result<Config> {
         "the configuration is larger than 1 MiB"
     );
     Ok(toml::from_str(text)?)
+}
+
+// ---- the cut pipeline of a disk (`[disk.cut]`; run by `pipeline`) ----
+
+/// A command run with `sh -c`, killed (with its whole process group) at its timeout.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    pub command: String,
+    #[serde(default = "default_hook_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// Flushing a write-back cache below the tracking point: run `command` (if any), then poll
+/// `clean_check` until it exits 0, within `timeout_ms`. Real cases: bcache (`echo 0 >
+/// .../bcache/writeback_percent`, check `.../bcache/dirty_data` is 0), dm-writecache
+/// (`dmsetup message DEV 0 flush`, check the status line's dirty count), lvmcache (switch to
+/// the cleaner policy, check `lvs -o cache_dirty_blocks` is 0).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destage {
+    #[serde(default)]
+    pub command: Option<String>,
+    pub clean_check: String,
+    #[serde(default = "default_destage_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+/// What to do when a hook or the freeze fails.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Abort the cut: everything thawed, the epoch still open, an error returned.
+    #[default]
+    Abort,
+    /// Go on without the application's cooperation; the cut is recorded as crash-consistent.
+    CrashConsistent,
+}
+
+/// The cut pipeline of one disk.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutPolicy {
+    #[serde(default)]
+    pub pre_freeze: Vec<Hook>,
+    /// Mount points to freeze (filesystems that live on this disk).
+    #[serde(default)]
+    pub freeze: Vec<PathBuf>,
+    /// The watchdog thaws after this long, whatever happens to the agent.
+    #[serde(default = "default_freeze_timeout_ms")]
+    pub freeze_timeout_ms: u64,
+    #[serde(default)]
+    pub destage: Vec<Destage>,
+    #[serde(default)]
+    pub post_thaw: Vec<Hook>,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+impl CutPolicy {
+    /// Whether a cut of this disk can be application-consistent: only one with at least one
+    /// quiesce step (a pre-freeze hook or a freeze target) can. Post-thaw hooks and destage
+    /// steps quiesce nothing.
+    pub fn can_quiesce(&self) -> bool {
+        !self.pre_freeze.is_empty() || !self.freeze.is_empty()
+    }
+}
+
+fn default_hook_timeout_ms() -> u64 {
+    30_000
+}
+fn default_destage_timeout_ms() -> u64 {
+    60_000
+}
+fn default_poll_ms() -> u64 {
+    100
+}
+fn default_freeze_timeout_ms() -> u64 {
+    10_000
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -129,8 +129,7 @@ pub struct Freeze {
 impl Freeze {
     /// Freezes `mounts` through a helper that thaws by itself after `timeout`.
     pub fn start(mounts: &[PathBuf], timeout: Duration) -> Result<Freeze> {
-        let exe = std::env::current_exe().context("locating ctk-agent for the freeze helper")?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = crate::pipeline::this_executable();
         cmd.arg("freeze-helper")
             .arg("--timeout-ms")
             .arg(timeout.as_millis().to_string());

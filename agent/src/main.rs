@@ -678,9 +678,9 @@ fn serve(
         None => config::Config::default(),
     };
     let journal_dir = journal_dir.or(file.journal_dir.clone());
-    let mut wanted: Vec<(String, PathBuf, u64, Option<PathBuf>, pipeline::CutPolicy)> = disks
+    let mut wanted: Vec<(String, PathBuf, u64, Option<PathBuf>, config::CutPolicy)> = disks
         .into_iter()
-        .map(|(name, path)| (name, path, block_size, None, pipeline::CutPolicy::default()))
+        .map(|(name, path)| (name, path, block_size, None, config::CutPolicy::default()))
         .collect();
     for d in std::mem::take(&mut file.disks) {
         parse_disk(&format!("{}={}", d.name, d.path.display())).map_err(anyhow::Error::msg)?;

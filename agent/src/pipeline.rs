@@ -11,96 +11,19 @@
 //! write when the epoch is sealed. The backing file itself is flushed right after the
 //! release (it is read through this host, so only durability depends on that flush).
 
-use std::path::PathBuf;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
+use crate::config::{CutPolicy, Destage, OnFailure};
 use crate::disk::ProtectedDisk;
 use crate::freeze::Freeze;
-
-/// A command run with `sh -c`, killed (with its whole process group) at its timeout.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Hook {
-    pub command: String,
-    #[serde(default = "default_hook_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-/// Flushing a write-back cache below the tracking point: run `command` (if any), then poll
-/// `clean_check` until it exits 0, within `timeout_ms`. Real cases: bcache (`echo 0 >
-/// .../bcache/writeback_percent`, check `.../bcache/dirty_data` is 0), dm-writecache
-/// (`dmsetup message DEV 0 flush`, check the status line's dirty count), lvmcache (switch to
-/// the cleaner policy, check `lvs -o cache_dirty_blocks` is 0).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Destage {
-    #[serde(default)]
-    pub command: Option<String>,
-    pub clean_check: String,
-    #[serde(default = "default_destage_timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default = "default_poll_ms")]
-    pub poll_ms: u64,
-}
-
-/// What to do when a hook or the freeze fails.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnFailure {
-    /// Abort the cut: everything thawed, the epoch still open, an error returned.
-    #[default]
-    Abort,
-    /// Go on without the application's cooperation; the cut is recorded as crash-consistent.
-    CrashConsistent,
-}
-
-/// The cut pipeline of one disk.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CutPolicy {
-    #[serde(default)]
-    pub pre_freeze: Vec<Hook>,
-    /// Mount points to freeze (filesystems that live on this disk).
-    #[serde(default)]
-    pub freeze: Vec<PathBuf>,
-    /// The watchdog thaws after this long, whatever happens to the agent.
-    #[serde(default = "default_freeze_timeout_ms")]
-    pub freeze_timeout_ms: u64,
-    #[serde(default)]
-    pub destage: Vec<Destage>,
-    #[serde(default)]
-    pub post_thaw: Vec<Hook>,
-    #[serde(default)]
-    pub on_failure: OnFailure,
-}
-
-impl CutPolicy {
-    /// Whether a cut of this disk can be application-consistent: only one with at least one
-    /// quiesce step (a pre-freeze hook or a freeze target) can. Post-thaw hooks and destage
-    /// steps quiesce nothing.
-    pub fn can_quiesce(&self) -> bool {
-        !self.pre_freeze.is_empty() || !self.freeze.is_empty()
-    }
-}
-
-fn default_hook_timeout_ms() -> u64 {
-    30_000
-}
-fn default_destage_timeout_ms() -> u64 {
-    60_000
-}
-fn default_poll_ms() -> u64 {
-    100
-}
-fn default_freeze_timeout_ms() -> u64 {
-    10_000
-}
 
 /// How consistent a cut is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,8 +48,7 @@ impl Consistency {
 /// whole group if the agent dies, so no hook or destage step outlives a killed agent.
 pub fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().context("locating ctk-agent for the hook runner")?;
-    let mut child = Command::new(exe)
+    let mut child = this_executable()
         .arg("hook-runner")
         .arg("--parent")
         .arg(std::process::id().to_string())
@@ -168,6 +90,17 @@ pub fn run_hook(what: &str, command: &str, timeout: Duration) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A command running this very executable (the freeze helper, the hook runner): through
+/// `/proc/self/exe`, which names the running binary even after its file was replaced (a
+/// package upgraded under a running agent) or deleted; the path it was started from may no
+/// longer exist or may be another version. Its argv[0] stays `ctk-agent`.
+pub fn this_executable() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("ctk-agent");
+    cmd
 }
 
 /// Whether the child `pid` has exited, without reaping it.
@@ -441,7 +374,86 @@ pub fn cut(
         warnings,
         inside: inside_value,
     };
-    disk.log_cut(&report);
+    log_cut(disk, &report);
     info!(disk = %disk.name, cut = %change_id, consistency = consistency.as_str(), hold_us = hold.total.as_micros() as u64, drain_us = hold.drain.as_micros() as u64, seal_us = hold.seal.as_micros() as u64, "cut");
     Ok(report)
+}
+
+/// Records a cut: appended to `<journal>.cuts` (one JSON object per line, for whoever
+/// audits the cuts after a restart: their time and consistency level; bounded by
+/// `append_bounded`), and kept by the disk for `status`.
+fn log_cut(disk: &ProtectedDisk, report: &CutReport) {
+    let mut entry = report.to_json();
+    entry["time_unix_ms"] = json!(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    );
+    let mut path = disk.journal.clone().into_os_string();
+    path.push(".cuts");
+    let line = format!("{entry}\n");
+    if let Err(e) = append_bounded(Path::new(&path), line.as_bytes(), CUT_LOG_MAX) {
+        warn!(error = %e, "could not append to the cut log");
+    }
+    disk.set_last_cut(entry);
+}
+
+/// The size at which the cut log is rotated: about 4,600 cuts of about 230 bytes, 77
+/// minutes of one-second cuts. Continuous mode cuts every second forever, and an unbounded
+/// log grew by about 20 MB a day.
+const CUT_LOG_MAX: u64 = 1 << 20;
+
+/// Appends `line` to the log at `path`; once the log has reached `max` bytes it first
+/// becomes `<path>.1` (replacing the one before), so the two hold between `max` and
+/// `2 * max` bytes of the newest lines.
+fn append_bounded(path: &Path, line: &[u8], max: u64) -> io::Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= max) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        std::fs::rename(path, &old)?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(line)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cut_log_is_rotated_and_keeps_the_newest_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("d.img.ctk.cuts");
+        for i in 0..1000 {
+            super::append_bounded(&log, format!("{i:09}\n").as_bytes(), 1000).unwrap();
+        }
+        let rotated = dir.path().join("d.img.ctk.cuts.1");
+        let (now, before) = (
+            std::fs::read_to_string(&log).unwrap(),
+            std::fs::read_to_string(&rotated).unwrap(),
+        );
+        // 10 bytes a line: each file holds 100 lines; the last line written is the newest.
+        assert!(
+            now.len() <= 1000 && before.len() == 1000,
+            "{} {}",
+            now.len(),
+            before.len()
+        );
+        assert!(now.ends_with("000000999\n"), "{now}");
+        // The two together are the newest lines, in order, with none missing.
+        let lines: Vec<u64> = before
+            .lines()
+            .chain(now.lines())
+            .map(|l| l.parse().unwrap())
+            .collect();
+        assert!(
+            lines.windows(2).all(|w| w[1] == w[0] + 1),
+            "a gap or reorder"
+        );
+        assert_eq!(*lines.last().unwrap(), 999);
+        // Nothing else was left beside them.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
 }

@@ -15,10 +15,10 @@ use anyhow::{Context, Result, bail, ensure};
 use ctk_net::Identity;
 use serde_json::{Value, json};
 
+use crate::config::CutPolicy;
 use crate::demo::{DemoOptions, Rng, fill, generate_image, say};
 use crate::disk::ProtectedDisk;
 use crate::nbd_client::NbdClient;
-use crate::pipeline::CutPolicy;
 use crate::replicate::{self, Replicate};
 use crate::server::{self, Agent, Listen};
 

@@ -567,3 +567,30 @@ destage = [{{ clean_check = "sleep 613 & sleep 614", timeout_ms = 600000 }}]
         let _ = c.wait();
     }
 }
+
+/// The agent's binary replaced under it (a package upgraded while it runs): its hooks and
+/// destage steps still run, through the running binary. (They failed with "No such file or
+/// directory" until a restart: the helpers were started from the binary's path.)
+#[test]
+fn hooks_still_run_after_the_agents_binary_was_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bin = d.join("bin/ctk-agent");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(agent_bin(), &bin).unwrap();
+    let ran = d.join("hook-ran");
+    let config = format!(
+        "[[disk]]\nname = \"vm\"\npath = \"{}\"\n[disk.cut]\npre_freeze = [{{ command = \"echo yes > {}\" }}]\ndestage = [{{ clean_check = \"true\" }}]\n",
+        disk_image(d, "vm", 8).display(),
+        ran.display()
+    );
+    let (out, agent) = Agent::try_start_bin(d, &config, &bin);
+    let agent = agent.unwrap_or_else(|| panic!("{out}"));
+    // The upgrade: the file is replaced by another (here: removed, then a script).
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::write(&bin, "#!/bin/sh\nexit 99\n").unwrap();
+    let cut = agent.ok(&["cut"]);
+    assert_eq!(cut["consistency"], "application", "{cut}");
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "yes\n");
+    agent.stop();
+}

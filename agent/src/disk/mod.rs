@@ -20,7 +20,7 @@ use cursors::{cursor_status, load_cursor_meta};
 use snapshot::Snapshot;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
 use std::time::{Duration, Instant};
 
-use crate::pipeline::{CutPolicy, CutReport};
+use crate::config::CutPolicy;
 
 use ctk::delta;
 use ctk::{
@@ -38,7 +38,7 @@ use ctk::{
 };
 use serde_json::json;
 
-/// Why a disk operation failed; each maps to an NBD error number.
+/// Why a disk operation failed (the NBD front maps each to an errno).
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("range at {offset} (+{length}) is outside the {size}-byte disk")]
@@ -55,20 +55,6 @@ pub enum DiskError {
     Delta(#[from] delta::DeltaError),
     #[error("resize refused: {0}")]
     Resize(String),
-}
-
-impl DiskError {
-    /// The errno an NBD reply carries for this error.
-    pub fn errno(&self, is_write: bool) -> u32 {
-        use crate::nbd::{EINVAL, EIO, ENOSPC, EPERM};
-        match self {
-            DiskError::OutOfRange { .. } if is_write => ENOSPC,
-            DiskError::OutOfRange { .. } => EINVAL,
-            DiskError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => ENOSPC,
-            DiskError::Shutdown => EPERM,
-            _ => EIO,
-        }
-    }
 }
 
 #[derive(Default)]
@@ -214,7 +200,8 @@ impl ProtectedDisk {
         self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
-    fn check(&self, offset: u64, length: u64) -> Result<(), DiskError> {
+    /// Refuses a range that is not inside the disk.
+    pub fn check(&self, offset: u64, length: u64) -> Result<(), DiskError> {
         let size = self.size();
         match offset.checked_add(length) {
             Some(end) if end <= size => Ok(()),
@@ -477,18 +464,8 @@ impl ProtectedDisk {
         .unwrap_or_default()
     }
 
-    /// Records a cut: in memory for `status`, and appended to `<journal>.cuts` (one JSON
-    /// object per line, for whoever audits the cuts after a restart: their time and
-    /// consistency level). The log is bounded (`append_bounded`).
-    pub fn log_cut(&self, report: &CutReport) {
-        let mut entry = report.to_json();
-        entry["time_unix_ms"] = json!(unix_ms());
-        let mut path = self.journal.clone().into_os_string();
-        path.push(".cuts");
-        let line = format!("{entry}\n");
-        if let Err(e) = append_bounded(Path::new(&path), line.as_bytes(), CUT_LOG_MAX) {
-            tracing::warn!(error = %e, "could not append to the cut log");
-        }
+    /// Remembers the last cut's record for `status` (the pipeline writes the cut log).
+    pub fn set_last_cut(&self, entry: serde_json::Value) {
         if let Ok(mut last) = self.last_cut.lock() {
             *last = Some(entry);
         }
@@ -542,27 +519,6 @@ impl ProtectedDisk {
     }
 }
 
-/// The size at which the cut log is rotated: about 4,600 cuts of about 230 bytes, 77
-/// minutes of one-second cuts. Continuous mode cuts every second forever, and an unbounded
-/// log grew by about 20 MB a day.
-const CUT_LOG_MAX: u64 = 1 << 20;
-
-/// Appends `line` to the log at `path`; once the log has reached `max` bytes it first
-/// becomes `<path>.1` (replacing the one before), so the two hold between `max` and
-/// `2 * max` bytes of the newest lines.
-fn append_bounded(path: &Path, line: &[u8], max: u64) -> io::Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() >= max) {
-        let mut old = path.as_os_str().to_owned();
-        old.push(".1");
-        std::fs::rename(path, &old)?;
-    }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?
-        .write_all(line)
-}
-
 /// Whether two open files are one (device and inode).
 fn same_file(a: &File, b: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -577,42 +533,4 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_cut_log_is_rotated_and_keeps_the_newest_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("d.img.ctk.cuts");
-        for i in 0..1000 {
-            super::append_bounded(&log, format!("{i:09}\n").as_bytes(), 1000).unwrap();
-        }
-        let rotated = dir.path().join("d.img.ctk.cuts.1");
-        let (now, before) = (
-            std::fs::read_to_string(&log).unwrap(),
-            std::fs::read_to_string(&rotated).unwrap(),
-        );
-        // 10 bytes a line: each file holds 100 lines; the last line written is the newest.
-        assert!(
-            now.len() <= 1000 && before.len() == 1000,
-            "{} {}",
-            now.len(),
-            before.len()
-        );
-        assert!(now.ends_with("000000999\n"), "{now}");
-        // The two together are the newest lines, in order, with none missing.
-        let lines: Vec<u64> = before
-            .lines()
-            .chain(now.lines())
-            .map(|l| l.parse().unwrap())
-            .collect();
-        assert!(
-            lines.windows(2).all(|w| w[1] == w[0] + 1),
-            "a gap or reorder"
-        );
-        assert_eq!(*lines.last().unwrap(), 999);
-        // Nothing else was left beside them.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
-    }
 }

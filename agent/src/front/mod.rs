@@ -4,6 +4,7 @@
 //! write, flush or tracking step has completed. A misbehaving client ends only its own
 //! connection; what any client can make the agent hold is bounded (`crate::limits`).
 
+mod block_status;
 mod handshake;
 mod transmission;
 

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use super::handshake::{MetaContext, Negotiated};
-use crate::disk::ProtectedDisk;
+use crate::disk::{DiskError, ProtectedDisk};
 use crate::limits::{NBD_CONNECTION_KIB_MAX, NBD_INFLIGHT_MAX, NBD_RESERVE_KIB};
 use crate::nbd::{self, Request};
 use crate::server::Agent;
@@ -245,7 +245,9 @@ fn may_block(disk: &ProtectedDisk, req: &Request) -> bool {
 /// Runs one request against the disk (blocking I/O) and returns its whole reply.
 fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
     let Session {
-        disk, structured, ..
+        disk,
+        structured,
+        contexts,
     } = session;
     let structured = *structured;
     let Request {
@@ -288,7 +290,9 @@ fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
                 Err(e) => Err((e, false)),
             }
         }
-        nbd::CMD_BLOCK_STATUS => return block_status(session, req),
+        nbd::CMD_BLOCK_STATUS => {
+            return super::block_status::answer(disk, contexts, structured, req);
+        }
         nbd::CMD_WRITE => disk.write(offset, &payload, fua).map_err(|e| (e, true)),
         nbd::CMD_FLUSH => disk.flush().map_err(|e| (e, true)),
         nbd::CMD_TRIM => disk.trim(offset, length as u64).map_err(|e| (e, true)),
@@ -303,64 +307,29 @@ fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
         Ok(()) => nbd::simple_reply(0, cookie).to_vec(),
         Err((e, is_write)) => {
             debug!(error = %e, kind, offset, length, "request failed");
-            error_bytes(structured, cookie, e.errno(is_write), &e.to_string())
-        }
-    }
-}
-
-/// Answers NBD_CMD_BLOCK_STATUS: one chunk per selected meta context, the last one final.
-fn block_status(session: &Session, req: Request) -> Vec<u8> {
-    let Session {
-        disk,
-        structured,
-        contexts,
-    } = session;
-    let answer = if !*structured || contexts.is_empty() {
-        Err((nbd::EINVAL, "no meta context was negotiated".to_string()))
-    } else if req.length == 0 {
-        Err((nbd::EINVAL, "BLOCK_STATUS of zero bytes".to_string()))
-    } else {
-        let one = req.flags & nbd::CMD_FLAG_REQ_ONE != 0;
-        let max = if one { 1 } else { nbd::DESCRIPTORS_MAX };
-        contexts
-            .iter()
-            .map(|(id, context)| {
-                let runs = match context {
-                    MetaContext::Allocation => {
-                        disk.allocation_runs(req.offset, req.length as u64, max + 1)
-                    }
-                    MetaContext::Changed(since) => {
-                        disk.changed_runs(*since, req.offset, req.length as u64, max + 1)
-                    }
-                };
-                runs.map(|runs| (*id, nbd::descriptors(runs, max)))
-                    .map_err(|e| (e.errno(false), format!("{}: {e}", context.name())))
-            })
-            .collect::<Result<Vec<_>, _>>()
-    };
-    match answer {
-        Ok(chunks) => {
-            let last = chunks.len() - 1;
-            let mut out = Vec::new();
-            for (i, (id, runs)) in chunks.iter().enumerate() {
-                out.extend_from_slice(&nbd::block_status_chunk(req.cookie, i == last, *id, runs));
-            }
-            out
-        }
-        Err((errno, why)) => {
-            debug!(%why, "BLOCK_STATUS refused");
-            error_bytes(*structured, req.cookie, errno, &why)
+            error_bytes(structured, cookie, errno(&e, is_write), &e.to_string())
         }
     }
 }
 
 /// A failed request's reply: an error chunk with a message once structured replies are on
 /// (required for READ, and it tells the client why), a simple reply otherwise.
-fn error_bytes(structured: bool, cookie: u64, error: u32, why: &str) -> Vec<u8> {
+pub(super) fn error_bytes(structured: bool, cookie: u64, error: u32, why: &str) -> Vec<u8> {
     debug_assert!(error != 0);
     if structured {
         nbd::error_chunk(cookie, error, why)
     } else {
         nbd::simple_reply(error, cookie).to_vec()
+    }
+}
+
+/// The errno an NBD reply carries for a failed request.
+pub(super) fn errno(e: &DiskError, is_write: bool) -> u32 {
+    match e {
+        DiskError::OutOfRange { .. } if is_write => nbd::ENOSPC,
+        DiskError::OutOfRange { .. } => nbd::EINVAL,
+        DiskError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => nbd::ENOSPC,
+        DiskError::Shutdown => nbd::EPERM,
+        _ => nbd::EIO,
     }
 }

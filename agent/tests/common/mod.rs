@@ -106,11 +106,16 @@ impl Agent {
     /// As `start`, but returns what the agent printed (and its stderr) when it did not
     /// start instead of failing.
     pub fn try_start(dir: &Path, config: &str) -> (String, Option<Agent>) {
+        Agent::try_start_bin(dir, config, Path::new(agent_bin()))
+    }
+
+    /// `try_start` of the agent binary at `bin`.
+    pub fn try_start_bin(dir: &Path, config: &str, bin: &Path) -> (String, Option<Agent>) {
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, config).unwrap();
         let control = dir.join("ctl.sock");
         let nbd = dir.join("nbd.sock");
-        let mut child = Command::new(agent_bin())
+        let mut child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&config_path)
             .arg("--control")
