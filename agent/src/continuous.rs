@@ -247,7 +247,7 @@ pub struct Options {
 pub fn run(
     r: &Replicate,
     disk: &str,
-    control: &(dyn Fn(Value) -> Result<Value> + Sync),
+    control: crate::control::Control,
     schedule: &Schedule,
     options: &Options,
     report: &mut dyn FnMut(&Value),

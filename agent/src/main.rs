@@ -1,6 +1,8 @@
 //! `ctk-agent`: the host-resident half of ctk. Parses and resolves the command line, then
 //! calls library code; only this binary uses anyhow.
 
+use ctk::Consistency;
+use ctk_agent::control::{Request, proto};
 use ctk_agent::{
     config, continuous, demo, disk, freeze, limits, pipeline, quickstart, replicate, server,
 };
@@ -124,8 +126,8 @@ enum Command {
     Cut {
         /// crash (hold NBD writes only) or application (hooks and filesystem freeze first).
         /// Default: application if the disk has hooks or freeze targets configured.
-        #[arg(long, value_parser = ["crash", "application"])]
-        consistency: Option<String>,
+        #[arg(long, value_parser = parse_consistency)]
+        consistency: Option<Consistency>,
         #[command(flatten)]
         target: Target,
     },
@@ -133,11 +135,11 @@ enum Command {
     /// VMware's QueryChangedDiskAreas.
     Changed {
         /// A ChangeId printed by `cut`, or "all" for every block that may hold data.
-        #[arg(long)]
-        since: String,
+        #[arg(long, value_parser = parse_since)]
+        since: ctk::Since,
         /// Up to this cut (default: the latest).
         #[arg(long)]
-        to: Option<String>,
+        to: Option<ctk::ChangeId>,
         #[command(flatten)]
         target: Target,
     },
@@ -145,27 +147,29 @@ enum Command {
     /// delta file. Writes are held only for the cut; the delta is the disk as of the cut
     /// while writes go on (copy-on-write). A failed export leaves no partial file.
     Export {
-        #[arg(long)]
-        since: String,
+        /// A ChangeId printed by `cut`, or "all" for a first full.
+        #[arg(long, value_parser = parse_since)]
+        since: ctk::Since,
         /// The delta file to write.
         #[arg(short = 'o', long)]
         output: PathBuf,
         /// As for `cut`.
-        #[arg(long, value_parser = ["crash", "application"])]
-        consistency: Option<String>,
+        #[arg(long, value_parser = parse_consistency)]
+        consistency: Option<Consistency>,
         #[command(flatten)]
         target: Target,
     },
     /// Register, advance or drop a consumer cursor: cuts after a registered cursor stay
     /// answerable until it advances (without one, only the newest 8 cuts stay exact).
     Cursor {
-        #[arg(value_parser = ["register", "advance", "drop"])]
-        op: String,
+        /// register, advance or drop.
+        #[arg(value_parser = parse_cursor_op)]
+        op: proto::CursorOp,
         /// The consumer's name (A-Z a-z 0-9 . _ -).
         name: String,
         /// The ChangeId the consumer has (default: the latest cut).
         #[arg(long)]
-        at: Option<String>,
+        at: Option<ctk::ChangeId>,
         #[command(flatten)]
         target: Target,
     },
@@ -262,8 +266,8 @@ enum Command {
         /// first; refused for a disk that has none). Default: application if the disk has
         /// hooks or freeze targets, else crash. Continuous mode takes --every and
         /// --app-every instead.
-        #[arg(long, value_parser = ["crash", "application"])]
-        consistency: Option<String>,
+        #[arg(long, value_parser = parse_consistency)]
+        consistency: Option<Consistency>,
         /// Log a warning when the age of the newest committed cut passes this (e.g. 30s), and
         /// again when it recovers.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
@@ -322,12 +326,45 @@ fn parse_disk(text: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_owned(), PathBuf::from(path)))
 }
 
-/// Sends one request to the agent's control socket and returns its answer.
-fn control(target: &Target, mut request: serde_json::Value) -> Result<serde_json::Value> {
-    if let Some(disk) = &target.disk {
-        request["disk"] = json!(disk);
+/// Sends one request to the agent's control socket (naming `--disk` unless the request
+/// does) and returns its answer.
+fn control(target: &Target, request: &Request) -> Result<serde_json::Value> {
+    let request = request.clone().for_disk(target.disk.as_deref());
+    ctk_agent::control::call(&target.control, &request)
+}
+
+/// Prints an answer: its JSON with --json, else `human` of it read as its type.
+fn show<T: serde::de::DeserializeOwned>(
+    target: &Target,
+    answer: serde_json::Value,
+    human: impl Fn(&T) -> String,
+) -> Result<()> {
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        let typed: T = serde_json::from_value(answer)
+            .context("the agent's answer is not what this version expects")?;
+        println!("{}", human(&typed));
     }
-    replicate::control_call(&target.control, &request)
+    Ok(())
+}
+
+fn parse_consistency(text: &str) -> Result<Consistency, String> {
+    text.parse()
+}
+
+fn parse_cursor_op(text: &str) -> Result<proto::CursorOp, String> {
+    text.parse()
+}
+
+fn parse_since(text: &str) -> Result<ctk::Since, String> {
+    match text {
+        "all" => Ok(ctk::Since::All),
+        t => t
+            .parse()
+            .map(ctk::Since::Id)
+            .map_err(|e| format!("{e}; or \"all\"")),
+    }
 }
 
 /// Parses sizes such as `4096`, `64K`, `256M`, `2G`, `1T` (binary units).
@@ -397,25 +434,38 @@ fn run(cli: Cli) -> Result<()> {
             consistency,
             target,
         } => {
-            let answer = control(&target, json!({"cmd": "cut", "consistency": consistency}))?;
-            for w in answer["warnings"].as_array().into_iter().flatten() {
-                eprintln!("warning: {}", w.as_str().unwrap_or(""));
+            let answer = control(
+                &target,
+                &Request::Cut {
+                    disk: None,
+                    consistency,
+                },
+            )?;
+            let cut: proto::CutAnswer = serde_json::from_value(answer.clone())?;
+            for w in &cut.warnings {
+                eprintln!("warning: {w}");
             }
-            print_answer(&target, &answer, |a| {
-                a["change_id"].as_str().unwrap_or("").to_string()
+            show(&target, answer, |a: &proto::CutAnswer| {
+                a.change_id.to_string()
             })
         }
         Command::Changed { since, to, target } => {
-            let answer = control(&target, json!({"cmd": "changed", "since": since, "to": to}))?;
-            print_answer(&target, &answer, |a| {
+            let answer = control(
+                &target,
+                &Request::Changed {
+                    disk: None,
+                    since,
+                    to,
+                },
+            )?;
+            show(&target, answer, |a: &proto::ChangedAnswer| {
                 let mut out = String::new();
-                for e in a["extents"].as_array().into_iter().flatten() {
-                    out.push_str(&format!("{} {}\n", e[0], e[1]));
+                for (offset, length) in &a.extents {
+                    out.push_str(&format!("{offset} {length}\n"));
                 }
                 out.push_str(&format!(
                     "# {} bytes changed, up to {}",
-                    a["changed_bytes"],
-                    a["to"].as_str().unwrap_or("")
+                    a.changed_bytes, a.to
                 ));
                 out
             })
@@ -427,29 +477,35 @@ fn run(cli: Cli) -> Result<()> {
             target,
         } => {
             let output = std::path::absolute(&output)?;
-            let answer = control(
-                &target,
-                json!({"cmd": "export", "since": since, "path": output, "consistency": consistency}),
-            )?;
-            print_answer(&target, &answer, |a| {
+            let request = Request::Export(proto::Export {
+                disk: None,
+                since: proto::ExportSince::Since(since),
+                path: output,
+                leaves: None,
+                consistency,
+                base: None,
+                unit: None,
+                digests: None,
+                resume: None,
+            });
+            let answer = control(&target, &request)?;
+            show(&target, answer, |a: &proto::ExportAnswer| {
                 format!(
                     "{}: {} bytes changed -> {} byte delta, up to {}",
-                    a["path"].as_str().unwrap_or(""),
-                    a["changed_bytes"],
-                    a["delta_bytes"],
-                    a["to"].as_str().unwrap_or("")
+                    a.path.display(),
+                    a.changed_bytes,
+                    a.delta_bytes,
+                    a.to
                 )
             })
         }
         Command::Resize { size, target } => {
-            let answer = control(&target, json!({"cmd": "resize", "size": size}))?;
-            print_answer(&target, &answer, |a| {
+            let answer = control(&target, &Request::Resize { disk: None, size })?;
+            show(&target, answer, |a: &proto::ResizeAnswer| {
                 format!(
                     "{}: resized from {} to {} bytes; NBD clients see the new size when they \
                      reconnect, and the next replicate carries it to the receiver",
-                    a["disk"].as_str().unwrap_or(""),
-                    a["old_size"],
-                    a["new_size"]
+                    a.disk, a.old_size, a.new_size
                 )
             })
         }
@@ -485,15 +541,15 @@ fn run(cli: Cli) -> Result<()> {
             let disk = match &target.disk {
                 Some(d) => d.clone(),
                 None => {
-                    let status = control(&target, json!({"cmd": "status"}))?;
-                    let disks = status["disks"].as_array().cloned().unwrap_or_default();
-                    if disks.len() != 1 {
-                        anyhow::bail!(
+                    let status: proto::StatusAnswer =
+                        serde_json::from_value(control(&target, &Request::Status)?)?;
+                    match &status.disks[..] {
+                        [one] => one.name.clone(),
+                        disks => anyhow::bail!(
                             "the agent protects {} disks: name one with --disk",
                             disks.len()
-                        );
+                        ),
                     }
-                    disks[0]["name"].as_str().unwrap_or("").to_owned()
                 }
             };
             let r = replicate::Replicate {
@@ -513,9 +569,9 @@ fn run(cli: Cli) -> Result<()> {
                 app_every,
                 at,
                 rpo_warn,
-                cut: match consistency.as_deref() {
-                    Some("crash") => replicate::Cut::Crash,
-                    Some(_) => replicate::Cut::Application,
+                cut: match consistency {
+                    Some(Consistency::Crash) => replicate::Cut::Crash,
+                    Some(Consistency::Application) => replicate::Cut::Application,
                     None => replicate::Cut::Default,
                 },
             };
@@ -541,7 +597,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 ),
             };
-            let call = |req| control(&target, req);
+            let call = |req: &Request| control(&target, req);
             if resync && !schedule.is_once() {
                 anyhow::bail!("--resync is for one run: leave out --every and --at");
             }
@@ -573,25 +629,33 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let answer = control(
                 &target,
-                json!({"cmd": "cursor", "op": op, "name": name, "at": at}),
+                &Request::Cursor {
+                    disk: None,
+                    op,
+                    name,
+                    at,
+                    cut_unix_ms: None,
+                    rate_bytes_per_s: None,
+                },
             )?;
-            print_answer(&target, &answer, |a| {
-                format!(
-                    "cursor {} {}",
-                    a["name"].as_str().unwrap_or(""),
-                    a["op"].as_str().unwrap_or("")
-                )
+            show(&target, answer, |a: &proto::CursorAnswer| {
+                format!("cursor {} of {}: {:?} done", a.name, a.disk, a.op)
             })
         }
         Command::Status { target } => {
-            let answer = control(&target, json!({"cmd": "status"}))?;
-            print_answer(&target, &answer, |a| {
+            let answer = control(&target, &Request::Status)?;
+            show(&target, answer, |a: &proto::StatusAnswer| {
                 let mut out = String::new();
-                for d in a["disks"].as_array().into_iter().flatten() {
+                for d in &a.disks {
+                    let latest = d.latest.map_or("-".into(), |l| l.to_string());
                     out.push_str(&format!(
-                        "{}: {} ({} bytes), latest cut {}, {} blocks written since, {} writes, {} journal syncs\n",
-                        d["name"].as_str().unwrap_or(""), d["path"].as_str().unwrap_or(""), d["size"],
-                        d["latest"].as_str().unwrap_or("-"), d["open_epoch_blocks"], d["writes"], d["journal_syncs"]
+                        "{}: {} ({} bytes), latest cut {latest}, {} blocks written since, {} writes, {} journal syncs\n",
+                        d.name,
+                        d.path.display(),
+                        d.size,
+                        d.open_epoch_blocks.unwrap_or(0),
+                        d.writes,
+                        d.journal_syncs.unwrap_or(0)
                     ));
                 }
                 out.trim_end().to_string()

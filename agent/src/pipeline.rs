@@ -25,23 +25,8 @@ use crate::config::{CutPolicy, Destage, OnFailure};
 use crate::disk::ProtectedDisk;
 use crate::freeze::Freeze;
 
-/// How consistent a cut is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consistency {
-    /// Every write acknowledged before the cut is in it, none after.
-    Crash,
-    /// And applications were quiesced (hooks ran, filesystems were frozen).
-    Application,
-}
-
-impl Consistency {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Consistency::Crash => "crash",
-            Consistency::Application => "application",
-        }
-    }
-}
+/// How consistent a cut is: one type from the cut to the receiver's manifest.
+pub use ctk::Consistency;
 
 /// Runs a hook, killing it and its children at the timeout. The hook runs under
 /// `hook-runner` (this executable) in a process group of its own: the runner kills the
@@ -232,18 +217,39 @@ pub struct CutReport {
 }
 
 impl CutReport {
-    pub fn to_json(&self) -> Value {
-        json!({
-            "change_id": self.change_id.to_string(),
-            "consistency": self.consistency.as_str(),
-            "hold_ms": self.hold.total.as_secs_f64() * 1000.0,
-            "drain_ms": self.hold.drain.as_secs_f64() * 1000.0,
-            "seal_ms": self.hold.seal.as_secs_f64() * 1000.0,
-            "seal_sync_ms": self.hold.sync.as_secs_f64() * 1000.0,
-            "frozen_ms": self.frozen.map(|d| d.as_secs_f64() * 1000.0),
-            "warnings": self.warnings,
-        })
+    /// What a cut did, as `cut` answers it and the cut log records it.
+    pub fn answer(&self, disk: &str) -> CutAnswer {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        CutAnswer {
+            disk: disk.to_owned(),
+            change_id: self.change_id,
+            consistency: self.consistency,
+            hold_ms: ms(self.hold.total),
+            drain_ms: ms(self.hold.drain),
+            seal_ms: ms(self.hold.seal),
+            seal_sync_ms: ms(self.hold.sync),
+            frozen_ms: self.frozen.map(ms),
+            warnings: self.warnings.clone(),
+        }
     }
+}
+
+/// A cut as the control protocol answers it (`cut`, the cut part of `export`) and the cut
+/// log records it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CutAnswer {
+    pub disk: String,
+    pub change_id: ctk::ChangeId,
+    pub consistency: Consistency,
+    /// From asking to hold NBD writes to releasing them, and its parts.
+    pub hold_ms: f64,
+    pub drain_ms: f64,
+    pub seal_ms: f64,
+    /// Syncing the seal, after writes were released.
+    pub seal_sync_ms: f64,
+    /// From freeze to thaw, if a filesystem was frozen.
+    pub frozen_ms: Option<f64>,
+    pub warnings: Vec<String>,
 }
 
 /// Runs the pipeline for `disk`. `inside` runs right after the seal while NBD writes are still
@@ -383,7 +389,7 @@ pub fn cut(
 /// audits the cuts after a restart: their time and consistency level; bounded by
 /// `append_bounded`), and kept by the disk for `status`.
 fn log_cut(disk: &ProtectedDisk, report: &CutReport) {
-    let mut entry = report.to_json();
+    let mut entry = serde_json::to_value(report.answer(&disk.name)).unwrap_or_default();
     entry["time_unix_ms"] = json!(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -258,7 +258,7 @@ fn cycles(
         streams: replicate::STREAMS_DEFAULT,
     };
     let source = dir.join("source.img");
-    let call = |req: Value| replicate::control_call(control, &req);
+    let call = |req: &crate::control::Request| crate::control::call(control, req);
     let mut expected = HashMap::new();
     let mut reports = Vec::new();
     let mut nbd = NbdClient::connect(nbd_socket, DISK)?;

@@ -22,9 +22,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ctk::digest::{LeafFile, Leaves};
 use ctk::push::AfterPush;
-use ctk_net::wire::{Consistency, PushEnd, Refusal, Request, Response};
+use ctk::{ChangeId, Since};
+use ctk_net::wire::{PushEnd, Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 use serde_json::{Value, json};
+
+use crate::control::proto::{self, ExportAnswer, ExportSince};
+use crate::control::{Control, ask};
 
 pub struct Replicate {
     pub identity: PathBuf,
@@ -157,7 +161,7 @@ fn mkfifo(path: &Path) -> Result<()> {
 
 /// What one streamed push did.
 struct Pushed {
-    exported: Value,
+    exported: ExportAnswer,
     sent: u64,
     answer: Response,
     leaves: Option<Leaves>,
@@ -176,7 +180,10 @@ fn push(
 ) -> Result<Pushed> {
     let (runtime, r, disk, control) = (&s.runtime, s.r, s.disk.as_str(), s.control);
     let (geometry, leaf_path) = (s.geometry, s.leaf_path.as_path());
-    let since = newest.unwrap_or("all").to_owned();
+    let newest_id: Option<ChangeId> = newest
+        .map(|n| n.parse())
+        .transpose()
+        .context("the receiver's newest point")?;
     let fifo = s.work_file("fifo")?;
     let pairs = s.work_file("leaves")?;
     mkfifo(&fifo)?;
@@ -187,25 +194,33 @@ fn push(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let (exported, streamed) = std::thread::scope(|scope| {
         let exporter = scope.spawn(|| {
-            let mut request = json!({
-                "cmd": "export", "since": since, "path": fifo, "leaves": pairs,
-            });
+            let mut request = proto::Export {
+                disk: Some(disk.to_owned()),
+                since: ExportSince::Since(newest_id.map_or(Since::All, Since::Id)),
+                path: fifo.clone(),
+                leaves: Some(pairs.clone()),
+                consistency: cut.consistency(),
+                base: None,
+                unit: None,
+                digests: None,
+                resume: None,
+            };
             match plan {
                 Plan::Compare { theirs } => {
-                    request["since"] = json!("compare");
-                    request["base"] = json!(since);
-                    request["unit"] = json!(r.resync_unit);
-                    request["digests"] = json!(theirs);
+                    request.since = ExportSince::Compare;
+                    request.base = newest_id;
+                    request.unit = Some(r.resync_unit);
+                    request.digests = Some(theirs.clone());
                 }
                 Plan::Resume { prior, next_offset } => {
-                    request["resume"] = json!({"prior": prior, "next_offset": next_offset});
+                    request.resume = Some(proto::Resume {
+                        prior: prior.parse()?,
+                        next_offset: *next_offset,
+                    });
                 }
                 Plan::Since => {}
             }
-            if let Some(c) = cut.consistency() {
-                request["consistency"] = json!(c);
-            }
-            let answer = control(request);
+            let answer = ask::<ExportAnswer>(control, &proto::Request::Export(request));
             if answer.is_err() {
                 // The agent may have failed before opening the FIFO, and the reader below
                 // waits in open() until a writer comes: be that writer, and go.
@@ -352,27 +367,19 @@ fn push(
         Plan::Since | Plan::Resume { .. } => newest,
         Plan::Compare { .. } => None,
     };
-    let size_at_cut = exported["disk_size"].as_u64().unwrap_or(geometry.0);
-    let leaves = leaves_after(leaf_path, base, size_at_cut, geometry.1, &pairs)
+    let leaves = leaves_after(leaf_path, base, exported.disk_size, geometry.1, &pairs)
         .context("digesting the exported delta")?;
     // Before the end frame: were this process killed after the receiver's commit, the next
     // run must still know the leaves of what is then the receiver's newest point.
-    if let (Some(l), Some(to)) = (&leaves, exported["to"].as_str())
-        && let Err(e) = to
-            .parse()
-            .map_err(anyhow::Error::from)
-            .and_then(|to| Ok(LeafFile::save_pending(leaf_path, l, to)?))
+    if let Some(l) = &leaves
+        && let Err(e) = LeafFile::save_pending(leaf_path, l, exported.to)
     {
         tracing::warn!(error = %e, "recording the pending block digests");
     }
     let digest = leaves.as_ref().map(|l| l.digest());
     let end = PushEnd {
-        cut_unix_ms: exported["cut_unix_ms"].as_u64().unwrap_or(0),
-        consistency: if exported["consistency"] == "application" {
-            Consistency::Application
-        } else {
-            Consistency::Crash
-        },
+        cut_unix_ms: exported.cut_unix_ms,
+        consistency: exported.cut.consistency,
         image_digest: digest.map(|d| d.0),
     };
     let answer = runtime.block_on(async {
@@ -398,6 +405,16 @@ fn push(
         leaves,
         digest,
     })
+}
+
+/// The agent's status of `disk`.
+fn disk_status(control: Control, disk: &str) -> Result<proto::DiskStatus> {
+    let status: proto::StatusAnswer = ask(control, &proto::Request::Status)?;
+    status
+        .disks
+        .into_iter()
+        .find(|d| d.name == disk)
+        .with_context(|| format!("the agent does not protect a disk named {disk:?}"))
 }
 
 /// Removes what replications of `disk` killed before they could clean up left in the work
@@ -475,11 +492,11 @@ pub enum Cut {
 }
 
 impl Cut {
-    fn consistency(self) -> Option<&'static str> {
+    fn consistency(self) -> Option<ctk::Consistency> {
         match self {
             Cut::Default => None,
-            Cut::Crash => Some("crash"),
-            Cut::Application => Some("application"),
+            Cut::Crash => Some(ctk::Consistency::Crash),
+            Cut::Application => Some(ctk::Consistency::Application),
         }
     }
 }
@@ -489,7 +506,7 @@ impl Cut {
 pub struct Session<'a> {
     r: &'a Replicate,
     disk: String,
-    control: &'a (dyn Fn(Value) -> Result<Value> + Sync),
+    control: Control<'a>,
     identity: Identity,
     runtime: tokio::runtime::Runtime,
     geometry: (u64, u32),
@@ -515,26 +532,20 @@ impl<'a> Session<'a> {
     pub fn open(
         r: &'a Replicate,
         disk: &str,
-        control: &'a (dyn Fn(Value) -> Result<Value> + Sync),
+        control: Control<'a>,
         bwlimit: Arc<AtomicU64>,
     ) -> Result<Session<'a>> {
         let identity = Identity::load(&r.identity)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let status = control(json!({"cmd": "status"}))?;
-        let entry = status["disks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["name"] == disk)
-            .with_context(|| format!("the agent does not protect a disk named {disk:?}"))?;
-        let journal = entry["journal"].as_str().context("the agent's status")?;
+        let entry = disk_status(control, disk)?;
+        let journal = entry.journal.display().to_string();
         let geometry = (
-            entry["size"].as_u64().context("the agent's status: size")?,
-            entry["block_size"]
-                .as_u64()
-                .context("the agent's status: block_size")? as u32,
+            entry.size,
+            entry
+                .block_size
+                .context("the agent's status: the disk is shut down")?,
         );
         let leaf_path = PathBuf::from(format!("{journal}.digest-{}", r.cursor));
         // One replication per disk and cursor at a time: two would race on the leaf files
@@ -559,7 +570,7 @@ impl<'a> Session<'a> {
             conn: None,
             streams: r.streams,
             ask_resume: true,
-            can_quiesce: entry["can_quiesce"] == true,
+            can_quiesce: entry.can_quiesce,
             _lock: lock,
         })
     }
@@ -639,12 +650,18 @@ impl<'a> Session<'a> {
             return Ok(Plan::Since);
         };
         if !force {
-            let a = (self.control)(json!({"cmd": "answerable", "disk": self.disk, "since": id}))?;
-            if a["answerable"] == true {
+            let a: proto::AnswerableAnswer = ask(
+                self.control,
+                &proto::Request::Answerable {
+                    disk: Some(self.disk.clone()),
+                    since: Since::Id(id.parse().context("the receiver's newest point")?),
+                },
+            )?;
+            if a.answerable {
                 return Ok(Plan::Since);
             }
             tracing::warn!(
-                disk = %self.disk, point = id, why = %a["why"].as_str().unwrap_or(""),
+                disk = %self.disk, point = id, why = %a.why.unwrap_or_default(),
                 "this agent cannot name the changes since the receiver's newest point: \
                  comparing digests with the receiver instead of sending everything"
             );
@@ -716,16 +733,20 @@ impl<'a> Session<'a> {
         // The agent's own journal answers "can you still name the changes since that cut";
         // a failure to ask is an error of this run, not a reason to distrust the state.
         let mut asked = Ok(());
-        let judged = ctk::push::judge_resume(&state, newest, self.geometry.0, |since| match (self
-            .control)(
-            json!({"cmd": "answerable", "disk": self.disk, "since": since}),
-        ) {
-            Ok(a) if a["answerable"] == true => Ok(()),
-            Ok(a) => Err(a["why"].as_str().unwrap_or("").to_owned()),
-            Err(e) => {
-                let why = format!("{e:#}");
-                asked = Err(e);
-                Err(why)
+        let judged = ctk::push::judge_resume(&state, newest, self.geometry.0, |since| {
+            let since: ChangeId = since.parse().map_err(|e| format!("{since:?}: {e}"))?;
+            let request = proto::Request::Answerable {
+                disk: Some(self.disk.clone()),
+                since: Since::Id(since),
+            };
+            match ask::<proto::AnswerableAnswer>(self.control, &request) {
+                Ok(a) if a.answerable => Ok(()),
+                Ok(a) => Err(a.why.unwrap_or_default()),
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    asked = Err(e);
+                    Err(why)
+                }
             }
         });
         asked?;
@@ -752,14 +773,7 @@ impl<'a> Session<'a> {
 
     /// Reads the disk's size again: it may have been resized since the last push.
     fn refresh_geometry(&mut self) -> Result<()> {
-        let status = (self.control)(json!({"cmd": "status"}))?;
-        let size = status["disks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["name"] == self.disk.as_str())
-            .and_then(|d| d["size"].as_u64())
-            .context("the agent's status: size")?;
+        let size = disk_status(self.control, &self.disk)?.size;
         if size != self.geometry.0 {
             tracing::info!(disk = %self.disk, from = self.geometry.0, to = size, "the disk was resized");
             self.geometry.0 = size;
@@ -796,12 +810,13 @@ impl<'a> Session<'a> {
             // Nothing written since the receiver's point: no cut, no point, only the news
             // that the replica is the disk as of now (the RPO then reads "in sync as of").
             if let (Plan::Since, Some(point)) = (&plan, newest.as_deref()) {
-                let mut ask = json!({"cmd": "unchanged", "disk": disk, "since": point});
-                if let Some(c) = cut.consistency() {
-                    ask["consistency"] = json!(c);
-                }
-                let answer = control(ask)?;
-                if answer["unchanged"] == true {
+                let request = proto::Request::Unchanged {
+                    disk: Some(disk.clone()),
+                    since: point.parse().context("the receiver's newest point")?,
+                    consistency: cut.consistency(),
+                };
+                let answer: proto::UnchangedAnswer = ask(control, &request)?;
+                if answer.unchanged {
                     return self.in_sync(point, &answer, resume_asked, started);
                 }
             }
@@ -831,7 +846,8 @@ impl<'a> Session<'a> {
                 continue;
             }
             let pushed = pushed?;
-            let to = pushed.exported["to"].as_str().unwrap_or("");
+            let to = pushed.exported.to.to_string();
+            let to = to.as_str();
             match ctk::push::after_push(&pushed.answer, to) {
                 AfterPush::Committed { change_id, already } => {
                     break (newest, pushed, change_id, already, resync, resumed_at);
@@ -859,29 +875,23 @@ impl<'a> Session<'a> {
             tracing::warn!(error = %e, leaves = %self.leaf_path.display(), "saving the block digests");
         }
         let seconds = started.elapsed().as_secs_f64();
-        let changed = exported["changed_bytes"].as_u64().unwrap_or(0);
-        let mut cursor = json!({
-            "cmd": "cursor", "op": "advance", "name": self.r.cursor, "at": committed,
-            "cut_unix_ms": exported["cut_unix_ms"],
-        });
+        let changed = exported.changed_bytes;
         // The rate only from pushes big enough to say something about the link.
-        if changed >= 1 << 20 {
-            cursor["rate_bytes_per_s"] = json!(changed as f64 / seconds.max(1e-3));
-        }
-        if control(cursor.clone()).is_err() {
-            cursor["op"] = json!("register");
-            control(cursor).context("registering the replication cursor")?;
-        }
+        let rate = (changed >= 1 << 20).then(|| changed as f64 / seconds.max(1e-3));
+        let at = committed
+            .parse()
+            .context("the receiver's committed point")?;
+        self.move_cursor(at, exported.cut_unix_ms, rate)?;
         Ok(json!({
             "disk": disk,
             "from": newest,
             "committed": committed,
             "already_committed": already,
-            "changed_bytes": exported["changed_bytes"],
+            "changed_bytes": exported.changed_bytes,
             "delta_bytes": pushed.sent,
-            "consistency": exported["consistency"],
-            "cut_unix_ms": exported["cut_unix_ms"],
-            "hold_ms": exported["hold_ms"],
+            "consistency": exported.cut.consistency,
+            "cut_unix_ms": exported.cut_unix_ms,
+            "hold_ms": exported.cut.hold_ms,
             "image_digest": digest,
             "seconds": seconds,
             "committed_unix_ms": std::time::SystemTime::now()
@@ -901,19 +911,12 @@ impl Session<'_> {
     fn in_sync(
         &self,
         point: &str,
-        answer: &Value,
+        answer: &proto::UnchangedAnswer,
         resume_asked: bool,
         started: std::time::Instant,
     ) -> Result<Value> {
-        let as_of = answer["as_of_unix_ms"].as_u64().unwrap_or(0);
-        let mut cursor = json!({
-            "cmd": "cursor", "op": "advance", "name": self.r.cursor, "at": point,
-            "cut_unix_ms": as_of, "disk": self.disk,
-        });
-        if (self.control)(cursor.clone()).is_err() {
-            cursor["op"] = json!("register");
-            (self.control)(cursor).context("registering the replication cursor")?;
-        }
+        let as_of = answer.as_of_unix_ms;
+        self.move_cursor(answer.since, as_of, None)?;
         Ok(json!({
             "disk": self.disk,
             "from": point,
@@ -933,6 +936,26 @@ impl Session<'_> {
     }
 }
 
+impl Session<'_> {
+    /// Moves the replication cursor to `at` (registering it the first time), telling the
+    /// agent when that point was cut (or found in sync: the RPO) and the recent rate.
+    fn move_cursor(&self, at: ChangeId, cut_unix_ms: u64, rate: Option<f64>) -> Result<()> {
+        let request = |op| proto::Request::Cursor {
+            disk: Some(self.disk.clone()),
+            op,
+            name: self.r.cursor.clone(),
+            at: Some(at),
+            cut_unix_ms: Some(cut_unix_ms),
+            rate_bytes_per_s: rate,
+        };
+        if (self.control)(&request(proto::CursorOp::Advance)).is_err() {
+            (self.control)(&request(proto::CursorOp::Register))
+                .context("registering the replication cursor")?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
@@ -942,11 +965,7 @@ impl Drop for Session<'_> {
 }
 
 /// Runs one replication of `disk`. `control` calls the running agent.
-pub fn run(
-    r: &Replicate,
-    disk: &str,
-    control: &(dyn Fn(Value) -> Result<Value> + Sync),
-) -> Result<Value> {
+pub fn run(r: &Replicate, disk: &str, control: Control) -> Result<Value> {
     Session::open(r, disk, control, Arc::new(AtomicU64::new(0)))?.once(Cut::Default, false)
 }
 
@@ -989,40 +1008,4 @@ impl Limiter {
             tokio::time::sleep_until(start).await;
         }
     }
-}
-
-/// Sends one request to an agent's control socket and returns its answer (an error if the
-/// agent refused it).
-pub fn control_call(socket: &std::path::Path, request: &Value) -> Result<Value> {
-    use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connecting to the agent at {} (is `ctk-agent serve` running? see --control)",
-            socket.display()
-        )
-    })?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut answer = String::new();
-    let n = std::io::BufReader::new(&stream)
-        .read_line(&mut answer)
-        .context("reading the agent's answer")?;
-    if n == 0 {
-        bail!(
-            "the agent at {} closed the connection without answering: it crashed or was killed \
-             (see its log); what was asked may or may not have happened",
-            socket.display()
-        );
-    }
-    let answer: Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
-    if answer["ok"] != true {
-        bail!(
-            "{}",
-            answer["error"]
-                .as_str()
-                .unwrap_or("the agent refused the request")
-        );
-    }
-    Ok(answer)
 }

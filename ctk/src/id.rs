@@ -102,9 +102,33 @@ impl FromStr for ChangeId {
     }
 }
 
+/// In JSON (the agent's control socket, the receiver's manifest) a ChangeId is its text.
+impl serde::Serialize for ChangeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ChangeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ChangeId, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_the_text_form_and_garbage_is_refused() {
+        let id = ChangeId::new(Generation(0xabc), 12);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<ChangeId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<ChangeId>("\"abc/1\"").is_err());
+        assert!(serde_json::from_str::<ChangeId>("12").is_err());
+    }
 
     #[test]
     fn text_form_round_trips() {

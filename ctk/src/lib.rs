@@ -27,3 +27,4 @@ pub use tracker::{
     Intend, OpenOutcome, PendingCut, PendingIntent, Tracker, TrackerConfig, TrackerError,
     WriteIntent,
 };
+pub use wire::Consistency;

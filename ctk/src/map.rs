@@ -42,6 +42,29 @@ pub enum Since {
     Id(ChangeId),
 }
 
+/// In JSON, `"all"` or a ChangeId's text.
+impl serde::Serialize for Since {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Since::All => s.serialize_str("all"),
+            Since::Id(id) => s.collect_str(id),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Since {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Since, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        match &*text {
+            "all" => Ok(Since::All),
+            t => t
+                .parse()
+                .map(Since::Id)
+                .map_err(|e| serde::de::Error::custom(format!("{e}; or \"all\""))),
+        }
+    }
+}
+
 /// Why a query was refused. Every variant means "the answer would not be complete": the
 /// caller must fall back to a full copy or a digest compare, never use a short answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

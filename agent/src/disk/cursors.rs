@@ -5,7 +5,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use ctk::{ChangeId, FileStorage, Since, Tracker};
-use serde_json::json;
 
 use super::{DiskError, ProtectedDisk, unix_ms};
 
@@ -28,7 +27,7 @@ pub(super) fn cursor_status(
     name: &str,
     at: ChangeId,
     meta: Option<CursorMeta>,
-) -> serde_json::Value {
+) -> CursorStatus {
     let now = unix_ms();
     let secs = |ms: u64| now.saturating_sub(ms) as f64 / 1000.0;
     let block_size = t.geometry().block_size() as u64;
@@ -41,21 +40,21 @@ pub(super) fn cursor_status(
             (blocks.len() * block_size).min(t.geometry().disk_size())
         });
     let rate = meta.and_then(|m| m.rate_bps).filter(|r| *r > 0.0);
-    json!({
-        "name": name,
-        "at": at.to_string(),
-        "set_unix_ms": meta.map(|m| m.set_unix_ms),
-        "age_s": meta.map(|m| secs(m.set_unix_ms)),
-        "cut_unix_ms": meta.and_then(|m| m.cut_unix_ms),
-        "rpo_s": meta.and_then(|m| m.cut_unix_ms).map(secs),
-        "backlog_bytes": backlog,
-        "rate_bytes_per_s": rate,
-        "eta_s": match (backlog, rate) {
+    CursorStatus {
+        name: name.to_owned(),
+        at,
+        set_unix_ms: meta.map(|m| m.set_unix_ms),
+        age_s: meta.map(|m| secs(m.set_unix_ms)),
+        cut_unix_ms: meta.and_then(|m| m.cut_unix_ms),
+        rpo_s: meta.and_then(|m| m.cut_unix_ms).map(secs),
+        backlog_bytes: backlog,
+        rate_bytes_per_s: rate,
+        eta_s: match (backlog, rate) {
             (Some(0), _) => Some(0.0),
             (Some(b), Some(r)) => Some(b as f64 / r),
             _ => None,
         },
-    })
+    }
 }
 
 /// Where the cursors' meta is kept: `<journal>.cursors`, a JSON object of
@@ -149,7 +148,7 @@ impl ProtectedDisk {
     /// cut time and rate, when given, feed `status` (RPO, ETA).
     pub fn cursor(
         &self,
-        op: &str,
+        op: CursorOp,
         name: &str,
         at: Option<ChangeId>,
         meta: CursorMeta,
@@ -157,14 +156,14 @@ impl ProtectedDisk {
         let at = self.with_tracker(|t| {
             let at = at.unwrap_or(t.latest());
             match op {
-                "register" => t.register_cursor(name, at)?,
-                "advance" => t.advance_cursor(name, at)?,
-                _ => t.drop_cursor(name)?,
+                CursorOp::Register => t.register_cursor(name, at)?,
+                CursorOp::Advance => t.advance_cursor(name, at)?,
+                CursorOp::Drop => t.drop_cursor(name)?,
             }
             Ok(at)
         })?;
         if let Ok(mut known) = self.cursor_meta.lock() {
-            if op == "drop" {
+            if op == CursorOp::Drop {
                 known.remove(name);
             } else {
                 // A move that says nothing of the rate (a push too small to measure the link)
@@ -181,4 +180,40 @@ impl ProtectedDisk {
         }
         Ok(())
     }
+}
+
+/// What to do with a consumer cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CursorOp {
+    Register,
+    Advance,
+    Drop,
+}
+
+impl std::str::FromStr for CursorOp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CursorOp, String> {
+        match s {
+            "register" => Ok(CursorOp::Register),
+            "advance" => Ok(CursorOp::Advance),
+            "drop" => Ok(CursorOp::Drop),
+            _ => Err(format!("{s:?}: use register, advance or drop")),
+        }
+    }
+}
+
+/// One cursor in `status`: where it is, and for a replication cursor the RPO (age of the cut
+/// it names, or of the moment the replica was last found in sync), the backlog and the ETA.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CursorStatus {
+    pub name: String,
+    pub at: ChangeId,
+    pub set_unix_ms: Option<u64>,
+    pub age_s: Option<f64>,
+    pub cut_unix_ms: Option<u64>,
+    pub rpo_s: Option<f64>,
+    pub backlog_bytes: Option<u64>,
+    pub rate_bytes_per_s: Option<f64>,
+    pub eta_s: Option<f64>,
 }

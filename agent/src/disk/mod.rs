@@ -11,7 +11,7 @@ mod resize;
 mod snapshot;
 mod status;
 
-pub use cursors::CursorMeta;
+pub use cursors::{CursorMeta, CursorOp, CursorStatus};
 pub use export::ExportPlan;
 pub use resize::Resized;
 pub use snapshot::COW_LIMIT_DEFAULT;
@@ -36,7 +36,6 @@ use ctk::{
     ChangeId, Extent, FileStorage, Generation, OpenOutcome, Since, Tracker, TrackerConfig,
     TrackerError,
 };
-use serde_json::json;
 
 /// Why a disk operation failed (the NBD front maps each to an errno).
 #[derive(Debug, thiserror::Error)]
@@ -471,39 +470,49 @@ impl ProtectedDisk {
         }
     }
 
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> DiskStatus {
         let c = &self.counters;
         let tracker = self.tracker().ok();
         let t = tracker.as_ref().and_then(|g| g.as_ref());
-        json!({
-            "name": self.name,
-            "path": self.path.display().to_string(),
-            "journal": self.journal.display().to_string(),
-            "size": self.size(),
-            "latest": t.map(|t| t.latest().to_string()),
-            "open_epoch_blocks": t.map(|t| t.map().open_blocks().len()),
-            "block_size": t.map(|t| t.geometry().block_size()),
-            "can_quiesce": self.policy.can_quiesce(),
-            "cursors": t.map(|t| t.map().cursors().map(|(n, id)| {
-                let meta = self
-                    .cursor_meta
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(n).filter(|(at, _)| *at == id).map(|(_, m)| *m));
-                cursor_status(t, n, id, meta)
-            }).collect::<Vec<_>>()),
-            "journal_syncs": t.map(|t| t.syncs()),
-            "reads": c.reads.load(Ordering::Relaxed),
-            "writes": c.writes.load(Ordering::Relaxed),
-            "bytes_written": c.bytes_written.load(Ordering::Relaxed),
-            "flushes": c.flushes.load(Ordering::Relaxed),
-            "trims": c.trims.load(Ordering::Relaxed),
-            "write_zeroes": c.zeroes.load(Ordering::Relaxed),
-            "cow_blocks_preserved": c.cow_blocks.load(Ordering::Relaxed),
-            "cow_waits": c.cow_waits.load(Ordering::Relaxed),
-            "export_reads": if self.direct_ok.load(Ordering::Relaxed) { "direct" } else { "page cache" },
-            "last_cut": self.last_cut.lock().ok().and_then(|l| l.clone()),
-        })
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DiskStatus {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            journal: self.journal.clone(),
+            size: self.size(),
+            latest: t.map(|t| t.latest()),
+            open_epoch_blocks: t.map(|t| t.map().open_blocks().len()),
+            block_size: t.map(|t| t.geometry().block_size()),
+            can_quiesce: self.policy.can_quiesce(),
+            cursors: t.map(|t| {
+                t.map()
+                    .cursors()
+                    .map(|(n, id)| {
+                        let meta =
+                            self.cursor_meta.lock().ok().and_then(|m| {
+                                m.get(n).filter(|(at, _)| *at == id).map(|(_, m)| *m)
+                            });
+                        cursor_status(t, n, id, meta)
+                    })
+                    .collect()
+            }),
+            journal_syncs: t.map(|t| t.syncs()),
+            reads: load(&c.reads),
+            writes: load(&c.writes),
+            bytes_written: load(&c.bytes_written),
+            flushes: load(&c.flushes),
+            trims: load(&c.trims),
+            write_zeroes: load(&c.zeroes),
+            cow_blocks_preserved: load(&c.cow_blocks),
+            cow_waits: load(&c.cow_waits),
+            export_reads: if self.direct_ok.load(Ordering::Relaxed) {
+                "direct"
+            } else {
+                "page cache"
+            }
+            .into(),
+            last_cut: self.last_cut.lock().ok().and_then(|l| l.clone()),
+        }
     }
 
     /// Closes the tracker cleanly (after writes in flight finish), so a restart answers
@@ -533,4 +542,34 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// One protected disk in `status`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DiskStatus {
+    pub name: String,
+    pub path: PathBuf,
+    pub journal: PathBuf,
+    pub size: u64,
+    /// The latest durable cut (none once the disk is shut down).
+    pub latest: Option<ChangeId>,
+    pub open_epoch_blocks: Option<u64>,
+    pub block_size: Option<u32>,
+    /// Whether it has quiesce steps (hooks or freezes): only then can a cut be
+    /// application-consistent.
+    pub can_quiesce: bool,
+    pub cursors: Option<Vec<CursorStatus>>,
+    pub journal_syncs: Option<u64>,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub write_zeroes: u64,
+    pub cow_blocks_preserved: u64,
+    pub cow_waits: u64,
+    /// "direct" or "page cache".
+    pub export_reads: String,
+    /// The last cut's record, as in the cut log.
+    pub last_cut: Option<serde_json::Value>,
 }

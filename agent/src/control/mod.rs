@@ -1,0 +1,92 @@
+//! The control socket: the typed requests of `proto` (`status`, `cut`, `changed`,
+//! `unchanged`, `answerable`, `export`, `cursor`, `resize`), one JSON line each way,
+//! answered for the owner only (mode 0600): `handle` serves them, `client` sends them.
+//! Bounded: a request line is at most `CONTROL_LINE_MAX` bytes, a connection that sends
+//! nothing for `CONTROL_IDLE_TIMEOUT` is closed, and connections over the cap get one line
+//! saying so.
+
+pub mod client;
+mod handle;
+pub mod proto;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
+
+use crate::limits::CONTROL_IDLE_TIMEOUT;
+use crate::server::Agent;
+
+pub use client::{Control, ask, call};
+pub use proto::Request;
+
+/// Longest control request line.
+const CONTROL_LINE_MAX: u64 = 64 * 1024;
+
+/// Serves one accepted control connection on a task of its own: with a permit of the cap,
+/// its requests; without one, a line saying why it is refused.
+pub(crate) fn spawn(
+    agent: Arc<Agent>,
+    stream: tokio::net::UnixStream,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    tokio::spawn(async move {
+        let Some(permit) = permit else {
+            let cap = agent.limits.control_connections;
+            let line = json!({"ok": false, "error": format!(
+                "the agent serves at most {cap} control connections at once: try again")});
+            let mut stream = stream;
+            let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+            return;
+        };
+        if let Err(e) = serve_control(agent, stream).await {
+            debug!(error = %e, "control connection ended");
+        }
+        drop(permit);
+    });
+}
+
+async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(u64::MAX));
+    loop {
+        let mut line = String::new();
+        let mut limited = (&mut lines).take(CONTROL_LINE_MAX);
+        let read = limited.read_line(&mut line);
+        let Ok(n) = tokio::time::timeout(CONTROL_IDLE_TIMEOUT, read).await else {
+            debug!("control connection idle: closed");
+            return Ok(());
+        };
+        let n = n?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = !line.ends_with('\n') && n as u64 >= CONTROL_LINE_MAX;
+        let response = if too_long {
+            json!({"ok": false, "error": "request line too long"})
+        } else {
+            let agent = agent.clone();
+            let answer = serde_json::from_str::<Request>(&line)
+                .map_err(|e| anyhow::anyhow!("not a request this agent knows: {e}"))
+                .and_then(|request| {
+                    tokio::task::block_in_place(|| handle::handle(&agent, request))
+                });
+            match answer {
+                Ok(mut v) => {
+                    v["ok"] = json!(true);
+                    v
+                }
+                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            }
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
+}
