@@ -28,5 +28,5 @@ run() {
 }
 run ctk-tests crash_sigkill sigkill 'SIGKILL trials'
 run ctk-receiver store a_merge_killed_at_any_step 'crash trials'
-run ctk-receiver replication replication_survives_either_side 'trials:'
-run ctk-receiver continuous continuous_mode_under_a_steady 'writes;'
+run ctk-tests replication replication_survives_either_side 'trials:'
+run ctk-tests continuous continuous_mode_under_a_steady 'writes;'

@@ -168,6 +168,29 @@ fn default_freeze_timeout_ms() -> u64 {
     10_000
 }
 
+/// Parses sizes such as `4096`, `64K`, `256M`, `2G`, `1T` (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size unit {c:?}: use K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 256M"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +212,15 @@ mod tests {
         let err = toml::from_str::<Config>(&typo).unwrap_err().to_string();
         assert!(err.contains("freeze_timout_ms"), "{err}");
         assert!(toml::from_str::<Config>("on_failure = 3").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_refuse_garbage() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -2,10 +2,9 @@
 //! calls library code; only this binary uses anyhow.
 
 use ctk::Consistency;
+use ctk_agent::config::parse_size;
 use ctk_agent::control::{Request, proto};
-use ctk_agent::{
-    config, continuous, demo, disk, freeze, limits, pipeline, quickstart, replicate, server,
-};
+use ctk_agent::{config, continuous, disk, freeze, limits, pipeline, replicate, server};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +23,7 @@ use serde_json::json;
     long_about = "ctk-agent keeps, for every protected disk, a change map in which each block carries the \
 sequence number of the cut in which it was last written, durable in a journal beside the disk. At a cut \
 it can export exactly the blocks changed since any earlier cut (a ChangeId) as a self-checking delta.\n\n\
-Start with `ctk-agent demo`: it generates an image, writes to it through the tracker, and proves that \
+Start with `ctk-demo` (its own binary): it generates an image, replicates it to a receiver, and proves that \
 full + incremental deltas rebuild it byte for byte.\n\nLogs go to stderr; set RUST_LOG=info (or debug) for more."
 )]
 struct Cli {
@@ -34,37 +33,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The main job on a generated image: a receiver on 127.0.0.1 and this agent, paired;
-    /// writes through NBD; cuts replicated over QUIC; every restore point proven equal to
-    /// the source as of its cut.
-    Demo {
-        /// Working directory (must not already hold demo files). Default: a new directory
-        /// under the system temp dir.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Image size, e.g. 256M, 1G (multiple of 4 KiB).
-        #[arg(long, default_value = "256M", value_parser = parse_size)]
-        size: u64,
-        /// Incremental cuts after the first full.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        cycles: u32,
-        /// Random writes between two cuts.
-        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
-        writes: u32,
-        /// zstd level for delta data (1 is fastest; 3 is about 4% smaller and slower).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
-        zstd_level: i32,
-        /// Seed of the generated content and workload (random if not given).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Run the older in-process demo instead: tracker, delta files and a replica, no
-        /// NBD and no network.
-        #[arg(long)]
-        local: bool,
-        /// Print one JSON document instead of progress lines.
-        #[arg(long)]
-        json: bool,
-    },
     /// Run the agent: serve each protected disk over NBD with change tracking, and answer
     /// cut / changed / export / resize / status on the control socket. Stops cleanly on
     /// SIGINT/SIGTERM.
@@ -367,41 +335,12 @@ fn parse_since(text: &str) -> Result<ctk::Since, String> {
     }
 }
 
-/// Parses sizes such as `4096`, `64K`, `256M`, `2G`, `1T` (binary units).
 fn parse_at(text: &str) -> Result<u32, String> {
     continuous::parse_time_of_day(text).map_err(|e| e.to_string())
 }
 
 fn parse_rate(text: &str) -> Result<u64, String> {
     continuous::parse_rate(text).map_err(|e| e.to_string())
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size unit {c:?}: use K, M, G or T")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 256M"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
-fn random_seed() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("operating system random source failed");
-    u64::from_le_bytes(b)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -661,36 +600,6 @@ fn run(cli: Cli) -> Result<()> {
                 out.trim_end().to_string()
             })
         }
-        Command::Demo {
-            dir,
-            size,
-            cycles,
-            writes,
-            zstd_level,
-            seed,
-            json,
-            local,
-        } => {
-            let seed = seed.unwrap_or_else(random_seed);
-            let dir = match dir {
-                Some(d) => d,
-                None => std::env::temp_dir().join(format!("ctk-demo-{seed:016x}")),
-            };
-            let opts = demo::DemoOptions {
-                dir,
-                size,
-                cycles,
-                writes_per_cycle: writes,
-                zstd_level,
-                seed,
-                json,
-            };
-            if local {
-                demo::run(opts)
-            } else {
-                quickstart::run(&opts)
-            }
-        }
         Command::VerifyDelta { file, json } => {
             let f = std::fs::File::open(&file)
                 .with_context(|| format!("opening {}", file.display()))?;
@@ -863,20 +772,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse_with_binary_units_and_refuse_garbage() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -2,8 +2,8 @@
 //! (export) -> release NBD writes -> thaw -> post-thaw hooks, bounded everywhere.
 //!
 //! Release comes before thaw: thawing writes the filesystem's superblock, and for a
-//! filesystem on a protected disk that write goes through the NBD front (found by the
-//! ext4-over-nbdfuse test, which deadlocked the other way round).
+//! filesystem on a protected disk that write goes through the NBD front; the other way round
+//! deadlocks.
 //!
 //! The filesystem freeze comes before NBD writes are held: freezing flushes the filesystem,
 //! and that flush travels down through the NBD front. Destaging a write-back cache below the

@@ -19,9 +19,9 @@ use ctk::delta::{DeltaError, DeltaHeader, DeltaSummary, DeltaWriter, WriteOption
 use ctk::limits::DELTA_RECORD_DATA_MAX;
 
 // Direct reads need aligned memory and ranges; the helpers live beside the store's `Vfs`.
-// Exports read directly because, on this project's machines, a cold read through the page
-// cache costs the kernel more CPU than ctk spends on zstd and CRC together (BENCHMARKS.md),
-// and because a backup's reads should not evict the host's own cache.
+// Exports read directly because a cold read through the page cache costs the kernel a copy
+// into pages it must first find (CPU the export needs for zstd and CRC), and because a
+// backup's reads should not evict the host's own cache.
 pub use ctk::vfs::{AlignedBuf, DIRECT_ALIGN, direct_fits};
 
 /// Opens `path` read-only for direct reads (`ctk::vfs::open_direct`): `None` where that is

@@ -141,8 +141,8 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Whether `bytes` are all zeros. Zero detection runs over every block the agent exports
-/// and every leaf either side hashes, so it must not be a byte-at-a-time loop (3 GB/s here,
-/// against tens of GB/s): 256-byte chunks are ORed as words, which the compiler turns into
+/// and every leaf either side hashes, so it must not be a byte-at-a-time loop: 256-byte
+/// chunks are ORed as words, which the compiler turns into
 /// vector instructions, and checked one chunk at a time so data exits at its first chunk.
 pub fn is_zero(bytes: &[u8]) -> bool {
     let mut chunks = bytes.chunks_exact(256);

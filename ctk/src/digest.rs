@@ -6,11 +6,11 @@
 //! the block size and every leaf in order.
 //!
 //! Why XXH3 for the leaves: every replicated byte is hashed twice (agent and receiver), on
-//! the same cores that read, compress, encrypt and write it; BLAKE3 per 4 KiB block cost
-//! twice the whole delta encoding (~2 GB/s against ~4 GB/s here) and was the largest CPU
-//! consumer of a first full. The check guards against accidents (a wrong block, a lost
-//! write, rot), not against an adversary (the link is authenticated): a damaged block goes
-//! unnoticed with probability 2^-64. The digest over the leaves stays BLAKE3. A merge changes only
+//! the same cores that read, compress, encrypt and write it, and BLAKE3 per 4 KiB block
+//! costs more than the whole delta encoding (BENCHMARKS.md has the figures). The check
+//! guards against accidents (a wrong block, a lost write, rot), not against an adversary
+//! (the link is authenticated): a damaged block goes unnoticed with probability 2^-64. The
+//! digest over the leaves stays BLAKE3. A merge changes only
 //! the leaves of the blocks it writes, so both sides update their digest from the delta
 //! alone: the agent from the blocks it exported, the receiver from the blocks it reads back
 //! out of its merged image, and the two must agree before the receiver commits.

@@ -977,8 +977,7 @@ mod tests {
 
     /// Regression: roaring 0.12's `next_many` returns nothing for a full container, and an
     /// earlier `Extents` built on it answered a fully written 4 GiB disk with no extents at
-    /// all (found by the copy-on-write benchmark). Full containers, optimised or not, alone
-    /// or among others, must come back whole.
+    /// all. Full containers, optimised or not, alone or among others, must come back whole.
     #[test]
     fn full_containers_are_reported_whole() {
         let g = Geometry::new(4 << 30, BS).unwrap();

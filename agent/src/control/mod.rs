@@ -11,7 +11,7 @@ pub mod proto;
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::OwnedSemaphorePermit;
@@ -69,11 +69,9 @@ async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Res
             json!({"ok": false, "error": "request line too long"})
         } else {
             let agent = agent.clone();
-            let answer = serde_json::from_str::<Request>(&line)
-                .map_err(|e| anyhow::anyhow!("not a request this agent knows: {e}"))
-                .and_then(|request| {
-                    tokio::task::block_in_place(|| handle::handle(&agent, request))
-                });
+            let answer = parse(&line).and_then(|request| {
+                tokio::task::block_in_place(|| handle::handle(&agent, request))
+            });
             match answer {
                 Ok(mut v) => {
                     v["ok"] = json!(true);
@@ -89,4 +87,18 @@ async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Res
             return Ok(());
         }
     }
+}
+
+/// A request line read as a `Request`, with an error that says which part is wrong: not
+/// JSON, an unknown command, or a field of a known one.
+fn parse(line: &str) -> Result<Request> {
+    let value: serde_json::Value = serde_json::from_str(line).context("request is not JSON")?;
+    let cmd = value["cmd"].as_str().unwrap_or_default().to_owned();
+    if !proto::COMMANDS.contains(&cmd.as_str()) {
+        bail!(
+            "unknown command {cmd:?}: use {}",
+            proto::COMMANDS.join(", ")
+        );
+    }
+    serde_json::from_value(value).with_context(|| format!("the {cmd} request"))
 }

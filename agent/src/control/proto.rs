@@ -12,6 +12,18 @@ use serde::{Deserialize, Serialize};
 pub use crate::disk::{CursorOp, CursorStatus, DiskStatus};
 pub use crate::pipeline::CutAnswer;
 
+/// The commands, as `Request`'s `cmd` names them.
+pub const COMMANDS: &[&str] = &[
+    "status",
+    "cut",
+    "changed",
+    "unchanged",
+    "answerable",
+    "export",
+    "cursor",
+    "resize",
+];
+
 /// A request to the running agent. `disk` may be left out when it protects one disk.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]

@@ -141,7 +141,7 @@ impl ProtectedDisk {
     /// record-sized, aligned pieces (a first full, long runs of changes). Shorter pieces
     /// (scattered small changes) go through the page cache, where `Prefetch` hints let the
     /// kernel read many at once; direct, one read at a time, each would wait out the disk's
-    /// latency (2% of 4 GiB in 64 KiB extents staged 1.4x slower that way, BENCHMARKS.md).
+    /// latency.
     fn reads_directly(&self, offset: u64, len: usize) -> bool {
         self.direct.is_some()
             && self.direct_ok.load(Ordering::Relaxed)

@@ -401,8 +401,7 @@ impl ProtectedDisk {
         // Make the cut's data durable on the backing. This needs no hold: every write
         // acknowledged before the seal is flushed by it (later ones too, harmlessly), and
         // readers of the cut (exports) read through this host, protected by copy-on-write.
-        // Flushing inside the hold made the hold as long as the page cache was dirty (tens of
-        // ms under load; see BENCHMARKS.md).
+        // Flushed inside the hold, the hold would last as long as the page cache is dirty.
         self.file.sync_data().map_err(DiskError::Io)?;
         Ok((id, times, value))
     }

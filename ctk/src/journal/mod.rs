@@ -48,8 +48,8 @@ pub(crate) struct Replayed {
 /// Worst-case serialized size of a roaring bitmap of `blocks` block numbers. A container that
 /// was never `optimize()`d can be a run container with up to 32,768 runs (4 bytes each), far
 /// larger than the 8 KiB of a bitmap container: the open epoch grows such containers when a
-/// large write (a run) is later merged with many single blocks. An 8 KiB bound rejected valid
-/// journals and started needless new generations (found by the SIGKILL crash test). A bitmap
+/// large write (a run) is later merged with many single blocks; a tighter bound would reject
+/// valid journals and start needless new generations. A bitmap
 /// blob longer than this is corruption. The blob only grows with chunks actually read from
 /// the file, so this bounds plausibility, not an up-front allocation.
 pub(crate) fn bitmap_len_max(blocks: u64) -> u64 {

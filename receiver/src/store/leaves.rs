@@ -44,8 +44,8 @@ impl DiskStore {
                 // The leaves must give the digest the point was committed with: the leaf
                 // file's body has no checksum of its own, and a misread one (or a misread
                 // full.img) would make the pre-image check below pass wrong bytes into the
-                // undo. (Found by the simulation, seed 81427: a shifted read of the leaf
-                // file, then a misdirected read of zeros that matched its zero leaves.)
+                // undo (a shifted read of the leaf file, then a misdirected read of zeros
+                // that matches its zero leaves).
                 let fits = |l: &Leaves| {
                     newest
                         .image_digest

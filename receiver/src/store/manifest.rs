@@ -27,7 +27,7 @@ pub(super) fn read_manifest(fs: &dyn Vfs, path: &Path, name: &str) -> Result<Opt
     }
     // Every byte of what the store commits to is checked before it is used: a bad read of
     // the manifest (a flipped digit in a ChangeId or an undo's name) would otherwise be
-    // written back by the next merge as the truth. (Found by the simulation's bad reads.)
+    // written back by the next merge as the truth.
     if m.version >= 2 && m.checksum.as_deref() != Some(m.checksum().as_str()) {
         return Err(StoreError::Damaged {
             disk: name.into(),
@@ -216,7 +216,7 @@ impl DiskStore {
         // From the rename on, the new manifest is what readers see and may be what a crash
         // leaves, so everything after builds on it even if the directory sync fails: rolling
         // back a merge the visible manifest already calls committed would destroy the point
-        // (found by the simulation: a first full emptied under its own committed manifest).
+        // (a first full emptied under its own committed manifest).
         self.manifest = manifest;
         self.sync_dir(&self.dir)
     }

@@ -31,9 +31,9 @@ pub(super) fn apply_reporting(
                 offset + data.len() as u64
             }
             // A short zero range is written as its zeros: punching a hole costs ext4 an
-            // extent-tree change in the journal per call (40% of an incremental apply's time
-            // went to 64 KiB punches), and the blocks are allocated again by the next write
-            // there. Long ones (a trimmed file) become holes, as the replica is thin.
+            // extent-tree change in the journal per call, and the blocks are allocated again
+            // by the next write there. Long ones (a trimmed file) become holes, as the
+            // replica is thin.
             DeltaRecord::Zero { offset, length } if length <= ZERO_WRITE_MAX as u64 => {
                 target
                     .write_all_at(&ZEROS[..length as usize], offset)

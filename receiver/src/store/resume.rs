@@ -236,7 +236,7 @@ impl DiskStore {
                     Err(e) => {
                         // A resume state that does not read back whole is dropped, so the
                         // next push starts from the beginning instead of failing the same
-                        // way forever (found by the simulation).
+                        // way forever.
                         if matches!(e, StoreError::Delta(_)) {
                             tracing::warn!(disk = %self.name, error = %e, "the resume state is damaged: dropping it");
                             self.drop_partial();

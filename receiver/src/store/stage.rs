@@ -74,10 +74,9 @@ impl DiskStore {
     ///
     /// A resumed push (`keep_partial` false) is staged into `staging/resumed.ctkd` instead:
     /// it holds only the rest of a change, so what it received must never become a resume
-    /// state of its own, as `incoming.ctkd` does when a restart finds it (`salvage_incoming`).
-    /// Found by the simulation: a receiver restarted while staging a resumed push salvaged it
-    /// as if every block below its checkpoint were there, and the next resume lost the
-    /// blocks the first part had carried.
+    /// state of its own, as `incoming.ctkd` does when a restart finds it (`salvage_incoming`):
+    /// salvaged, it would pass for every block below its checkpoint, and the next resume
+    /// would lose the blocks the first part had carried.
     pub(super) fn stage<R: Read>(
         &mut self,
         input: Replayed<R>,

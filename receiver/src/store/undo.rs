@@ -32,8 +32,7 @@ pub(super) struct UndoWriter {
     /// Ranges added but not yet read, oldest first, and their bytes: each is hinted to the
     /// kernel when added and read once [`UNDO_AHEAD`] bytes (or [`UNDO_AHEAD_RANGES`]
     /// ranges) are queued behind it, so the disk fetches many at once instead of one cold
-    /// read at a time while the push waits (2% of a 4 GiB replica in 64 KiB extents: the
-    /// staging took 0.45-0.69 s with the reads one by one, BENCHMARKS.md).
+    /// read at a time while the push waits.
     pub(super) pending: std::collections::VecDeque<(u64, u64)>,
     pub(super) pending_bytes: u64,
 }
@@ -119,8 +118,7 @@ impl UndoWriter {
         // an undo is only read back when a restore needs it, by then too late to fetch the
         // bytes again, so a bad read (a flipped bit, a misdirected read) must be caught here.
         // A transient one is read again; one that persists refuses the merge before
-        // anything is recorded. (Found by the simulation's bad reads: the undo kept a
-        // flipped bit, and the older point no longer restored.)
+        // anything is recorded.
         let read = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
             for _ in 0..READ_ATTEMPTS {
                 full.read_exact_at(buf, offset)?;
@@ -153,8 +151,8 @@ impl UndoWriter {
 
 /// An [`UndoWriter`] on a thread of its own, fed the ranges of a push as they are staged:
 /// reading the pre-images (cold: full.img was mostly written past the page cache), checking
-/// their leaves and compressing them took about two thirds as long as the rest of the
-/// staging (probe: 0.09-0.10 s against 0.14 s), and on the staging's thread it added to it.
+/// their leaves and compressing them is work of the order of the staging itself, and on the
+/// staging's thread it would add to it.
 pub(super) struct UndoThread {
     pub(super) ranges: Option<std::sync::mpsc::SyncSender<UndoMsg>>,
     pub(super) thread: Option<std::thread::JoinHandle<Result<Option<Leaves>>>>,

@@ -2,8 +2,7 @@
 //! their own.
 //!
 //! A first full writes most of a disk into `full.img`. Through the page cache that costs
-//! the kernel a copy into pages it must first find (on this project's VMs, fresh guest pages
-//! cost far more than the copy: BENCHMARKS.md), and the data reaches the disk only at the
+//! the kernel a copy into pages it must first find, and the data reaches the disk only at the
 //! final fsync, after the transfer. Written directly (`O_DIRECT`), it goes to the disk while
 //! the rest still arrives, and a receiver holding many replicas keeps its page cache for
 //! other work.

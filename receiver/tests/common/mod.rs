@@ -1,21 +1,11 @@
-//! What the receiver's end-to-end tests share: the binaries, processes that die with the
-//! test, a receiver and an agent started and paired, a seeded Rng.
+//! What the receiver's own process tests share: the binary, processes that die with the
+//! test, a receiver started, a seeded Rng. (Tests with an agent too are in tests/.)
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-
-pub fn agent_bin() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_ctk-receiver")).with_file_name("ctk-agent");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
-        path.display()
-    );
-    path
-}
 
 pub fn tool(name: &str) -> &str {
     let found = Command::new("sh")
@@ -140,25 +130,6 @@ pub fn restore(receiver_bin: &Path, store: &Path, disk: &str, point: &str, out: 
     std::fs::read(out).unwrap()
 }
 
-/// `ctk-agent replicate --json` to the receiver at `addr`, with the agent's identity in
-/// `d/aid`, its control socket `d/ctl.sock` and `d` as work directory.
-pub fn replicate_cmd(agent_bin: &Path, d: &Path, addr: SocketAddr, rfp: &str) -> Command {
-    let mut cmd = Command::new(agent_bin);
-    cmd.arg("replicate")
-        .arg("--identity")
-        .arg(d.join("aid"))
-        .arg("--receiver")
-        .arg(addr.to_string())
-        .arg("--receiver-fingerprint")
-        .arg(rfp)
-        .arg("--control")
-        .arg(d.join("ctl.sock"))
-        .arg("--work-dir")
-        .arg(d)
-        .arg("--json");
-    cmd
-}
-
 /// One request over a raw connection, as a misbehaving agent would send it.
 pub fn raw_call(
     identity: &ctk_net::Identity,
@@ -183,119 +154,4 @@ pub fn raw_call(
         let answer = ctk_net::read_frame(&mut recv).await.unwrap();
         ctk_net::wire::Response::decode(&answer).unwrap()
     })
-}
-
-/// A receiver on 127.0.0.1 and both identities in a temporary directory `d`, paired (the
-/// agent as `host1`, its store `d/store/host1`); each test starts the agent it needs.
-pub struct Pair {
-    pub _dir: tempfile::TempDir,
-    pub d: PathBuf,
-    pub receiver_bin: PathBuf,
-    pub agent_bin: PathBuf,
-    pub rfp: String,
-    pub afp: String,
-    pub keep: usize,
-    pub addr: SocketAddr,
-    pub receiver: Proc,
-}
-
-impl Pair {
-    pub fn new(keep: usize) -> Pair {
-        Pair::new_in(tempfile::tempdir().unwrap(), keep)
-    }
-
-    /// `new` in a directory the caller prepared (say, with `store` on a filesystem of its
-    /// own).
-    pub fn new_in(dir: tempfile::TempDir, keep: usize) -> Pair {
-        Pair::new_in_logged(dir, keep, false)
-    }
-
-    /// `new`, the receiver's log kept in `d/receiver.log` (for tests of what it logs).
-    pub fn new_logged(keep: usize) -> Pair {
-        Pair::new_in_logged(tempfile::tempdir().unwrap(), keep, true)
-    }
-
-    fn new_in_logged(dir: tempfile::TempDir, keep: usize, logged: bool) -> Pair {
-        let d = dir.path().to_owned();
-        if logged {
-            std::fs::File::create(d.join("receiver.log")).unwrap();
-        }
-        let receiver_bin = PathBuf::from(env!("CARGO_BIN_EXE_ctk-receiver"));
-        let agent_bin = agent_bin();
-        let rfp = init(&receiver_bin, &d.join("rid"));
-        let afp = init(&agent_bin, &d.join("aid"));
-        let (receiver, addr) = start_receiver_keeping(&receiver_bin, &d, &afp, keep);
-        Pair {
-            _dir: dir,
-            d,
-            receiver_bin,
-            agent_bin,
-            rfp,
-            afp,
-            keep,
-            addr,
-            receiver,
-        }
-    }
-
-    /// SIGKILLs the receiver and starts it again on the same store and address.
-    pub fn restart_receiver(&mut self) {
-        let _ = self.receiver.0.kill();
-        let _ = self.receiver.0.wait();
-        let (p, _) =
-            start_receiver_at(&self.receiver_bin, &self.d, &self.afp, self.keep, self.addr);
-        self.receiver = p;
-    }
-
-    /// `ctk-agent serve` protecting `image` as vm1 (NBD `d/nbd.sock`, control `d/ctl.sock`).
-    pub fn serve_disk(&self, image: &Path) -> Proc {
-        start(
-            Command::new(&self.agent_bin)
-                .arg("serve")
-                .arg("--disk")
-                .arg(format!("vm1={}", image.display()))
-                .arg("--listen")
-                .arg(format!("unix:{}", self.d.join("nbd.sock").display()))
-                .arg("--control")
-                .arg(self.d.join("ctl.sock")),
-        )
-        .0
-    }
-
-    /// `ctk-agent replicate --json <extra>` to this receiver.
-    pub fn replicate(&self, extra: &[&str]) -> Command {
-        let mut cmd = replicate_cmd(&self.agent_bin, &self.d, self.addr, &self.rfp);
-        cmd.args(extra);
-        cmd
-    }
-
-    pub fn store(&self) -> PathBuf {
-        self.d.join("store/host1")
-    }
-
-    /// The `replica` cursor of the first disk, as `ctk-agent status --json` shows it.
-    pub fn cursor(&self) -> serde_json::Value {
-        let (ok, out, err) = run(Command::new(&self.agent_bin)
-            .args(["status", "--json", "--control"])
-            .arg(self.d.join("ctl.sock")));
-        assert!(ok, "status: {err}");
-        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-        status["disks"][0]["cursors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "replica")
-            .cloned()
-            .unwrap_or(serde_json::Value::Null)
-    }
-}
-
-/// Writes `size` seeded random bytes to `path` (incompressible: a bandwidth limit holds a
-/// push of it back, and every unit differs from every other).
-pub fn random_image(path: &Path, size: u64, seed: u64) {
-    let mut rng = Rng(seed | 1);
-    let bytes: Vec<u8> = (0..size / 8)
-        .flat_map(|_| rng.next().to_le_bytes())
-        .collect();
-    std::fs::write(path, bytes).unwrap();
 }

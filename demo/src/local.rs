@@ -1,4 +1,4 @@
-//! `ctk-agent demo --local`: tracking and delta export on a generated image, in one process
+//! `ctk-demo --local`: tracking and delta export on a generated image, in one process
 //! with no network: a source image is written through the tracker (real journal, real
 //! fsync), cut several times, each delta exported to a file, verified, applied to a replica,
 //! and the replica compared with the source at every cut. The main job (`demo` without

@@ -20,7 +20,7 @@ use ctk_net::{Fingerprint, Identity};
 fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_strangers() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let receiver_bin = Path::new(env!("CARGO_BIN_EXE_ctk-receiver"));
+    let receiver_bin = &receiver_bin();
     let agent_bin = agent_bin();
     let rfp = init(receiver_bin, &d.join("rid"));
     let afp = init(&agent_bin, &d.join("aid"));
@@ -288,7 +288,7 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
 fn replication_survives_either_side_killed_at_random_moments() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let receiver_bin = Path::new(env!("CARGO_BIN_EXE_ctk-receiver"));
+    let receiver_bin = &receiver_bin();
     let agent_bin = agent_bin();
     let rfp = init(receiver_bin, &d.join("rid"));
     let afp = init(&agent_bin, &d.join("aid"));
@@ -532,7 +532,7 @@ fn replication_through_a_link_that_flips_drops_and_duplicates_datagrams() {
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let receiver_bin = Path::new(env!("CARGO_BIN_EXE_ctk-receiver"));
+    let receiver_bin = &receiver_bin();
     let agent_bin = agent_bin();
     let rfp = init(receiver_bin, &d.join("rid"));
     let afp = init(&agent_bin, &d.join("aid"));

@@ -1,4 +1,4 @@
-//! `ctk-agent demo`: the main job, end to end, on an embedded default. In one process but
+//! `ctk-demo`: the main job, end to end, on an embedded default. In one process but
 //! through the real parts: a receiver serving on 127.0.0.1 over QUIC with a store in a
 //! directory, an agent protecting a generated image behind its NBD front and control socket,
 //! the two paired by fingerprint; a write workload through NBD; cuts and replications; and
@@ -15,12 +15,13 @@ use anyhow::{Context, Result, bail, ensure};
 use ctk_net::Identity;
 use serde_json::{Value, json};
 
-use crate::config::CutPolicy;
-use crate::demo::{DemoOptions, Rng, fill, generate_image, say};
-use crate::disk::ProtectedDisk;
-use crate::nbd_client::NbdClient;
-use crate::replicate::{self, Replicate};
-use crate::server::{self, Agent, Listen};
+use ctk_agent::config::CutPolicy;
+use ctk_agent::disk::ProtectedDisk;
+use ctk_agent::nbd_client::NbdClient;
+use ctk_agent::replicate::{self, Replicate};
+use ctk_agent::server::{self, Agent, Listen};
+
+use crate::local::{DemoOptions, Rng, fill, generate_image, say};
 
 const DISK: &str = "vm1";
 const HOST: &str = "demo-host";
@@ -111,7 +112,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let agent = Arc::new(Agent::new(
         vec![Arc::new(disk)],
         opts.zstd_level,
-        crate::limits::Limits::default(),
+        ctk_agent::limits::Limits::default(),
     ));
     let nbd_socket = dir.join("nbd.sock");
     let control = dir.join("ctl.sock");
@@ -258,7 +259,7 @@ fn cycles(
         streams: replicate::STREAMS_DEFAULT,
     };
     let source = dir.join("source.img");
-    let call = |req: &crate::control::Request| crate::control::call(control, req);
+    let call = |req: &ctk_agent::control::Request| ctk_agent::control::call(control, req);
     let mut expected = HashMap::new();
     let mut reports = Vec::new();
     let mut nbd = NbdClient::connect(nbd_socket, DISK)?;

@@ -1,7 +1,7 @@
-//! The NBD protocol (fixed newstyle), as far as ctk-agent serves it: constants, and parsing
-//! and encoding of handshake options, requests and replies. No I/O: the server feeds bytes in
-//! and writes the bytes this module produces. Every length is checked before it is used.
-//! Reference: NBD's doc/proto.md.
+//! The NBD protocol (fixed newstyle), as far as ctk serves it (the agent's front; the
+//! receiver's exports of restore points): constants, and parsing and encoding of handshake
+//! options, requests and replies. No I/O: the server feeds bytes in and writes the bytes this
+//! crate produces. Every length is checked before it is used. Reference: NBD's doc/proto.md.
 
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
