@@ -624,10 +624,15 @@ impl ChangeMap {
         self.open.resize(new_blocks);
         self.geometry = new;
         // Every block from the shorter end onwards changed content: new space reads as
-        // zeros, and a partial last block gained or lost its tail.
+        // zeros, and a partial last block gained or lost its tail. A shrink to a block
+        // boundary changes no remaining block, but the disk changed all the same: its last
+        // block is reported, so that "nothing changed since" always means "the same disk"
+        // (an idle push must not skip a shrink).
         let first_block = old_size.min(disk_size) >> new.block_shift();
         if first_block < new_blocks {
             self.record_blocks(first_block as u32, (new_blocks - 1) as u32);
+        } else if disk_size != old_size && new_blocks > 0 {
+            self.record_blocks((new_blocks - 1) as u32, (new_blocks - 1) as u32);
         }
         Ok(())
     }
@@ -946,7 +951,10 @@ mod tests {
         let c1 = m.seal();
         m.resize(50 * BS).unwrap();
         let c2 = m.seal();
-        assert_eq!(blocks(&m, Since::Id(start)), Vec::<u32>::new());
+        // The blocks past the new end are forgotten; the shrink itself is reported, by the
+        // new last block, so that an empty answer always means the same disk.
+        assert_eq!(blocks(&m, Since::Id(start)), vec![49]);
+        assert_eq!(blocks(&m, Since::Id(c2)), Vec::<u32>::new());
         m.resize(100 * BS).unwrap();
         let c3 = m.seal();
         let regrown: Vec<u32> = m
@@ -954,13 +962,16 @@ mod tests {
             .unwrap()
             .iter()
             .collect();
-        assert_eq!(regrown, (50..100).collect::<Vec<_>>());
+        // 50.. at least; the shrink's block 49 may come along where epochs were merged.
+        let exact: Vec<u32> = (50..100).collect();
+        let merged: Vec<u32> = (49..100).collect();
+        assert!(regrown == exact || regrown == merged, "{regrown:?}");
         let from_c1: Vec<u32> = m
             .changed_blocks(Since::Id(c1), c3)
             .unwrap()
             .iter()
             .collect();
-        assert_eq!(from_c1, (50..100).collect::<Vec<_>>());
+        assert_eq!(from_c1, (49..100).collect::<Vec<_>>());
     }
 
     #[test]

@@ -399,8 +399,14 @@ impl Harness {
                 for (_, allowed) in &mut self.recoveries {
                     allowed.resize(blocks, false);
                 }
-                // New space reads as zeros, a partial last block changed its tail.
+                // New space reads as zeros, a partial last block changed its tail; a shrink
+                // to a block boundary is reported by the new last block.
                 let first = (old.min(size) >> shift) as usize;
+                let first = if first >= blocks && size != old && blocks > 0 {
+                    blocks - 1
+                } else {
+                    first
+                };
                 for b in first..blocks {
                     self.writes[b].push(self.now);
                     self.session_blocks.insert(b as u64);

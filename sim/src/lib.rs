@@ -7,13 +7,14 @@
 //! cut, fails fsyncs, fills up, and returns flipped or misdirected bytes from reads). Between them a simulated link delivers each push's delta
 //! and end frame, or cuts it, corrupts it, delivers an old one again, or loses the ack.
 //!
-//! The agent's push decisions are the real ones too: `ctk::push` (whether a resume state is
-//! trusted, which blocks a resumed push sends, the delta of a digest compare, what an answer
-//! lets the cursor do) is what `agent/src/replicate.rs` calls between its QUIC requests, and
-//! the receiver's answer is `ctk_receiver::server::push_answer`, as the server sends it.
-//! What stays outside: the QUIC transport, the agent's NBD front, its snapshot and export
-//! pipeline (a FIFO between two threads), and the order of the agent's requests (newest,
-//! answerable, resume, push), which this driver repeats in one function.
+//! The agent's push is the real one too: `ctk::push::Session`, the state machine that
+//! decides what to ask (newest, answerable, resume, unchanged, digests), what to send and
+//! when the cursor may move, is what `agent/src/replicate` drives over QUIC and its control
+//! socket; here the same session is driven by the simulated tracker, store and link, and the
+//! receiver's answer is `ctk_receiver::server::push_answer`, as the server sends it. What
+//! stays outside: the QUIC transport, the agent's NBD front, and its snapshot and export
+//! pipeline (a FIFO between two threads). `run_mutant` runs a seed with a deliberate mistake
+//! in the session's order, which the checker must catch.
 //!
 //! The seed picks everything: the disk's size, the workload, and the fault rates
 //! themselves (swarm testing: some seeds crash a lot, some never, some fill the disk). The
@@ -23,7 +24,8 @@
 //!   `verify` passes;
 //! - nothing acknowledged is lost: the newest acknowledged point stays until a newer one is
 //!   committed;
-//! - the agent's cursor never names a point the receiver never committed.
+//! - the agent's cursor never names a point the receiver never committed;
+//! - a push that found nothing changed ("in sync") was right: the disk equals that point.
 //!
 //! A failure reports the seed and the last events; the same seed on the same commit replays
 //! it exactly (`ctk-sim --seed N --trace`).
@@ -36,7 +38,7 @@ use std::sync::Arc;
 
 use ctk::delta::{self, DeltaHeader, WriteOptions};
 use ctk::digest::Leaves;
-use ctk::push::AfterPush;
+use ctk::push::{self, Action, Mutant, Outcome as PushOutcome, Plan};
 use ctk::vfs::{SimFaults, SimFs, SimFsStats, Vfs};
 use ctk::wire::Response;
 use ctk::{
@@ -316,6 +318,8 @@ struct Sim {
     committed_set: BTreeSet<String>,
     /// The newest point the receiver acknowledged to the agent.
     last_acked: Option<String>,
+    /// A deliberate mistake in the agent's push order (the mutant tests), if any.
+    mutant: Option<Mutant>,
 }
 
 type Outcome = Result<(), Violation>;
@@ -357,6 +361,7 @@ impl Sim {
             committed: Vec::new(),
             committed_set: BTreeSet::new(),
             last_acked: None,
+            mutant: None,
         }
     }
 
@@ -654,6 +659,15 @@ impl Sim {
     // ----- the push -----
 
     fn push(&mut self) -> Outcome {
+        // Half the pushes are of crash cuts, which make no point when nothing changed.
+        let may_skip = self.rng.below(2) == 0;
+        self.push_with(may_skip)
+    }
+
+    /// One push as the agent makes it: the real `ctk::push::Session` decides what to ask,
+    /// what to send and when the cursor moves; this driver answers its questions from the
+    /// simulated tracker, store and link.
+    fn push_with(&mut self, may_skip: bool) -> Outcome {
         self.report.pushes += 1;
         // Sometimes an old push arrives again first (a retry racing a reconnect, a stale
         // stream): it must be acknowledged as already committed or refused, never merged
@@ -666,33 +680,122 @@ impl Sim {
             self.deliver(&old, true)?;
             self.check_receiver()?;
         }
-        // As the agent does: a push the receiver turned down because it moved on meanwhile
-        // (or because the resume state it offered no longer fits) is tried again at once,
-        // from where the receiver then stands, up to 3 times; each try is a new cut.
-        for _ in 0..3 {
-            if !self.push_try()? {
-                break;
+        let forced = self.rng.chance(self.swarm.forced_resync);
+        let mut s = push::Session::new(self.size, true, forced, may_skip);
+        if let Some(m) = self.mutant {
+            s = s.with_mutant(m);
+        }
+        // The receiver's hashes of a resync: (unit, replica size, hashes).
+        let mut digests: Option<(u32, u64, Vec<u8>)> = None;
+        loop {
+            for note in s.take_notes() {
+                self.event(format!("agent: {note:?}"));
+            }
+            match s.poll() {
+                Action::AskNewest => {
+                    let points = self.receiver_points()?;
+                    let newest = points
+                        .last()
+                        .map(|p| p.change_id.parse().expect("a point id"));
+                    s.handle_newest(newest);
+                }
+                Action::AskAnswerable(since) => {
+                    let t = self.tracker()?;
+                    let latest = t.latest();
+                    let answer = match t.changed(Since::Id(since), latest) {
+                        Ok(_) => Ok(()),
+                        Err(TrackerError::Query(q)) => Err(q.to_string()),
+                        Err(e) => {
+                            return Err(self.violation(format!("changed({since}) failed: {e}")));
+                        }
+                    };
+                    s.handle_answerable(answer);
+                }
+                Action::AskResume => {
+                    let offered = self
+                        .open_store()
+                        .ok()
+                        .and_then(|store| store.partial())
+                        .map(|p| p.state());
+                    s.handle_resume(offered);
+                }
+                Action::AskUnchanged(since) => {
+                    let t = self.tracker()?;
+                    let unchanged = t
+                        .changed_blocks_unconfirmed(Since::Id(since), t.map().latest())
+                        .is_ok_and(|b| b.is_empty() && t.map().open_blocks().is_empty());
+                    s.handle_unchanged(unchanged);
+                }
+                Action::FetchDigests(_) => {
+                    self.report.resyncs += 1;
+                    let unit = (BS as u32) << self.rng.below(3);
+                    match self
+                        .open_store()
+                        .ok()
+                        .and_then(|store| store.unit_digests(unit).ok())
+                    {
+                        Some((of, size, hashes)) => {
+                            digests = Some((unit, size, hashes));
+                            s.handle_digests(Ok(of.parse().expect("a point id")));
+                        }
+                        None => s.handle_digests(Err("resync digests unavailable".into())),
+                    }
+                }
+                Action::Push(plan) => {
+                    let Some((push, to)) = self.export(&plan, s.newest(), digests.as_ref())? else {
+                        // The agent crashed taking the cut: this push is over.
+                        return Ok(());
+                    };
+                    let answer = self.deliver(&push, true)?;
+                    self.last_push = Some(push);
+                    match answer {
+                        Some(_) if self.rng.chance(self.swarm.ack_lost) => {
+                            self.report.acks_lost += 1;
+                            self.event(format!("link: the answer to the push of {to} is lost"));
+                            s.handle_push_lost("the answer was lost".into(), false, Some(to));
+                        }
+                        Some(answer) => s.handle_pushed(to, &answer),
+                        None => s.handle_push_lost("no answer".into(), false, Some(to)),
+                    }
+                    self.check_receiver()?;
+                }
+                Action::MoveCursor(point) => {
+                    let id = point.to_string();
+                    self.last_acked = Some(id.clone());
+                    self.committed_seen(&id);
+                    self.advance_cursor(&id)?;
+                    s.handle_cursor_moved();
+                }
+                Action::Done(outcome) => {
+                    if let PushOutcome::InSync { point } = &outcome
+                        && self.cuts.get(&point.to_string()) != Some(&self.source)
+                    {
+                        return Err(self.violation(format!(
+                            "MISSED WRITE: the agent said nothing changed since {point}, but \
+                             the disk differs from it"
+                        )));
+                    }
+                    self.event(format!("agent: push done: {outcome:?}"));
+                    return self.check_receiver();
+                }
             }
         }
-        Ok(())
     }
 
-    /// One try of a push; `Ok(true)` when the answer asks the agent to try again.
-    fn push_try(&mut self) -> Result<bool, Violation> {
-        let points = self.receiver_points()?;
-        let newest = points.last().map(|p| p.change_id.clone());
-        // What the receiver answers the agent's `Resume` request with.
-        let offered = self
-            .open_store()
-            .ok()
-            .and_then(|s| s.partial())
-            .map(|p| p.state());
+    /// Cuts, and exports what `plan` says on top of the receiver's newest point `newest`:
+    /// the push's bytes and cut, or `None` when the agent crashed taking the cut.
+    fn export(
+        &mut self,
+        plan: &Plan,
+        newest: Option<ChangeId>,
+        digests: Option<&(u32, u64, Vec<u8>)>,
+    ) -> Result<Option<(Push, ChangeId)>, Violation> {
         let to = match self.tracker()?.cut() {
             Ok(id) => id,
             Err(e) => {
                 self.report.journal_sync_failures += 1;
                 self.crash_agent(&format!("cut failed: {e}"));
-                return Ok(false);
+                return Ok(None);
             }
         };
         self.cuts.insert(to.to_string(), self.source.clone());
@@ -702,15 +805,12 @@ impl Sim {
             Ok(())
         };
         let geometry = Geometry::new(self.size, BS).expect("a simulated disk's geometry");
-        let newest_id = newest
-            .as_deref()
-            .map(|n| n.parse::<ChangeId>().expect("a point id"));
         let header = DeltaHeader {
             disk_id: DISK.into(),
             disk_size: self.size,
             block_size: BS as u32,
             // A resumed push starts where the cut-off one did: the same point.
-            from: newest_id,
+            from: newest,
             to,
         };
         let options = WriteOptions {
@@ -720,91 +820,17 @@ impl Sim {
                 None
             },
         };
-
-        // What to send, decided as the agent does (`agent/src/replicate.rs`, with the same
-        // `ctk::push` functions): a full into an empty store; the changes since the
-        // receiver's newest point when the journal can name them, continuing the receiver's
-        // resume state when it fits; else (or when forced) a digest compare.
-        let since = newest_id.map_or(Since::All, Since::Id);
-        let forced_resync = newest_id.is_some() && self.rng.chance(self.swarm.forced_resync);
-        let named = if forced_resync {
-            None
-        } else {
-            self.changed(since, to)?
-        };
         let mut resume = None;
-        let exported = match (named, newest_id) {
-            (None, None) => {
-                // The journal cannot name everything written: send the whole disk.
-                self.report.fulls += 1;
-                delta::export_with(
-                    read,
-                    [Extent::new(0, self.size)],
-                    &header,
-                    options,
-                    Vec::new(),
-                )
-            }
-            (Some(extents), from) => {
-                match from {
-                    Some(from) => self.check_reported(&from, to, &extents)?,
-                    None => self.report.fulls += 1,
-                }
-                let mut extents = extents;
-                if let Some(state) = offered {
-                    let size = self.size;
-                    let t = self.tracker()?;
-                    let judged = ctk::push::judge_resume(&state, newest.as_deref(), size, |cut| {
-                        let prior: ChangeId = cut.parse().map_err(|e| format!("{e}"))?;
-                        t.changed_blocks(Since::Id(prior), to)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    });
-                    let blocks = judged.and_then(|prior| {
-                        let all = t.changed_blocks(since, to).map_err(|e| e.to_string())?;
-                        let later = t
-                            .changed_blocks(Since::Id(prior), to)
-                            .map_err(|e| e.to_string())?;
-                        Ok(ctk::push::resume_blocks(&all, &later, state.next_offset, &geometry).0)
-                    });
-                    match blocks {
-                        Ok(send) => {
-                            extents = ctk::map::blocks_to_extents(&send, &geometry);
-                            resume = Some((state.to.clone(), state.next_offset));
-                            self.report.resumes += 1;
-                            self.event(format!(
-                                "agent: resuming {} at {}",
-                                state.to, state.next_offset
-                            ));
-                        }
-                        Err(why) => self.event(format!("agent: not resuming {state:?}: {why}")),
-                    }
-                }
-                self.event(format!("agent: {} extents to send", extents.len()));
-                delta::export_with(read, &extents, &header, options, Vec::new())
-            }
-            (None, Some(_)) => {
-                self.report.resyncs += 1;
-                let unit = (BS as u32) << self.rng.below(3);
-                let Some((_, size, hashes)) = self
-                    .open_store()
-                    .ok()
-                    .and_then(|s| s.unit_digests(unit).ok())
-                else {
-                    self.event("agent: resync digests unavailable".into());
-                    return Ok(false);
-                };
+        let exported = match plan {
+            Plan::Compare { .. } => {
+                let (unit, size, hashes) = digests.expect("a compare follows its digests");
                 // A replica of another size has no hash the agent can use: the full copy.
-                let theirs = if size == self.size {
-                    hashes
-                } else {
-                    Vec::new()
-                };
-                let r = ctk::push::compare_export(
+                let theirs: &[u8] = if *size == self.size { hashes } else { &[] };
+                let r = push::compare_export(
                     read,
                     self.size,
-                    unit,
-                    &theirs[..],
+                    *unit,
+                    theirs,
                     &header,
                     options,
                     Vec::new(),
@@ -816,11 +842,56 @@ impl Sim {
                 }
                 r.map(|(w, summary, _)| (w, summary))
             }
+            Plan::Since(since) | Plan::Resume { since, .. } => {
+                let Some(extents) = self.changed(*since, to)? else {
+                    // Answerable a moment ago, not now (a crash in between): a full.
+                    self.report.fulls += 1;
+                    let whole = [Extent::new(0, self.size)];
+                    let (w, _) = delta::export_with(read, whole, &header, options, Vec::new())
+                        .map_err(|e| self.violation(format!("export failed: {e}")))?;
+                    return Ok(Some((self.pushed(w, None), to)));
+                };
+                match newest {
+                    Some(from) => self.check_reported(&from, to, &extents)?,
+                    None => self.report.fulls += 1,
+                }
+                let mut extents = extents;
+                if let Plan::Resume {
+                    prior, next_offset, ..
+                } = plan
+                {
+                    let t = self.tracker()?;
+                    let all = t.changed_blocks(*since, to);
+                    let later = t.changed_blocks(Since::Id(*prior), to);
+                    match (all, later) {
+                        (Ok(all), Ok(later)) => {
+                            let send = push::resume_blocks(&all, &later, *next_offset, &geometry).0;
+                            extents = ctk::map::blocks_to_extents(&send, &geometry);
+                            resume = Some((prior.to_string(), *next_offset));
+                            self.report.resumes += 1;
+                        }
+                        _ => self.event("agent: the resumed cut is no longer answerable".into()),
+                    }
+                }
+                self.event(format!("agent: {} extents to send", extents.len()));
+                delta::export_with(read, &extents, &header, options, Vec::new())
+            }
         };
         let (bytes, _) = exported.map_err(|e| self.violation(format!("export failed: {e}")))?;
+        self.event(format!(
+            "agent: push {:?} -> {to}, {} bytes",
+            newest.map(|f| f.to_string()),
+            bytes.len()
+        ));
+        Ok(Some((self.pushed(bytes, resume), to)))
+    }
+
+    /// A push of `bytes` with the end frame the agent sends: the cut's time, its
+    /// consistency, and the digest of the whole image as of the cut.
+    fn pushed(&self, bytes: Vec<u8>, resume: Option<(String, u64)>) -> Push {
         let mut leaves = Leaves::zeroed(self.size, BS as u32).expect("small disk");
-        leaves.set_data(0, &image).expect("whole image");
-        let push = Push {
+        leaves.set_data(0, &self.source).expect("whole image");
+        Push {
             bytes,
             meta: PointMeta {
                 cut_unix_ms: Some(self.now()),
@@ -828,38 +899,7 @@ impl Sim {
                 image_digest: Some(leaves.digest().to_string()),
             },
             resume,
-        };
-        self.event(format!(
-            "agent: push {:?} -> {to}, {} bytes",
-            header.from.map(|f| f.to_string()),
-            push.bytes.len()
-        ));
-        let answer = self.deliver(&push, true)?;
-        self.last_push = Some(push);
-        // What the answer lets the agent do, read as the agent reads it.
-        let mut again = false;
-        match answer.map(|a| ctk::push::after_push(&a, &to.to_string())) {
-            Some(AfterPush::Committed { change_id, .. }) => {
-                if self.rng.chance(self.swarm.ack_lost) {
-                    self.report.acks_lost += 1;
-                    self.event(format!("link: the ack of {change_id} is lost"));
-                } else {
-                    self.last_acked = Some(change_id.clone());
-                    self.committed_seen(&change_id);
-                    self.advance_cursor(&change_id)?;
-                }
-            }
-            Some(AfterPush::Retry(why)) => {
-                self.event(format!("agent: not committed, trying again: {why}"));
-                again = true;
-            }
-            Some(AfterPush::Failed(why)) => {
-                self.event(format!("agent: not committed: {why}"));
-            }
-            None => {}
         }
-        self.check_receiver()?;
-        Ok(again)
     }
 
     /// The tracker's answer for `since` up to `upto`, or `None` if it cannot give one (the
@@ -1047,7 +1087,8 @@ impl Sim {
         };
         self.step += 1;
         let before = self.report.commits + self.report.already_committed;
-        self.push()?;
+        // A push of a crash cut may skip an unchanged disk; this one must commit.
+        self.push_with(false)?;
         if self.report.commits + self.report.already_committed == before {
             return Err(self.violation("STUCK: with every fault off, the last push did not commit"));
         }
@@ -1063,6 +1104,15 @@ pub fn run(seed: u64) -> Result<Report, Violation> {
 /// One seed's run with its trace (for `--trace`): the swarm, then every event.
 pub fn trace(seed: u64) -> (Vec<String>, Result<Report, Violation>) {
     trace_with(seed, false)
+}
+
+/// `run` with a deliberate mistake in the agent's push order: a seed that finds it is a
+/// seed the simulation catches it with.
+pub fn run_mutant(seed: u64, mutant: Mutant) -> Result<Report, Violation> {
+    let mut sim = Sim::new(seed);
+    sim.mutant = Some(mutant);
+    let outcome = sim.run();
+    outcome.map(|()| sim.report)
 }
 
 /// `trace`, with the receiver's filesystem operations in it when `fs_ops`.

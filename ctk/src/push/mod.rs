@@ -2,13 +2,21 @@
 //! can be continued, which blocks a resumed push sends, what a resync sends, and what the
 //! receiver's answer to a push lets the agent do. No I/O of their own.
 //!
-//! `ctk-agent` calls them between QUIC requests; `ctk-sim` calls the same functions between
-//! the simulated link and the simulated store, so a mistake here is within the
-//! simulation's reach and not only the real-process tests'.
+//! The order they are asked in is `Session`, a state machine with no I/O (quinn-proto's
+//! contract: `poll` says what to do next, `handle_*` takes what came of it). `ctk-agent`
+//! drives it with QUIC requests and its control socket; `ctk-sim` drives the same `Session`
+//! with the simulated link and store, so a mistake in the decisions or in their order is
+//! within the simulation's reach and not only the real-process tests'.
 
 use std::io::{self, Read, Write};
 
 use roaring::RoaringBitmap;
+
+mod session;
+
+#[cfg(feature = "mutants")]
+pub use session::Mutant;
+pub use session::{Action, Note, Outcome, Plan, Session};
 
 use crate::delta::{DeltaError, DeltaHeader, DeltaSummary, DeltaWriter, WriteOptions};
 use crate::wire::{Refusal, Response, ResumeState};
@@ -26,6 +34,20 @@ pub fn judge_resume(
     newest: Option<&str>,
     disk_size: u64,
     answerable: impl FnOnce(&str) -> Result<(), String>,
+) -> Result<ChangeId, String> {
+    let prior = judge_resume_state(state, newest, disk_size)?;
+    answerable(&state.to).map_err(|why| {
+        format!("this agent cannot name the changes since its cut {prior}: {why}")
+    })?;
+    Ok(prior)
+}
+
+/// The checks of `judge_resume` that need nothing but the values: the state's cut if the
+/// state fits, before the agent is asked whether it can name the changes since that cut.
+pub fn judge_resume_state(
+    state: &ResumeState,
+    newest: Option<&str>,
+    disk_size: u64,
 ) -> Result<ChangeId, String> {
     if state.from.as_deref() != newest {
         return Err(format!(
@@ -49,9 +71,6 @@ pub fn judge_resume(
     {
         return Err(format!("its cut {prior} is not after {n}"));
     }
-    answerable(&state.to).map_err(|why| {
-        format!("this agent cannot name the changes since its cut {prior}: {why}")
-    })?;
     Ok(prior)
 }
 
