@@ -1,4 +1,5 @@
-//! A first full into an empty store: written into full.img as it arrives (no staging: there is no earlier point to protect); any failure empties the store again.
+//! A first full into an empty store: written into full.img as it arrives (no staging: there is
+//! no earlier point to protect); any failure empties the store again.
 
 use super::*;
 

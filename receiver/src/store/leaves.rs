@@ -1,4 +1,6 @@
-//! The block digests (leaves) of the newest point, kept beside full.img: used to check pre-images as the undo reads them, and to compute each merge's image digest, which must equal the agent's.
+//! The block digests (leaves) of the newest point, kept beside full.img: used to check pre-
+//! images as the undo reads them, and to compute each merge's image digest, which must equal
+//! the agent's.
 
 use super::*;
 

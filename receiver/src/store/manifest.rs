@@ -1,4 +1,5 @@
-//! The manifest: the committed points of a disk and the merge in progress, replaced whole (write, fsync, rename, fsync the directory) and checked against its own CRC32 at every read.
+//! The manifest: the committed points of a disk and the merge in progress, replaced whole
+//! (write, fsync, rename, fsync the directory) and checked against its own CRC32 at every read.
 
 use super::*;
 

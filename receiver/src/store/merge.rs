@@ -1,4 +1,5 @@
-//! The merge of a staged delta: undo durable, "applying" recorded, applied to full.img with the merged blocks read back for the digest, committed.
+//! The merge of a staged delta: undo durable, "applying" recorded, applied to full.img with the
+//! merged blocks read back for the digest, committed.
 
 use super::*;
 

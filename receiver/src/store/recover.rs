@@ -1,4 +1,5 @@
-//! Opening after a crash: an interrupted merge is finished from its staged delta or rolled back with its undo, and files no point names are removed.
+//! Opening after a crash: an interrupted merge is finished from its staged delta or rolled back
+//! with its undo, and files no point names are removed.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Restore and verify: a point materialized by reading each byte once, from the oldest newer undo that holds it or else the full; every stored checksum checked.
+//! Restore and verify: a point materialized by reading each byte once, from the oldest newer
+//! undo that holds it or else the full; every stored checksum checked.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Resuming cut-off pushes: what was received of a push kept as a complete delta (`Partial`), and the rest composed under it.
+//! Resuming cut-off pushes: what was received of a push kept as a complete delta (`Partial`),
+//! and the rest composed under it.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Retention: dropping points, folding the undo files of those between kept ones into the next kept point's.
+//! Retention: dropping points, folding the undo files of those between kept ones into the next
+//! kept point's.
 
 use super::*;
 

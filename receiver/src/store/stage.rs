@@ -1,4 +1,5 @@
-//! Staging: a pushed delta written to `staging/` and verified whole (every CRC, the trailer) before it may touch the replica.
+//! Staging: a pushed delta written to `staging/` and verified whole (every CRC, the trailer)
+//! before it may touch the replica.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! The undo of a merge: the pre-images its delta overwrites, written as the delta is staged (on a thread of its own), in the delta format.
+//! The undo of a merge: the pre-images its delta overwrites, written as the delta is staged (on
+//! a thread of its own), in the delta format.
 
 use super::*;
 
