@@ -27,6 +27,6 @@ run() {
   echo "$2/$3 ($((SECONDS - started)) s): $(grep -E "$4" "/tmp/ctk-campaign-$2.log" | tail -n 1)"
 }
 run ctk-tests crash_sigkill sigkill 'SIGKILL trials'
-run ctk-receiver store a_merge_killed_at_any_step 'crash trials'
+run ctk-receiver store_crash a_merge_killed_at_any_step 'crash trials'
 run ctk-tests replication replication_survives_either_side 'trials:'
 run ctk-tests continuous continuous_mode_under_a_steady 'writes;'

@@ -201,7 +201,7 @@ fn watch_rpo(limit: Duration, newest_cut_ms: Arc<AtomicU64>, since_ms: u64, disk
                 0 => since_ms,
                 ms => ms,
             };
-            let rpo = Duration::from_millis(unix_ms().saturating_sub(base));
+            let rpo = Duration::from_millis(ctk::unix_ms_now().saturating_sub(base));
             if rpo > limit && !over {
                 over = true;
                 tracing::warn!(%disk, rpo_s = rpo.as_secs_f64(), limit_s = limit.as_secs_f64(), "RPO exceeded");
@@ -212,13 +212,6 @@ fn watch_rpo(limit: Duration, newest_cut_ms: Arc<AtomicU64>, since_ms: u64, disk
             std::thread::sleep(Duration::from_millis(250));
         }
     });
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Sleeps until `until`, waking to check for a stop; false when asked to stop.
@@ -268,7 +261,12 @@ pub fn run(
     stop_on_signals();
     let newest_cut_ms = Arc::new(AtomicU64::new(0));
     if let Some(limit) = schedule.rpo_warn {
-        watch_rpo(limit, newest_cut_ms.clone(), unix_ms(), disk.to_owned());
+        watch_rpo(
+            limit,
+            newest_cut_ms.clone(),
+            ctk::unix_ms_now(),
+            disk.to_owned(),
+        );
     }
     let mut next = match schedule.every {
         Some(_) => Instant::now(),
@@ -288,7 +286,7 @@ pub fn run(
                 pause = Duration::ZERO;
                 let cut_ms = answer["cut_unix_ms"].as_u64().unwrap_or(0);
                 newest_cut_ms.store(cut_ms, Ordering::Relaxed);
-                answer["rpo_s"] = json!(unix_ms().saturating_sub(cut_ms) as f64 / 1000.0);
+                answer["rpo_s"] = json!(ctk::unix_ms_now().saturating_sub(cut_ms) as f64 / 1000.0);
                 tracing::info!(
                     %disk,
                     committed = %answer["committed"].as_str().unwrap_or(""),
@@ -326,7 +324,7 @@ pub fn run(
 }
 
 fn next_scheduled(at: &[u32]) -> Instant {
-    let now = unix_ms() as i64 / 1000;
+    let now = ctk::unix_ms_now() as i64 / 1000;
     let when = next_daily(now, at).unwrap_or(now + 86_400);
     Instant::now() + Duration::from_secs((when - now).max(0) as u64)
 }

@@ -269,21 +269,8 @@ pub fn cut(
             .push("no pre-freeze hook and no freeze target: recorded as crash-consistent".into());
         consistency = Consistency::Crash;
     }
-    let degrade = |consistency: &mut Consistency,
-                   warnings: &mut Vec<String>,
-                   e: anyhow::Error|
-     -> Result<()> {
-        match policy.on_failure {
-            OnFailure::Abort => {
-                Err(e.context("cut aborted: nothing is frozen and the epoch is still open"))
-            }
-            OnFailure::CrashConsistent => {
-                warn!(disk = %disk.name, error = %format!("{e:#}"), "falling back to a crash-consistent cut");
-                warnings.push(format!("{e:#}"));
-                *consistency = Consistency::Crash;
-                Ok(())
-            }
-        }
+    let degrade = |consistency: &mut Consistency, warnings: &mut Vec<String>, e| {
+        degrade(disk, policy, consistency, warnings, e)
     };
     if want == Consistency::Application {
         for hook in &policy.pre_freeze {
@@ -362,15 +349,7 @@ pub fn cut(
         (Some(true), None) => {}
     }
     if want == Consistency::Application {
-        for hook in &policy.post_thaw {
-            if let Err(e) = run_hook(
-                "post-thaw hook",
-                &hook.command,
-                Duration::from_millis(hook.timeout_ms),
-            ) {
-                warnings.push(format!("{e:#}"));
-            }
-        }
+        post_thaw(policy, &mut warnings);
     }
     let report = CutReport {
         change_id,
@@ -385,17 +364,48 @@ pub fn cut(
     Ok(report)
 }
 
+/// A quiesce step failed: abort the cut, or go on crash-consistent with a warning, as the
+/// disk's policy says.
+fn degrade(
+    disk: &ProtectedDisk,
+    policy: &CutPolicy,
+    consistency: &mut Consistency,
+    warnings: &mut Vec<String>,
+    e: anyhow::Error,
+) -> Result<()> {
+    match policy.on_failure {
+        OnFailure::Abort => {
+            Err(e.context("cut aborted: nothing is frozen and the epoch is still open"))
+        }
+        OnFailure::CrashConsistent => {
+            warn!(disk = %disk.name, error = %format!("{e:#}"), "falling back to a crash-consistent cut");
+            warnings.push(format!("{e:#}"));
+            *consistency = Consistency::Crash;
+            Ok(())
+        }
+    }
+}
+
+/// The post-thaw hooks: each runs whatever the others did; a failure is a warning (the cut
+/// is taken).
+fn post_thaw(policy: &CutPolicy, warnings: &mut Vec<String>) {
+    for hook in &policy.post_thaw {
+        if let Err(e) = run_hook(
+            "post-thaw hook",
+            &hook.command,
+            Duration::from_millis(hook.timeout_ms),
+        ) {
+            warnings.push(format!("{e:#}"));
+        }
+    }
+}
+
 /// Records a cut: appended to `<journal>.cuts` (one JSON object per line, for whoever
 /// audits the cuts after a restart: their time and consistency level; bounded by
 /// `append_bounded`), and kept by the disk for `status`.
 fn log_cut(disk: &ProtectedDisk, report: &CutReport) {
     let mut entry = serde_json::to_value(report.answer(&disk.name)).unwrap_or_default();
-    entry["time_unix_ms"] = json!(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    );
+    entry["time_unix_ms"] = json!(ctk::unix_ms_now());
     let mut path = disk.journal.clone().into_os_string();
     path.push(".cuts");
     let line = format!("{entry}\n");

@@ -237,6 +237,9 @@ fn ext4_through_nbdfuse_application_consistent_cuts_rebuild_a_clean_replica() {
 /// Point in time: writes continue during an export, yet the delta is the disk as of its
 /// cut. The destage step copies the image while NBD writes are held, just before the seal:
 /// that copy is the source at the cut instant, and replica + delta must equal it.
+///
+/// One piece: the writer, the cut, the export and the comparison run against one agent
+/// at the same time; their interleaving is what is tested.
 #[test]
 fn export_while_writes_continue_is_the_disk_as_of_the_cut() {
     let dir = tempfile::tempdir().unwrap();

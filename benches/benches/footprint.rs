@@ -110,13 +110,13 @@ fn main() {
     let mut rng = Rng(11);
     syncs_per_1000(
         "random 4 KiB in a 10 GiB hot set",
-        move || (rng.next_u64() % hot) * BLOCK,
+        move || (rng.next() % hot) * BLOCK,
         1000,
     );
     let mut rng = Rng(12);
     syncs_per_1000(
         "random 4 KiB in a 10 GiB hot set",
-        move || (rng.next_u64() % hot) * BLOCK,
+        move || (rng.next() % hot) * BLOCK,
         100_000,
     );
     let mut next = 0u64;

@@ -36,9 +36,7 @@ now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 jq_() { python3 -c "import json,sys; d=json.load(open('$1')); print($2)"; }
 . "$(dirname "$0")/pair.sh"
-# One timed ctk replication (c_s seconds, c_b bytes) and one timed rsync (s_s, s_b), cold.
-# Each tool starts with nothing dirty in the page cache: without the sync, the writeback of
-# the tool before (restic's repository, 1 GB a round) lands in the next one's fsyncs.
+# One timed ctk replication (c_s seconds, c_b bytes), cold (timed_rsync, timed_restic: pair.sh).
 timed_ctk() {
   sync
   "$bin/ctk-stages" drop "$work/vm1.img"
@@ -46,15 +44,6 @@ timed_ctk() {
   c_s=$(python3 -c "print($t1 - $t0)"); c_b=$(jq_ "$work/rep.json" "d['delta_bytes']")
   # Where the receiver's merge spent it (seconds per step), to stderr.
   grep ' merged ' "$work/r.log" | tail -1 | sed -n 's/.*steps=\(.*\) merged.*/  merge steps: \1/p; s/.*steps=\(\[.*\]\).*/  merge steps: \1/p' | head -1 >&2
-}
-timed_rsync() {
-  sync
-  "$bin/ctk-stages" drop "$work/vm1.img"; "$bin/ctk-stages" drop "$work/rsync/vm1.img"
-  t0=$(now)
-  rsync --inplace --no-whole-file --stats "$work/vm1.img" "rsync://127.0.0.1:$port/bench/vm1.img" > "$work/rsync.out"
-  t1=$(now)
-  s_s=$(python3 -c "print($t1 - $t0)")
-  s_b=$(sed -n 's/^Total bytes sent: \([0-9,.]*\).*/\1/p' "$work/rsync.out" | tr -d ',.')
 }
 
 echo "generating a ${size_mib} MiB mixed image..." >&2
@@ -65,21 +54,8 @@ serve_agent
 # The starting point, not timed: ctk's first full, rsync's copy, restic's first snapshot.
 echo "first full, rsync copy, restic first backup..." >&2
 replicate "$work/full.json"
-mkdir -p "$work/rsync"
-cp --sparse=always "$work/vm1.img" "$work/rsync/vm1.img"
-port=$((20000 + RANDOM % 20000))
-cat > "$work/rsyncd.conf" <<EOF
-use chroot = no
-uid = $(id -u)
-gid = $(id -g)
-[bench]
-path = $work/rsync
-read only = false
-EOF
-rsync --daemon --no-detach --config="$work/rsyncd.conf" --port=$port --address=127.0.0.1 &
-sleep 0.5
-restic -r "$work/restic" init -q > /dev/null
-restic -r "$work/restic" backup -q "$work/vm1.img" > /dev/null
+start_rsyncd
+start_restic
 
 ctk_s=(); rsync_s=(); restic_s=(); ctk_b=(); rsync_b=(); restic_b=(); floor_b=()
 printf '%-6s %10s %10s %10s   %12s %12s %12s %12s\n' round ctk_s rsync_s restic_s \
@@ -89,12 +65,7 @@ for r in $(seq "$rounds"); do
   floor=$(jq_ "$work/change.json" "d['zstd_bytes']")
   timed_ctk
   timed_rsync   # the daemon's copy is the state before the change
-  # restic
-  sync
-  "$bin/ctk-stages" drop "$work/vm1.img"
-  t0=$(now); restic -r "$work/restic" backup --json "$work/vm1.img" > "$work/restic.out"; t1=$(now)
-  e_s=$(python3 -c "print($t1 - $t0)")
-  e_b=$(grep '"message_type":"summary"' "$work/restic.out" | python3 -c "import json,sys; print(json.loads(sys.stdin.read())['data_added'])")
+  timed_restic
   printf '%-6s %10.2f %10.2f %10.2f   %12d %12d %12d %12d\n' "$r" "$c_s" "$s_s" "$e_s" "$floor" "$c_b" "$s_b" "$e_b"
   ctk_s+=("$c_s"); rsync_s+=("$s_s"); restic_s+=("$e_s")
   ctk_b+=("$c_b"); rsync_b+=("$s_b"); restic_b+=("$e_b"); floor_b+=("$floor")

@@ -1,16 +1,7 @@
 //! Shared helpers for the benchmarks: deterministic workloads and mixed disk-like data.
 
 /// A xorshift generator: the same workload on every run.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+pub use ctk::seeded::XorShift64 as Rng;
 
 pub const TIB: u64 = 1 << 40;
 pub const BLOCK: u64 = 4096;
@@ -18,7 +9,7 @@ pub const BLOCK: u64 = 4096;
 /// `n` random block numbers below `blocks`.
 pub fn random_blocks(n: usize, blocks: u64, seed: u64) -> Vec<u64> {
     let mut rng = Rng(seed | 1);
-    (0..n).map(|_| rng.next_u64() % blocks).collect()
+    (0..n).map(|_| rng.next() % blocks).collect()
 }
 
 /// Mixed disk data as in BASELINES.md: 25% zeros, 25% random, 50% text-like, in runs of
@@ -28,16 +19,16 @@ pub fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed | 1);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        let run = 4096 * (1 + (rng.next_u64() % 16) as usize);
-        match rng.next_u64() % 4 {
+        let run = 4096 * (1 + (rng.next() % 16) as usize);
+        match rng.next() % 4 {
             0 => out.resize(out.len() + run, 0),
             1 => {
                 for _ in 0..run / 8 {
-                    out.extend_from_slice(&rng.next_u64().to_le_bytes());
+                    out.extend_from_slice(&rng.next().to_le_bytes());
                 }
             }
             _ => {
-                let start = (rng.next_u64() % TEXT.len() as u64) as usize;
+                let start = (rng.next() % TEXT.len() as u64) as usize;
                 out.extend(TEXT.iter().cycle().skip(start).take(run));
             }
         }

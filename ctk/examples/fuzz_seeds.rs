@@ -33,14 +33,14 @@ fn main() -> std::io::Result<()> {
             (
                 "newest-answer.bin",
                 Response::Newest {
-                    change_id: Some(ChangeId::new(Generation(9), 4).to_string()),
+                    change_id: Some(ChangeId::new(Generation(9), 4)),
                 }
                 .encode(),
             ),
             (
                 "committed.bin",
                 Response::Committed {
-                    change_id: ChangeId::new(Generation(9), 5).to_string(),
+                    change_id: ChangeId::new(Generation(9), 5),
                     already: false,
                 }
                 .encode(),

@@ -19,6 +19,15 @@ impl Generation {
     }
 }
 
+/// The wall clock in unix milliseconds, for the daemons' records (cut times, commit times,
+/// ages). The library's own logic never reads it: time comes in as arguments.
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl fmt::Debug for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)
@@ -115,6 +124,31 @@ impl<'de> serde::Deserialize<'de> for ChangeId {
         text.parse().map_err(serde::de::Error::custom)
     }
 }
+
+/// On the wire (bincode) a ChangeId is its text, as a string: the same bytes as when the
+/// messages carried it as a `String`, so older peers read it unchanged. A text that does not
+/// parse fails the frame's decoding.
+impl bincode::Encode for ChangeId {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        e: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        bincode::Encode::encode(&self.to_string(), e)
+    }
+}
+
+impl<Context> bincode::Decode<Context> for ChangeId {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        d: &mut D,
+    ) -> Result<ChangeId, bincode::error::DecodeError> {
+        let text: String = bincode::Decode::decode(d)?;
+        text.parse().map_err(|e: ParseChangeIdError| {
+            bincode::error::DecodeError::OtherString(e.to_string())
+        })
+    }
+}
+
+bincode::impl_borrow_decode!(ChangeId);
 
 #[cfg(test)]
 mod tests {

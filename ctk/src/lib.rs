@@ -15,12 +15,13 @@ pub mod journal;
 pub mod limits;
 pub mod map;
 pub mod push;
+pub mod seeded;
 pub mod tracker;
 pub mod vfs;
 pub mod wire;
 
 pub use geometry::{Extent, Geometry, GeometryError};
-pub use id::{ChangeId, Generation, ParseChangeIdError};
+pub use id::{ChangeId, Generation, ParseChangeIdError, unix_ms_now};
 pub use journal::storage::{CrashMode, FileStorage, JournalStorage, MemStorage, Syncer};
 pub use map::{ChangeMap, CursorError, MapOptions, QueryError, Since};
 pub use tracker::{

@@ -12,6 +12,7 @@
 //! with what is only known once the export is done (the cut's time and consistency, the
 //! image digest).
 
+use crate::id::ChangeId;
 use bincode::{Decode, Encode};
 
 /// Protocol name and version, offered as the TLS ALPN: a peer speaking another version fails
@@ -39,7 +40,7 @@ pub enum Request {
     /// as `Resume` reported them: chunks and a `PushEnd` follow, as after `Push`.
     PushResume {
         disk: String,
-        resumes: String,
+        resumes: ChangeId,
         next_offset: u64,
     },
     /// A push (`resumes: None`) or a resumed push, its delta spread over `lanes` streams:
@@ -51,7 +52,7 @@ pub enum Request {
     PushLanes {
         disk: String,
         lanes: u8,
-        resumes: Option<String>,
+        resumes: Option<ChangeId>,
         next_offset: u64,
     },
 }
@@ -185,11 +186,11 @@ impl std::fmt::Display for Refusal {
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum Response {
     Newest {
-        change_id: Option<String>,
+        change_id: Option<ChangeId>,
     },
     /// The point is committed (durable). `already`: it was before this push.
     Committed {
-        change_id: String,
+        change_id: ChangeId,
         already: bool,
     },
     Refused {
@@ -204,7 +205,7 @@ pub enum Response {
     /// The hashes of point `change_id` (a disk of `disk_size` bytes) follow: `count` of
     /// them, one per `unit` bytes (the last unit may be short).
     Digests {
-        change_id: String,
+        change_id: ChangeId,
         disk_size: u64,
         unit: u32,
         count: u64,
@@ -215,8 +216,8 @@ pub enum Response {
 /// What a receiver kept of a cut-off push (see `Response::Resume`).
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct ResumeState {
-    pub from: Option<String>,
-    pub to: String,
+    pub from: Option<ChangeId>,
+    pub to: ChangeId,
     pub disk_size: u64,
     pub next_offset: u64,
 }
@@ -290,10 +291,7 @@ impl Request {
             | Request::Push { disk }
             | Request::Digests { disk, .. }
             | Request::Resume { disk } => check(&[disk])?,
-            Request::PushResume { disk, resumes, .. } => check(&[disk, resumes])?,
-            Request::PushLanes { disk, resumes, .. } => {
-                check(&[disk, resumes.as_deref().unwrap_or("")])?
-            }
+            Request::PushResume { disk, .. } | Request::PushLanes { disk, .. } => check(&[disk])?,
         }
         Ok(r)
     }
@@ -307,15 +305,12 @@ impl Response {
     pub fn decode(bytes: &[u8]) -> Result<Response, WireError> {
         let r: Response = decode(bytes)?;
         match &r {
-            Response::Newest { change_id } => check(&[change_id.as_deref().unwrap_or("")])?,
-            Response::Committed { change_id, .. } | Response::Digests { change_id, .. } => {
-                check(&[change_id])?
-            }
+            // ChangeIds are checked by their own decoding (a text that parses).
+            Response::Newest { .. }
+            | Response::Committed { .. }
+            | Response::Digests { .. }
+            | Response::Resume { .. } => {}
             Response::Refused { message, .. } => check(&[message])?,
-            Response::Resume { state: None } => {}
-            Response::Resume { state: Some(r) } => {
-                check(&[r.from.as_deref().unwrap_or(""), &r.to])?
-            }
         }
         Ok(r)
     }
@@ -337,6 +332,38 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::id::Generation;
+
+    fn id(seq: u64) -> ChangeId {
+        ChangeId::new(Generation(0xab), seq)
+    }
+
+    /// A ChangeId crosses the wire as its text, byte for byte what the messages carried when
+    /// the field was a string (older peers read it unchanged); a text that is no ChangeId
+    /// fails the frame with a sentence.
+    #[test]
+    fn change_ids_travel_as_their_text_and_garbage_is_refused() {
+        #[derive(Encode)]
+        enum OldResponse {
+            Newest { change_id: Option<String> },
+        }
+        let typed = Response::Newest {
+            change_id: Some(id(7)),
+        }
+        .encode();
+        let old = encode(&OldResponse::Newest {
+            change_id: Some(id(7).to_string()),
+        });
+        assert_eq!(typed, old);
+        let garbage = encode(&OldResponse::Newest {
+            change_id: Some("not-a-change-id".into()),
+        });
+        let e = Response::decode(&garbage).unwrap_err().to_string();
+        assert!(
+            e.contains("not-a-change-id") || e.contains("ChangeId"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn messages_round_trip() {
@@ -350,13 +377,13 @@ mod tests {
             Request::Resume { disk: "vm1".into() },
             Request::PushResume {
                 disk: "vm1".into(),
-                resumes: "ab/2".into(),
+                resumes: id(2),
                 next_offset: 1 << 20,
             },
             Request::PushLanes {
                 disk: "vm1".into(),
                 lanes: 4,
-                resumes: Some("ab/2".into()),
+                resumes: Some(id(2)),
                 next_offset: 1 << 20,
             },
         ];
@@ -384,7 +411,7 @@ mod tests {
             assert_eq!(PushEnd::decode(&end.encode()).unwrap(), end);
         }
         let r = Response::Digests {
-            change_id: "ab/1".into(),
+            change_id: id(1),
             disk_size: 1 << 30,
             unit: 65536,
             count: 16384,
@@ -393,8 +420,8 @@ mod tests {
         for state in [
             None,
             Some(ResumeState {
-                from: Some("ab/1".into()),
-                to: "ab/2".into(),
+                from: Some(id(1)),
+                to: id(2),
                 disk_size: 1 << 30,
                 next_offset: 1 << 20,
             }),

@@ -275,6 +275,8 @@ impl Harness {
         self.now += 1;
     }
 
+    /// One piece: one arm per operation of the model, each checking the real tracker against
+    /// the model in the same step.
     fn apply(&mut self, op: &Op) {
         self.now += 1;
         match *op {

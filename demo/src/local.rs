@@ -25,19 +25,7 @@ pub struct DemoOptions {
     pub json: bool,
 }
 
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+pub(crate) use ctk::seeded::XorShift64 as Rng;
 
 /// Fills `buf` with disk-like content: a third zeros, a third noise, a third text.
 pub(crate) fn fill(rng: &mut Rng, buf: &mut [u8]) {
@@ -240,20 +228,7 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     let mut previous = first;
     let mut data = vec![0u8; 256 * 1024];
     for cycle in 1..=opts.cycles {
-        // A workload of small database-like writes, a few large ones, zeroing and trims.
-        let mut written = 0u64;
-        for _ in 0..opts.writes_per_cycle {
-            let len = match rng.below(10) {
-                0 => 4096 * (1 + rng.below(64)),
-                _ => 4096 * (1 + rng.below(4)),
-            };
-            let offset = rng.below((opts.size - len) / 4096) * 4096;
-            fill(&mut rng, &mut data[..len as usize]);
-            let intent = tracker.intend(offset, len)?;
-            source.write_all_at(&data[..len as usize], offset)?;
-            tracker.record(intent);
-            written += len;
-        }
+        let written = write_workload(&opts, &mut rng, &mut tracker, &source, &mut data)?;
         source.sync_data()?;
         // The demo holds writes during export (point-in-time copy-on-write is the agent's).
         let cut = tracker.cut()?;
@@ -288,6 +263,42 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         previous = cut;
     }
     tracker.close()?;
+    print_result(&opts, &source_path, &replica_path, &journal_path, &cycles)
+}
+
+/// One cycle's writes through the tracker: small database-like writes and a few large ones.
+/// Returns the bytes written.
+fn write_workload(
+    opts: &DemoOptions,
+    rng: &mut Rng,
+    tracker: &mut Tracker<FileStorage>,
+    source: &File,
+    data: &mut [u8],
+) -> Result<u64> {
+    let mut written = 0u64;
+    for _ in 0..opts.writes_per_cycle {
+        let len = match rng.below(10) {
+            0 => 4096 * (1 + rng.below(64)),
+            _ => 4096 * (1 + rng.below(4)),
+        };
+        let offset = rng.below((opts.size - len) / 4096) * 4096;
+        fill(rng, &mut data[..len as usize]);
+        let intent = tracker.intend(offset, len)?;
+        source.write_all_at(&data[..len as usize], offset)?;
+        tracker.record(intent);
+        written += len;
+    }
+    Ok(written)
+}
+
+/// The demo's answer: JSON with --json, else a line and what to try next.
+fn print_result(
+    opts: &DemoOptions,
+    source_path: &Path,
+    replica_path: &Path,
+    journal_path: &Path,
+    cycles: &[serde_json::Value],
+) -> Result<()> {
     if opts.json {
         println!(
             "{}",

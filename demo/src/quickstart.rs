@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use ctk::ChangeId;
 use ctk_net::Identity;
 use serde_json::{Value, json};
 
@@ -38,6 +39,24 @@ fn digest(path: &Path) -> Result<u32> {
         }
         h.update(&buf[..n]);
     }
+}
+
+/// A new identity for one side (`ctk-agent` or `ctk-receiver`), saved under `dir` as the
+/// binaries would keep it.
+fn identity(dir: &Path, side: &str) -> Result<Identity> {
+    let id = Identity::generate(&format!("ctk-{side}"))?;
+    id.save(&dir.join(format!("{side}-identity")))?;
+    Ok(id)
+}
+
+/// Waits up to 10 s for `path` to appear (a socket a server binds when it is ready).
+fn wait_for(path: &Path, failure: &str) -> Result<()> {
+    let waited = Instant::now();
+    while !path.exists() {
+        ensure!(waited.elapsed() < Duration::from_secs(10), "{failure}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 pub fn run(opts: &DemoOptions) -> Result<()> {
@@ -70,12 +89,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     );
 
     // Pairing: each side has an identity; each pins the other's fingerprint.
-    let agent_id_dir = dir.join("agent-identity");
-    let receiver_id_dir = dir.join("receiver-identity");
-    let agent_id = Identity::generate("ctk-agent")?;
-    agent_id.save(&agent_id_dir)?;
-    let receiver_id = Identity::generate("ctk-receiver")?;
-    receiver_id.save(&receiver_id_dir)?;
+    let (agent_id, receiver_id) = (identity(&dir, "agent")?, identity(&dir, "receiver")?);
     let receiver_fp = receiver_id.fingerprint();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -126,14 +140,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         },
         false,
     ));
-    let waited = Instant::now();
-    while !control.exists() {
-        ensure!(
-            waited.elapsed() < Duration::from_secs(10),
-            "the agent did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(&control, "the agent did not start")?;
     say(
         opts,
         format!(
@@ -161,18 +168,35 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     });
     let (expected, cycles) = result?;
 
-    // The proof: every kept point, restored from the receiver's store, equals the source as
-    // of its cut.
+    let proven = prove(&store, &expected)?;
+    report(
+        opts,
+        &dir,
+        &source_path,
+        receiver_addr,
+        &receiver_fp,
+        &proven,
+        &cycles,
+    )
+}
+
+/// What the demo proved: the points restored and compared, the newest one restored.
+struct Proven {
+    host_store: PathBuf,
+    points: Vec<ChangeId>,
+    newest: ChangeId,
+    restored: PathBuf,
+}
+
+/// The proof: every kept point, restored from the receiver's store, equals the source as of
+/// its cut, and every point was digest-checked when it was merged.
+fn prove(store: &Path, expected: &HashMap<ChangeId, u32>) -> Result<Proven> {
     let host_store = store.join(HOST);
     let (disk_store, _) = ctk_receiver::store::DiskStore::open(&host_store, DISK)?;
-    let points: Vec<String> = disk_store
-        .points()
-        .iter()
-        .map(|p| p.change_id.clone())
-        .collect();
-    let restored = dir.join("restored.img");
+    let points: Vec<ChangeId> = disk_store.points().iter().map(|p| p.change_id).collect();
+    let restored = store.with_file_name("restored.img");
     for point in &points {
-        disk_store.restore(point, &restored, |_, _| {})?;
+        disk_store.restore(*point, &restored, |_, _| {})?;
         let want = expected
             .get(point)
             .context("a point the demo did not make")?;
@@ -183,18 +207,42 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     }
     // Every point was also checked by the receiver when it merged it: the merged image's
     // digest equalled the one the agent computed from its side.
-    let unchecked: Vec<&str> = disk_store
+    let unchecked: Vec<ChangeId> = disk_store
         .points()
         .iter()
         .filter(|p| !p.digest_checked)
-        .map(|p| p.change_id.as_str())
+        .map(|p| p.change_id)
         .collect();
     ensure!(
         unchecked.is_empty(),
         "points committed without the agent's digest check: {unchecked:?}"
     );
-    let newest = points.last().context("no point was committed")?.clone();
+    let newest = *points.last().context("no point was committed")?;
     drop(disk_store);
+    Ok(Proven {
+        host_store,
+        points,
+        newest,
+        restored,
+    })
+}
+
+/// The demo's answer: JSON with --json, else what was proven and what to run next.
+fn report(
+    opts: &DemoOptions,
+    dir: &Path,
+    source_path: &Path,
+    receiver_addr: SocketAddr,
+    receiver_fp: &ctk_net::Fingerprint,
+    proven: &Proven,
+    cycles: &[Value],
+) -> Result<()> {
+    let Proven {
+        host_store,
+        points,
+        newest,
+        restored,
+    } = proven;
     if opts.json {
         println!(
             "{}",
@@ -248,7 +296,7 @@ fn cycles(
     receiver: SocketAddr,
     receiver_fp: &ctk_net::Fingerprint,
     rng: &mut Rng,
-) -> Result<(HashMap<String, u32>, Vec<Value>)> {
+) -> Result<(HashMap<ChangeId, u32>, Vec<Value>)> {
     let r = Replicate {
         identity: dir.join("agent-identity"),
         receiver,
@@ -284,8 +332,12 @@ fn cycles(
         let mut answer = replicate::run(&r, DISK, &call)?;
         let seconds = started.elapsed().as_secs_f64();
         // No write is in flight: the source now is the source as of the cut just replicated.
-        let id = answer["committed"].as_str().unwrap_or_default().to_string();
-        expected.insert(id.clone(), digest(&source)?);
+        let id: ChangeId = answer["committed"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .context("replicate's answer names no committed point")?;
+        expected.insert(id, digest(&source)?);
         say(
             opts,
             format!(

@@ -405,80 +405,91 @@ async fn handle(
             }
         }
         Request::Push { .. } | Request::PushResume { .. } | Request::PushLanes { .. } => {
-            let (disk, resume, count) = match request {
-                Request::PushResume {
-                    disk,
-                    resumes,
-                    next_offset,
-                } => (disk, Some((resumes, next_offset)), 1),
-                Request::Push { disk } => (disk, None, 1),
-                Request::PushLanes {
-                    disk,
-                    lanes,
-                    resumes,
-                    next_offset,
-                } => (disk, resumes.map(|r| (r, next_offset)), lanes),
-                _ => unreachable!("matched above"),
-            };
-            if let Err(e) = store::validate_name(&disk) {
-                return Response::refused(Refusal::BadRequest, describe(&e));
-            }
-            if !(1..=wire::LANES_MAX).contains(&count) {
-                return Response::refused(
-                    Refusal::BadRequest,
-                    format!("a push over {count} lanes (1 to {})", wire::LANES_MAX),
-                );
-            }
-            let mut streams = vec![];
-            let push = u64::from(recv.id());
-            streams.push(recv);
-            match lanes.take(push, count).await {
-                Ok(extra) => streams.extend(extra),
-                Err(why) => return Response::refused(Refusal::BadRequest, why),
-            }
-            let retention = config.retention(&disk);
-            let handle = tokio::runtime::Handle::current();
-            let span = info_span!("push", %disk);
-            let result = tokio::task::spawn_blocking(move || {
-                let _guard = span.enter();
-                std::fs::create_dir_all(&root).map_err(|source| StoreError::Io {
-                    doing: "creating the agent's store".into(),
-                    source,
-                })?;
-                // A push waits for a merge in progress to finish, then continues from it.
-                let (mut s, _) = DiskStore::open_waiting(&root, &disk)?;
-                let input = ChunkReader {
-                    lanes: streams,
-                    turn: 0,
-                    left: 0,
-                    done: false,
-                    handle,
-                };
-                let count_only = retention.tiers.is_empty().then_some(retention.keep);
-                let result = match resume {
-                    None => s.ingest(input, retention, |input| input.end()),
-                    Some((resumes, next_offset)) => {
-                        s.ingest_resume(input, &resumes, next_offset, retention, |input| {
-                            input.end()
-                        })
-                    }
-                };
-                if let (Ok(Ingested::Committed { .. }), Some(keep)) = (&result, count_only) {
-                    warn_if_history_is_short(&root, &disk, s.points(), keep);
-                }
-                result
-            })
-            .await;
-            match result {
-                Ok(result) => {
-                    if let Ok(Ingested::Committed { point, .. }) = &result {
-                        info!(%agent, point = %point.change_id, "committed");
-                    }
-                    push_answer(result)
-                }
-                Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
-            }
+            push(agent, config, lanes, request, recv).await
         }
+    }
+}
+
+/// A push: its lanes gathered, then staged and merged on a blocking thread; the answer only
+/// after the commit.
+async fn push(
+    agent: &str,
+    config: &Config,
+    lanes: &Lanes,
+    request: Request,
+    recv: quinn::RecvStream,
+) -> Response {
+    let root = config.store.join(agent);
+    let (disk, resume, count) = match request {
+        Request::PushResume {
+            disk,
+            resumes,
+            next_offset,
+        } => (disk, Some((resumes, next_offset)), 1),
+        Request::Push { disk } => (disk, None, 1),
+        Request::PushLanes {
+            disk,
+            lanes,
+            resumes,
+            next_offset,
+        } => (disk, resumes.map(|r| (r, next_offset)), lanes),
+        _ => unreachable!("matched above"),
+    };
+    if let Err(e) = store::validate_name(&disk) {
+        return Response::refused(Refusal::BadRequest, describe(&e));
+    }
+    if !(1..=wire::LANES_MAX).contains(&count) {
+        return Response::refused(
+            Refusal::BadRequest,
+            format!("a push over {count} lanes (1 to {})", wire::LANES_MAX),
+        );
+    }
+    let mut streams = vec![];
+    let push = u64::from(recv.id());
+    streams.push(recv);
+    match lanes.take(push, count).await {
+        Ok(extra) => streams.extend(extra),
+        Err(why) => return Response::refused(Refusal::BadRequest, why),
+    }
+    let retention = config.retention(&disk);
+    let handle = tokio::runtime::Handle::current();
+    let span = info_span!("push", %disk);
+    let result = tokio::task::spawn_blocking(move || {
+        let _guard = span.enter();
+        std::fs::create_dir_all(&root).map_err(|source| StoreError::Io {
+            doing: "creating the agent's store".into(),
+            source,
+        })?;
+        // A push waits for a merge in progress to finish, then continues from it.
+        let (mut s, _) = DiskStore::open_waiting(&root, &disk)?;
+        let input = ChunkReader {
+            lanes: streams,
+            turn: 0,
+            left: 0,
+            done: false,
+            handle,
+        };
+        let count_only = retention.tiers.is_empty().then_some(retention.keep);
+        let result = match resume {
+            None => s.ingest(input, retention, |input| input.end()),
+            Some((resumes, next_offset)) => {
+                s.ingest_resume(input, resumes, next_offset, retention, |input| input.end())
+            }
+        };
+        if let (Ok(Ingested::Committed { .. }), Some(keep)) = (&result, count_only) {
+            warn_if_history_is_short(&root, &disk, s.points(), keep);
+        }
+        result
+    })
+    .await;
+    match result {
+        Ok(result) => {
+            if let Ok(Ingested::Committed { point, .. }) = &result {
+                info!(%agent, point = %point.change_id, "committed");
+            }
+            push_answer(result)
+        }
+        Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
     }
 }
 
@@ -636,8 +647,8 @@ impl ChunkReader {
             wire::PushEnd::decode(&frame).map_err(|e| bad(format!("the push's end frame: {e}")))?;
         Ok(store::PointMeta {
             cut_unix_ms: Some(end.cut_unix_ms),
-            consistency: Some(end.consistency.as_str().to_owned()),
-            image_digest: end.image_digest.map(|d| ImageDigest(d).to_string()),
+            consistency: Some(end.consistency),
+            image_digest: end.image_digest.map(ImageDigest),
         })
     }
 }

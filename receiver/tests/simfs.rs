@@ -56,7 +56,7 @@ fn meta(img: &[u8]) -> PointMeta {
     let mut leaves = Leaves::zeroed(SIZE, BS as u32).unwrap();
     leaves.set_data(0, img).unwrap();
     PointMeta {
-        image_digest: Some(leaves.digest().to_string()),
+        image_digest: Some(leaves.digest()),
         ..PointMeta::default()
     }
 }
@@ -87,7 +87,7 @@ fn ingest(store: &mut DiskStore, bytes: &[u8], img: &[u8]) -> Result<Ingested, S
     store.ingest(Cursor::new(bytes.to_vec()), 10usize, move |_| Ok(m))
 }
 
-fn restore(fs: &SimFs, store: &DiskStore, point: &str) -> Vec<u8> {
+fn restore(fs: &SimFs, store: &DiskStore, point: ChangeId) -> Vec<u8> {
     fs.create_dir_all(Path::new("/out")).unwrap();
     store
         .restore(point, Path::new("/out/img"), |_, _| {})
@@ -102,10 +102,10 @@ fn check(fs: &SimFs, images: &[(u64, Vec<u8>)]) {
     for p in store.points() {
         let (_, img) = images
             .iter()
-            .find(|(seq, _)| id(*seq).to_string() == p.change_id)
+            .find(|(seq, _)| id(*seq) == p.change_id)
             .expect("a point that was pushed");
         assert!(
-            restore(fs, &store, &p.change_id) == *img,
+            restore(fs, &store, p.change_id) == *img,
             "{} diverged",
             p.change_id
         );
@@ -154,10 +154,7 @@ fn a_cut_off_resumed_push_never_becomes_a_resume_state() {
     let a = delta(&v2, Some(1), 2, &[0, 2, 4, 6, 8]);
     assert!(ingest(&mut store, &cut_after(&a, 2), &v2).is_err());
     let p = store.partial().expect("A's received part is kept");
-    assert_eq!(
-        (p.to.as_str(), p.next_offset),
-        (id(2).to_string().as_str(), 3 * BS)
-    );
+    assert_eq!((p.to, p.next_offset), (id(2), 3 * BS));
     // Block 0 is written again; push B (1 -> 3) resumes A: what changed since 2 below A's
     // offset, everything since 1 from it on. It is cut after two records (blocks 0 and 4).
     let mut v3 = v2.clone();
@@ -166,7 +163,7 @@ fn a_cut_off_resumed_push_never_becomes_a_resume_state() {
     let m = meta(&v3);
     let r = store.ingest_resume(
         Cursor::new(cut_after(&b, 2)),
-        &p.to,
+        p.to,
         p.next_offset,
         10usize,
         move |_| Ok(m),
@@ -179,7 +176,7 @@ fn a_cut_off_resumed_push_never_becomes_a_resume_state() {
     let p = store.partial().expect("A's state is still there");
     assert_eq!(
         p.to,
-        id(2).to_string(),
+        id(2),
         "the resume state is A's, not the resumed push's"
     );
     // Resume again from what the receiver reports, as the agent does, and commit.
@@ -197,9 +194,7 @@ fn a_cut_off_resumed_push_never_becomes_a_resume_state() {
     let c = delta(&v3, Some(1), 3, &rest);
     let m = meta(&v3);
     store
-        .ingest_resume(Cursor::new(c), &p.to, p.next_offset, 10usize, move |_| {
-            Ok(m)
-        })
+        .ingest_resume(Cursor::new(c), p.to, p.next_offset, 10usize, move |_| Ok(m))
         .expect("the resumed push commits");
     drop(store);
     check(&fs, &[(1, v1), (3, v3)]);
@@ -231,7 +226,7 @@ fn a_staged_push_whose_fsync_failed_is_never_resumed_from() {
             let bytes = delta(&v2, Some(1), 2, &rest);
             store.ingest_resume(
                 Cursor::new(bytes),
-                &p.to,
+                p.to,
                 p.next_offset,
                 10usize,
                 move |_| Ok(m),

@@ -40,9 +40,7 @@ impl Sim {
             match s.poll() {
                 Action::AskNewest => {
                     let points = self.receiver_points()?;
-                    let newest = points
-                        .last()
-                        .map(|p| p.change_id.parse().expect("a point id"));
+                    let newest = points.last().map(|p| p.change_id);
                     s.handle_newest(newest);
                 }
                 Action::AskAnswerable(since) => {
@@ -82,7 +80,7 @@ impl Sim {
                     {
                         Some((of, size, hashes)) => {
                             digests = Some((unit, size, hashes));
-                            s.handle_digests(Ok(of.parse().expect("a point id")));
+                            s.handle_digests(Ok(of));
                         }
                         None => s.handle_digests(Err("resync digests unavailable".into())),
                     }
@@ -106,15 +104,14 @@ impl Sim {
                     self.check_receiver()?;
                 }
                 Action::MoveCursor(point) => {
-                    let id = point.to_string();
-                    self.last_acked = Some(id.clone());
-                    self.committed_seen(&id);
-                    self.advance_cursor(&id)?;
+                    self.last_acked = Some(point);
+                    self.committed_seen(point);
+                    self.advance_cursor(point)?;
                     s.handle_cursor_moved();
                 }
                 Action::Done(outcome) => {
                     if let PushOutcome::InSync { point } = &outcome
-                        && self.cuts.get(&point.to_string()) != Some(&self.source)
+                        && self.cuts.get(point) != Some(&self.source)
                     {
                         return Err(self.violation(format!(
                             "MISSED WRITE: the agent said nothing changed since {point}, but \
@@ -144,7 +141,7 @@ impl Sim {
                 return Ok(None);
             }
         };
-        self.cuts.insert(to.to_string(), self.source.clone());
+        self.cuts.insert(to, self.source.clone());
         let image = self.source.clone();
         let read = |offset: u64, buf: &mut [u8]| {
             buf.copy_from_slice(&image[offset as usize..offset as usize + buf.len()]);
@@ -213,7 +210,7 @@ impl Sim {
                         (Ok(all), Ok(later)) => {
                             let send = push::resume_blocks(&all, &later, *next_offset, &geometry).0;
                             extents = ctk::map::blocks_to_extents(&send, &geometry);
-                            resume = Some((prior.to_string(), *next_offset));
+                            resume = Some((*prior, *next_offset));
                             self.report.resumes += 1;
                         }
                         _ => self.event("agent: the resumed cut is no longer answerable".into()),
@@ -234,15 +231,15 @@ impl Sim {
 
     /// A push of `bytes` with the end frame the agent sends: the cut's time, its
     /// consistency, and the digest of the whole image as of the cut.
-    pub(crate) fn pushed(&self, bytes: Vec<u8>, resume: Option<(String, u64)>) -> Push {
+    pub(crate) fn pushed(&self, bytes: Vec<u8>, resume: Option<(ChangeId, u64)>) -> Push {
         let mut leaves = Leaves::zeroed(self.size, BS as u32).expect("small disk");
         leaves.set_data(0, &self.source).expect("whole image");
         Push {
             bytes,
             meta: PointMeta {
                 cut_unix_ms: Some(self.now()),
-                consistency: Some("crash".into()),
-                image_digest: Some(leaves.digest().to_string()),
+                consistency: Some(ctk::Consistency::Crash),
+                image_digest: Some(leaves.digest()),
             },
             resume,
         }
@@ -265,10 +262,7 @@ impl Sim {
         }
     }
 
-    pub(crate) fn advance_cursor(&mut self, id: &str) -> Outcome {
-        let Ok(at) = id.parse::<ChangeId>() else {
-            return Ok(());
-        };
+    pub(crate) fn advance_cursor(&mut self, at: ChangeId) -> Outcome {
         let registered = self.cursor.is_some();
         let t = self.tracker()?;
         if at.generation != t.latest().generation {
@@ -290,9 +284,9 @@ impl Sim {
         Ok(())
     }
 
-    pub(crate) fn committed_seen(&mut self, id: &str) {
-        if self.committed_set.insert(id.to_string()) {
-            self.committed.push(id.to_string());
+    pub(crate) fn committed_seen(&mut self, id: ChangeId) {
+        if self.committed_set.insert(id) {
+            self.committed.push(id);
         }
     }
 }

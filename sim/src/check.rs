@@ -11,10 +11,7 @@ impl Sim {
         to: ChangeId,
         extents: &[Extent],
     ) -> Outcome {
-        let (Some(before), Some(after)) = (
-            self.cuts.get(&from.to_string()),
-            self.cuts.get(&to.to_string()),
-        ) else {
+        let (Some(before), Some(after)) = (self.cuts.get(from), self.cuts.get(&to)) else {
             return Err(self.violation(format!("no reference image of {from} or {to}")));
         };
         // Blocks of the cut's size; bytes past a smaller image's end are zeros (a grow).
@@ -45,15 +42,15 @@ impl Sim {
             .map_err(|e| self.violation(format!("the store does not open: {e}")))?;
         let points = store.points().to_vec();
         for p in &points {
-            self.committed_seen(&p.change_id);
+            self.committed_seen(p.change_id);
         }
         // Nothing acknowledged is lost: the newest acknowledged point is kept until a newer
         // point is committed (then retention may drop it).
-        if let Some(acked) = &self.last_acked
-            && !points.iter().any(|p| &p.change_id == acked)
+        if let Some(acked) = self.last_acked
+            && !points.iter().any(|p| p.change_id == acked)
         {
-            let pos = |id: &str| self.committed.iter().position(|c| c == id);
-            let newest = points.last().and_then(|p| pos(&p.change_id));
+            let pos = |id: ChangeId| self.committed.iter().position(|c| *c == id);
+            let newest = points.last().and_then(|p| pos(p.change_id));
             if newest.is_none_or(|n| Some(n) <= pos(acked)) {
                 return Err(self.violation(format!(
                     "LOST: acknowledged point {acked} is gone; the store holds {:?}",
@@ -62,7 +59,7 @@ impl Sim {
             }
         }
         if let Some(c) = &self.cursor
-            && !self.committed_set.contains(&c.to_string())
+            && !self.committed_set.contains(c)
         {
             return Err(self.violation(format!(
                 "the agent's cursor {c} names a point the receiver never committed"
@@ -72,7 +69,7 @@ impl Sim {
             let Some(expected) = self.cuts.get(&p.change_id) else {
                 return Err(self.violation(format!("point {} was never cut", p.change_id)));
             };
-            if let Err(e) = store.restore(&p.change_id, Path::new(RESTORE_TO), |_, _| {}) {
+            if let Err(e) = store.restore(p.change_id, Path::new(RESTORE_TO), |_, _| {}) {
                 return Err(self.violation(format!(
                     "DIVERGED: point {} does not restore: {e}",
                     p.change_id

@@ -30,7 +30,7 @@
 //! A failure reports the seed and the last events; the same seed on the same commit replays
 //! it exactly (`ctk-sim --seed N --trace`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{self, Read};
 use std::path::Path;
@@ -273,7 +273,7 @@ struct Sim {
     tracker: Option<Tracker<MemStorage>>,
     config: TrackerConfig,
     /// The source as of every cut the agent made (the reference model).
-    cuts: BTreeMap<String, Vec<u8>>,
+    cuts: HashMap<ChangeId, Vec<u8>>,
     cursor: Option<ChangeId>,
     last_push: Option<Push>,
     /// The simulated clock (ms): stamps cuts, and the store reads it for retention by age.
@@ -281,10 +281,10 @@ struct Sim {
     // Receiver.
     fs: SimFs,
     /// Every point the receiver was seen to hold, in commit order.
-    committed: Vec<String>,
-    committed_set: BTreeSet<String>,
+    committed: Vec<ChangeId>,
+    committed_set: HashSet<ChangeId>,
     /// The newest point the receiver acknowledged to the agent.
-    last_acked: Option<String>,
+    last_acked: Option<ChangeId>,
     /// A deliberate mistake in the agent's push order (the mutant tests), if any.
     mutant: Option<Mutant>,
 }
@@ -320,13 +320,13 @@ impl Sim {
             journal: MemStorage::new(),
             tracker: None,
             config,
-            cuts: BTreeMap::new(),
+            cuts: HashMap::new(),
             cursor: None,
             last_push: None,
             clock: Arc::new(std::sync::atomic::AtomicU64::new(1_700_000_000_000)),
             fs,
             committed: Vec::new(),
-            committed_set: BTreeSet::new(),
+            committed_set: HashSet::new(),
             last_acked: None,
             mutant: None,
         }

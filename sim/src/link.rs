@@ -9,7 +9,7 @@ pub(crate) struct Push {
     pub(crate) bytes: Vec<u8>,
     pub(crate) meta: PointMeta,
     /// `Some((resumes, next_offset))` for a resumed push.
-    pub(crate) resume: Option<(String, u64)>,
+    pub(crate) resume: Option<(ChangeId, u64)>,
 }
 
 /// The link's view of a push: the bytes up to an optional cut, then a reset.
@@ -107,7 +107,9 @@ impl Sim {
         if may_fault && self.rng.chance(self.swarm.corrupt) {
             self.report.corrupted += 1;
             if self.rng.below(4) == 0 {
-                meta.image_digest = Some(format!("{:064x}", self.rng.next_u64()));
+                let mut forged = [0u8; 32];
+                forged[..8].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+                meta.image_digest = Some(ctk::digest::ImageDigest(forged));
                 self.event("link: the end frame's digest is corrupted".into());
             } else {
                 let at = self.rng.below(bytes.len() as u64) as usize;
@@ -138,7 +140,7 @@ impl Sim {
                 let retention = self.retention();
                 let r = match &push.resume {
                     Some((resumes, next)) => {
-                        store.ingest_resume(input, resumes, *next, retention, end)
+                        store.ingest_resume(input, *resumes, *next, retention, end)
                     }
                     None => store.ingest(input, retention, end),
                 };

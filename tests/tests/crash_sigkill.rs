@@ -17,6 +17,8 @@ enum Event {
     Cut(ChangeId),
 }
 
+/// One piece: each trial kills the child, replays its journal and checks it against every
+/// write the child announced in that and earlier trials.
 #[test]
 fn sigkill_at_random_moments_loses_no_announced_write() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,8 @@ use common::*;
 use ctk_net::wire::{Refusal, Request, Response};
 use ctk_net::{Fingerprint, Identity};
 
+/// One piece: a story of one pairing (a first full, increments, a stranger refused, a
+/// restart) in which every step starts from the state the one before left.
 #[test]
 fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_strangers() {
     let dir = tempfile::tempdir().unwrap();
@@ -284,6 +286,9 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
 /// (SIGKILL, restarted on the same store) or the agent's `replicate` (SIGKILL). Each time a
 /// new replication then runs to the end. Every point the receiver ever committed must equal
 /// the source as of the attempt that made it; nothing half-merged is ever listed.
+///
+/// One piece: each trial kills, restarts and checks against what every earlier trial
+/// committed.
 #[test]
 fn replication_survives_either_side_killed_at_random_moments() {
     let dir = tempfile::tempdir().unwrap();

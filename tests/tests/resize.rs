@@ -57,6 +57,8 @@ fn keep(image: &Path, at: PathBuf) -> PathBuf {
     at
 }
 
+/// One piece: each resize starts from the disk, journal and replica the one before left, and
+/// every point made along the way is restored at the end.
 #[test]
 fn a_disk_resized_online_and_at_rest_replicates_only_what_was_written() {
     tool("qemu-img");

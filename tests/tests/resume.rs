@@ -196,7 +196,7 @@ fn a_resume_state_that_does_not_fit_is_refused_with_a_clear_message() {
     ] {
         let frame = ctk_net::wire::Request::PushResume {
             disk: "vm1".into(),
-            resumes: resumes.into(),
+            resumes: resumes.parse().unwrap(),
             next_offset: at,
         }
         .encode();

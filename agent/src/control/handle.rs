@@ -115,7 +115,7 @@ fn unchanged(
         disk: disk.name.clone(),
         since,
         unchanged,
-        as_of_unix_ms: unix_ms(),
+        as_of_unix_ms: ctk::unix_ms_now(),
     })
 }
 
@@ -196,7 +196,7 @@ fn export(
             .with_context(|| format!("cannot create the export file {}", path.display()))?;
     }
     disk.wait_export_idle(EXPORT_WAIT)?;
-    let cut_unix_ms = unix_ms();
+    let cut_unix_ms = ctk::unix_ms_now();
     // The snapshot is taken inside the hold; NBD writes and the filesystems are released
     // before the data is read, and copy-on-write keeps it as of the cut.
     let mut began = false;
@@ -259,11 +259,4 @@ fn failed(
             ""
         }
     ))
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ctk::{ChangeId, FileStorage, Since, Tracker};
 
-use super::{DiskError, ProtectedDisk, unix_ms};
+use super::{DiskError, ProtectedDisk};
 
 /// What a cursor's mover told the agent along with the move (see `ProtectedDisk::cursor`).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -28,7 +28,7 @@ pub(super) fn cursor_status(
     at: ChangeId,
     meta: Option<CursorMeta>,
 ) -> CursorStatus {
-    let now = unix_ms();
+    let now = ctk::unix_ms_now();
     let secs = |ms: u64| now.saturating_sub(ms) as f64 / 1000.0;
     let block_size = t.geometry().block_size() as u64;
     let backlog = t
@@ -170,7 +170,7 @@ impl ProtectedDisk {
                 // keeps the last one known.
                 let before = known.get(name).map(|(_, m)| *m).unwrap_or_default();
                 let meta = CursorMeta {
-                    set_unix_ms: unix_ms(),
+                    set_unix_ms: ctk::unix_ms_now(),
                     rate_bps: meta.rate_bps.or(before.rate_bps),
                     ..meta
                 };

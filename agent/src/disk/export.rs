@@ -207,49 +207,8 @@ impl ProtectedDisk {
             Some(p) => Some(BufWriter::new(File::create(p)?)),
             None => None,
         };
-        let mut leaves_only = Vec::new();
-        let (block_size, extents) = self.with_tracker(|t| {
-            let extents = match plan {
-                ExportPlan::Changed(since) => t.changed(*since, to)?,
-                ExportPlan::Resume {
-                    since,
-                    prior,
-                    next_offset,
-                } => {
-                    let geometry = t.geometry();
-                    let all = t.changed_blocks(*since, to)?;
-                    let later = t.changed_blocks(Since::Id(*prior), to)?;
-                    let (send, kept) =
-                        ctk::push::resume_blocks(&all, &later, *next_offset, &geometry);
-                    leaves_only = ctk::map::blocks_to_extents(&kept, &geometry);
-                    ctk::map::blocks_to_extents(&send, &geometry)
-                }
-                ExportPlan::Compare { .. } if self.size() == 0 => Vec::new(),
-                ExportPlan::Compare { .. } => vec![Extent {
-                    offset: 0,
-                    length: self.size(),
-                }],
-            };
-            Ok((t.geometry().block_size(), extents))
-        })?;
-        let header = DeltaHeader {
-            disk_id: self.name.clone(),
-            disk_size: self.size(),
-            block_size,
-            from: match plan {
-                ExportPlan::Changed(Since::All)
-                | ExportPlan::Resume {
-                    since: Since::All, ..
-                } => None,
-                ExportPlan::Changed(Since::Id(id))
-                | ExportPlan::Resume {
-                    since: Since::Id(id),
-                    ..
-                } => Some(*id),
-                ExportPlan::Compare { base, .. } => Some(*base),
-            },
-            to,
-        };
+        let (block_size, extents, leaves_only) = self.plan_extents(plan, to)?;
+        let header = self.header_for(plan, block_size, to);
         let changed: u64 = extents.iter().map(|e| e.length).sum();
         // Read-ahead hints, for the pieces read through the page cache (a compare reads
         // into plain buffers: all of them); direct reads are read ahead by
@@ -270,35 +229,7 @@ impl ProtectedDisk {
         // pace of a first full (never idle, a third of its time hashing).
         let mut read_piece = |offset: u64, buf: &mut [u8]| -> io::Result<()> {
             prefetch.consumed(buf.len() as u64);
-            let mut guard = self
-                .snapshot
-                .lock()
-                .map_err(|_| io::Error::other("snapshot lock poisoned"))?;
-            let snap = guard
-                .as_mut()
-                .ok_or_else(|| io::Error::other("the export's snapshot is gone"))?;
-            // Under the lock no writer can overwrite a pending block of this piece: it has to
-            // preserve it first, and it cannot until we are done.
-            self.read_for_export(buf, offset)?;
-            let (first, last) = (
-                (offset >> snap.shift) as u32,
-                ((offset + buf.len() as u64 - 1) >> snap.shift) as u32,
-            );
-            let copies: Vec<u32> = snap
-                .preserved
-                .range(first..=last)
-                .map(|(&b, _)| b)
-                .collect();
-            for block in copies {
-                let data = snap.preserved.remove(&block).expect("listed above");
-                let at = (((block as u64) << snap.shift) - offset) as usize;
-                buf[at..at + data.len()].copy_from_slice(&data);
-                snap.preserved_bytes -= data.len() as u64;
-            }
-            snap.pending.remove_range(first..=last);
-            drop(guard);
-            self.snapshot_room.notify_all();
-            Ok(())
+            self.read_as_of_cut(offset, buf)
         };
         let mut leaves_of = |offset: u64, buf: &[u8]| -> io::Result<()> {
             // Pieces start on a block boundary and hold whole blocks (but for the disk's
@@ -376,14 +307,116 @@ impl ProtectedDisk {
                 }
             }
         };
-        let file = writer.into_inner().map_err(|e| e.into_error())?;
-        // A FIFO (a streamed replication) has nothing to sync; a file must be durable.
-        if file.metadata()?.is_file() {
-            file.sync_all()?;
-        }
-        if let Some(w) = leaves_out {
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        }
+        finish_export(writer, leaves_out)?;
         Ok((changed, summary))
+    }
+
+    /// The extents an export sends, and for a resumed push the ones the receiver already
+    /// holds (read only for their leaves).
+    fn plan_extents(
+        &self,
+        plan: &ExportPlan,
+        to: ChangeId,
+    ) -> Result<(u32, Vec<Extent>, Vec<Extent>), DiskError> {
+        let mut leaves_only = Vec::new();
+        let (block_size, extents) = self.with_tracker(|t| {
+            let extents = match plan {
+                ExportPlan::Changed(since) => t.changed(*since, to)?,
+                ExportPlan::Resume {
+                    since,
+                    prior,
+                    next_offset,
+                } => {
+                    let geometry = t.geometry();
+                    let all = t.changed_blocks(*since, to)?;
+                    let later = t.changed_blocks(Since::Id(*prior), to)?;
+                    let (send, kept) =
+                        ctk::push::resume_blocks(&all, &later, *next_offset, &geometry);
+                    leaves_only = ctk::map::blocks_to_extents(&kept, &geometry);
+                    ctk::map::blocks_to_extents(&send, &geometry)
+                }
+                ExportPlan::Compare { .. } if self.size() == 0 => Vec::new(),
+                ExportPlan::Compare { .. } => vec![Extent {
+                    offset: 0,
+                    length: self.size(),
+                }],
+            };
+            Ok((t.geometry().block_size(), extents))
+        })?;
+        Ok((block_size, extents, leaves_only))
+    }
+
+    /// The header of an export's delta: this disk now, from the plan's base to `to`.
+    fn header_for(&self, plan: &ExportPlan, block_size: u32, to: ChangeId) -> DeltaHeader {
+        DeltaHeader {
+            disk_id: self.name.clone(),
+            disk_size: self.size(),
+            block_size,
+            from: plan_base(plan),
+            to,
+        }
+    }
+
+    /// Reads a piece of the disk as of the export's cut: the backing, with the blocks
+    /// writers preserved since the cut put back.
+    fn read_as_of_cut(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut guard = self
+            .snapshot
+            .lock()
+            .map_err(|_| io::Error::other("snapshot lock poisoned"))?;
+        let snap = guard
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the export's snapshot is gone"))?;
+        // Under the lock no writer can overwrite a pending block of this piece: it has to
+        // preserve it first, and it cannot until we are done.
+        self.read_for_export(buf, offset)?;
+        let (first, last) = (
+            (offset >> snap.shift) as u32,
+            ((offset + buf.len() as u64 - 1) >> snap.shift) as u32,
+        );
+        let copies: Vec<u32> = snap
+            .preserved
+            .range(first..=last)
+            .map(|(&b, _)| b)
+            .collect();
+        for block in copies {
+            let data = snap.preserved.remove(&block).expect("listed above");
+            let at = (((block as u64) << snap.shift) - offset) as usize;
+            buf[at..at + data.len()].copy_from_slice(&data);
+            snap.preserved_bytes -= data.len() as u64;
+        }
+        snap.pending.remove_range(first..=last);
+        drop(guard);
+        self.snapshot_room.notify_all();
+        Ok(())
+    }
+}
+
+/// Flushes an export and its leaves. A FIFO (a streamed replication) has nothing to sync;
+/// a file must be durable.
+fn finish_export(delta: BufWriter<File>, leaves: Option<BufWriter<File>>) -> io::Result<()> {
+    let file = delta.into_inner().map_err(|e| e.into_error())?;
+    if file.metadata()?.is_file() {
+        file.sync_all()?;
+    }
+    if let Some(w) = leaves {
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The point an export's delta is based on: none for a first full.
+fn plan_base(plan: &ExportPlan) -> Option<ChangeId> {
+    match plan {
+        ExportPlan::Changed(Since::All)
+        | ExportPlan::Resume {
+            since: Since::All, ..
+        } => None,
+        ExportPlan::Changed(Since::Id(id))
+        | ExportPlan::Resume {
+            since: Since::Id(id),
+            ..
+        } => Some(*id),
+        ExportPlan::Compare { base, .. } => Some(*base),
     }
 }

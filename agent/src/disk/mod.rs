@@ -258,6 +258,8 @@ impl ProtectedDisk {
                 self.with_tracker(|t| Ok(t.finish_intend(pending)?))?
             }
         };
+        // The proof covers exactly the range written (paired with `record`, which takes it).
+        debug_assert!(intent.offset() == offset && intent.length() == length);
         // A block an export still has to read is copied aside before it is overwritten. If
         // that fails, the write is refused (the intent is recorded: nothing changed, only an
         // over-report).
@@ -534,13 +536,6 @@ fn same_file(a: &File, b: &File) -> bool {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino() && a.rdev() == b.rdev(),
         _ => false,
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// One protected disk in `status`.

@@ -118,6 +118,11 @@ pub(super) const TRANSMISSION_FLAGS: u16 = nbd::TFLAG_HAS_FLAGS
     | nbd::TFLAG_SEND_WRITE_ZEROES
     | nbd::TFLAG_CAN_MULTI_CONN;
 
+/// The fixed-newstyle handshake: options until EXPORT_NAME, GO or ABORT.
+///
+/// One piece (a loop over options with one arm each) because the options share the
+/// negotiation's state (structured replies, the contexts selected for which export) and
+/// their order is the protocol; the longer arms are functions of their own.
 pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     agent: &Agent,
     r: &mut R,
@@ -184,27 +189,7 @@ pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 w.flush().await?;
                 return Ok(None);
             }
-            nbd::OPT_LIST => {
-                if !data.is_empty() {
-                    w.write_all(&nbd::option_error(
-                        option,
-                        nbd::REP_ERR_INVALID,
-                        "LIST takes no data",
-                    ))
-                    .await?;
-                } else {
-                    for disk in &agent.disks {
-                        w.write_all(&nbd::option_reply(
-                            option,
-                            nbd::REP_SERVER,
-                            &nbd::list_entry(&disk.name),
-                        ))
-                        .await?;
-                    }
-                    w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
-                        .await?;
-                }
-            }
+            nbd::OPT_LIST => list_exports(agent, w, &data).await?,
             nbd::OPT_STARTTLS => {
                 w.write_all(&nbd::option_error(
                     option,
@@ -225,23 +210,7 @@ pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                             .await?;
                     }
                     Some(disk) => {
-                        w.write_all(&nbd::option_reply(
-                            option,
-                            nbd::REP_INFO,
-                            &nbd::info_export(disk.size(), TRANSMISSION_FLAGS),
-                        ))
-                        .await?;
-                        w.write_all(&nbd::option_reply(
-                            option,
-                            nbd::REP_INFO,
-                            &nbd::info_name(&disk.name),
-                        ))
-                        .await?;
-                        let block = nbd::info_block_size(1, 4096, nbd::PAYLOAD_MAX);
-                        w.write_all(&nbd::option_reply(option, nbd::REP_INFO, &block))
-                            .await?;
-                        w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
-                            .await?;
+                        info_replies(w, option, disk).await?;
                         if option == nbd::OPT_GO {
                             w.flush().await?;
                             let contexts = take_contexts(&mut selected, &disk.name, &request.name);
@@ -264,52 +233,7 @@ pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 w.write_all(&reply).await?;
             }
             nbd::OPT_LIST_META_CONTEXT | nbd::OPT_SET_META_CONTEXT => {
-                let set = option == nbd::OPT_SET_META_CONTEXT;
-                let resolved = if set && !structured {
-                    Err((
-                        nbd::REP_ERR_INVALID,
-                        "negotiate structured replies first".to_owned(),
-                    ))
-                } else {
-                    nbd::parse_meta_request(&data)
-                        .map_err(|why| (nbd::REP_ERR_INVALID, why.to_owned()))
-                        .and_then(|req| match agent.disk(&req.export) {
-                            None => Err((
-                                nbd::REP_ERR_UNKNOWN,
-                                format!("no export named {:?}", req.export),
-                            )),
-                            Some(disk) => resolve_queries(disk, &req.queries, !set)
-                                .map(|c| (disk.name.clone(), c)),
-                        })
-                };
-                match resolved {
-                    Err((code, why)) => {
-                        if set {
-                            // A failed SET leaves nothing selected.
-                            selected = None;
-                        }
-                        w.write_all(&nbd::option_error(option, code, &why)).await?;
-                    }
-                    Ok((export, contexts)) => {
-                        // Ids start at 1; LIST replies carry 0, as the spec asks.
-                        let mut numbered = Vec::with_capacity(contexts.len());
-                        for (i, context) in contexts.into_iter().enumerate() {
-                            let id = if set { i as u32 + 1 } else { 0 };
-                            w.write_all(&nbd::option_reply(
-                                option,
-                                nbd::REP_META_CONTEXT,
-                                &nbd::meta_context(id, &context.name()),
-                            ))
-                            .await?;
-                            numbered.push((id, context));
-                        }
-                        w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
-                            .await?;
-                        if set {
-                            selected = Some((export, numbered));
-                        }
-                    }
-                }
+                meta_contexts(agent, w, option, &data, structured, &mut selected).await?
             }
             _ => {
                 w.write_all(&nbd::option_error(
@@ -322,6 +246,119 @@ pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         w.flush().await?;
     }
+}
+
+/// OPT_LIST: every export's name.
+async fn list_exports<W: AsyncWrite + Unpin>(agent: &Agent, w: &mut W, data: &[u8]) -> Result<()> {
+    let option = nbd::OPT_LIST;
+    if !data.is_empty() {
+        w.write_all(&nbd::option_error(
+            option,
+            nbd::REP_ERR_INVALID,
+            "LIST takes no data",
+        ))
+        .await?;
+        return Ok(());
+    }
+    for disk in &agent.disks {
+        w.write_all(&nbd::option_reply(
+            option,
+            nbd::REP_SERVER,
+            &nbd::list_entry(&disk.name),
+        ))
+        .await?;
+    }
+    w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
+        .await?;
+    Ok(())
+}
+
+/// The replies to OPT_INFO or OPT_GO for an export: its size and flags, its name, its
+/// block sizes, then the ACK.
+async fn info_replies<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    option: u32,
+    disk: &ProtectedDisk,
+) -> Result<()> {
+    w.write_all(&nbd::option_reply(
+        option,
+        nbd::REP_INFO,
+        &nbd::info_export(disk.size(), TRANSMISSION_FLAGS),
+    ))
+    .await?;
+    w.write_all(&nbd::option_reply(
+        option,
+        nbd::REP_INFO,
+        &nbd::info_name(&disk.name),
+    ))
+    .await?;
+    let block = nbd::info_block_size(1, 4096, nbd::PAYLOAD_MAX);
+    w.write_all(&nbd::option_reply(option, nbd::REP_INFO, &block))
+        .await?;
+    w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
+        .await?;
+    Ok(())
+}
+
+/// OPT_LIST_META_CONTEXT and OPT_SET_META_CONTEXT: the contexts a query resolves to, each
+/// numbered (from 1 for SET, 0 for LIST as the spec asks); a SET remembers them for the
+/// export it named, a failed SET leaves nothing selected.
+async fn meta_contexts<W: AsyncWrite + Unpin>(
+    agent: &Agent,
+    w: &mut W,
+    option: u32,
+    data: &[u8],
+    structured: bool,
+    selected: &mut Option<(String, Vec<(u32, MetaContext)>)>,
+) -> Result<()> {
+    let set = option == nbd::OPT_SET_META_CONTEXT;
+    let resolved = if set && !structured {
+        Err((
+            nbd::REP_ERR_INVALID,
+            "negotiate structured replies first".to_owned(),
+        ))
+    } else {
+        nbd::parse_meta_request(data)
+            .map_err(|why| (nbd::REP_ERR_INVALID, why.to_owned()))
+            .and_then(|req| match agent.disk(&req.export) {
+                None => Err((
+                    nbd::REP_ERR_UNKNOWN,
+                    format!("no export named {:?}", req.export),
+                )),
+                Some(disk) => {
+                    resolve_queries(disk, &req.queries, !set).map(|c| (disk.name.clone(), c))
+                }
+            })
+    };
+    match resolved {
+        Err((code, why)) => {
+            if set {
+                // A failed SET leaves nothing selected.
+                *selected = None;
+            }
+            w.write_all(&nbd::option_error(option, code, &why)).await?;
+        }
+        Ok((export, contexts)) => {
+            // Ids start at 1; LIST replies carry 0, as the spec asks.
+            let mut numbered = Vec::with_capacity(contexts.len());
+            for (i, context) in contexts.into_iter().enumerate() {
+                let id = if set { i as u32 + 1 } else { 0 };
+                w.write_all(&nbd::option_reply(
+                    option,
+                    nbd::REP_META_CONTEXT,
+                    &nbd::meta_context(id, &context.name()),
+                ))
+                .await?;
+                numbered.push((id, context));
+            }
+            w.write_all(&nbd::option_reply(option, nbd::REP_ACK, &[]))
+                .await?;
+            if set {
+                *selected = Some((export, numbered));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The contexts selected for the export a client finally chose: none if it selected them

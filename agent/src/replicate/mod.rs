@@ -312,7 +312,7 @@ impl<'a> Session<'a> {
                 other => bail!("unexpected answer from the receiver: {other:?}"),
             }
         })?;
-        let of: ChangeId = change_id.parse().context("the receiver's digests")?;
+        let of = change_id;
         let theirs = self.work_file("theirs")?;
         if disk_size == self.geometry.0 {
             std::fs::write(&theirs, &hashes)?;
@@ -336,6 +336,18 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// The receiver's newest committed point of the disk (none before a first full).
+    fn ask_newest(&self, conn: &quinn::Connection) -> Result<Option<ChangeId>> {
+        let request = Request::Newest {
+            disk: self.disk.clone(),
+        };
+        match self.runtime.block_on(stream::call(conn, &request))? {
+            Response::Newest { change_id } => Ok(change_id),
+            Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
+            other => bail!("unexpected answer from the receiver: {other:?}"),
+        }
+    }
+
     /// One push, driven: `ctk::push::Session` decides what to ask and what to send, in which
     /// order, and when the cursor may move; this function only carries the questions to
     /// the receiver (QUIC) and the agent (its control socket) and the delta between them.
@@ -356,23 +368,7 @@ impl<'a> Session<'a> {
         loop {
             self.log_notes(s.take_notes());
             match s.poll() {
-                Action::AskNewest => {
-                    let request = Request::Newest {
-                        disk: self.disk.clone(),
-                    };
-                    let newest = match self.runtime.block_on(stream::call(&conn, &request))? {
-                        Response::Newest { change_id } => change_id,
-                        Response::Refused { message, .. } => {
-                            bail!("the receiver refused: {message}")
-                        }
-                        other => bail!("unexpected answer from the receiver: {other:?}"),
-                    };
-                    let newest = newest
-                        .map(|n| n.parse())
-                        .transpose()
-                        .context("the receiver's newest point")?;
-                    s.handle_newest(newest);
-                }
+                Action::AskNewest => s.handle_newest(self.ask_newest(&conn)?),
                 Action::AskAnswerable(since) => {
                     let request = proto::Request::Answerable {
                         disk: Some(self.disk.clone()),
@@ -528,10 +524,7 @@ impl<'a> Session<'a> {
             "hold_ms": exported.cut.hold_ms,
             "image_digest": p.digest.map(|d| d.to_string()),
             "seconds": started.elapsed().as_secs_f64(),
-            "committed_unix_ms": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            "committed_unix_ms": ctk::unix_ms_now(),
             "resync": matches!(s.plan(), Some(Plan::Compare { .. })),
             "resume_asked": s.resume_asked(),
             "resumed_at": match s.plan() {

@@ -81,8 +81,6 @@ pub(super) fn push(
     plan: &Plan,
     theirs: Option<&Path>,
 ) -> Result<Pushed> {
-    let (runtime, r, disk, control) = (&s.runtime, s.r, s.disk.as_str(), s.control);
-    let (geometry, leaf_path) = (s.geometry, s.leaf_path.as_path());
     let fifo = s.work_file("fifo")?;
     let pairs = s.work_file("leaves")?;
     mkfifo(&fifo)?;
@@ -90,41 +88,11 @@ pub(super) fn push(
     if let Some(theirs) = theirs {
         cleanup.0.push(theirs.to_owned());
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let request = export_request(s, newest, cut, plan, theirs, &fifo, &pairs);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let (exported, streamed) = std::thread::scope(|scope| {
         let exporter = scope.spawn(|| {
-            let mut request = proto::Export {
-                disk: Some(disk.to_owned()),
-                since: ExportSince::Since(newest.map_or(Since::All, Since::Id)),
-                path: fifo.clone(),
-                leaves: Some(pairs.clone()),
-                consistency: cut.consistency(),
-                base: None,
-                unit: None,
-                digests: None,
-                resume: None,
-            };
-            match plan {
-                Plan::Compare { base } => {
-                    request.since = ExportSince::Compare;
-                    request.base = Some(*base);
-                    request.unit = Some(r.resync_unit);
-                    request.digests = theirs.map(Path::to_owned);
-                }
-                Plan::Resume {
-                    since,
-                    prior,
-                    next_offset,
-                } => {
-                    request.since = ExportSince::Since(*since);
-                    request.resume = Some(proto::Resume {
-                        prior: *prior,
-                        next_offset: *next_offset,
-                    });
-                }
-                Plan::Since(since) => request.since = ExportSince::Since(*since),
-            }
-            let answer = ask::<ExportAnswer>(control, &proto::Request::Export(request));
+            let answer = ask::<ExportAnswer>(s.control, &proto::Request::Export(request));
             if answer.is_err() {
                 // The agent may have failed before opening the FIFO, and the reader below
                 // waits in open() until a writer comes: be that writer, and go.
@@ -135,122 +103,10 @@ pub(super) fn push(
             }
             answer
         });
-        // The reader owns the sender: the channel closes, and the send loop below ends,
-        // when the reader does.
-        let reader_fifo = fifo.clone();
-        let reader = scope.spawn(move || -> Result<()> {
-            let mut input = std::fs::File::open(&reader_fifo)?;
-            // A 1 MiB pipe instead of 64 KiB: the export and this reader wake each other
-            // 16 times less often. Best effort (the system's pipe-max-size may be lower).
-            // SAFETY: fcntl on an open descriptor with an integer argument touches no memory.
-            unsafe {
-                libc::fcntl(
-                    std::os::fd::AsRawFd::as_raw_fd(&input),
-                    libc::F_SETPIPE_SZ,
-                    1 << 20,
-                )
-            };
-            loop {
-                let mut buf = vec![0u8; ctk_net::wire::CHUNK_MAX];
-                let mut filled = 0;
-                // Whole chunks where the export is quick enough: fewer, larger writes.
-                while filled < buf.len() {
-                    match input.read(&mut buf[filled..])? {
-                        0 => break,
-                        n => filled += n,
-                    }
-                }
-                if filled == 0 {
-                    return Ok(());
-                }
-                buf.truncate(filled);
-                if tx.blocking_send(bytes::Bytes::from(buf)).is_err() {
-                    return Ok(());
-                }
-            }
-        });
-        let streamed = runtime.block_on(async {
-            let (mut send, recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
-            let (resumes, next_offset) = match plan {
-                Plan::Resume {
-                    prior, next_offset, ..
-                } => (Some(prior.to_string()), *next_offset),
-                _ => (None, 0),
-            };
-            // One stream: the requests every receiver of `ctk/2` knows.
-            let request = match (s.streams, resumes) {
-                (1, Some(resumes)) => Request::PushResume {
-                    disk: disk.into(),
-                    resumes,
-                    next_offset,
-                },
-                (1, None) => Request::Push { disk: disk.into() },
-                (lanes, resumes) => Request::PushLanes {
-                    disk: disk.into(),
-                    lanes,
-                    resumes,
-                    next_offset,
-                },
-            };
-            ctk_net::write_frame(&mut send, &request.encode()).await?;
-            let push = u64::from(send.id());
-            let mut lanes = vec![send];
-            for index in 1..s.streams {
-                let mut lane = conn.open_uni().await.map_err(|e| closed(conn, e.into()))?;
-                let frame = ctk_net::wire::Lane { push, index }.encode();
-                ctk_net::write_frame(&mut lane, &frame).await?;
-                lanes.push(lane);
-            }
-            // Chunk i goes on lane i % lanes: the receiver reads them back in that order.
-            let mut turn = 0;
-            let mut sent = 0u64;
-            let mut failed = None;
-            while let Some(chunk) = rx.recv().await {
-                if failed.is_some() {
-                    continue; // keep draining: the agent must be able to finish its export
-                }
-                sent += chunk.len() as u64;
-                // Under a limit, in pieces of about an eighth of a second's worth, so the
-                // rate holds over short spans too, not only on average.
-                let piece = s.limiter.piece(chunk.len());
-                let mut at = 0;
-                while at < chunk.len() && failed.is_none() {
-                    let end = (at + piece).min(chunk.len());
-                    s.limiter.pace(end - at).await;
-                    let lane = turn;
-                    turn = (turn + 1) % lanes.len();
-                    if let Err(e) =
-                        ctk_net::write_chunk(&mut lanes[lane], chunk.slice(at..end)).await
-                    {
-                        failed = Some(closed(conn, e.into()));
-                    }
-                    at = end;
-                }
-            }
-            match failed {
-                // The receiver stops reading when it refuses a push early (a bad header, say);
-                // its answer says why, which beats "stopped by peer".
-                Some(e) => {
-                    let mut recv = recv;
-                    let answer = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        ctk_net::read_frame(&mut recv),
-                    )
-                    .await;
-                    match answer
-                        .ok()
-                        .and_then(|f| f.ok())
-                        .map(|f| Response::decode(&f))
-                    {
-                        Some(Ok(Response::Refused { message, .. })) => {
-                            Err(anyhow::anyhow!("the receiver refused the delta: {message}"))
-                        }
-                        _ => Err(e),
-                    }
-                }
-                None => Ok::<_, anyhow::Error>((lanes, recv, sent)),
-            }
-        });
+        // The reader owns the sender: the channel closes, and the send loop ends, when the
+        // reader does.
+        let reader = scope.spawn(|| read_fifo(&fifo, tx));
+        let streamed = s.runtime.block_on(send_chunks(s, conn, plan, rx));
         let exported = exporter
             .join()
             .map_err(|_| anyhow::anyhow!("the export thread panicked"))?;
@@ -267,18 +123,18 @@ pub(super) fn push(
         Some(id) => format!("exporting the changes since the receiver's newest point {id}"),
         None => "exporting a first full".into(),
     })?;
-    let (mut lanes, mut recv, sent) = streamed?;
+    let (lanes, recv, sent) = streamed?;
     // A resync read every block: its pairs are the whole image's leaves.
     let base = match plan {
         Plan::Since(_) | Plan::Resume { .. } => newest,
         Plan::Compare { .. } => None,
     };
-    let leaves = leaves_after(leaf_path, base, exported.disk_size, geometry.1, &pairs)
+    let leaves = leaves_after(&s.leaf_path, base, exported.disk_size, s.geometry.1, &pairs)
         .context("digesting the exported delta")?;
     // Before the end frame: were this process killed after the receiver's commit, the next
     // run must still know the leaves of what is then the receiver's newest point.
     if let Some(l) = &leaves
-        && let Err(e) = LeafFile::save_pending(leaf_path, l, exported.to)
+        && let Err(e) = LeafFile::save_pending(&s.leaf_path, l, exported.to)
     {
         tracing::warn!(error = %e, "recording the pending block digests");
     }
@@ -288,22 +144,7 @@ pub(super) fn push(
         consistency: exported.cut.consistency,
         image_digest: digest.map(|d| d.0),
     };
-    let answer = runtime.block_on(async {
-        for lane in &mut lanes {
-            ctk_net::end_chunks(lane).await?;
-        }
-        let mut extra = lanes.split_off(1);
-        for lane in &mut extra {
-            lane.finish()?;
-        }
-        let send = &mut lanes[0];
-        ctk_net::write_frame(send, &end.encode()).await?;
-        send.finish()?;
-        let frame = ctk_net::read_frame(&mut recv)
-            .await
-            .map_err(|e| closed(conn, e.into()))?;
-        Ok::<_, anyhow::Error>(Response::decode(&frame)?)
-    })?;
+    let answer = s.runtime.block_on(end_push(conn, lanes, recv, &end))?;
     Ok(Pushed {
         exported,
         sent,
@@ -311,6 +152,200 @@ pub(super) fn push(
         leaves,
         digest,
     })
+}
+
+/// The export the running agent is asked for: since the receiver's newest point, the rest
+/// of a cut-off push, or every unit that differs from the receiver's digests.
+fn export_request(
+    s: &Session,
+    newest: Option<ChangeId>,
+    cut: Cut,
+    plan: &Plan,
+    theirs: Option<&Path>,
+    fifo: &Path,
+    pairs: &Path,
+) -> proto::Export {
+    let mut request = proto::Export {
+        disk: Some(s.disk.clone()),
+        since: ExportSince::Since(newest.map_or(Since::All, Since::Id)),
+        path: fifo.to_owned(),
+        leaves: Some(pairs.to_owned()),
+        consistency: cut.consistency(),
+        base: None,
+        unit: None,
+        digests: None,
+        resume: None,
+    };
+    match plan {
+        Plan::Compare { base } => {
+            request.since = ExportSince::Compare;
+            request.base = Some(*base);
+            request.unit = Some(s.r.resync_unit);
+            request.digests = theirs.map(Path::to_owned);
+        }
+        Plan::Resume {
+            since,
+            prior,
+            next_offset,
+        } => {
+            request.since = ExportSince::Since(*since);
+            request.resume = Some(proto::Resume {
+                prior: *prior,
+                next_offset: *next_offset,
+            });
+        }
+        Plan::Since(since) => request.since = ExportSince::Since(*since),
+    }
+    request
+}
+
+/// Reads the export from its FIFO in whole chunks where the export is quick enough (fewer,
+/// larger writes) and hands them to the send loop, until the export ends or the loop goes.
+fn read_fifo(fifo: &Path, tx: tokio::sync::mpsc::Sender<bytes::Bytes>) -> Result<()> {
+    let mut input = std::fs::File::open(fifo)?;
+    // A 1 MiB pipe instead of 64 KiB: the export and this reader wake each other 16 times
+    // less often. Best effort (the system's pipe-max-size may be lower).
+    // SAFETY: fcntl on an open descriptor with an integer argument touches no memory.
+    unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&input),
+            libc::F_SETPIPE_SZ,
+            1 << 20,
+        )
+    };
+    loop {
+        let mut buf = vec![0u8; ctk_net::wire::CHUNK_MAX];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match input.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        buf.truncate(filled);
+        if tx.blocking_send(bytes::Bytes::from(buf)).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// A push's lanes (the request's stream first), the stream its answer comes on, and the
+/// bytes sent.
+type Streamed = (Vec<quinn::SendStream>, quinn::RecvStream, u64);
+
+/// Opens the push's streams (the request on a bidirectional stream, then the extra lanes)
+/// and deals every chunk the reader hands over round robin over them, under the bandwidth
+/// limit. On a failed send it keeps draining (the agent must be able to finish its export) and returns the
+/// receiver's refusal if it gave one.
+async fn send_chunks(
+    s: &Session<'_>,
+    conn: &quinn::Connection,
+    plan: &Plan,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> Result<Streamed> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| closed(conn, e.into()))?;
+    let (resumes, next_offset) = match plan {
+        Plan::Resume {
+            prior, next_offset, ..
+        } => (Some(*prior), *next_offset),
+        _ => (None, 0),
+    };
+    let disk = s.disk.as_str();
+    // One stream: the requests every receiver of `ctk/2` knows.
+    let request = match (s.streams, resumes) {
+        (1, Some(resumes)) => Request::PushResume {
+            disk: disk.into(),
+            resumes,
+            next_offset,
+        },
+        (1, None) => Request::Push { disk: disk.into() },
+        (lanes, resumes) => Request::PushLanes {
+            disk: disk.into(),
+            lanes,
+            resumes,
+            next_offset,
+        },
+    };
+    ctk_net::write_frame(&mut send, &request.encode()).await?;
+    let push = u64::from(send.id());
+    let mut lanes = vec![send];
+    for index in 1..s.streams {
+        let mut lane = conn.open_uni().await.map_err(|e| closed(conn, e.into()))?;
+        let frame = ctk_net::wire::Lane { push, index }.encode();
+        ctk_net::write_frame(&mut lane, &frame).await?;
+        lanes.push(lane);
+    }
+    // Chunk i goes on lane i % lanes: the receiver reads them back in that order.
+    let mut turn = 0;
+    let mut sent = 0u64;
+    let mut failed = None;
+    while let Some(chunk) = rx.recv().await {
+        if failed.is_some() {
+            continue; // keep draining: the agent must be able to finish its export
+        }
+        sent += chunk.len() as u64;
+        // Under a limit, in pieces of about an eighth of a second's worth, so the rate
+        // holds over short spans too, not only on average.
+        let piece = s.limiter.piece(chunk.len());
+        let mut at = 0;
+        while at < chunk.len() && failed.is_none() {
+            let end = (at + piece).min(chunk.len());
+            s.limiter.pace(end - at).await;
+            let lane = turn;
+            turn = (turn + 1) % lanes.len();
+            if let Err(e) = ctk_net::write_chunk(&mut lanes[lane], chunk.slice(at..end)).await {
+                failed = Some(closed(conn, e.into()));
+            }
+            at = end;
+        }
+    }
+    match failed {
+        Some(e) => Err(refusal_or(recv, e).await),
+        None => Ok((lanes, recv, sent)),
+    }
+}
+
+/// The receiver stops reading when it refuses a push early (a bad header, say); its answer
+/// says why, which beats "stopped by peer".
+async fn refusal_or(mut recv: quinn::RecvStream, e: anyhow::Error) -> anyhow::Error {
+    let answer = tokio::time::timeout(Duration::from_secs(5), ctk_net::read_frame(&mut recv)).await;
+    match answer
+        .ok()
+        .and_then(|f| f.ok())
+        .map(|f| Response::decode(&f))
+    {
+        Some(Ok(Response::Refused { message, .. })) => {
+            anyhow::anyhow!("the receiver refused the delta: {message}")
+        }
+        _ => e,
+    }
+}
+
+/// Ends every lane's chunks, sends the end frame on the first, and reads the answer (which
+/// the receiver gives only after the commit).
+async fn end_push(
+    conn: &quinn::Connection,
+    mut lanes: Vec<quinn::SendStream>,
+    mut recv: quinn::RecvStream,
+    end: &PushEnd,
+) -> Result<Response> {
+    for lane in &mut lanes {
+        ctk_net::end_chunks(lane).await?;
+    }
+    let mut extra = lanes.split_off(1);
+    for lane in &mut extra {
+        lane.finish()?;
+    }
+    let send = &mut lanes[0];
+    ctk_net::write_frame(send, &end.encode()).await?;
+    send.finish()?;
+    let frame = ctk_net::read_frame(&mut recv)
+        .await
+        .map_err(|e| closed(conn, e.into()))?;
+    Ok(Response::decode(&frame)?)
 }
 
 /// Removes files when dropped (the FIFO and the leaves of a push, whatever happened).

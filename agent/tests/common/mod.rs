@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod nbd;
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -113,11 +115,18 @@ impl Agent {
     pub fn try_start_bin(dir: &Path, config: &str, bin: &Path) -> (String, Option<Agent>) {
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--config"]).arg(&config_path);
+        Agent::launch(cmd, dir)
+    }
+
+    /// Runs `cmd` (a `serve` command line) with control socket `dir/ctl.sock` and NBD socket
+    /// `dir/nbd.sock`, and waits for its ready line: the agent, or what it printed (and its
+    /// stderr) when it did not start.
+    fn launch(mut cmd: Command, dir: &Path) -> (String, Option<Agent>) {
         let control = dir.join("ctl.sock");
         let nbd = dir.join("nbd.sock");
-        let mut child = Command::new(bin)
-            .args(["serve", "--config"])
-            .arg(&config_path)
+        let mut child = cmd
             .arg("--control")
             .arg(&control)
             .arg("--listen")
@@ -148,6 +157,23 @@ impl Agent {
                 nbd,
             }),
         )
+    }
+
+    /// `ctk-agent serve --disk NAME=PATH ...` with no configuration file, and `env` added to
+    /// its environment; control socket `dir/ctl.sock`, NBD socket `dir/nbd.sock`.
+    pub fn serve(dir: &Path, disks: &[(&str, &Path)], env: &[(&str, &str)]) -> Agent {
+        let mut cmd = Command::new(agent_bin());
+        cmd.envs(env.iter().copied()).arg("serve");
+        for (name, path) in disks {
+            cmd.arg("--disk").arg(format!("{name}={}", path.display()));
+        }
+        let (out, agent) = Agent::launch(cmd, dir);
+        agent.unwrap_or_else(|| panic!("agent did not start: {out}"))
+    }
+
+    /// The NBD URI of one of the agent's exports.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd.display())
     }
 
     pub fn cmd(&self, args: &[&str]) -> std::process::Output {

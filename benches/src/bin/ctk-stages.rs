@@ -102,76 +102,12 @@ fn main() {
             let total = direct_read_all(arg(1));
             println!("{:.0}", total as f64 / started.elapsed().as_secs_f64());
         }
-        "read-write" => {
-            let (path, out) = (arg(1).to_owned(), arg(2).to_owned());
-            let bytes: u64 = arg(3).parse().expect("BYTES");
-            let started = Instant::now();
-            let reader = std::thread::spawn(move || direct_read_all(&path));
-            let w = std::fs::File::create(&out).expect("create");
-            drop(w);
-            // tmpfs (a STORE_DIR of /dev/shm) refuses O_DIRECT: write through it as ctk's
-            // receiver then does.
-            let w = match ctk::vfs::open_direct(std::path::Path::new(&out), true).expect("open") {
-                Some(w) => w,
-                None => std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&out)
-                    .expect("open"),
-            };
-            let mut block = ctk::vfs::AlignedBuf::new(1 << 20);
-            for (i, b) in block.iter_mut().enumerate() {
-                *b = ((i as u32).wrapping_mul(2654435761) >> 13) as u8 | 1;
-            }
-            let mut done = 0u64;
-            while done < bytes {
-                // Whole MiBs only: direct writes must stay aligned.
-                std::os::unix::fs::FileExt::write_all_at(&w, &block, done).expect("write");
-                done += 1 << 20;
-            }
-            w.sync_all().expect("fsync");
-            let read = reader.join().expect("reader");
-            let _ = std::fs::remove_file(&out);
-            println!("{:.0}", read as f64 / started.elapsed().as_secs_f64());
-        }
-        "encode" => {
-            let data = std::fs::read(arg(1)).expect("read");
-            let header = DeltaHeader {
-                disk_id: "bench".into(),
-                disk_size: data.len() as u64,
-                block_size: 4096,
-                from: None,
-                to: ChangeId::new(Generation(1), 1),
-            };
-            let started = Instant::now();
-            let mut w = DeltaWriter::new(std::io::sink(), &header, WriteOptions::default())
-                .expect("writer");
-            for (i, chunk) in data.chunks(1 << 20).enumerate() {
-                w.write_extent((i as u64) << 20, chunk).expect("encode");
-            }
-            w.finish().expect("finish");
-            println!("{:.0}", data.len() as f64 / started.elapsed().as_secs_f64());
-        }
-        "write" => {
-            // What the replica's disk takes: BYTES of non-zero data written sequentially in
-            // 1 MiB pieces into a new file, then fsync (a first full must be durable).
-            let bytes: u64 = arg(2).parse().expect("BYTES");
-            let mut f = std::fs::File::create(arg(1)).expect("create");
-            let block: Vec<u8> = (0..1u32 << 20)
-                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
-                .collect();
-            let started = Instant::now();
-            let mut done = 0;
-            while done < bytes {
-                let n = (bytes - done).min(block.len() as u64) as usize;
-                f.write_all(&block[..n]).expect("write");
-                done += n as u64;
-            }
-            f.sync_all().expect("fsync");
-            let rate = bytes as f64 / started.elapsed().as_secs_f64();
-            drop(f);
-            let _ = std::fs::remove_file(arg(1));
-            println!("{rate:.0}");
-        }
+        "read-write" => println!(
+            "{:.0}",
+            read_write(arg(1), arg(2), arg(3).parse().expect("BYTES"))
+        ),
+        "encode" => println!("{:.0}", encode(arg(1))),
+        "write" => println!("{:.0}", write_rate(arg(1), arg(2).parse().expect("BYTES"))),
         "leaves" => {
             let data = std::fs::read(arg(1)).expect("read");
             let started = Instant::now();
@@ -217,6 +153,80 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// Stage `read-write` (see the top of this file): its rate in bytes per second.
+fn read_write(path: &str, out: &str, bytes: u64) -> f64 {
+    let (path, out) = (path.to_owned(), out.to_owned());
+    let started = Instant::now();
+    let reader = std::thread::spawn(move || direct_read_all(&path));
+    let w = std::fs::File::create(&out).expect("create");
+    drop(w);
+    // tmpfs (a STORE_DIR of /dev/shm) refuses O_DIRECT: write through it as ctk's
+    // receiver then does.
+    let w = match ctk::vfs::open_direct(std::path::Path::new(&out), true).expect("open") {
+        Some(w) => w,
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .open(&out)
+            .expect("open"),
+    };
+    let mut block = ctk::vfs::AlignedBuf::new(1 << 20);
+    for (i, b) in block.iter_mut().enumerate() {
+        *b = ((i as u32).wrapping_mul(2654435761) >> 13) as u8 | 1;
+    }
+    let mut done = 0u64;
+    while done < bytes {
+        // Whole MiBs only: direct writes must stay aligned.
+        std::os::unix::fs::FileExt::write_all_at(&w, &block, done).expect("write");
+        done += 1 << 20;
+    }
+    w.sync_all().expect("fsync");
+    let read = reader.join().expect("reader");
+    let _ = std::fs::remove_file(&out);
+    read as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Stage `encode` (see the top of this file): its rate in bytes per second.
+fn encode(path: &str) -> f64 {
+    let data = std::fs::read(path).expect("read");
+    let header = DeltaHeader {
+        disk_id: "bench".into(),
+        disk_size: data.len() as u64,
+        block_size: 4096,
+        from: None,
+        to: ChangeId::new(Generation(1), 1),
+    };
+    let started = Instant::now();
+    let mut w =
+        DeltaWriter::new(std::io::sink(), &header, WriteOptions::default()).expect("writer");
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        w.write_extent((i as u64) << 20, chunk).expect("encode");
+    }
+    w.finish().expect("finish");
+    data.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Stage `write` (see the top of this file): its rate in bytes per second.
+fn write_rate(path: &str, bytes: u64) -> f64 {
+    // What the replica's disk takes: BYTES of non-zero data written sequentially in
+    // 1 MiB pieces into a new file, then fsync (a first full must be durable).
+    let mut f = std::fs::File::create(path).expect("create");
+    let block: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1)
+        .collect();
+    let started = Instant::now();
+    let mut done = 0;
+    while done < bytes {
+        let n = (bytes - done).min(block.len() as u64) as usize;
+        f.write_all(&block[..n]).expect("write");
+        done += n as u64;
+    }
+    f.sync_all().expect("fsync");
+    let rate = bytes as f64 / started.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(path);
+    rate
 }
 
 fn quic(bytes: u64) -> f64 {
@@ -276,7 +286,7 @@ fn scribble(size: u64, pct: f64, seed: u64, mut write: impl FnMut(u64, &[u8])) {
     let mut rng = ctk_benches::Rng(seed | 1);
     let mut chosen = std::collections::BTreeSet::new();
     while chosen.len() < want.min(extents as usize) {
-        chosen.insert(rng.next_u64() % extents);
+        chosen.insert(rng.next() % extents);
     }
     let (mut changed, mut compressed) = (0u64, 0u64);
     for (i, e) in chosen.iter().enumerate() {

@@ -20,28 +20,18 @@ use ctk_receiver::store::{DiskStore, PointMeta};
 
 const BS: usize = 64 << 10;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+use ctk_benches::Rng;
+
+/// One block of mixed content: half noise, half text-like (zstd halves it).
+fn mixed_block(rng: &mut Rng, out: &mut [u8]) {
+    let seed = rng.next();
+    let (noise, text) = out.split_at_mut(BS / 2);
+    let mut x = Rng(seed | 1);
+    for b in noise.chunks_mut(8) {
+        b.copy_from_slice(&x.next().to_le_bytes()[..b.len()]);
     }
-    /// One block of mixed content: half noise, half text-like (zstd halves it).
-    fn block(&mut self, out: &mut [u8]) {
-        let seed = self.next();
-        let (noise, text) = out.split_at_mut(BS / 2);
-        let mut x = seed | 1;
-        for b in noise.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-        }
-        for (i, b) in text.iter_mut().enumerate() {
-            *b = b"restore points of a synthetic full "[(i + seed as usize) % 35];
-        }
+    for (i, b) in text.iter_mut().enumerate() {
+        *b = b"restore points of a synthetic full "[(i + seed as usize) % 35];
     }
 }
 
@@ -94,7 +84,7 @@ fn main() {
         chosen.sort_unstable();
         chosen.dedup();
         for b in chosen {
-            rng.block(&mut buf);
+            mixed_block(&mut rng, &mut buf);
             w.write_extent(b * BS as u64, &buf).expect("extent");
         }
         w.finish().expect("finish");
@@ -105,11 +95,11 @@ fn main() {
         t.elapsed()
     );
 
-    let ids: Vec<String> = store.points().iter().map(|p| p.change_id.clone()).collect();
+    let ids: Vec<ctk::ChangeId> = store.points().iter().map(|p| p.change_id).collect();
     let out = dir.path().join("restored.img");
     let oldest = format!("oldest point ({} undos)", ids.len() - 1);
     let eighth = "8 undos newer than it";
-    let cases: [(&str, Option<&String>); 5] = [
+    let cases: [(&str, Option<&ctk::ChangeId>); 5] = [
         ("newest point (full only)", ids.last()),
         ("second newest (1 undo)", ids.get(ids.len() - 2)),
         (eighth, ids.get(ids.len().saturating_sub(9))),
@@ -123,7 +113,7 @@ fn main() {
             let t = Instant::now();
             match point {
                 Some(p) => {
-                    store.restore(p, &out, |_, _| {}).expect("restore");
+                    store.restore(**p, &out, |_, _| {}).expect("restore");
                 }
                 None => {
                     let ok = Command::new("cp")

@@ -107,6 +107,20 @@ impl std::str::FromStr for ImageDigest {
     }
 }
 
+/// In JSON (the receiver's manifest, `--json` answers) a digest is its 64 hex digits.
+impl serde::Serialize for ImageDigest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ImageDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ImageDigest, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DigestError {
     #[error("I/O error on the block digests: {0}")]

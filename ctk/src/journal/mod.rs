@@ -162,30 +162,21 @@ fn valid_record_after<S: JournalStorage>(
     Ok(false)
 }
 
-/// Replays a journal. `options` are used only until the header says how the writer compacted.
+/// Replays a journal.
 pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
     let Some(file_len) = storage.stored_len()? else {
         return Ok(Replay::Missing);
     };
     let mut offset = 0u64;
     let mut frame = Vec::new();
-    let mut blob: Vec<u8> = Vec::new();
-    let mut header: Option<Header> = None;
-    let mut geometry: Option<Geometry> = None;
-    let mut snap: Option<MapState> = None;
-    let mut map: Option<ChangeMap> = None;
-    let mut live: HashSet<u32> = HashSet::new();
-    let mut clean = false;
+    let mut state: Option<Replaying> = None;
     let mut torn_at = None;
-
-    macro_rules! unusable {
-        ($($arg:tt)*) => { return Ok(Replay::Unusable(format!($($arg)*))) };
-    }
-
     while offset < file_len {
         let Some(kind) = read_frame(storage, offset, file_len, &mut frame)? else {
             if valid_record_after(storage, offset, file_len)? {
-                unusable!("damaged record at byte {offset} is followed by valid records");
+                return Ok(Replay::Unusable(format!(
+                    "damaged record at byte {offset} is followed by valid records"
+                )));
             }
             torn_at = Some(offset);
             break;
@@ -193,60 +184,126 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
         let payload = &frame[FRAME_HEAD..frame.len() - FRAME_TAIL];
         let record = match record::decode(kind, payload) {
             Ok(r) => r,
-            Err(why) => unusable!("record at byte {offset} is malformed: {why}"),
+            Err(why) => {
+                return Ok(Replay::Unusable(format!(
+                    "record at byte {offset} is malformed: {why}"
+                )));
+            }
         };
         let this = offset;
         offset += frame.len() as u64;
+        // The header comes first, then one snapshot, then live records.
+        let step = match state.as_mut() {
+            None => Replaying::start(record).map(|s| state = Some(s)),
+            Some(s) => s.apply(record, this),
+        };
+        if let Err(why) = step {
+            return Ok(Replay::Unusable(why));
+        }
+    }
+    let Some(Replaying {
+        header,
+        geometry,
+        map,
+        live,
+        clean,
+        ..
+    }) = state
+    else {
+        return Ok(Replay::Unusable("journal has no readable header".into()));
+    };
+    let Some(mut map) = map else {
+        return Ok(Replay::Unusable("journal has no complete snapshot".into()));
+    };
+    // Resizes in the live records moved the size on from the header's.
+    debug_assert_eq!(geometry, map.geometry());
+    map.set_options(MapOptions {
+        keep_recent: header.keep_recent,
+    });
+    Ok(Replay::Replayed(Box::new(Replayed {
+        header,
+        map,
+        live_intents: live,
+        clean,
+        torn_at,
+    })))
+}
+
+/// What a replay has rebuilt so far, after the header.
+struct Replaying {
+    header: Header,
+    geometry: Geometry,
+    /// Bitmap bytes carried by chunk records, taken by the record they precede.
+    blob: Vec<u8>,
+    /// The snapshot being read, until its end record makes it the map.
+    snap: Option<MapState>,
+    map: Option<ChangeMap>,
+    live: HashSet<u32>,
+    clean: bool,
+}
+
+impl Replaying {
+    /// The first record: a header of a version, geometry and region size this code reads.
+    fn start(record: Record) -> Result<Replaying, String> {
+        let Record::Header(h) = record else {
+            return Err("journal does not start with a header".into());
+        };
+        if h.version != record::JOURNAL_VERSION {
+            return Err(format!(
+                "journal format version {} is not supported",
+                h.version
+            ));
+        }
+        let geometry = Geometry::new(h.disk_size, h.block_size as u64)
+            .map_err(|e| format!("journal header has a bad geometry: {e}"))?;
+        let regions = crate::limits::REGION_SIZE_MIN..=crate::limits::REGION_SIZE_MAX;
+        if !h.region_size.is_power_of_two() || !regions.contains(&h.region_size) {
+            return Err(format!(
+                "journal header has an unsupported region size {}",
+                h.region_size
+            ));
+        }
+        Ok(Replaying {
+            header: h,
+            geometry,
+            blob: Vec::new(),
+            snap: None,
+            map: None,
+            live: HashSet::new(),
+            clean: false,
+        })
+    }
+
+    /// One record after the header (at byte `this`), or why the journal cannot be trusted.
+    ///
+    /// One piece: one arm per record kind and the phase it may appear in (snapshot or live
+    /// records, docs/format.md), so that every kind out of its place falls to the last arm.
+    fn apply(&mut self, record: Record, this: u64) -> Result<(), String> {
+        let Replaying {
+            header: h,
+            geometry: g,
+            blob,
+            snap,
+            map,
+            live,
+            clean,
+        } = self;
         // Only a Close that is the last record (but for its sync marker) makes the journal
         // clean.
         if record != Record::Synced {
-            clean = false;
+            *clean = false;
         }
-
-        // The header comes first, then one snapshot, then live records.
-        let Some(h) = header.as_ref() else {
-            let Record::Header(h) = record else {
-                unusable!("journal does not start with a header")
-            };
-            if h.version != record::JOURNAL_VERSION {
-                unusable!("journal format version {} is not supported", h.version);
-            }
-            match Geometry::new(h.disk_size, h.block_size as u64) {
-                Ok(g) => geometry = Some(g),
-                Err(e) => unusable!("journal header has a bad geometry: {e}"),
-            }
-            let regions = crate::limits::REGION_SIZE_MIN..=crate::limits::REGION_SIZE_MAX;
-            if !h.region_size.is_power_of_two() || !regions.contains(&h.region_size) {
-                unusable!(
-                    "journal header has an unsupported region size {}",
-                    h.region_size
-                );
-            }
-            header = Some(h);
-            continue;
-        };
-        let g = geometry.expect("set with the header");
-        let take_bitmap = |blob: &mut Vec<u8>, len: u64, g: &Geometry| -> Option<RoaringBitmap> {
-            if blob.len() as u64 != len {
-                return None;
-            }
-            let bitmap = RoaringBitmap::deserialize_from(&blob[..]).ok()?;
-            blob.clear();
-            bitmap
-                .max()
-                .is_none_or(|m| (m as u64) < g.blocks())
-                .then_some(bitmap)
-        };
-
         match (record, snap.as_mut(), map.as_mut()) {
             (Record::Chunk(bytes), _, _) => {
                 if blob.len() as u64 + bytes.len() as u64 > bitmap_len_max(g.blocks()) {
-                    unusable!("bitmap at byte {this} is larger than any bitmap of this disk");
+                    return Err(format!(
+                        "bitmap at byte {this} is larger than any bitmap of this disk"
+                    ));
                 }
                 blob.extend_from_slice(bytes);
             }
             (Record::SnapshotBegin { floor, latest }, None, None) => {
-                snap = Some(MapState {
+                *snap = Some(MapState {
                     generation: Generation(h.generation),
                     disk_size: h.disk_size,
                     block_size: h.block_size,
@@ -259,27 +316,26 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
                     open: RoaringBitmap::new(),
                 });
             }
-            (Record::History { len }, Some(s), None) => match take_bitmap(&mut blob, len, &g) {
-                Some(b) => s.history = b,
-                None => unusable!("history bitmap at byte {this} is inconsistent"),
-            },
+            (Record::History { len }, Some(s), None) => {
+                s.history = take_bitmap(blob, len, g)
+                    .ok_or(format!("history bitmap at byte {this} is inconsistent"))?;
+            }
             (Record::Epoch { after, upto, len }, Some(s), None) => {
-                match take_bitmap(&mut blob, len, &g) {
-                    Some(blocks) => s.epochs.push(crate::map::Epoch {
-                        after,
-                        upto,
-                        blocks,
-                    }),
-                    None => unusable!("epoch bitmap at byte {this} is inconsistent"),
-                }
+                let blocks = take_bitmap(blob, len, g)
+                    .ok_or(format!("epoch bitmap at byte {this} is inconsistent"))?;
+                s.epochs.push(crate::map::Epoch {
+                    after,
+                    upto,
+                    blocks,
+                });
             }
             (Record::CursorSet { name, seq }, Some(s), None) => {
                 s.cursors.insert(name.to_owned(), seq);
             }
-            (Record::Open { len }, Some(s), None) => match take_bitmap(&mut blob, len, &g) {
-                Some(b) => s.open = b,
-                None => unusable!("open-epoch bitmap at byte {this} is inconsistent"),
-            },
+            (Record::Open { len }, Some(s), None) => {
+                s.open = take_bitmap(blob, len, g)
+                    .ok_or(format!("open-epoch bitmap at byte {this} is inconsistent"))?;
+            }
             // Regions past the current end are legitimate after a shrink (see
             // Tracker::resize); recovery clips them.
             (Record::Intent(regions_list), _, _) => live.extend(regions_list),
@@ -288,10 +344,10 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
                 let options = MapOptions {
                     keep_recent: h.keep_recent,
                 };
-                match ChangeMap::from_state(state, options) {
-                    Ok(m) => map = Some(m),
-                    Err(e) => unusable!("snapshot ending at byte {this}: {e}"),
-                }
+                *map = Some(
+                    ChangeMap::from_state(state, options)
+                        .map_err(|e| format!("snapshot ending at byte {this}: {e}"))?,
+                );
             }
             (Record::Clear(regions_list), None, Some(_)) => {
                 for r in regions_list {
@@ -300,24 +356,20 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
             }
             (Record::Seal { seq, kind: _, len }, None, Some(m)) => {
                 if seq != m.latest().seq + 1 {
-                    unusable!(
+                    return Err(format!(
                         "seal at byte {this} is for cut {seq}, expected {}",
                         m.latest().seq + 1
-                    );
+                    ));
                 }
-                match take_bitmap(&mut blob, len, &g) {
-                    Some(b) => {
-                        m.replace_open(b);
-                        m.seal();
-                    }
-                    None => unusable!("sealed bitmap at byte {this} is inconsistent"),
-                }
+                let b = take_bitmap(blob, len, g)
+                    .ok_or(format!("sealed bitmap at byte {this} is inconsistent"))?;
+                m.replace_open(b);
+                m.seal();
             }
             (Record::Resize { disk_size }, None, Some(m)) => {
-                if let Err(e) = m.resize(disk_size) {
-                    unusable!("resize at byte {this}: {e}");
-                }
-                geometry = Some(m.geometry());
+                m.resize(disk_size)
+                    .map_err(|e| format!("resize at byte {this}: {e}"))?;
+                *g = m.geometry();
             }
             (Record::CursorSet { name, seq }, None, Some(m)) => {
                 let id = crate::id::ChangeId::new(m.generation(), seq);
@@ -326,47 +378,39 @@ pub(crate) fn replay<S: JournalStorage>(storage: &mut S) -> io::Result<Replay> {
                 } else {
                     m.register_cursor(name, id)
                 };
-                if let Err(e) = result {
-                    unusable!("cursor record at byte {this}: {e}");
-                }
+                result.map_err(|e| format!("cursor record at byte {this}: {e}"))?;
             }
             (Record::CursorDrop { name }, None, Some(m)) => {
-                if let Err(e) = m.drop_cursor(name) {
-                    unusable!("cursor record at byte {this}: {e}");
-                }
+                m.drop_cursor(name)
+                    .map_err(|e| format!("cursor record at byte {this}: {e}"))?;
             }
             (Record::Synced, _, _) => {}
-            (Record::Close { len }, None, Some(m)) => match take_bitmap(&mut blob, len, &g) {
-                Some(b) => {
-                    m.replace_open(b);
-                    // At a clean close every intended write had been recorded.
-                    live.clear();
-                    clean = true;
-                }
-                None => unusable!("close record at byte {this} is inconsistent"),
-            },
-            (other, _, _) => unusable!("record {other:?} at byte {this} is out of place"),
+            (Record::Close { len }, None, Some(m)) => {
+                let b = take_bitmap(blob, len, g)
+                    .ok_or(format!("close record at byte {this} is inconsistent"))?;
+                m.replace_open(b);
+                // At a clean close every intended write had been recorded.
+                live.clear();
+                *clean = true;
+            }
+            (other, _, _) => {
+                return Err(format!("record {other:?} at byte {this} is out of place"));
+            }
         }
+        Ok(())
     }
+}
 
-    let Some(header) = header else {
-        unusable!("journal has no readable header");
-    };
-    let Some(mut map) = map else {
-        unusable!("journal has no complete snapshot");
-    };
-    if let Some(geometry) = geometry {
-        // Resizes in the live records moved the size on from the header's.
-        debug_assert_eq!(geometry, map.geometry());
+/// The bitmap the chunk records before a record carried, if it is whole, well-formed and
+/// names only blocks of the disk.
+fn take_bitmap(blob: &mut Vec<u8>, len: u64, g: &Geometry) -> Option<RoaringBitmap> {
+    if blob.len() as u64 != len {
+        return None;
     }
-    map.set_options(MapOptions {
-        keep_recent: header.keep_recent,
-    });
-    Ok(Replay::Replayed(Box::new(Replayed {
-        header,
-        map,
-        live_intents: live,
-        clean,
-        torn_at,
-    })))
+    let bitmap = RoaringBitmap::deserialize_from(&blob[..]).ok()?;
+    blob.clear();
+    bitmap
+        .max()
+        .is_none_or(|m| (m as u64) < g.blocks())
+        .then_some(bitmap)
 }

@@ -31,12 +31,12 @@ use crate::{ChangeId, Geometry};
 /// sent).
 pub fn judge_resume(
     state: &ResumeState,
-    newest: Option<&str>,
+    newest: Option<ChangeId>,
     disk_size: u64,
-    answerable: impl FnOnce(&str) -> Result<(), String>,
+    answerable: impl FnOnce(ChangeId) -> Result<(), String>,
 ) -> Result<ChangeId, String> {
     let prior = judge_resume_state(state, newest, disk_size)?;
-    answerable(&state.to).map_err(|why| {
+    answerable(state.to).map_err(|why| {
         format!("this agent cannot name the changes since its cut {prior}: {why}")
     })?;
     Ok(prior)
@@ -46,10 +46,10 @@ pub fn judge_resume(
 /// state fits, before the agent is asked whether it can name the changes since that cut.
 pub fn judge_resume_state(
     state: &ResumeState,
-    newest: Option<&str>,
+    newest: Option<ChangeId>,
     disk_size: u64,
 ) -> Result<ChangeId, String> {
-    if state.from.as_deref() != newest {
+    if state.from != newest {
         return Err(format!(
             "it starts at {:?}, the receiver's newest point is {newest:?}",
             state.from
@@ -61,11 +61,8 @@ pub fn judge_resume_state(
             state.disk_size, state.next_offset
         ));
     }
-    let prior: ChangeId = state
-        .to
-        .parse()
-        .map_err(|e| format!("its cut {:?}: {e}", state.to))?;
-    if let Some(n) = newest.and_then(|n| n.parse::<ChangeId>().ok())
+    let prior = state.to;
+    if let Some(n) = newest
         && n.generation == prior.generation
         && prior.seq <= n.seq
     {
@@ -155,7 +152,7 @@ pub fn compare_export<W: Write>(
 pub enum AfterPush {
     /// The pushed cut is committed (durable on the receiver; `already`: before this push):
     /// only now may the agent's cursor and leaves move to it.
-    Committed { change_id: String, already: bool },
+    Committed { change_id: ChangeId, already: bool },
     /// The receiver moved on meanwhile (another push of this disk committed first): ask
     /// where it stands and push again.
     Retry(String),
@@ -165,11 +162,11 @@ pub enum AfterPush {
 
 /// Reads the receiver's answer to the push of cut `exported_to`. A commit of any other
 /// point than the one pushed is a failure, never a reason to move the cursor.
-pub fn after_push(answer: &Response, exported_to: &str) -> AfterPush {
+pub fn after_push(answer: &Response, exported_to: ChangeId) -> AfterPush {
     match answer {
-        Response::Committed { change_id, already } if change_id == exported_to => {
+        Response::Committed { change_id, already } if *change_id == exported_to => {
             AfterPush::Committed {
-                change_id: change_id.clone(),
+                change_id: *change_id,
                 already: *already,
             }
         }
@@ -201,8 +198,8 @@ mod tests {
 
     fn state(from: Option<ChangeId>, to: ChangeId, size: u64, next: u64) -> ResumeState {
         ResumeState {
-            from: from.map(|f| f.to_string()),
-            to: to.to_string(),
+            from,
+            to,
             disk_size: size,
             next_offset: next,
         }
@@ -210,10 +207,10 @@ mod tests {
 
     #[test]
     fn a_fitting_resume_state_is_continued() {
-        let newest = id(3).to_string();
+        let newest = id(3);
         let s = state(Some(id(3)), id(5), 1 << 20, 4096);
         assert_eq!(
-            judge_resume(&s, Some(&newest), 1 << 20, |_| Ok(())),
+            judge_resume(&s, Some(newest), 1 << 20, |_| Ok(())),
             Ok(id(5))
         );
         let first = state(None, id(1), 1 << 20, 4096);
@@ -222,7 +219,7 @@ mod tests {
 
     #[test]
     fn resume_states_that_do_not_fit_are_refused_with_the_reason() {
-        let newest = id(3).to_string();
+        let newest = id(3);
         let cases = [
             (state(Some(id(2)), id(5), 1 << 20, 4096), "starts at"),
             (state(None, id(5), 1 << 20, 4096), "starts at"),
@@ -233,14 +230,15 @@ mod tests {
             (state(Some(id(3)), id(2), 1 << 20, 4096), "is not after"),
         ];
         for (s, why) in cases {
-            let r = judge_resume(&s, Some(&newest), 1 << 20, |_| Ok(()));
+            let r = judge_resume(&s, Some(newest), 1 << 20, |_| Ok(()));
             assert!(matches!(&r, Err(e) if e.contains(why)), "{s:?}: {r:?}");
         }
-        let mut forged = state(Some(id(3)), id(5), 1 << 20, 4096);
-        forged.to = "not-an-id".into();
-        assert!(judge_resume(&forged, Some(&newest), 1 << 20, |_| Ok(())).is_err());
+        // Another generation's cut (a forged or stale state) is not after the newest point
+        // by sequence, but it does not start there either.
+        let forged = state(Some(id(2)), ChangeId::new(Generation(9), 9), 1 << 20, 4096);
+        assert!(judge_resume(&forged, Some(newest), 1 << 20, |_| Ok(())).is_err());
         let s = state(Some(id(3)), id(5), 1 << 20, 4096);
-        let r = judge_resume(&s, Some(&newest), 1 << 20, |_| Err("journal lost".into()));
+        let r = judge_resume(&s, Some(newest), 1 << 20, |_| Err("journal lost".into()));
         assert!(matches!(&r, Err(e) if e.contains("journal lost")), "{r:?}");
     }
 
@@ -261,20 +259,20 @@ mod tests {
 
     #[test]
     fn the_answer_to_a_push_moves_the_cursor_only_to_the_pushed_cut() {
-        let to = id(4).to_string();
-        let committed = |c: &str, already| Response::Committed {
-            change_id: c.into(),
+        let to = id(4);
+        let committed = |c: ChangeId, already| Response::Committed {
+            change_id: c,
             already,
         };
         assert_eq!(
-            after_push(&committed(&to, true), &to),
+            after_push(&committed(to, true), to),
             AfterPush::Committed {
-                change_id: to.clone(),
+                change_id: to,
                 already: true
             }
         );
         assert!(matches!(
-            after_push(&committed(&id(3).to_string(), false), &to),
+            after_push(&committed(id(3), false), to),
             AfterPush::Failed(_)
         ));
         let refused = |refusal| Response::Refused {
@@ -282,14 +280,14 @@ mod tests {
             message: "m".into(),
         };
         assert_eq!(
-            after_push(&refused(Refusal::Mismatch), &to),
+            after_push(&refused(Refusal::Mismatch), to),
             AfterPush::Retry("m".into())
         );
         for r in [Refusal::Damaged, Refusal::BadRequest, Refusal::Unavailable] {
-            assert!(matches!(after_push(&refused(r), &to), AfterPush::Failed(_)));
+            assert!(matches!(after_push(&refused(r), to), AfterPush::Failed(_)));
         }
         let other = Response::Resume { state: None };
-        assert!(matches!(after_push(&other, &to), AfterPush::Failed(_)));
+        assert!(matches!(after_push(&other, to), AfterPush::Failed(_)));
     }
 
     #[test]

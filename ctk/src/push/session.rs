@@ -225,10 +225,10 @@ impl Session {
         if !matches!(self.state, State::Resume) {
             return self.out_of_turn("a resume state");
         }
-        let newest = self.newest.map(|n| n.to_string());
-        self.state = match state.map(|s| {
-            judge_resume_state(&s, newest.as_deref(), self.disk_size).map(|p| (p, s.next_offset))
-        }) {
+        let newest = self.newest;
+        self.state = match state
+            .map(|s| judge_resume_state(&s, newest, self.disk_size).map(|p| (p, s.next_offset)))
+        {
             None => self.unchanged_or_push(),
             Some(Ok((prior, next_offset))) => State::ResumeAnswerable { prior, next_offset },
             Some(Err(why)) => {
@@ -269,7 +269,7 @@ impl Session {
         if !matches!(self.state, State::Pushing(_)) {
             return self.out_of_turn("a push's answer");
         }
-        self.state = match after_push(answer, &to.to_string()) {
+        self.state = match after_push(answer, to) {
             AfterPush::Committed { already, .. } => State::Cursor { point: to, already },
             AfterPush::Retry(why) => self.again(why, Some(to)),
             AfterPush::Failed(why) => self.failed(why, Some(to)),
@@ -384,7 +384,7 @@ mod tests {
 
     fn committed(to: ChangeId) -> Response {
         Response::Committed {
-            change_id: to.to_string(),
+            change_id: to,
             already: false,
         }
     }
@@ -456,8 +456,8 @@ mod tests {
     #[test]
     fn a_fitting_resume_state_is_continued_and_a_foreign_one_is_not() {
         let state = |from: Option<ChangeId>, to: ChangeId| ResumeState {
-            from: from.map(|f| f.to_string()),
-            to: to.to_string(),
+            from,
+            to,
             disk_size: 1 << 20,
             next_offset: 8192,
         };

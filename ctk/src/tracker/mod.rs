@@ -163,6 +163,94 @@ pub struct Tracker<S: JournalStorage> {
     grown_from: Option<u64>,
 }
 
+/// What a journal's replay means for this configuration: the map to go on from (none when
+/// a new generation must start) and what open reports. An unclean close reports every
+/// block of every region with live intent changed, sealed as a recovery epoch.
+fn judge_replay(
+    replay: Replay,
+    config: &TrackerConfig,
+    geometry: &Geometry,
+) -> (Option<ChangeMap>, OpenOutcome) {
+    let new_generation = |reason| (None, OpenOutcome::NewGeneration { reason });
+    match replay {
+        Replay::Missing => (None, OpenOutcome::Created),
+        Replay::Unusable(reason) => new_generation(reason),
+        Replay::Replayed(r) if r.header.disk_id != config.disk_id.as_bytes() => {
+            new_generation(format!(
+                "the journal belongs to disk {:?}, not {:?}",
+                String::from_utf8_lossy(&r.header.disk_id),
+                config.disk_id
+            ))
+        }
+        Replay::Replayed(r) if r.map.geometry().block_size() as u64 != config.block_size => {
+            new_generation(format!(
+                "the journal tracks {}-byte blocks, the configuration asks for {}",
+                r.map.geometry().block_size(),
+                config.block_size
+            ))
+        }
+        // A disk that only grew while the tracker was closed keeps its history: the new
+        // range is reported changed (in open). One that shrank may have lost what a
+        // consumer needs of its end: continuity is lost.
+        Replay::Replayed(r) if r.map.geometry().disk_size() > config.disk_size => {
+            new_generation(format!(
+                "the disk is {} bytes but the journal last saw {} bytes: it was shrunk outside ctk",
+                config.disk_size,
+                r.map.geometry().disk_size()
+            ))
+        }
+        Replay::Replayed(r) if r.clean => (Some(r.map), OpenOutcome::Clean),
+        Replay::Replayed(r) => {
+            let torn_at = r.torn_at;
+            let mut map = r.map;
+            // Every block of every region that had intent may have been written.
+            let blocks_per_region = r.header.region_size / geometry.block_size() as u64;
+            for &region in &r.live_intents {
+                let first = region as u64 * blocks_per_region;
+                if first >= map.geometry().blocks() {
+                    continue; // Past a shrunk end: nothing there to report.
+                }
+                map.record_blocks(
+                    first as u32,
+                    (first + blocks_per_region - 1).min(u32::MAX as u64) as u32,
+                );
+            }
+            let recovered_blocks = map.open_blocks().len();
+            let recovery_cut = (recovered_blocks > 0).then(|| map.seal());
+            let outcome = OpenOutcome::Recovered {
+                recovery_cut,
+                recovered_blocks,
+                torn_at,
+            };
+            (Some(map), outcome)
+        }
+    }
+}
+
+/// One log line for how the journal was found.
+fn log_outcome(outcome: &OpenOutcome, map: &ChangeMap, disk_id: &str) {
+    match outcome {
+        OpenOutcome::Created => {
+            info!(disk = %disk_id, generation = %map.generation(), "new change journal")
+        }
+        OpenOutcome::Clean => {
+            info!(disk = %disk_id, latest = %map.latest(), "change journal reopened cleanly")
+        }
+        OpenOutcome::Recovered {
+            recovery_cut,
+            recovered_blocks,
+            torn_at,
+        } => warn!(
+            disk = %disk_id, ?recovery_cut, recovered_blocks, ?torn_at,
+            "change journal was not closed cleanly: regions with write intent are reported as changed"
+        ),
+        OpenOutcome::NewGeneration { reason } => warn!(
+            disk = %disk_id, generation = %map.generation(), %reason,
+            "CHANGE TRACKING CONTINUITY LOST: new generation; every consumer needs a full or compare pass"
+        ),
+    }
+}
+
 impl<S: JournalStorage> Tracker<S> {
     /// Opens (or creates) the journal in `storage` and rebuilds the map.
     /// `new_generation` is called only if a new generation must start.
@@ -183,83 +271,7 @@ impl<S: JournalStorage> Tracker<S> {
         let io = |doing| move |source| TrackerError::Io { doing, source };
         let replay = journal::replay(&mut storage).map_err(io("reading the journal"))?;
         let disk_id = config.disk_id.as_bytes();
-        let (mut map, outcome, recovery) = match replay {
-            Replay::Missing => (None, OpenOutcome::Created, None),
-            Replay::Unusable(reason) => (None, OpenOutcome::NewGeneration { reason }, None),
-            Replay::Replayed(r) if r.header.disk_id != disk_id => {
-                let reason = format!(
-                    "the journal belongs to disk {:?}, not {:?}",
-                    String::from_utf8_lossy(&r.header.disk_id),
-                    config.disk_id
-                );
-                (None, OpenOutcome::NewGeneration { reason }, None)
-            }
-            Replay::Replayed(r) if r.map.geometry().block_size() as u64 != config.block_size => {
-                let reason = format!(
-                    "the journal tracks {}-byte blocks, the configuration asks for {}",
-                    r.map.geometry().block_size(),
-                    config.block_size
-                );
-                (None, OpenOutcome::NewGeneration { reason }, None)
-            }
-            // A disk that only grew while the tracker was closed keeps its history: the new
-            // range is reported changed (below). One that shrank may have lost what a
-            // consumer needs of its end: continuity is lost.
-            Replay::Replayed(r) if r.map.geometry().disk_size() > config.disk_size => {
-                let reason = format!(
-                    "the disk is {} bytes but the journal last saw {} bytes: it was shrunk outside ctk",
-                    config.disk_size,
-                    r.map.geometry().disk_size()
-                );
-                (None, OpenOutcome::NewGeneration { reason }, None)
-            }
-            Replay::Replayed(r) if r.clean => (Some(r.map), OpenOutcome::Clean, None),
-            Replay::Replayed(r) => {
-                let torn_at = r.torn_at;
-                let mut map = r.map;
-                // Every block of every region that had intent may have been written.
-                let blocks_per_region = r.header.region_size / geometry.block_size() as u64;
-                for &region in &r.live_intents {
-                    let first = region as u64 * blocks_per_region;
-                    if first >= map.geometry().blocks() {
-                        continue; // Past a shrunk end: nothing there to report.
-                    }
-                    map.record_blocks(
-                        first as u32,
-                        (first + blocks_per_region - 1).min(u32::MAX as u64) as u32,
-                    );
-                }
-                let recovered = map.open_blocks().len();
-                (
-                    Some(map),
-                    OpenOutcome::Recovered {
-                        recovery_cut: None,
-                        recovered_blocks: recovered,
-                        torn_at,
-                    },
-                    Some(()),
-                )
-            }
-        };
-        let outcome = match (&mut map, outcome, recovery) {
-            (
-                Some(m),
-                OpenOutcome::Recovered {
-                    recovered_blocks,
-                    torn_at,
-                    ..
-                },
-                Some(()),
-            ) => {
-                let recovery_cut = (recovered_blocks > 0).then(|| m.seal());
-                OpenOutcome::Recovered {
-                    recovery_cut,
-                    recovered_blocks,
-                    torn_at,
-                }
-            }
-            (_, outcome, _) => outcome,
-        };
+        let (map, outcome) = judge_replay(replay, &config, &geometry);
         let mut grown_from = None;
         let map = match map {
             Some(mut m) => {
@@ -283,26 +295,7 @@ impl<S: JournalStorage> Tracker<S> {
                 ChangeMap::new(geometry, generation, baseline_all, config.map)
             }
         };
-        match &outcome {
-            OpenOutcome::Created => {
-                info!(disk = %config.disk_id, generation = %map.generation(), "new change journal")
-            }
-            OpenOutcome::Clean => {
-                info!(disk = %config.disk_id, latest = %map.latest(), "change journal reopened cleanly")
-            }
-            OpenOutcome::Recovered {
-                recovery_cut,
-                recovered_blocks,
-                torn_at,
-            } => warn!(
-                disk = %config.disk_id, ?recovery_cut, recovered_blocks, ?torn_at,
-                "change journal was not closed cleanly: regions with write intent are reported as changed"
-            ),
-            OpenOutcome::NewGeneration { reason } => warn!(
-                disk = %config.disk_id, generation = %map.generation(), %reason,
-                "CHANGE TRACKING CONTINUITY LOST: new generation; every consumer needs a full or compare pass"
-            ),
-        }
+        log_outcome(&outcome, &map, &config.disk_id);
         let header = Header {
             version: JOURNAL_VERSION,
             disk_id: disk_id.to_vec(),

@@ -59,7 +59,7 @@ impl DiskStore {
         let mut m = self.manifest.clone();
         m.block_size = Some(header.block_size);
         m.applying = Some(Applying::Direct {
-            change_id: header.to.to_string(),
+            change_id: header.to,
             meta: PointMeta::default(),
         });
         self.write_manifest(m)?;
@@ -90,7 +90,7 @@ impl DiskStore {
                 if resume.as_ref().is_none_or(|p| reached > p.next_offset) {
                     self.save_partial(&Partial {
                         from: None,
-                        to: header.to.to_string(),
+                        to: header.to,
                         next_offset: reached,
                         disk_size: header.disk_size,
                         block_size: header.block_size,
@@ -198,14 +198,14 @@ impl DiskStore {
         }
         let checked = self.check_digest(leaves.as_ref(), &meta)?;
         let point = Point {
-            change_id: header.to.to_string(),
+            change_id: header.to,
             from: None,
             disk_size: header.disk_size,
             committed_unix_ms: (self.clock)(),
             undo: None,
             delta_bytes,
             cut_unix_ms: meta.cut_unix_ms,
-            consistency: meta.consistency.clone(),
+            consistency: meta.consistency,
             image_digest: None,
             digest_checked: false,
         };
@@ -228,11 +228,7 @@ impl DiskStore {
                 h.block_size
             )));
         }
-        if self
-            .points()
-            .iter()
-            .any(|p| p.change_id == h.to.to_string())
-        {
+        if self.points().iter().any(|p| p.change_id == h.to) {
             return Ok(()); // a re-delivery: acknowledged by the caller
         }
         match (self.points().last(), h.from) {
@@ -244,7 +240,7 @@ impl DiskStore {
                 "the store already holds points up to {}; a new full needs resync (not built yet) or a new store",
                 newest.change_id
             ))),
-            (Some(newest), Some(from)) if from.to_string() != newest.change_id => {
+            (Some(newest), Some(from)) if from != newest.change_id => {
                 Err(StoreError::Mismatch(format!(
                     "delta starts at {from}, the newest point is {}",
                     newest.change_id

@@ -7,7 +7,7 @@ use super::*;
 /// The merged image's digest and whether the sender's matched it.
 #[derive(Default)]
 pub(super) struct Checked {
-    pub(super) digest: Option<String>,
+    pub(super) digest: Option<ImageDigest>,
     pub(super) checked: bool,
 }
 
@@ -42,18 +42,13 @@ impl DiskStore {
         let result = match self.points().last() {
             None => Leaves::zeroed(header.disk_size, header.block_size),
             Some(newest) => {
-                let at = self.point_id(&newest.change_id)?;
+                let at = newest.change_id;
                 // The leaves must give the digest the point was committed with: the leaf
                 // file's body has no checksum of its own, and a misread one (or a misread
                 // full.img) would make the pre-image check below pass wrong bytes into the
                 // undo (a shifted read of the leaf file, then a misdirected read of zeros
                 // that matches its zero leaves).
-                let fits = |l: &Leaves| {
-                    newest
-                        .image_digest
-                        .as_deref()
-                        .is_none_or(|d| l.digest().to_string() == d)
-                };
+                let fits = |l: &Leaves| newest.image_digest.is_none_or(|d| l.digest() == d);
                 match LeafFile::load_in(&*self.fs, &self.leaves_path(), at) {
                     Ok(Some(l)) if fits(&l) => Ok(l),
                     _ => {
@@ -107,18 +102,15 @@ impl DiskStore {
         let Some(leaves) = leaves else {
             return Ok(Checked::default());
         };
-        let got = leaves.digest().to_string();
-        let Some(expected) = meta.image_digest.as_deref() else {
+        let got = leaves.digest();
+        let Some(expected) = meta.image_digest else {
             return Ok(Checked {
                 digest: Some(got),
                 checked: false,
             });
         };
         if got != expected {
-            return Err(StoreError::DigestMismatch {
-                expected: expected.into(),
-                got,
-            });
+            return Err(StoreError::DigestMismatch { expected, got });
         }
         Ok(Checked {
             digest: Some(got),

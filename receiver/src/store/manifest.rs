@@ -41,9 +41,9 @@ pub(super) fn read_manifest(fs: &dyn Vfs, path: &Path, name: &str) -> Result<Opt
 /// One committed restore point.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Point {
-    pub change_id: String,
+    pub change_id: ChangeId,
     /// The point this one was merged onto (none for the first full).
-    pub from: Option<String>,
+    pub from: Option<ChangeId>,
     pub disk_size: u64,
     pub committed_unix_ms: u64,
     /// Undo file (relative to the disk directory) back to the previous point, if kept.
@@ -54,10 +54,10 @@ pub struct Point {
     pub cut_unix_ms: Option<u64>,
     /// "crash" or "application", if the agent said.
     #[serde(default)]
-    pub consistency: Option<String>,
+    pub consistency: Option<Consistency>,
     /// The digest of the whole image as of this point (`ctk::digest`), as merged here.
     #[serde(default)]
-    pub image_digest: Option<String>,
+    pub image_digest: Option<ImageDigest>,
     /// The agent sent its own digest of the image and it matched: the point is checked end
     /// to end. False for points the agent could not vouch for.
     #[serde(default)]
@@ -68,10 +68,10 @@ pub struct Point {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointMeta {
     pub cut_unix_ms: Option<u64>,
-    pub consistency: Option<String>,
+    pub consistency: Option<Consistency>,
     /// The agent's digest of the whole image as of the cut, if it sent one.
     #[serde(default)]
-    pub image_digest: Option<String>,
+    pub image_digest: Option<ImageDigest>,
 }
 
 /// The merge in progress, as the manifest records it before full.img is touched.
@@ -81,20 +81,23 @@ pub(super) enum Applying {
     /// A verified, durable staged delta: after a crash it is applied again, or undone with
     /// `undo` (none when the store had no point: undone by emptying full.img).
     Staged {
-        change_id: String,
+        change_id: ChangeId,
         staged: String,
         undo: Option<String>,
         meta: PointMeta,
     },
     /// A first full written straight into full.img as it arrived (no staged copy): after a
     /// crash it can only be undone, which empties the store.
-    Direct { change_id: String, meta: PointMeta },
+    Direct {
+        change_id: ChangeId,
+        meta: PointMeta,
+    },
 }
 
 impl Applying {
-    pub(super) fn change_id(&self) -> &str {
+    pub(super) fn change_id(&self) -> ChangeId {
         match self {
-            Applying::Staged { change_id, .. } | Applying::Direct { change_id, .. } => change_id,
+            Applying::Staged { change_id, .. } | Applying::Direct { change_id, .. } => *change_id,
         }
     }
 
@@ -124,7 +127,7 @@ impl Applying {
 /// `direct` says which kind, `staged` empty for a direct full.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct ApplyingRecord {
-    change_id: String,
+    change_id: ChangeId,
     staged: String,
     undo: Option<String>,
     #[serde(default)]
@@ -194,6 +197,24 @@ pub(super) struct Manifest {
 pub(super) const MANIFEST_VERSION: u32 = 2;
 
 impl Manifest {
+    /// The points form one chain, oldest first: each after the first was merged onto the
+    /// one before it (retention re-links a point when it folds the ones between), no point
+    /// is listed twice, and there are at most `POINTS_MAX`.
+    pub(super) fn chain_holds(&self) -> bool {
+        let linked = self
+            .points
+            .windows(2)
+            .all(|w| w[1].from == Some(w[0].change_id));
+        let mut ids: Vec<String> = self
+            .points
+            .iter()
+            .map(|p| p.change_id.to_string())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        linked && ids.len() == self.points.len() && self.points.len() <= POINTS_MAX
+    }
+
     pub(super) fn checksum(&self) -> String {
         let mut bare = self.clone();
         bare.checksum = None;
@@ -204,6 +225,11 @@ impl Manifest {
 
 impl DiskStore {
     pub(super) fn write_manifest(&mut self, mut manifest: Manifest) -> Result<()> {
+        debug_assert!(
+            manifest.chain_holds(),
+            "manifest points: {:?}",
+            manifest.points
+        );
         manifest.version = MANIFEST_VERSION;
         manifest.checksum = None;
         manifest.checksum = Some(manifest.checksum());
@@ -232,8 +258,8 @@ impl DiskStore {
         let h = reader.header().clone();
         let delta_bytes = self.fs.open(staged).and_then(|f| f.len()).unwrap_or(0);
         Ok(Point {
-            change_id: h.to.to_string(),
-            from: h.from.map(|f| f.to_string()),
+            change_id: h.to,
+            from: h.from,
             disk_size: h.disk_size,
             committed_unix_ms: (self.clock)(),
             undo,

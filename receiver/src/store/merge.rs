@@ -23,7 +23,13 @@ pub(super) fn apply_reporting(
     if len < size {
         target.set_len(size).map_err(io_err("growing the image"))?;
     }
+    // Paired with the reader's own check: records ascend and never overlap.
+    let mut last_end = 0u64;
     while let Some(record) = reader.next_record()? {
+        let start = match &record {
+            DeltaRecord::Data { offset, .. } | DeltaRecord::Zero { offset, .. } => *offset,
+        };
+        debug_assert!(start >= last_end, "records out of order at {start}");
         let end = match record {
             DeltaRecord::Data { offset, data } => {
                 target
@@ -46,6 +52,8 @@ pub(super) fn apply_reporting(
                 offset + length
             }
         };
+        debug_assert!(end <= size, "a record past the disk's end: {end} > {size}");
+        last_end = end;
         written(end)?;
     }
     target.set_len(size).map_err(io_err("sizing the image"))?;
@@ -262,23 +270,7 @@ impl DiskStore {
         // block digests of the newest point, while full.img still holds it.) Written while
         // the delta was staged, or now.
         let full = self.full()?;
-        let (base, undo_rel) = match (staged_undo, self.points().last()) {
-            (_, None) => (self.base_leaves(&full, &header)?, None),
-            (Some(staged), Some(_)) => {
-                let rel = format!("undo/{name}.ctkd");
-                self.fs
-                    .rename(&self.dir.join(STAGED_UNDO), &self.dir.join(&rel))
-                    .map_err(io_err("moving the undo in place"))?;
-                self.sync_dir(&self.dir.join("undo"))?;
-                (staged.base, Some(rel))
-            }
-            (None, Some(newest)) => {
-                let base = self.base_leaves(&full, &header)?;
-                let rel = format!("undo/{name}.ctkd");
-                let base = self.write_undo(base, newest, &header, &touched, &rel)?;
-                (base, Some(rel))
-            }
-        };
+        let (base, undo_rel) = self.place_undo(&*full, staged_undo, &header, &touched, &name)?;
         failpoint("undo_written");
         step("undo", &mut steps);
 
@@ -286,7 +278,7 @@ impl DiskStore {
         let mut m = self.manifest.clone();
         m.block_size = Some(header.block_size);
         m.applying = Some(Applying::Staged {
-            change_id: header.to.to_string(),
+            change_id: header.to,
             staged: staged_rel.clone(),
             undo: undo_rel.clone(),
             meta: meta.clone(),
@@ -345,6 +337,36 @@ impl DiskStore {
             "merged"
         );
         Ok(Ingested::Committed { point, dropped })
+    }
+
+    /// Step 2 of a merge: the undo file in `undo/` (the one written while the push was
+    /// staged, moved in place, or written now), and the newest point's leaves it checked
+    /// pre-images against. A first full has none.
+    fn place_undo(
+        &self,
+        full: &dyn FileAt,
+        staged_undo: Option<StagedUndo>,
+        header: &DeltaHeader,
+        touched: &[Extent],
+        name: &str,
+    ) -> Result<(Option<Leaves>, Option<String>)> {
+        Ok(match (staged_undo, self.points().last().cloned()) {
+            (_, None) => (self.base_leaves(full, header)?, None),
+            (Some(staged), Some(_)) => {
+                let rel = format!("undo/{name}.ctkd");
+                self.fs
+                    .rename(&self.dir.join(STAGED_UNDO), &self.dir.join(&rel))
+                    .map_err(io_err("moving the undo in place"))?;
+                self.sync_dir(&self.dir.join("undo"))?;
+                (staged.base, Some(rel))
+            }
+            (None, Some(newest)) => {
+                let base = self.base_leaves(full, header)?;
+                let rel = format!("undo/{name}.ctkd");
+                let base = self.write_undo(base, &newest, header, touched, &rel)?;
+                (base, Some(rel))
+            }
+        })
     }
 
     /// The last steps of every merge, whichever way it came (a staged delta, a first full

@@ -62,9 +62,9 @@ use ctk::delta::{
     self, DeltaError, DeltaFile, DeltaHeader, DeltaReader, DeltaRecord, DeltaWriter, WriteOptions,
     is_zero,
 };
-use ctk::digest::{DigestError, LeafFile, Leaves};
+use ctk::digest::{DigestError, ImageDigest, LeafFile, Leaves};
 use ctk::vfs::{self, FileAt, LockGuard, RealFs, Vfs};
-use ctk::{ChangeId, Extent};
+use ctk::{ChangeId, Consistency, Extent};
 use serde::{Deserialize, Serialize};
 
 use crate::retention::Retention;
@@ -118,7 +118,10 @@ pub enum StoreError {
         "the merged image does not match the agent's digest of it (agent {expected}, merged \
          {got}): nothing committed, the previous point stands"
     )]
-    DigestMismatch { expected: String, got: String },
+    DigestMismatch {
+        expected: ImageDigest,
+        got: ImageDigest,
+    },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -148,7 +151,7 @@ fn io_err(doing: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
 /// The newest committed point of a disk, read without taking the store's lock: the
 /// manifest is only ever replaced whole, so this sees one committed state or another (a
 /// merge in progress is not a point yet). `None` for a disk never merged into.
-pub fn newest_point(root: &Path, name: &str) -> Result<Option<String>> {
+pub fn newest_point(root: &Path, name: &str) -> Result<Option<ChangeId>> {
     Ok(committed_points(root, name)?.pop().map(|p| p.change_id))
 }
 
@@ -225,7 +228,7 @@ pub enum Ingested {
     /// Merged and committed as a new point.
     Committed { point: Point, dropped: usize },
     /// The point was committed already: acknowledged, nothing applied.
-    AlreadyCommitted { change_id: String },
+    AlreadyCommitted { change_id: ChangeId },
 }
 
 /// What opening a store found.
@@ -233,9 +236,9 @@ pub enum Ingested {
 pub enum Recovery {
     Clean,
     /// A merge in progress was finished from its staged delta.
-    RolledForward(String),
+    RolledForward(ChangeId),
     /// A merge in progress was undone; the newest committed point stands.
-    RolledBack(String),
+    RolledBack(ChangeId),
 }
 
 /// Test hook: `CTK_FAILPOINT=<name>` aborts the process at that step of a merge, so tests
@@ -304,7 +307,7 @@ impl DiskStore {
             dir,
             manifest,
             fs,
-            clock: Arc::new(now_ms),
+            clock: Arc::new(ctk::unix_ms_now),
             _lock: lock,
         };
         let recovery = store.recover()?;
@@ -369,14 +372,6 @@ impl DiskStore {
     fn remove(&self, path: &Path) {
         let _ = self.fs.remove_file(path);
     }
-
-    /// A point's ChangeId as the manifest records it.
-    fn point_id(&self, id: &str) -> Result<ChangeId> {
-        id.parse().map_err(|e| StoreError::Damaged {
-            disk: self.name.clone(),
-            why: format!("manifest point id: {e}"),
-        })
-    }
 }
 
 /// Flushes a writer and makes its file durable (not its name: `sync_dir`).
@@ -386,13 +381,6 @@ fn finish_file(w: BufWriter<vfs::Cursor<Box<dyn FileAt>>>, doing: &str) -> Resul
         .file
         .sync()
         .map_err(io_err(doing))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ impl DiskStore {
             self.roll_back(&full, &applying)?;
             // A resume state of a first full lived in full.img, now emptied.
             self.drop_partial();
-            return Ok(Recovery::RolledBack(applying.change_id().to_owned()));
+            return Ok(Recovery::RolledBack(applying.change_id()));
         };
         let staged = self.dir.join(staged);
         let forward = self
@@ -44,12 +44,12 @@ impl DiskStore {
                         let undo = applying.undo().map(str::to_owned);
                         let point = self.point_for(&staged, undo, applying.meta().clone())?;
                         self.commit_point(point, leaves, &header, checked, Commit::Onto, false)?;
-                        Recovery::RolledForward(applying.change_id().to_owned())
+                        Recovery::RolledForward(applying.change_id())
                     }
                     Err(e) => {
                         tracing::warn!(disk = %self.name, error = %e, "rolling back");
                         self.roll_back(&full, &applying)?;
-                        Recovery::RolledBack(applying.change_id().to_owned())
+                        Recovery::RolledBack(applying.change_id())
                     }
                 }
             }
@@ -59,7 +59,7 @@ impl DiskStore {
                 // overwritten.
                 tracing::warn!(disk = %self.name, error = %why, "staged delta unreadable: rolling back");
                 self.roll_back(&full, &applying)?;
-                Recovery::RolledBack(applying.change_id().to_owned())
+                Recovery::RolledBack(applying.change_id())
             }
         };
         Ok(outcome)

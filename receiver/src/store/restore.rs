@@ -98,7 +98,7 @@ impl DiskStore {
     /// of full.img, in order): its ChangeId, disk size and the hashes, 32 bytes each. Read
     /// under the store's lock, so no merge changes full.img meanwhile. The unit is checked
     /// before anything is allocated (`ctk::digest::unit_count`).
-    pub fn unit_digests(&self, unit: u32) -> Result<(String, u64, Vec<u8>)> {
+    pub fn unit_digests(&self, unit: u32) -> Result<(ChangeId, u64, Vec<u8>)> {
         let newest = self
             .points()
             .last()
@@ -115,7 +115,7 @@ impl DiskStore {
                 .map_err(io_err("reading full.img for a resync"))?;
             hashes.extend_from_slice(&ctk::digest::unit_hash(&buf[..n]));
         }
-        Ok((newest.change_id.clone(), size, hashes))
+        Ok((newest.change_id, size, hashes))
     }
 
     /// Writes the image of point `change_id` to `out` (sparse), calling `progress` with the
@@ -129,7 +129,7 @@ impl DiskStore {
     /// a full copy plus every newer undo applied in turn, each byte written once per point.)
     pub fn restore(
         &self,
-        change_id: &str,
+        change_id: ChangeId,
         out: &Path,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Point> {
@@ -137,7 +137,7 @@ impl DiskStore {
             .points()
             .iter()
             .position(|p| p.change_id == change_id)
-            .ok_or_else(|| StoreError::NoSuchPoint(change_id.into()))?;
+            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
         let point = self.points()[index].clone();
         let size = point.disk_size;
         let target = self
@@ -214,7 +214,7 @@ impl DiskStore {
             Err(DigestError::Io(e)) => return Err(io_err(format!("reading {what}"))(e)),
             Err(_) => return Ok(()),
         };
-        if got.to_string() != *expected {
+        if got != *expected {
             return Err(StoreError::Damaged {
                 disk: self.name.clone(),
                 why: format!(
@@ -237,7 +237,7 @@ impl DiskStore {
             if let Some(undo) = &p.undo {
                 let path = self.dir.join(undo);
                 let (h, _) = delta::verify(self.reader(&path, "opening an undo")?)?;
-                if h.to.to_string() != p.change_id || h.from.map(|f| f.to_string()) != p.from {
+                if h.to != p.change_id || h.from != p.from {
                     return Err(StoreError::Damaged {
                         disk: self.name.clone(),
                         why: format!("{undo} is not the undo of {}", p.change_id),

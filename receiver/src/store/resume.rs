@@ -10,9 +10,9 @@ use super::*;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Partial {
     /// The point the push started from (none: a first full).
-    pub from: Option<String>,
+    pub from: Option<ChangeId>,
     /// The cut the push was of.
-    pub to: String,
+    pub to: ChangeId,
     /// Every record of the push below this disk offset was received.
     pub next_offset: u64,
     pub disk_size: u64,
@@ -26,8 +26,8 @@ impl Partial {
     /// What the agent is told of it (`Response::Resume`).
     pub fn state(&self) -> ctk::wire::ResumeState {
         ctk::wire::ResumeState {
-            from: self.from.clone(),
-            to: self.to.clone(),
+            from: self.from,
+            to: self.to,
             disk_size: self.disk_size,
             next_offset: self.next_offset,
         }
@@ -51,7 +51,7 @@ impl DiskStore {
             .read_to_string(&mut text)
             .ok()?;
         let p: Partial = serde_json::from_str(&text).ok()?;
-        let newest = self.points().last().map(|n| n.change_id.clone());
+        let newest = self.points().last().map(|n| n.change_id);
         // The kept delta's record heads and trailer must read back, and a first full's
         // records must still be in a full.img of the disk's size (a rolled-back resume
         // empties it): a resume state that does not fit is refused when used, and offering
@@ -153,8 +153,8 @@ impl DiskStore {
             .rename(staging, &self.dir.join(PARTIAL_DELTA))
             .map_err(io_err("keeping the received part"))?;
         self.save_partial(&Partial {
-            from: header.from.map(|f| f.to_string()),
-            to: header.to.to_string(),
+            from: header.from,
+            to: header.to,
             next_offset: cp.next_offset,
             disk_size: header.disk_size,
             block_size: header.block_size,
@@ -176,7 +176,7 @@ impl DiskStore {
     pub fn ingest_resume<R: Read>(
         &mut self,
         input: R,
-        resumes: &str,
+        resumes: ChangeId,
         next_offset: u64,
         retention: impl Into<Retention>,
         end: impl FnOnce(R) -> Result<PointMeta>,
@@ -198,11 +198,8 @@ impl DiskStore {
         }
         let (header, input) = peek_header(input)?;
         self.check_fits(&header)?;
-        let prior: ChangeId = p.to.parse().map_err(|e| StoreError::Damaged {
-            disk: self.name.clone(),
-            why: format!("resume state: {e}"),
-        })?;
-        let fits = header.from.map(|f| f.to_string()) == p.from
+        let prior = p.to;
+        let fits = header.from == p.from
             && header.disk_size == p.disk_size
             && header.block_size == p.block_size
             && header.to.generation == prior.generation
@@ -212,12 +209,7 @@ impl DiskStore {
                 "the resumed delta ({:?} -> {}, {} bytes) does not continue the resume state \
                  ({:?} -> {}, {} bytes): it must start where that did and be a later cut of \
                  the same journal",
-                header.from.map(|f| f.to_string()),
-                header.to,
-                header.disk_size,
-                p.from,
-                p.to,
-                p.disk_size
+                header.from, header.to, header.disk_size, p.from, p.to, p.disk_size
             )));
         }
         if p.direct {

@@ -18,7 +18,7 @@ impl DiskStore {
             .map(|p| p.cut_unix_ms.unwrap_or(p.committed_unix_ms))
             .collect();
         let mut keep = crate::retention::select(&times, (self.clock)(), retention);
-        let levels: Vec<Option<&str>> = points.iter().map(|p| p.consistency.as_deref()).collect();
+        let levels: Vec<Option<Consistency>> = points.iter().map(|p| p.consistency).collect();
         crate::retention::keep_newest_of_each(&levels, &mut keep);
         let dropped = keep.iter().filter(|k| !**k).count();
         if dropped == 0 {
@@ -49,12 +49,12 @@ impl DiskStore {
                         .collect::<Result<_>>()?;
                     let rel = format!(
                         "undo/{}-back-to-{}.ctkd",
-                        p.change_id.replace('/', "-"),
-                        prev.change_id.replace('/', "-")
+                        p.change_id.to_string().replace('/', "-"),
+                        prev.change_id.to_string().replace('/', "-")
                     );
                     self.fold_undos(&undos, prev, &p, &rel)?;
                     p.undo = Some(rel);
-                    p.from = Some(prev.change_id.clone());
+                    p.from = Some(prev.change_id);
                 }
                 Some(_) => {}
             }
@@ -88,8 +88,8 @@ impl DiskStore {
             disk_id: self.name.clone(),
             disk_size: prev.disk_size,
             block_size,
-            from: Some(self.point_id(&prev.change_id)?),
-            to: self.point_id(&to.change_id)?,
+            from: Some(prev.change_id),
+            to: to.change_id,
         };
         self.compose(&sources, &header, &self.dir.join(rel))?;
         self.sync_dir(&self.dir.join("undo"))

@@ -6,7 +6,7 @@ use super::*;
 /// What staging a delta found.
 pub(super) enum Staged {
     /// A point already committed: acknowledged, nothing to merge.
-    Already(String),
+    Already(ChangeId),
     /// Staged and verified in `staging/incoming.ctkd`.
     Delta {
         touched: Vec<Extent>,
@@ -116,25 +116,8 @@ impl DiskStore {
         let mut undo = None;
         let header = {
             let mut reader = DeltaReader::new(&mut tee)?;
-            // The pre-images are read and written while the push arrives (the ranges come in
-            // order), instead of in a pass of their own after it: the merge's longest step
-            // after the apply. Not for a resumed push: its delta is only the rest of the
-            // change, and the composed one is undone after (`merge_staged`).
-            if keep_partial
-                && let Some(newest) = self.points().last()
-                && self.check_fits(reader.header()).is_ok()
-            {
-                let full = self.full()?;
-                let base = self.base_leaves(&full, reader.header())?;
-                let path = self.dir.join(STAGED_UNDO);
-                undo = Some(UndoThread::spawn(UndoWriter::create(
-                    self,
-                    full,
-                    base,
-                    newest,
-                    reader.header(),
-                    &path,
-                )?)?);
+            if keep_partial {
+                undo = self.start_undo(reader.header())?;
             }
             loop {
                 let (offset, length) = match reader.next_record() {
@@ -205,19 +188,35 @@ impl DiskStore {
             Some(u) => Some(StagedUndo { base: u.join()? }),
         };
         self.check_fits(&header)?;
-        if self
-            .points()
-            .iter()
-            .any(|p| p.change_id == header.to.to_string())
-        {
+        if self.points().iter().any(|p| p.change_id == header.to) {
             self.remove(&staging);
             self.remove(&self.dir.join(STAGED_UNDO));
-            return Ok(Staged::Already(header.to.to_string()));
+            return Ok(Staged::Already(header.to));
         }
         Ok(Staged::Delta {
             touched,
             meta,
             undo,
         })
+    }
+
+    /// The pre-images are read and written while the push arrives (the ranges come in
+    /// order), instead of in a pass of their own after it: the merge's longest step after
+    /// the apply. Not for a first full (nothing to undo) nor a resumed push (its delta is only
+    /// the rest of the change; the composed one is undone after, in `merge_staged`), nor
+    /// one that does not fit.
+    fn start_undo(&self, header: &DeltaHeader) -> Result<Option<UndoThread>> {
+        let Some(newest) = self.points().last() else {
+            return Ok(None);
+        };
+        if self.check_fits(header).is_err() {
+            return Ok(None);
+        }
+        let full = self.full()?;
+        let base = self.base_leaves(&full, header)?;
+        let path = self.dir.join(STAGED_UNDO);
+        Ok(Some(UndoThread::spawn(UndoWriter::create(
+            self, full, base, newest, header, &path,
+        )?)?))
     }
 }

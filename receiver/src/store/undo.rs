@@ -52,7 +52,7 @@ impl UndoWriter {
         header: &DeltaHeader,
         path: &Path,
     ) -> Result<UndoWriter> {
-        let from = store.point_id(&newest.change_id)?;
+        let from = newest.change_id;
         let undo_header = DeltaHeader {
             disk_id: store.name.clone(),
             disk_size: newest.disk_size,
@@ -90,6 +90,12 @@ impl UndoWriter {
         if offset >= end {
             return Ok(());
         }
+        // Ranges come in the delta's order (the reader enforces it; the pre-images are
+        // written in that order).
+        debug_assert!(
+            self.pending.back().is_none_or(|&(_, e)| e <= offset),
+            "undo ranges out of order at {offset}"
+        );
         // A long range (a large zero record) is hinted only as far as the queue reaches:
         // the rest is read in its turn, with the kernel's own read-ahead.
         self.full.will_need(offset, (end - offset).min(UNDO_AHEAD));

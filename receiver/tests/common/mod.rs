@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+pub mod chain;
+
 pub fn tool(name: &str) -> &str {
     let found = Command::new("sh")
         .arg("-c")
@@ -56,15 +58,7 @@ pub fn init(bin: &Path, dir: &Path) -> String {
     out.trim().to_string()
 }
 
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+pub use ctk::seeded::XorShift64 as Rng;
 
 pub fn start_receiver(bin: &Path, d: &Path, afp: &str) -> (Proc, SocketAddr) {
     start_receiver_keeping(bin, d, afp, 50)

@@ -1,0 +1,210 @@
+//! The commands that talk to a running agent over its control socket: `cut`, `changed`,
+//! `export`, `resize`, `cursor`, `status`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use ctk::Consistency;
+use ctk_agent::config::parse_size;
+use ctk_agent::control::{Request, proto};
+
+use super::{Target, control, parse_consistency, parse_cursor_op, parse_since, show};
+
+#[derive(Args)]
+pub struct Cut {
+    /// crash (hold NBD writes only) or application (hooks and filesystem freeze first).
+    /// Default: application if the disk has hooks or freeze targets configured.
+    #[arg(long, value_parser = parse_consistency)]
+    pub consistency: Option<Consistency>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn cut(args: Cut) -> Result<()> {
+    let Cut {
+        consistency,
+        target,
+    } = args;
+    let answer = control(
+        &target,
+        &Request::Cut {
+            disk: None,
+            consistency,
+        },
+    )?;
+    let cut: proto::CutAnswer = serde_json::from_value(answer.clone())?;
+    for w in &cut.warnings {
+        eprintln!("warning: {w}");
+    }
+    show(&target, answer, |a: &proto::CutAnswer| {
+        a.change_id.to_string()
+    })
+}
+
+#[derive(Args)]
+pub struct Changed {
+    /// A ChangeId printed by `cut`, or "all" for every block that may hold data.
+    #[arg(long, value_parser = parse_since)]
+    pub since: ctk::Since,
+    /// Up to this cut (default: the latest).
+    #[arg(long)]
+    pub to: Option<ctk::ChangeId>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn changed(args: Changed) -> Result<()> {
+    let Changed { since, to, target } = args;
+    let answer = control(
+        &target,
+        &Request::Changed {
+            disk: None,
+            since,
+            to,
+        },
+    )?;
+    show(&target, answer, |a: &proto::ChangedAnswer| {
+        let mut out = String::new();
+        for (offset, length) in &a.extents {
+            out.push_str(&format!("{offset} {length}\n"));
+        }
+        out.push_str(&format!(
+            "# {} bytes changed, up to {}",
+            a.changed_bytes, a.to
+        ));
+        out
+    })
+}
+
+#[derive(Args)]
+pub struct Export {
+    /// A ChangeId printed by `cut`, or "all" for a first full.
+    #[arg(long, value_parser = parse_since)]
+    pub since: ctk::Since,
+    /// The delta file to write.
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+    /// As for `cut`.
+    #[arg(long, value_parser = parse_consistency)]
+    pub consistency: Option<Consistency>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn export(args: Export) -> Result<()> {
+    let Export {
+        since,
+        output,
+        consistency,
+        target,
+    } = args;
+    let output = std::path::absolute(&output)?;
+    let request = Request::Export(proto::Export {
+        disk: None,
+        since: proto::ExportSince::Since(since),
+        path: output,
+        leaves: None,
+        consistency,
+        base: None,
+        unit: None,
+        digests: None,
+        resume: None,
+    });
+    let answer = control(&target, &request)?;
+    show(&target, answer, |a: &proto::ExportAnswer| {
+        format!(
+            "{}: {} bytes changed -> {} byte delta, up to {}",
+            a.path.display(),
+            a.changed_bytes,
+            a.delta_bytes,
+            a.to
+        )
+    })
+}
+
+#[derive(Args)]
+pub struct Resize {
+    /// The new size: bytes, or with K, M, G, T (powers of 1024).
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn resize(args: Resize) -> Result<()> {
+    let Resize { size, target } = args;
+    let answer = control(&target, &Request::Resize { disk: None, size })?;
+    show(&target, answer, |a: &proto::ResizeAnswer| {
+        format!(
+            "{}: resized from {} to {} bytes; NBD clients see the new size when they \
+             reconnect, and the next replicate carries it to the receiver",
+            a.disk, a.old_size, a.new_size
+        )
+    })
+}
+
+#[derive(Args)]
+pub struct Cursor {
+    /// register, advance or drop.
+    #[arg(value_parser = parse_cursor_op)]
+    pub op: proto::CursorOp,
+    /// The consumer's name (A-Z a-z 0-9 . _ -).
+    pub name: String,
+    /// The ChangeId the consumer has (default: the latest cut).
+    #[arg(long)]
+    pub at: Option<ctk::ChangeId>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn cursor(args: Cursor) -> Result<()> {
+    let Cursor {
+        op,
+        name,
+        at,
+        target,
+    } = args;
+    let answer = control(
+        &target,
+        &Request::Cursor {
+            disk: None,
+            op,
+            name,
+            at,
+            cut_unix_ms: None,
+            rate_bytes_per_s: None,
+        },
+    )?;
+    show(&target, answer, |a: &proto::CursorAnswer| {
+        format!("cursor {} of {}: {:?} done", a.name, a.disk, a.op)
+    })
+}
+
+#[derive(Args)]
+pub struct Status {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn status(args: Status) -> Result<()> {
+    let Status { target } = args;
+    let answer = control(&target, &Request::Status)?;
+    show(&target, answer, |a: &proto::StatusAnswer| {
+        let mut out = String::new();
+        for d in &a.disks {
+            let latest = d.latest.map_or("-".into(), |l| l.to_string());
+            out.push_str(&format!(
+                "{}: {} ({} bytes), latest cut {latest}, {} blocks written since, {} writes, {} journal syncs\n",
+                d.name,
+                d.path.display(),
+                d.size,
+                d.open_epoch_blocks.unwrap_or(0),
+                d.writes,
+                d.journal_syncs.unwrap_or(0)
+            ));
+        }
+        out.trim_end().to_string()
+    })
+}

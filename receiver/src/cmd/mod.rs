@@ -1,0 +1,163 @@
+//! The subcommands of `ctk-receiver`, one function each: `ingest` and `adopt` write a store,
+//! `points`, `restore` and `verify` read one, `init` and `serve` face agents. What they share
+//! (opening a store, finding the disk stores a `--store` names) is here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use ctk::ChangeId;
+use ctk::digest::ImageDigest;
+use ctk_receiver::retention::{self, Tier};
+use ctk_receiver::store::{self, DiskStore, Recovery};
+
+pub mod ingest;
+pub mod read;
+pub mod serve;
+
+/// Opens a disk's store, waiting for a merge in progress (a running `serve`) to finish.
+pub(crate) fn open(store: &Path, disk: &str) -> Result<DiskStore> {
+    let (s, recovery) = DiskStore::open_waiting(store, disk)
+        .with_context(|| format!("opening the store of {disk:?} in {}", store.display()))?;
+    match recovery {
+        Recovery::Clean => {}
+        Recovery::RolledForward(id) => {
+            tracing::warn!(disk, point = %id, "an interrupted merge was finished")
+        }
+        Recovery::RolledBack(id) => {
+            tracing::warn!(disk, point = %id, "an interrupted merge was undone")
+        }
+    }
+    Ok(s)
+}
+
+/// `verify` found damage (exit code 3, apart from the other failures).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Damaged(pub String);
+
+/// Whether `dir` is one disk's store: it has a manifest, or (a store whose first merge has
+/// not committed yet) the store's own subdirectories.
+pub(crate) fn is_disk_store(dir: &Path) -> bool {
+    dir.join("manifest.json").is_file()
+        || (dir.join("staging").is_dir() && dir.join("undo").is_dir())
+}
+
+/// The subdirectories of `dir` for which `pick` holds, sorted.
+pub(crate) fn subdirs(dir: &Path, pick: impl Fn(&Path) -> bool) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() && pick(&entry.path()) {
+            out.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Resolves `--store` (and `--agent`) to the directory holding disk stores, and the disks
+/// asked for in it: the one named, or all of them. Never an empty answer: a level with no
+/// disk store (a receiver's root, a wrong path, a disk that does not exist) is an error that
+/// names what is there, so that a nightly `verify` cannot check nothing for ever.
+pub(crate) fn disks(
+    store: &Path,
+    agent: Option<&str>,
+    disk: Option<&str>,
+) -> Result<(PathBuf, Vec<String>)> {
+    if !store.is_dir() {
+        bail!(
+            "no store at {}: give the --store that `serve` writes to",
+            store.display()
+        );
+    }
+    let dir = match agent {
+        Some(a) => {
+            store::validate_name(a)?;
+            let dir = store.join(a);
+            if !dir.is_dir() {
+                let agents = subdirs(store, |d| {
+                    !subdirs(d, is_disk_store).unwrap_or_default().is_empty()
+                })?;
+                bail!(
+                    "no agent {a:?} in {} (agents there: {})",
+                    store.display(),
+                    list(&agents)
+                );
+            }
+            dir
+        }
+        None => store.to_owned(),
+    };
+    let here = subdirs(&dir, is_disk_store)?;
+    if here.is_empty() {
+        let agents = subdirs(&dir, |d| {
+            !subdirs(d, is_disk_store).unwrap_or_default().is_empty()
+        })?;
+        if !agents.is_empty() {
+            bail!(
+                "{} is a receiver's root, holding the stores of agents {}: add --agent NAME \
+                 (or give --store {}/NAME)",
+                dir.display(),
+                list(&agents),
+                dir.display()
+            );
+        }
+        bail!(
+            "no disk store in {} (each disk has a directory with a manifest.json, under \
+             STORE/AGENT as `serve` lays them out)",
+            dir.display()
+        );
+    }
+    match disk {
+        None => Ok((dir, here)),
+        Some(d) => {
+            store::validate_name(d)?;
+            if !here.iter().any(|h| h == d) {
+                bail!(
+                    "no disk {d:?} in {} (disks there: {})",
+                    dir.display(),
+                    list(&here)
+                );
+            }
+            Ok((dir, vec![d.to_owned()]))
+        }
+    }
+}
+
+pub(crate) fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+pub(crate) fn parse_digest(s: &str) -> Result<ImageDigest, String> {
+    s.parse::<ImageDigest>().map_err(|e| e.to_string())
+}
+
+/// A point named on the command line: its ChangeId, or the newest.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum PointArg {
+    Latest,
+    Id(ChangeId),
+}
+
+pub(crate) fn parse_point(s: &str) -> Result<PointArg, String> {
+    match s {
+        "latest" => Ok(PointArg::Latest),
+        id => id
+            .parse()
+            .map(PointArg::Id)
+            .map_err(|e| format!("{e} (a ChangeId as `points` lists it, or latest)")),
+    }
+}
+
+/// Tiers as one flag value (clap would read a bare `Vec` as a repeated flag).
+#[derive(Clone, Debug)]
+pub(crate) struct TierList(pub Vec<Tier>);
+
+pub(crate) fn parse_tier_list(text: &str) -> Result<TierList, String> {
+    retention::parse_tiers(text).map(TierList)
+}

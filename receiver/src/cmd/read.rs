@@ -1,0 +1,233 @@
+//! The commands that read a store: `points`, `restore` and `verify`. They take an agent's
+//! store (or the root and `--agent`) and never pass silently over a level with nothing in it.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use ctk_receiver::store;
+
+use super::{Damaged, PointArg, disks, is_disk_store, open, parse_point, subdirs};
+
+#[derive(Args)]
+pub struct Points {
+    /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The agent whose disks to list, when --store is the receiver's root.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// One disk (default: every disk of the agent).
+    #[arg(long)]
+    pub disk: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn points(args: Points) -> Result<()> {
+    let Points {
+        store,
+        agent,
+        disk,
+        json,
+    } = args;
+    let mut all = Vec::new();
+    let (store, names) = disks(&store, agent.as_deref(), disk.as_deref())?;
+    // Read without the store's lock, so a running receiver's merge does not block it.
+    for d in names {
+        let points = store::committed_points(&store, &d)?;
+        // The RPO as this side sees it: the age of the newest committed cut.
+        let now_ms = ctk::unix_ms_now();
+        let rpo_s = points
+            .last()
+            .and_then(|p| p.cut_unix_ms)
+            .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0);
+        all.push(json!({"disk": d, "rpo_s": rpo_s, "points": points}));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(all));
+    } else {
+        for d in &all {
+            match d["rpo_s"].as_f64() {
+                Some(rpo) => println!(
+                    "{}: newest cut {rpo:.1}s ago",
+                    d["disk"].as_str().unwrap_or("")
+                ),
+                None => println!("{}:", d["disk"].as_str().unwrap_or("")),
+            }
+            for p in d["points"].as_array().into_iter().flatten() {
+                println!(
+                    "  {}  {} bytes  {}  committed at unix ms {}  {}",
+                    p["change_id"].as_str().unwrap_or(""),
+                    p["disk_size"],
+                    p["consistency"].as_str().unwrap_or("consistency unknown"),
+                    p["committed_unix_ms"],
+                    if p["digest_checked"] == true {
+                        "digest checked"
+                    } else {
+                        "digest NOT checked (the sender sent none)"
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct Restore {
+    /// An agent's store (STORE/AGENT), or the root with --agent.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The agent, when --store is the receiver's root.
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long)]
+    pub disk: String,
+    /// The point's ChangeId (see `points`); `latest` for the newest.
+    #[arg(long, value_parser = parse_point)]
+    pub point: PointArg,
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn restore(args: Restore) -> Result<()> {
+    let Restore {
+        store,
+        agent,
+        disk,
+        point,
+        output,
+        json,
+    } = args;
+    let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
+    let s = open(&store, &disk)?;
+    let point = match point {
+        PointArg::Latest => s
+            .points()
+            .last()
+            .map(|p| p.change_id)
+            .context("the store holds no point yet")?,
+        PointArg::Id(id) => id,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut last_pct = u64::MAX;
+    let p = s.restore(point, &output, |done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if pct != last_pct && (tty || pct % 25 == 0) {
+            eprint!(
+                "{}restoring: {pct}%{}",
+                if tty { "\r" } else { "" },
+                if tty { "" } else { "\n" }
+            );
+            last_pct = pct;
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    if json {
+        println!(
+            "{}",
+            json!({"disk": disk, "point": p.change_id, "output": output.display().to_string(), "disk_size": p.disk_size, "image_digest": p.image_digest, "digest_verified": p.image_digest.is_some()})
+        );
+    } else {
+        println!(
+            "{disk}: point {} written to {}{}",
+            p.change_id,
+            output.display(),
+            if p.image_digest.is_some() {
+                " (read back: equal to the point's image digest)"
+            } else {
+                " (the point has no image digest to check against)"
+            }
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct Verify {
+    /// An agent's store (STORE/AGENT), or the root with --agent (or --all-agents).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The agent, when --store is the receiver's root.
+    #[arg(long, conflicts_with = "all_agents")]
+    pub agent: Option<String>,
+    /// Every agent's disks, when --store is the receiver's root.
+    #[arg(long)]
+    pub all_agents: bool,
+    /// One disk (default: every disk of the agent).
+    #[arg(long)]
+    pub disk: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn verify(args: Verify) -> Result<()> {
+    let Verify {
+        store,
+        agent,
+        all_agents,
+        disk,
+        json,
+    } = args;
+    let stores = if all_agents {
+        let found = subdirs(&store, |d| {
+            !subdirs(d, is_disk_store).unwrap_or_default().is_empty()
+        })?;
+        if found.is_empty() {
+            bail!("no agent's store in {}", store.display());
+        }
+        found
+            .iter()
+            .map(|a| disks(&store, Some(a), disk.as_deref()))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        vec![disks(&store, agent.as_deref(), disk.as_deref())?]
+    };
+    let mut bad = 0;
+    let mut checked = 0;
+    for (dir, names) in stores {
+        for d in names {
+            let result = open(&dir, &d).and_then(|s| Ok(s.verify()?));
+            checked += 1;
+            let at = dir.display().to_string();
+            match (&result, json) {
+                (Ok(v), true) => println!(
+                    "{}",
+                    json!({"store": at, "disk": d, "ok": true, "points": v.points,
+                           "files_checked": v.files, "bytes_checked": v.bytes,
+                           "full_image_checked": v.full_checked})
+                ),
+                (Ok(v), false) => println!(
+                    "{at}/{d}: ok: {} point(s), {} file(s), {} bytes read (undo files by \
+                     CRC{})",
+                    v.points,
+                    v.files,
+                    v.bytes,
+                    if v.full_checked {
+                        ", full.img by the newest point's image digest"
+                    } else {
+                        "; full.img NOT checked: the newest point has no image digest"
+                    }
+                ),
+                (Err(e), true) => println!(
+                    "{}",
+                    json!({"store": at, "disk": d, "ok": false, "error": format!("{e:#}")})
+                ),
+                (Err(e), false) => println!("{at}/{d}: DAMAGED: {e:#}"),
+            }
+            bad += result.is_err() as usize;
+        }
+    }
+    if bad > 0 {
+        return Err(Damaged(format!("{bad} of {checked} disk(s) failed verification")).into());
+    }
+    Ok(())
+}

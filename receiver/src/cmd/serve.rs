@@ -1,0 +1,123 @@
+//! The commands that face agents: `init` (this receiver's identity) and `serve` (QUIC).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use ctk_receiver::retention::{self, Retention};
+use ctk_receiver::{server, store};
+
+use super::{TierList, parse_tier_list};
+
+#[derive(Args)]
+pub struct Init {
+    /// Where the identity lives (cert.der, key.der; never overwritten).
+    #[arg(long)]
+    pub identity: PathBuf,
+}
+
+pub fn init(args: Init) -> Result<()> {
+    let Init { identity } = args;
+    // Run again, it prints the existing identity's fingerprint: it is never replaced.
+    let (id, created) = ctk_net::Identity::init(&identity, "ctk-receiver")?;
+    println!("{}", id.fingerprint());
+    eprintln!(
+        "identity {} {}; give agents the fingerprint above",
+        if created { "written to" } else { "already in" },
+        identity.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct Serve {
+    #[arg(long)]
+    pub identity: PathBuf,
+    #[arg(long)]
+    pub store: PathBuf,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub listen: std::net::SocketAddr,
+    /// Allowed agents, one `NAME FINGERPRINT` per line (like SSH's known_hosts). Each
+    /// agent's disks live under STORE/NAME/.
+    #[arg(long)]
+    pub agents: Option<PathBuf>,
+    /// An allowed agent as NAME=FINGERPRINT (repeatable; adds to --agents).
+    #[arg(long = "allow")]
+    pub allow: Vec<String>,
+    /// Restore points to keep per disk: the newest N, whatever their age.
+    #[arg(long, default_value_t = store::KEEP_DEFAULT)]
+    pub keep: usize,
+    /// Also keep points by age: SPAN:EVERY tiers, e.g. `1h:all,24h:1h,30d:1d` keeps every
+    /// point of the last hour, the newest of each hour for a day and of each day for 30
+    /// days. A point is kept if --keep or any tier keeps it; dropping points between kept
+    /// ones folds their pre-images into the next kept point, so every kept point restores
+    /// exactly and at the same cost.
+    #[arg(long, value_parser = parse_tier_list, value_name = "TIERS")]
+    pub tiers: Option<TierList>,
+    /// Tiers for one disk (of any agent) instead of --tiers: DISK=TIERS (repeatable).
+    #[arg(long, value_name = "DISK=TIERS")]
+    pub tiers_for: Vec<String>,
+}
+
+pub fn serve(args: Serve) -> Result<()> {
+    let Serve {
+        identity,
+        store,
+        listen,
+        agents,
+        allow,
+        keep,
+        tiers,
+        tiers_for,
+    } = args;
+    let mut retention_for = std::collections::HashMap::new();
+    for spec in tiers_for {
+        let (disk, t) = spec
+            .split_once('=')
+            .context("--tiers-for takes DISK=TIERS")?;
+        store::validate_name(disk)?;
+        let tiers = retention::parse_tiers(t).map_err(anyhow::Error::msg)?;
+        retention_for.insert(disk.to_owned(), Retention { keep, tiers });
+    }
+    let id = ctk_net::Identity::load(&identity)?;
+    let mut list = Vec::new();
+    if let Some(path) = agents {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        list = server::parse_agents(&text).with_context(|| format!("in {}", path.display()))?;
+    }
+    for a in allow {
+        let (name, fp) = a
+            .split_once('=')
+            .context("--allow takes NAME=FINGERPRINT")?;
+        store::validate_agent_name(name).map_err(anyhow::Error::msg)?;
+        list.push((name.to_owned(), fp.parse()?));
+    }
+    if list.is_empty() {
+        bail!("no agent is allowed: give --agents FILE or --allow NAME=FINGERPRINT");
+    }
+    let mut map = std::collections::HashMap::new();
+    for (name, fp) in list {
+        if map.values().any(|n| *n == name) || map.insert(fp, name.clone()).is_some() {
+            bail!("agent {name:?} or its fingerprint is listed twice");
+        }
+    }
+    std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(server::run(
+        id,
+        server::Config {
+            retention: Retention {
+                keep,
+                tiers: tiers.map(|t| t.0).unwrap_or_default(),
+            },
+            retention_for,
+            ..server::Config::new(store, listen, map)
+        },
+    ))?;
+    Ok(())
+}
