@@ -120,7 +120,7 @@ pub(super) const TRANSMISSION_FLAGS: u16 = nbd::TFLAG_HAS_FLAGS
 
 /// The fixed-newstyle handshake: options until EXPORT_NAME, GO or ABORT.
 ///
-/// One piece (a loop over options with one arm each) because the options share the
+/// One piece: a loop over options with one arm each, because the options share the
 /// negotiation's state (structured replies, the contexts selected for which export) and
 /// their order is the protocol; the longer arms are functions of their own.
 pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
