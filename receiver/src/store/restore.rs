@@ -121,24 +121,20 @@ impl DiskStore {
     /// Writes the image of point `change_id` to `out` (sparse), calling `progress` with the
     /// bytes done and the total.
     ///
-    /// Each byte is read once, from the first source that holds it as of the point: the undo
-    /// of the next newer point (the pre-images its merge overwrote, that is, this point's
-    /// bytes), else the undo of the one after, and so on, else the full. Only record heads
-    /// are read from undo files whose records are not needed, so the cost is the image's
-    /// size plus a few bytes per record of the newer undos, however long the chain. (It was
-    /// a full copy plus every newer undo applied in turn, each byte written once per point.)
+    /// Each byte is read once, from the first source that holds it as of the point
+    /// (`point_map`): the undo of the next newer point (the pre-images its merge overwrote,
+    /// that is, this point's bytes), else the undo of the one after, and so on, else the
+    /// full. Only record heads are read from undo files whose records are not needed, so the
+    /// cost is the image's size plus a few bytes per record of the newer undos, however long
+    /// the chain.
     pub fn restore(
         &self,
         change_id: ChangeId,
         out: &Path,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Point> {
-        let index = self
-            .points()
-            .iter()
-            .position(|p| p.change_id == change_id)
-            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
-        let point = self.points()[index].clone();
+        let mut map = self.point_map(change_id)?;
+        let point = map.point().clone();
         let size = point.disk_size;
         let target = self
             .fs
@@ -147,52 +143,21 @@ impl DiskStore {
         target
             .set_len(size)
             .map_err(io_err("sizing the restored image"))?;
-        let mut covered = Covered::default();
-        let mut done = 0u64;
-        for p in &self.points()[index + 1..] {
-            let undo = p.undo.as_ref().ok_or_else(|| StoreError::Damaged {
-                disk: self.name.clone(),
-                why: format!("point {} has no undo", p.change_id),
-            })?;
-            let mut undo_file =
-                DeltaFile::open(self.open_file(&self.dir.join(undo), "opening an undo")?)?;
-            let records = undo_file.records().to_vec();
-            for r in records {
-                let gaps = covered.claim(r.offset, r.end().min(size));
-                if gaps.is_empty() {
-                    continue;
-                }
-                // A zero record needs nothing written: the target starts as one hole.
-                let data = if r.zero {
-                    None
-                } else {
-                    Some(undo_file.read(&r)?)
-                };
-                for (start, end) in gaps {
-                    if let Some(data) = data {
-                        let piece = &data[(start - r.offset) as usize..(end - r.offset) as usize];
-                        write_sparse(&*target, piece, start)?;
-                    }
-                    done += end - start;
-                }
-                progress(done, size);
-            }
-        }
-        // Everything no newer merge overwrote is as the full holds it.
-        let full = self.open_file(&self.full_path(), "opening full.img")?;
-        let full_len = full.len().map_err(io_err("reading a size"))?;
         let mut buf = vec![0u8; CHUNK];
-        for (start, end) in covered.claim(0, size.min(full_len)) {
-            let mut pos = start;
-            while pos < end {
-                let n = (end - pos).min(CHUNK as u64) as usize;
-                full.read_exact_at(&mut buf[..n], pos)
-                    .map_err(io_err("reading full.img"))?;
-                write_sparse(&*target, &buf[..n], pos)?;
-                pos += n as u64;
-                done += n as u64;
-                progress(done, size);
+        let runs = map.runs().to_vec();
+        for (start, end, source) in runs {
+            // Zeros need nothing written: the target starts as one hole.
+            if source != Source::Zero {
+                let mut pos = start;
+                while pos < end {
+                    let n = (end - pos).min(CHUNK as u64) as usize;
+                    map.read_at(&mut buf[..n], pos)?;
+                    write_sparse(&*target, &buf[..n], pos)?;
+                    pos += n as u64;
+                    progress(pos, size);
+                }
             }
+            progress(end, size);
         }
         progress(size, size);
         target

@@ -1,0 +1,167 @@
+//! Where each byte of a restore point lives, and reads through that map: the first undo
+//! newer than the point that holds the byte (the pre-image a later merge overwrote, which is
+//! the point's byte), else full.img. A restore walks the map once from start to end; an
+//! export of the point (the failover issue) reads any range of it, each read going to the
+//! sources of just that range.
+
+use super::*;
+
+/// Where one run of a point's bytes comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A data record of a newer point's undo file (`undo` indexes the map's undo files, in
+    /// the order of their points; `record` that file's records).
+    Undo { undo: usize, record: usize },
+    /// Zeros: a zero record of an undo, or past the end of full.img.
+    Zero,
+    /// full.img at the same offset.
+    Full,
+}
+
+/// Decoded undo records kept for reads that come back to them (a restore meets a record
+/// again after a closer undo covered part of it; an export's reader reads on in order).
+const DECODED_KEPT: usize = 8;
+
+/// The map of one point: disjoint runs covering `[0, size)`, ascending, each with its source.
+pub struct PointMap {
+    point: Point,
+    undos: Vec<DeltaFile<Box<dyn FileAt>>>,
+    full: Box<dyn FileAt>,
+    runs: Vec<(u64, u64, Source)>,
+    /// (undo, record) -> its data, most recently used last.
+    decoded: Vec<((usize, usize), Vec<u8>)>,
+}
+
+impl DiskStore {
+    /// The map of point `change_id`: its newer points' undo files opened and indexed (record
+    /// heads only), and full.img.
+    pub fn point_map(&self, change_id: ChangeId) -> Result<PointMap> {
+        let index = self
+            .points()
+            .iter()
+            .position(|p| p.change_id == change_id)
+            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
+        let point = self.points()[index].clone();
+        let size = point.disk_size;
+        let mut covered = Covered::default();
+        let mut runs = Vec::new();
+        let mut undos = Vec::new();
+        for p in &self.points()[index + 1..] {
+            let undo = p.undo.as_ref().ok_or_else(|| StoreError::Damaged {
+                disk: self.name.clone(),
+                why: format!("point {} has no undo", p.change_id),
+            })?;
+            let file = DeltaFile::open(self.open_file(&self.dir.join(undo), "opening an undo")?)?;
+            for (i, r) in file.records().iter().enumerate() {
+                for (start, end) in covered.claim(r.offset, r.end().min(size)) {
+                    let source = if r.zero {
+                        Source::Zero
+                    } else {
+                        Source::Undo {
+                            undo: undos.len(),
+                            record: i,
+                        }
+                    };
+                    runs.push((start, end, source));
+                }
+            }
+            undos.push(file);
+        }
+        // Everything no newer merge overwrote is as the full holds it; past its end, zeros.
+        let full = self.open_file(&self.full_path(), "opening full.img")?;
+        let full_len = full.len().map_err(io_err("reading a size"))?;
+        for (start, end) in covered.claim(0, size) {
+            if start < full_len {
+                runs.push((start, end.min(full_len), Source::Full));
+            }
+            if end > full_len {
+                runs.push((start.max(full_len), end, Source::Zero));
+            }
+        }
+        runs.sort_unstable_by_key(|&(start, _, _)| start);
+        debug_assert!(
+            runs.windows(2).all(|w| w[0].1 == w[1].0)
+                && runs.first().is_none_or(|r| r.0 == 0)
+                && runs.last().is_none_or(|r| r.1 == size),
+            "the runs of a point cover it exactly once"
+        );
+        Ok(PointMap {
+            point,
+            undos,
+            full,
+            runs,
+            decoded: Vec::new(),
+        })
+    }
+}
+
+impl PointMap {
+    pub fn point(&self) -> &Point {
+        &self.point
+    }
+
+    pub fn size(&self) -> u64 {
+        self.point.disk_size
+    }
+
+    /// The runs, ascending: `(start, end, source)`.
+    pub fn runs(&self) -> &[(u64, u64, Source)] {
+        &self.runs
+    }
+
+    /// Reads `buf.len()` bytes of the point at `offset` (within its size).
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.size() {
+            return Err(StoreError::Protocol(format!(
+                "a read to {end} past the point's {} bytes",
+                self.size()
+            )));
+        }
+        // The first run that ends after `offset`.
+        let first = self.runs.partition_point(|&(_, e, _)| e <= offset);
+        for i in first..self.runs.len() {
+            let (start, stop, source) = self.runs[i];
+            if start >= end {
+                break;
+            }
+            let (from, to) = (start.max(offset), stop.min(end));
+            let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match source {
+                Source::Zero => out.fill(0),
+                Source::Full => self
+                    .full
+                    .read_exact_at(out, from)
+                    .map_err(io_err("reading full.img"))?,
+                Source::Undo { undo, record } => {
+                    let r = self.undos[undo].records()[record];
+                    let data = self.decoded(undo, record)?;
+                    out.copy_from_slice(
+                        &data[(from - r.offset) as usize..(to - r.offset) as usize],
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The data of an undo record, decoded once and kept among the last few.
+    fn decoded(&mut self, undo: usize, record: usize) -> Result<&[u8]> {
+        let key = (undo, record);
+        match self.decoded.iter().position(|(k, _)| *k == key) {
+            Some(i) => {
+                let entry = self.decoded.remove(i);
+                self.decoded.push(entry);
+            }
+            None => {
+                let r = self.undos[undo].records()[record];
+                let data = self.undos[undo].read(&r)?.to_vec();
+                if self.decoded.len() == DECODED_KEPT {
+                    self.decoded.remove(0);
+                }
+                self.decoded.push((key, data));
+            }
+        }
+        Ok(&self.decoded.last().expect("pushed above").1)
+    }
+}
