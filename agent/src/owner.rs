@@ -10,8 +10,8 @@
 //! a restart.
 //!
 //! Unix sockets are the other shared thing: a stale socket file must be removed before
-//! `bind`, but a live one belongs to a running agent. `bind_unix` connects first and removes
-//! the file only if nothing answers.
+//! `bind`, but a live one belongs to a running agent. `ctk_net::local::bind_unix` (shared
+//! with the receiver's exports) connects first and removes the file only if nothing answers.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -28,12 +28,9 @@ pub enum OwnerError {
         path: PathBuf,
         holder: Holder,
     },
-    /// A live process answers on the socket path.
-    #[error("{} is in use: something answers on it (another ctk-agent?); stop it or choose another path", path.display())]
-    SocketInUse { path: PathBuf },
-    /// The path exists and is not a socket: never removed.
-    #[error("{} exists and is not a socket: not removed; choose another path", path.display())]
-    NotASocket { path: PathBuf },
+    /// A Unix socket could not be taken (a live one is never taken over).
+    #[error(transparent)]
+    Bind(#[from] ctk_net::local::BindError),
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -179,43 +176,6 @@ fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
     })
 }
 
-/// Binds a Unix socket at `path`, removing a stale socket file left by a process that died
-/// (nothing answers on it) but never one something still answers on.
-pub fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, OwnerError> {
-    use std::os::unix::fs::FileTypeExt;
-    let io = |what, source| OwnerError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| io("creating the socket's directory", e))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("looking at the socket path", e)),
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(OwnerError::NotASocket {
-                path: path.to_owned(),
-            });
-        }
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(OwnerError::SocketInUse {
-                    path: path.to_owned(),
-                });
-            }
-            // Nobody listens: a socket left by a process that died.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!(socket = %path.display(), "removing a stale socket nobody answers on");
-                std::fs::remove_file(path).map_err(|e| io("removing a stale socket", e))?;
-            }
-            Err(e) => return Err(io("checking whether the socket is in use", e)),
-        },
-    }
-    std::os::unix::net::UnixListener::bind(path).map_err(|e| io("listening on", e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,26 +204,5 @@ mod tests {
         assert!(err.to_string().contains("one agent per disk"), "{err}");
         drop(held);
         lock_journal(&journal).unwrap();
-    }
-
-    #[test]
-    fn a_live_socket_is_kept_and_a_stale_one_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.sock");
-        let live = bind_unix(&path).unwrap();
-        let err = bind_unix(&path).unwrap_err();
-        assert!(matches!(err, OwnerError::SocketInUse { .. }), "{err}");
-        // The listener is gone, its file stays: stale, so it is replaced.
-        drop(live);
-        assert!(path.exists());
-        let _again = bind_unix(&path).unwrap();
-        // A regular file is never removed.
-        let file = dir.path().join("f");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(
-            bind_unix(&file).unwrap_err(),
-            OwnerError::NotASocket { .. }
-        ));
-        assert_eq!(std::fs::read(&file).unwrap(), b"x");
     }
 }

@@ -47,32 +47,10 @@ impl Agent {
 }
 
 /// Where the NBD front listens.
-#[derive(Clone, Debug)]
-pub enum Listen {
-    Unix(PathBuf),
-    Tcp(std::net::SocketAddr),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Listen, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a socket path, e.g. unix:/run/ctk-agent/nbd.sock".into());
-            }
-            Ok(Listen::Unix(path.into()))
-        } else if let Some(addr) = s.strip_prefix("tcp:") {
-            addr.parse()
-                .map(Listen::Tcp)
-                .map_err(|_| format!("{addr:?} is not an address such as 127.0.0.1:10809"))
-        } else {
-            Err(format!("{s:?}: use unix:PATH or tcp:ADDRESS:PORT"))
-        }
-    }
-}
+pub use ctk_net::local::Listen;
 
 fn bind_unix(path: &std::path::Path) -> Result<UnixListener> {
-    let listener = crate::owner::bind_unix(path)?;
+    let listener = ctk_net::local::bind_unix(path)?;
     listener.set_nonblocking(true)?;
     Ok(UnixListener::from_std(listener)?)
 }

@@ -45,6 +45,7 @@ pub const INFO_NAME: u16 = 1;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
@@ -139,6 +140,48 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> [u8; 20]
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
     out[16..20].copy_from_slice(&length.to_be_bytes());
     out
+}
+
+/// The server's greeting: `NBDMAGIC`, `IHAVEOPT`, and the handshake flags ctk offers (fixed
+/// newstyle, no zeroes).
+pub fn greeting() -> [u8; 18] {
+    let mut out = [0u8; 18];
+    out[0..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
+    out[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    out[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    out
+}
+
+/// The client's handshake flags, checked: whether it asked for no zeroes after EXPORT_NAME.
+pub fn client_flags(flags: u32) -> Result<bool, String> {
+    if flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
+        return Err(format!("client sent unknown handshake flags {flags:#x}"));
+    }
+    Ok(flags & CLIENT_FLAG_NO_ZEROES != 0)
+}
+
+/// The head of a successful READ's reply, which the data follows: one final `OFFSET_DATA`
+/// chunk's header and offset with structured replies, a simple reply without.
+pub fn read_reply_head(structured: bool, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    if structured {
+        let mut head =
+            chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + length).to_vec();
+        head.extend_from_slice(&offset.to_be_bytes());
+        head
+    } else {
+        simple_reply(0, cookie).to_vec()
+    }
+}
+
+/// A failed request's reply: an error chunk with a message once structured replies are on
+/// (required for READ, and it tells the client why), a simple reply otherwise.
+pub fn error_reply(structured: bool, cookie: u64, error: u32, why: &str) -> Vec<u8> {
+    debug_assert!(error != 0);
+    if structured {
+        error_chunk(cookie, error, why)
+    } else {
+        simple_reply(error, cookie).to_vec()
+    }
 }
 
 /// A final NBD_REPLY_TYPE_ERROR chunk: header and payload (errno, message).

@@ -25,6 +25,7 @@ newest committed point, with a half-done merge finished or undone.\n\n\
 that read a store take the agent's directory (or the root and --agent):\n  \
 ctk-receiver points --store /srv/ctk/host1 --disk vm1\n  \
 ctk-receiver restore --store /srv/ctk/host1 --disk vm1 --point <ChangeId> -o vm1-restored.img\n  \
+ctk-receiver expose --store /srv/ctk/host1 --disk vm1 --point latest --listen unix:/run/ctk/vm1.sock\n  \
 ctk-receiver verify --store /srv/ctk --all-agents       # exit 3 if anything is damaged\n  \
 ctk-receiver ingest --store /srv/ctk/host1 --disk vm1 full.ctkd inc1.ctkd   # deltas from `ctk-agent export`\n\n\
 Receiving from agents over QUIC:\n  \
@@ -49,6 +50,15 @@ enum Command {
     Points(cmd::read::Points),
     /// Write a restore point out as a raw image (sparse), with progress on stderr.
     Restore(cmd::read::Restore),
+    /// Serve a restore point over NBD, read-only, until Ctrl-C: any NBD client (qemu,
+    /// nbdcopy, nbdfuse) reads the disk as of that point at once, nothing copied. A running
+    /// `serve` goes on merging meanwhile; the point is pinned against retention.
+    Expose(cmd::expose::Expose),
+    /// Test a point while protection goes on: `drill start` serves it writable through a
+    /// throwaway overlay (the point is never written), `drill stop --result passed|failed`
+    /// ends it and records the result on the point (`points` shows it).
+    #[command(subcommand)]
+    Drill(cmd::drill::Drill),
     /// Re-read every stored increment and check every checksum, and full.img against the
     /// newest point's image digest. Exits 3 when it finds damage; a store, agent or disk that
     /// does not exist is an error (exit 1), never a silent pass.
@@ -67,6 +77,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Adopt(args) => cmd::ingest::adopt(args),
         Command::Points(args) => cmd::read::points(args),
         Command::Restore(args) => cmd::read::restore(args),
+        Command::Expose(args) => cmd::expose::expose(args),
+        Command::Drill(cmd) => cmd::drill::drill(cmd),
         Command::Verify(args) => cmd::read::verify(args),
         Command::Init(args) => cmd::serve::init(args),
         Command::Serve(args) => cmd::serve::serve(args),

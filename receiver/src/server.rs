@@ -292,9 +292,10 @@ fn refusal(e: &StoreError) -> Refusal {
         }
         StoreError::Delta(_) | StoreError::DigestMismatch { .. } => Refusal::Damaged,
         StoreError::Mismatch(_) => Refusal::Mismatch,
-        StoreError::Io { .. } | StoreError::Damaged { .. } | StoreError::InUse { .. } => {
-            Refusal::Unavailable
-        }
+        StoreError::Io { .. }
+        | StoreError::Damaged { .. }
+        | StoreError::InUse { .. }
+        | StoreError::Exposed { .. } => Refusal::Unavailable,
     }
 }
 

@@ -2,8 +2,8 @@
 //! runs): where the backing has holes, and which blocks changed since a ChangeId.
 
 use std::io;
-use std::os::fd::AsRawFd;
 
+use ctk::vfs::FileAt;
 use ctk::{ChangeId, Since};
 use roaring::RoaringBitmap;
 
@@ -13,29 +13,13 @@ impl ProtectedDisk {
     /// The first offset at or after `pos` where the backing holds data (SEEK_DATA); `None`
     /// when only a hole follows. An error for a backing that cannot tell.
     pub fn next_data(&self, pos: u64) -> io::Result<Option<u64>> {
-        // SAFETY: lseek on an open descriptor touches no memory.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        }
+        FileAt::next_data(&self.file, pos)
     }
 
     /// The first offset at or after `pos` where the backing has a hole (SEEK_HOLE; the end
     /// of the file counts as one).
     pub fn next_hole(&self, pos: u64) -> io::Result<u64> {
-        // SAFETY: lseek on an open descriptor touches no memory.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), pos as i64, libc::SEEK_HOLE) };
-        if r >= 0 {
-            Ok(r as u64)
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        FileAt::next_hole(&self.file, pos)
     }
 
     /// The blocks of `[offset, offset + length)` written after `since`, in later cuts (durable

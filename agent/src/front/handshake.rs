@@ -128,16 +128,9 @@ pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
 ) -> Result<Option<Negotiated>> {
-    w.write_all(&nbd::NBD_MAGIC.to_be_bytes()).await?;
-    w.write_all(&nbd::IHAVEOPT.to_be_bytes()).await?;
-    w.write_all(&(nbd::FLAG_FIXED_NEWSTYLE | nbd::FLAG_NO_ZEROES).to_be_bytes())
-        .await?;
+    w.write_all(&nbd::greeting()).await?;
     w.flush().await?;
-    let client_flags = r.read_u32().await?;
-    if client_flags & !(nbd::CLIENT_FLAG_FIXED_NEWSTYLE | nbd::CLIENT_FLAG_NO_ZEROES) != 0 {
-        bail!("client sent unknown handshake flags {client_flags:#x}");
-    }
-    let no_zeroes = client_flags & nbd::CLIENT_FLAG_NO_ZEROES != 0;
+    let no_zeroes = nbd::client_flags(r.read_u32().await?).map_err(anyhow::Error::msg)?;
     let mut structured = false;
     // The contexts of the last SET_META_CONTEXT and the export it named: GO for another
     // export drops them (the spec ties contexts to an export).

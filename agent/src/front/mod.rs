@@ -81,10 +81,7 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
 /// `EXPORT_NAME`, which has no error reply, is simply closed).
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: S, cap: usize) -> anyhow::Result<()> {
     let (mut r, mut w) = tokio::io::split(stream);
-    w.write_all(&nbd::NBD_MAGIC.to_be_bytes()).await?;
-    w.write_all(&nbd::IHAVEOPT.to_be_bytes()).await?;
-    w.write_all(&(nbd::FLAG_FIXED_NEWSTYLE | nbd::FLAG_NO_ZEROES).to_be_bytes())
-        .await?;
+    w.write_all(&nbd::greeting()).await?;
     w.flush().await?;
     let _client_flags = r.read_u32().await?;
     let _magic = r.read_u64().await?;

@@ -269,19 +269,7 @@ fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
                 return error_bytes(structured, cookie, nbd::EOVERFLOW, why);
             }
             // The reply's header and the data in one buffer, read in place.
-            let head = if structured {
-                let mut head = nbd::chunk_header(
-                    nbd::REPLY_FLAG_DONE,
-                    nbd::REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + length,
-                )
-                .to_vec();
-                head.extend_from_slice(&offset.to_be_bytes());
-                head
-            } else {
-                nbd::simple_reply(0, cookie).to_vec()
-            };
+            let head = nbd::read_reply_head(structured, cookie, offset, length);
             let at = head.len();
             let mut out = head;
             out.resize(at + length as usize, 0);
@@ -312,15 +300,9 @@ fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
     }
 }
 
-/// A failed request's reply: an error chunk with a message once structured replies are on
-/// (required for READ, and it tells the client why), a simple reply otherwise.
+/// A failed request's reply (`nbd::error_reply`).
 pub(super) fn error_bytes(structured: bool, cookie: u64, error: u32, why: &str) -> Vec<u8> {
-    debug_assert!(error != 0);
-    if structured {
-        nbd::error_chunk(cookie, error, why)
-    } else {
-        nbd::simple_reply(error, cookie).to_vec()
-    }
+    nbd::error_reply(structured, cookie, error, why)
 }
 
 /// The errno an NBD reply carries for a failed request.

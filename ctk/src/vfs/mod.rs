@@ -64,6 +64,18 @@ pub trait FileAt: Send + Sync {
     /// durable, errors surface at the `sync`); the default does nothing.
     fn start_writeback(&self, _offset: u64, _length: u64) {}
 
+    /// The first offset at or after `pos` where the file holds data (SEEK_DATA); `None` when
+    /// only a hole follows. The default knows no holes: everything before the end is data.
+    fn next_data(&self, pos: u64) -> io::Result<Option<u64>> {
+        Ok((pos < self.len()?).then_some(pos))
+    }
+
+    /// The first offset at or after `pos` where the file has a hole (SEEK_HOLE; the end of
+    /// the file counts as one). The default knows no holes but the end.
+    fn next_hole(&self, pos: u64) -> io::Result<u64> {
+        Ok(self.len()?.max(pos))
+    }
+
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
             match self.read_at(buf, offset) {
@@ -137,6 +149,28 @@ impl FileAt for File {
             )
         };
     }
+    fn next_data(&self, pos: u64) -> io::Result<Option<u64>> {
+        // SAFETY: lseek on an open descriptor touches no memory.
+        let r = unsafe { libc::lseek(self.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+    fn next_hole(&self, pos: u64) -> io::Result<u64> {
+        // SAFETY: lseek on an open descriptor touches no memory.
+        let r = unsafe { libc::lseek(self.as_raw_fd(), pos as i64, libc::SEEK_HOLE) };
+        if r >= 0 {
+            Ok(r as u64)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
     }
@@ -166,6 +200,12 @@ impl<F: FileAt + ?Sized> FileAt for Box<F> {
     }
     fn start_writeback(&self, offset: u64, length: u64) {
         (**self).start_writeback(offset, length)
+    }
+    fn next_data(&self, pos: u64) -> io::Result<Option<u64>> {
+        (**self).next_data(pos)
+    }
+    fn next_hole(&self, pos: u64) -> io::Result<u64> {
+        (**self).next_hole(pos)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_exact_at(buf, offset)

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use ctk::ChangeId;
 use ctk::digest::ImageDigest;
 use ctk_receiver::retention::{self, Tier};
-use ctk_receiver::store::{self, DiskStore, Recovery};
+use ctk_receiver::store::{self, DiskStore, Pick, Recovery};
 
+pub mod drill;
+pub mod expose;
 pub mod ingest;
 pub mod read;
 pub mod serve;
@@ -137,19 +138,13 @@ pub(crate) fn parse_digest(s: &str) -> Result<ImageDigest, String> {
     s.parse::<ImageDigest>().map_err(|e| e.to_string())
 }
 
-/// A point named on the command line: its ChangeId, or the newest.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum PointArg {
-    Latest,
-    Id(ChangeId),
-}
-
-pub(crate) fn parse_point(s: &str) -> Result<PointArg, String> {
+/// A point named on the command line: its ChangeId, or `latest` for the newest.
+pub(crate) fn parse_point(s: &str) -> Result<Pick, String> {
     match s {
-        "latest" => Ok(PointArg::Latest),
+        "latest" => Ok(Pick::Latest),
         id => id
             .parse()
-            .map(PointArg::Id)
+            .map(Pick::Id)
             .map_err(|e| format!("{e} (a ChangeId as `points` lists it, or latest)")),
     }
 }

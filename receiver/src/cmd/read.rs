@@ -10,7 +10,7 @@ use serde_json::json;
 
 use ctk_receiver::store;
 
-use super::{Damaged, PointArg, disks, is_disk_store, open, parse_point, subdirs};
+use super::{Damaged, disks, is_disk_store, open, parse_point, subdirs};
 
 #[derive(Args)]
 pub struct Points {
@@ -71,6 +71,23 @@ pub fn points(args: Points) -> Result<()> {
                         "digest NOT checked (the sender sent none)"
                     }
                 );
+                if let Some(t) = p.get("tested").filter(|t| !t.is_null()) {
+                    let at = t["stopped_unix_ms"].as_u64().map(|ms| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                        )
+                        .to_string()
+                    });
+                    println!(
+                        "    drill {} at {}{}",
+                        t["result"].as_str().unwrap_or("?"),
+                        at.unwrap_or_default(),
+                        t["note"]
+                            .as_str()
+                            .map(|n| format!(": {n}"))
+                            .unwrap_or_default()
+                    );
+                }
             }
         }
     }
@@ -89,7 +106,7 @@ pub struct Restore {
     pub disk: String,
     /// The point's ChangeId (see `points`); `latest` for the newest.
     #[arg(long, value_parser = parse_point)]
-    pub point: PointArg,
+    pub point: store::Pick,
     #[arg(short = 'o', long)]
     pub output: PathBuf,
     #[arg(long)]
@@ -108,12 +125,12 @@ pub fn restore(args: Restore) -> Result<()> {
     let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
     let s = open(&store, &disk)?;
     let point = match point {
-        PointArg::Latest => s
+        store::Pick::Latest => s
             .points()
             .last()
             .map(|p| p.change_id)
             .context("the store holds no point yet")?,
-        PointArg::Id(id) => id,
+        store::Pick::Id(id) => id,
     };
     let tty = std::io::stderr().is_terminal();
     let mut last_pct = u64::MAX;

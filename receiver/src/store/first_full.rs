@@ -208,6 +208,7 @@ impl DiskStore {
             consistency: meta.consistency,
             image_digest: None,
             digest_checked: false,
+            tested: None,
         };
         self.commit_point(point, leaves, header, checked, Commit::First, true)
     }

@@ -62,7 +62,44 @@ pub struct Point {
     /// to end. False for points the agent could not vouch for.
     #[serde(default)]
     pub digest_checked: bool,
+    /// The last drill on this point (`ctk-receiver drill`): absent until one is recorded, so
+    /// manifests without drills keep their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tested: Option<Box<Tested>>,
 }
+
+/// How a drill on a point went, as the operator said when stopping it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DrillResult {
+    Passed,
+    Failed,
+}
+
+impl std::str::FromStr for DrillResult {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<DrillResult, String> {
+        match s {
+            "passed" => Ok(DrillResult::Passed),
+            "failed" => Ok(DrillResult::Failed),
+            _ => Err(format!("{s:?}: a drill's result is passed or failed")),
+        }
+    }
+}
+
+/// A drill recorded on a point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tested {
+    pub started_unix_ms: u64,
+    pub stopped_unix_ms: u64,
+    pub result: DrillResult,
+    /// What the operator noted (at most `NOTE_MAX` bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Longest drill note kept (the manifest is read whole, bounded).
+pub const NOTE_MAX: usize = 1024;
 
 /// What the sender says about a point: when it was cut and how consistent it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,7 +282,32 @@ impl DiskStore {
         // back a merge the visible manifest already calls committed would destroy the point
         // (a first full emptied under its own committed manifest).
         self.manifest = manifest;
-        self.sync_dir(&self.dir)
+        let synced = self.sync_dir(&self.dir);
+        // Live readers of exposed points rebuild their maps before full.img changes.
+        self.bump_generation()?;
+        synced
+    }
+
+    /// Records a drill's outcome on point `change_id` (the last drill replaces the one
+    /// before).
+    pub fn record_drill(&mut self, change_id: ChangeId, mut tested: Tested) -> Result<()> {
+        if let Some(note) = &mut tested.note
+            && note.len() > NOTE_MAX
+        {
+            let mut cut = NOTE_MAX;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let mut m = self.manifest.clone();
+        let point = m
+            .points
+            .iter_mut()
+            .find(|p| p.change_id == change_id)
+            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
+        point.tested = Some(Box::new(tested));
+        self.write_manifest(m)
     }
 
     pub(super) fn point_for(
@@ -268,6 +330,7 @@ impl DiskStore {
             consistency: meta.consistency,
             image_digest: None,
             digest_checked: false,
+            tested: None,
         })
     }
 }

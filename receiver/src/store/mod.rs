@@ -33,6 +33,7 @@
 
 mod first_full;
 mod leaves;
+mod live;
 mod manifest;
 mod merge;
 mod point_map;
@@ -45,8 +46,9 @@ mod undo;
 mod write_behind;
 
 use leaves::{Checked, read_leaves};
+pub use live::{Exposure, LiveReader, Pick, exposed};
 use manifest::{Applying, MANIFEST_VERSION, Manifest, read_manifest};
-pub use manifest::{Point, PointMeta};
+pub use manifest::{DrillResult, NOTE_MAX, Point, PointMeta, Tested};
 use merge::{Commit, apply_to, zero_range};
 pub use point_map::{PointMap, Source};
 use restore::Covered;
@@ -116,6 +118,12 @@ pub enum StoreError {
         holder.map(|p| format!(" (process {p})")).unwrap_or_default()
     )]
     InUse { root: PathBuf, holder: Option<u32> },
+    /// Another process exposes a point of this disk.
+    #[error(
+        "disk {disk:?} is already exposed by another process (one exposure per disk): stop \
+         that one first"
+    )]
+    Exposed { disk: String },
     #[error(
         "the merged image does not match the agent's digest of it (agent {expected}, merged \
          {got}): nothing committed, the previous point stands"

@@ -33,25 +33,63 @@ pub struct PointMap {
 }
 
 impl DiskStore {
-    /// The map of point `change_id`: its newer points' undo files opened and indexed (record
-    /// heads only), and full.img.
+    /// The map of point `change_id`, kept in this store.
     pub fn point_map(&self, change_id: ChangeId) -> Result<PointMap> {
-        let index = self
-            .points()
+        PointMap::build(&*self.fs, &self.dir, &self.manifest, change_id)
+    }
+}
+
+impl PointMap {
+    /// The map of point `change_id` as `manifest` (read from `dir`) describes the store:
+    /// the undo files of its newer points opened and indexed (record heads only), and
+    /// full.img. A merge in progress counts as the newest point: its undo (durable before
+    /// the manifest recorded it, and before full.img is touched) holds whatever the apply
+    /// overwrites, so reads are right however far the apply has gone.
+    pub(super) fn build(
+        fs: &dyn Vfs,
+        dir: &Path,
+        manifest: &Manifest,
+        change_id: ChangeId,
+    ) -> Result<PointMap> {
+        let name = &manifest.disk;
+        let index = manifest
+            .points
             .iter()
             .position(|p| p.change_id == change_id)
             .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
-        let point = self.points()[index].clone();
+        let point = manifest.points[index].clone();
         let size = point.disk_size;
+        let damaged = |why: String| StoreError::Damaged {
+            disk: name.clone(),
+            why,
+        };
+        let mut newer: Vec<&str> = Vec::new();
+        for p in &manifest.points[index + 1..] {
+            let undo = p.undo.as_deref();
+            newer.push(undo.ok_or_else(|| damaged(format!("point {} has no undo", p.change_id)))?);
+        }
+        match &manifest.applying {
+            None => {}
+            Some(Applying::Direct { .. }) => {
+                return Err(damaged(
+                    "a first full is being written into full.img: no point can be read now".into(),
+                ));
+            }
+            Some(a) => {
+                newer.push(a.undo().ok_or_else(|| {
+                    damaged(format!("the merge of {} has no undo", a.change_id()))
+                })?)
+            }
+        }
         let mut covered = Covered::default();
         let mut runs = Vec::new();
         let mut undos = Vec::new();
-        for p in &self.points()[index + 1..] {
-            let undo = p.undo.as_ref().ok_or_else(|| StoreError::Damaged {
-                disk: self.name.clone(),
-                why: format!("point {} has no undo", p.change_id),
-            })?;
-            let file = DeltaFile::open(self.open_file(&self.dir.join(undo), "opening an undo")?)?;
+        for undo in newer {
+            let path = dir.join(undo);
+            let file = fs
+                .open(&path)
+                .map_err(io_err(format!("opening {}", path.display())))?;
+            let file = DeltaFile::open(file)?;
             for (i, r) in file.records().iter().enumerate() {
                 for (start, end) in covered.claim(r.offset, r.end().min(size)) {
                     let source = if r.zero {
@@ -68,7 +106,9 @@ impl DiskStore {
             undos.push(file);
         }
         // Everything no newer merge overwrote is as the full holds it; past its end, zeros.
-        let full = self.open_file(&self.full_path(), "opening full.img")?;
+        let full = fs
+            .open(&dir.join("full.img"))
+            .map_err(io_err("opening full.img"))?;
         let full_len = full.len().map_err(io_err("reading a size"))?;
         for (start, end) in covered.claim(0, size) {
             if start < full_len {
@@ -93,9 +133,6 @@ impl DiskStore {
             decoded: Vec::new(),
         })
     }
-}
-
-impl PointMap {
     pub fn point(&self) -> &Point {
         &self.point
     }
@@ -143,6 +180,54 @@ impl PointMap {
             }
         }
         Ok(())
+    }
+
+    /// `base:allocation` of `[offset, end)`: runs of `(length, hole)` where a hole reads as
+    /// zeros and holds nothing (a zero record, past full.img's end, or a hole in full.img,
+    /// found with SEEK_DATA / SEEK_HOLE). At most about `max` runs, from `offset` on; a
+    /// filesystem that cannot tell reports full.img's ranges as data, which NBD allows.
+    pub fn allocation(&self, offset: u64, end: u64, max: usize) -> Vec<(u64, bool)> {
+        let end = end.min(self.size());
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |len: u64, hole: bool| match out.last_mut() {
+            Some((l, h)) if *h == hole => *l += len,
+            _ => out.push((len, hole)),
+        };
+        let first = self.runs.partition_point(|&(_, e, _)| e <= offset);
+        let mut count = 0;
+        for &(start, stop, source) in &self.runs[first..] {
+            let (from, to) = (start.max(offset), stop.min(end));
+            if from >= to || count >= max {
+                break;
+            }
+            match source {
+                Source::Zero => push(to - from, true),
+                Source::Undo { .. } => push(to - from, false),
+                Source::Full => {
+                    let mut pos = from;
+                    while pos < to && count < max {
+                        let (len, hole) = match self.full.next_data(pos) {
+                            Ok(Some(d)) if d <= pos => {
+                                let h = self.full.next_hole(pos).unwrap_or(to).min(to);
+                                if h <= pos {
+                                    (to - pos, false)
+                                } else {
+                                    (h - pos, false)
+                                }
+                            }
+                            Ok(Some(d)) => (d.min(to) - pos, true),
+                            Ok(None) => (to - pos, true),
+                            Err(_) => (to - pos, false),
+                        };
+                        push(len, hole);
+                        pos += len;
+                        count += 1;
+                    }
+                }
+            }
+            count += 1;
+        }
+        out
     }
 
     /// The data of an undo record, decoded once and kept among the last few.

@@ -8,6 +8,9 @@ impl DiskStore {
         let Some(applying) = self.manifest.applying.clone() else {
             return Ok(Recovery::Clean);
         };
+        // A reader that started after the crash may have mapped the newest point before
+        // "applying" was written: it must rebuild before full.img changes again.
+        self.bump_generation()?;
         let Some(staged) = applying.staged() else {
             // A first full written in place: there is no staged copy to finish it from.
             tracing::warn!(disk = %self.name, "an interrupted first full: emptying the store");

@@ -20,6 +20,19 @@ impl DiskStore {
         let mut keep = crate::retention::select(&times, (self.clock)(), retention);
         let levels: Vec<Option<Consistency>> = points.iter().map(|p| p.consistency).collect();
         crate::retention::keep_newest_of_each(&levels, &mut keep);
+        // An exposed point stays (its reads go on through the undo files of the newer ones).
+        match self.pinned() {
+            Ok(None) => {}
+            Ok(Some(id)) => {
+                if let Some(i) = points.iter().position(|p| p.change_id == id) {
+                    keep[i] = true;
+                }
+            }
+            Err(()) => {
+                tracing::debug!(disk = %self.name, "an exposure is being set up: nothing dropped this time");
+                return Ok(0);
+            }
+        }
         let dropped = keep.iter().filter(|k| !**k).count();
         if dropped == 0 {
             return Ok(0);

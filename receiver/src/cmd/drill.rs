@@ -1,0 +1,214 @@
+//! `drill start` and `drill stop`: a restore point booted and tested while replication goes
+//! on. `start` serves the point writable through a throwaway overlay (the point is never
+//! written) and pins it; `stop` ends that process, removes the overlay and records on the
+//! point when it was tested and how (`points` shows it).
+//!
+//! `start` runs in the foreground, like `expose`, and leaves `drill.json` in the disk's
+//! directory (docs/format.md section 5) so that `stop`, run from anywhere, finds it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use ctk::ChangeId;
+use ctk_net::local::Listen;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use ctk_receiver::export::{self, Overlay};
+use ctk_receiver::store::{self, DrillResult, Exposure, Pick, Tested};
+
+use super::expose::run_export;
+use super::{disks, open, parse_point};
+
+#[derive(Subcommand)]
+pub enum Drill {
+    /// Serve a point writable through a throwaway overlay (boot it, test it) until `drill
+    /// stop` or Ctrl-C; pushes keep committing meanwhile.
+    Start(Start),
+    /// End the disk's drill, discard its overlay, and record the result on its point.
+    Stop(Stop),
+}
+
+#[derive(Args)]
+#[command(after_help = "Example:\n  \
+ctk-receiver drill start --store /srv/ctk/host1 --disk vm1 --listen unix:/run/ctk/vm1-drill.sock &\n  \
+qemu-system-x86_64 -m 2G -drive file=nbd+unix:///vm1?socket=/run/ctk/vm1-drill.sock,format=raw ...\n  \
+ctk-receiver drill stop --store /srv/ctk/host1 --disk vm1 --result passed --note \"boots, db answers\"")]
+pub struct Start {
+    /// An agent's store (STORE/AGENT), or the root with --agent.
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long)]
+    pub disk: String,
+    /// The point's ChangeId (see `points`), or `latest`.
+    #[arg(long, value_parser = parse_point, default_value = "latest")]
+    pub point: Pick,
+    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT.
+    #[arg(long)]
+    pub listen: Listen,
+    /// The overlay file, created new and removed at the end (default: drill/overlay.img in
+    /// the disk's directory). Its filesystem takes every block the drill writes.
+    #[arg(long)]
+    pub overlay: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct Stop {
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long)]
+    pub disk: String,
+    /// How the drill went: passed or failed.
+    #[arg(long)]
+    pub result: DrillResult,
+    /// What was tested, or what failed (kept with the point, at most 1 KiB).
+    #[arg(long)]
+    pub note: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The running drill, as `start` leaves it for `stop` (`<disk>/drill.json`).
+#[derive(Serialize, Deserialize)]
+struct DrillState {
+    pid: u32,
+    point: ChangeId,
+    started_unix_ms: u64,
+    overlay: PathBuf,
+}
+
+fn state_path(store: &Path, disk: &str) -> PathBuf {
+    store.join(disk).join("drill.json")
+}
+
+pub fn drill(cmd: Drill) -> Result<()> {
+    match cmd {
+        Drill::Start(args) => start(args),
+        Drill::Stop(args) => stop(args),
+    }
+}
+
+fn start(args: Start) -> Result<()> {
+    let Start {
+        store,
+        agent,
+        disk,
+        point,
+        listen,
+        overlay,
+        json,
+    } = args;
+    let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
+    let exposure = Exposure::open(&store, &disk, point)
+        .with_context(|| format!("starting a drill on {disk:?}"))?;
+    exposure.reader()?;
+    // The pin is ours: a default overlay or state left by a killed drill is stale.
+    let default = store.join(&disk).join("drill").join("overlay.img");
+    let path = match overlay {
+        Some(p) => p,
+        None => {
+            let _ = std::fs::remove_file(&default);
+            default
+        }
+    };
+    let size = exposure.point().disk_size;
+    let overlay = Overlay::create(&path, size).context(
+        "creating the drill's overlay (give --overlay a new path on a filesystem with room)",
+    )?;
+    let state = DrillState {
+        pid: std::process::id(),
+        point: exposure.point().change_id,
+        started_unix_ms: ctk::unix_ms_now(),
+        overlay: path,
+    };
+    let state_file = state_path(&store, &disk);
+    std::fs::write(&state_file, serde_json::to_vec_pretty(&state)?)
+        .with_context(|| format!("writing {}", state_file.display()))?;
+    let served = export::Served {
+        exposure: Arc::new(exposure),
+        overlay: Some(Arc::new(overlay)),
+    };
+    // `stop` reads the state before it signals us and removes it after recording; an end
+    // by Ctrl-C leaves it for a later `stop` to record the result.
+    run_export(&disk, served, &listen, json)
+}
+
+fn stop(args: Stop) -> Result<()> {
+    let Stop {
+        store,
+        agent,
+        disk,
+        result,
+        note,
+        json,
+    } = args;
+    if note.as_ref().is_some_and(|n| n.len() > store::NOTE_MAX) {
+        bail!("--note is longer than {} bytes", store::NOTE_MAX);
+    }
+    let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
+    let state_file = state_path(&store, &disk);
+    let text = match std::fs::read(&state_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("no drill on {disk:?} to stop (start one with `ctk-receiver drill start`)")
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", state_file.display())),
+    };
+    let state: DrillState = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is damaged: remove it", state_file.display()))?;
+    let pin = std::fs::read_to_string(store.join(&disk).join("expose.pin")).unwrap_or_default();
+    let ours = pin.split_whitespace().nth(1) == Some(state.pid.to_string().as_str());
+    if ours && store::exposed(&store, &disk)? {
+        // SAFETY: kill(2) with SIGTERM on the drill's own process id (its pin names it).
+        unsafe { libc::kill(state.pid as i32, libc::SIGTERM) };
+        // Stopped once its pin's lock is free: the kernel drops it as the process exits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store::exposed(&store, &disk)? {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the drill (process {}) did not stop within 30 s of SIGTERM",
+                    state.pid
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A drill that was killed leaves its overlay: it goes now, whatever happened.
+    let _ = std::fs::remove_file(&state.overlay);
+    let tested = Tested {
+        started_unix_ms: state.started_unix_ms,
+        stopped_unix_ms: ctk::unix_ms_now(),
+        result,
+        note,
+    };
+    let mut s = open(&store, &disk)?;
+    s.record_drill(state.point, tested.clone())
+        .with_context(|| format!("recording the drill on {}", state.point))?;
+    std::fs::remove_file(&state_file)
+        .with_context(|| format!("removing {}", state_file.display()))?;
+    if json {
+        println!(
+            "{}",
+            json!({"disk": disk, "point": state.point.to_string(), "tested": tested})
+        );
+    } else {
+        println!(
+            "drill on {disk} at {} recorded: {}",
+            state.point,
+            match result {
+                DrillResult::Passed => "passed",
+                DrillResult::Failed => "failed",
+            }
+        );
+    }
+    Ok(())
+}

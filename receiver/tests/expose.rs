@@ -1,0 +1,276 @@
+//! `ctk-receiver expose`: a restore point served over NBD equals its restore for real clients
+//! (qemu-img, nbdcopy, qemu-io, nbdinfo), stays the point's while merges commit newer points
+//! and retention runs, is pinned while exposed, and refuses what it cannot do.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::chain::{chain, id, points, restored};
+use common::{Proc, Rng, run, start, tool};
+use ctk_receiver::store::{DiskStore, Exposure, Pick, PointMeta};
+
+fn expose(store: &Path, disk: &str, point: &str, sock: &Path) -> (Proc, serde_json::Value) {
+    let (p, line) = start(Command::new(env!("CARGO_BIN_EXE_ctk-receiver")).args([
+        "expose",
+        "--store",
+        store.to_str().unwrap(),
+        "--disk",
+        disk,
+        "--point",
+        point,
+        "--listen",
+        &format!("unix:{}", sock.display()),
+        "--json",
+    ]));
+    (p, serde_json::from_str(&line).unwrap())
+}
+
+/// The runs `nbdinfo --map` prints: (offset, length, is a hole).
+fn map(uri: &str) -> Vec<(u64, u64, bool)> {
+    let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--map", "--json", uri]));
+    assert!(ok, "nbdinfo --map: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let t = r["type"].as_u64().unwrap();
+            (
+                r["offset"].as_u64().unwrap(),
+                r["length"].as_u64().unwrap(),
+                t & 1 != 0,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_exposed_point_reads_as_its_restore_through_real_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let c = chain(dir.path(), "vm1", 8, 2 << 20, 41);
+    let s = store.to_str().unwrap();
+    for d in &c.deltas {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let ids = points(s, "vm1");
+    assert_eq!(ids.len(), 8);
+    // The newest point (all from full.img) and an old one (through seven undo files).
+    for (k, point) in [(7usize, "latest"), (2, ids[2].as_str())] {
+        let want = &c.states[k];
+        let sock = dir.path().join(format!("x{k}.sock"));
+        let (proc, ready) = expose(&store, "vm1", point, &sock);
+        assert_eq!(ready["point"], ids[k].as_str());
+        assert_eq!(ready["size"], want.len() as u64);
+        let uri = ready["uri"].as_str().unwrap().to_owned();
+        // qemu-img convert and nbdcopy both copy out exactly the point, as restore does.
+        let out = dir.path().join(format!("q{k}.img"));
+        let (ok, _, err) = run(Command::new("qemu-img").args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().unwrap(),
+        ]));
+        assert!(ok, "qemu-img convert: {err}");
+        // qemu sizes a disk in 512-byte sectors: an unaligned point comes out with its last
+        // sector completed with zeros.
+        let got = std::fs::read(&out).unwrap();
+        assert_eq!(got.len() as u64, (want.len() as u64).next_multiple_of(512));
+        assert!(
+            got[..want.len()] == want[..] && got[want.len()..].iter().all(|&x| x == 0),
+            "qemu-img copy of point {k}"
+        );
+        let out2 = dir.path().join(format!("n{k}.img"));
+        let (ok, _, err) = run(Command::new(tool("nbdcopy")).args([&uri, out2.to_str().unwrap()]));
+        assert!(ok, "nbdcopy: {err}");
+        assert!(
+            std::fs::read(&out2).unwrap() == *want,
+            "nbdcopy of point {k}"
+        );
+        let r = restored(s, "vm1", &ids[k], &dir.path().join(format!("r{k}.img")));
+        assert!(r == *want, "restore of point {k}");
+        // qemu-io checks a block's pattern where the point has one.
+        let at = want
+            .chunks(4096)
+            .position(|b| b[0] != 0 && b.iter().all(|&x| x == b[0]))
+            .expect("a block filled with one byte");
+        let cmd = format!("read -P {} {} 4096", want[at * 4096], at * 4096);
+        let (ok, out, err) =
+            run(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", &cmd, &uri]));
+        assert!(ok && !out.contains("failed"), "qemu-io {cmd}: {out}{err}");
+        // A write is refused: the point is read-only.
+        let (_, out, err) =
+            run(Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &uri]));
+        assert!(!out.contains("wrote"), "a write went through: {out}{err}");
+        // The map covers the point exactly; what it calls a hole reads as zeros.
+        let runs = map(&uri);
+        assert_eq!(runs.iter().map(|r| r.1).sum::<u64>(), want.len() as u64);
+        let mut holes = 0;
+        for &(offset, length, hole) in &runs {
+            if hole {
+                holes += length;
+                let bytes = &want[offset as usize..(offset + length) as usize];
+                assert!(
+                    bytes.iter().all(|&x| x == 0),
+                    "a hole at {offset} holds data"
+                );
+            }
+        }
+        assert!(
+            holes > 0,
+            "point {k} has zero blocks but the map shows no hole"
+        );
+        // SIGTERM: a clean stop takes the socket and the pin away.
+        let mut proc = proc;
+        // SAFETY: kill(2) on a child's pid touches no memory.
+        unsafe { libc::kill(proc.0.id() as i32, libc::SIGTERM) };
+        assert!(proc.0.wait().unwrap().success());
+        assert!(!sock.exists(), "the socket outlived its exposure");
+    }
+    // The exposures ended: their pins are gone, and the store verifies.
+    assert!(!store.join("vm1").join("expose.pin").exists());
+    common::chain::ok(&["verify", "--store", s, "--disk", "vm1"]);
+}
+
+#[test]
+fn a_live_reader_keeps_its_points_bytes_while_merges_commit_and_retention_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let c = chain(dir.path(), "d", 16, 4 << 20, 7);
+    let ingest = |k: usize, keep: usize| {
+        let (mut s, _) = DiskStore::open_waiting(&root, "d").unwrap();
+        let f = std::fs::File::open(&c.deltas[k]).unwrap();
+        s.ingest(f, keep, |_| Ok(PointMeta::default())).unwrap();
+    };
+    for k in 0..4 {
+        ingest(k, 30);
+    }
+    // Exposed: point 4 (index 3), the newest, read wholly from full.img.
+    let exposure = Exposure::open(&root, "d", Pick::Latest).unwrap();
+    assert_eq!(exposure.point().change_id, id(4));
+    let mut reader = exposure.reader().unwrap();
+    // A merge overwrites full.img: the reader must follow it to the undo (deterministic).
+    ingest(4, 30);
+    let mut whole = vec![0u8; c.states[3].len()];
+    reader.read_at(&mut whole, 0).unwrap();
+    assert!(
+        whole == c.states[3],
+        "a read after a merge returned the newer point's bytes"
+    );
+    // Now concurrently: a reader thread against ten merges with retention keeping three.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let want = c.states[3].clone();
+    let thread = {
+        let (stop, reads) = (stop.clone(), reads.clone());
+        let mut reader = exposure.reader().unwrap();
+        std::thread::spawn(move || {
+            let mut rng = Rng(99);
+            while !stop.load(Ordering::Relaxed) {
+                let offset = rng.below(want.len() as u64 - 1);
+                let len = 1 + rng.below((want.len() as u64 - offset).min(256 << 10)) as usize;
+                let mut buf = vec![0u8; len];
+                reader.read_at(&mut buf, offset).unwrap();
+                assert!(
+                    buf == want[offset as usize..offset as usize + len],
+                    "{len} bytes at {offset} differ from the exposed point's"
+                );
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    for k in 5..15 {
+        ingest(k, 3);
+    }
+    stop.store(true, Ordering::Relaxed);
+    thread
+        .join()
+        .expect("the reader saw the point's bytes throughout");
+    let n = reads.load(Ordering::Relaxed);
+    assert!(n >= 20, "only {n} reads ran beside the merges");
+    let (s, _) = DiskStore::open_waiting(&root, "d").unwrap();
+    let kept: Vec<_> = s.points().iter().map(|p| p.change_id).collect();
+    assert!(
+        kept.contains(&id(4)),
+        "the pinned point was dropped: {kept:?}"
+    );
+    assert_eq!(
+        kept.len(),
+        4,
+        "three by retention and the pinned one: {kept:?}"
+    );
+    // Every kept point still restores exactly.
+    for p in &kept {
+        let k = (p.seq - 1) as usize;
+        let out = dir.path().join("r.img");
+        s.restore(*p, &out, |_, _| {}).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == c.states[k],
+            "restore of {p}"
+        );
+    }
+    drop(s);
+    // Unpinned, the next merge's retention drops it.
+    drop(reader);
+    drop(exposure);
+    ingest(15, 3);
+    let (s, _) = DiskStore::open_waiting(&root, "d").unwrap();
+    assert!(s.points().iter().all(|p| p.change_id != id(4)));
+    eprintln!("{n} reads beside 10 merges, every one the exposed point's bytes");
+}
+
+#[test]
+fn exposing_what_is_not_there_or_twice_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let c = chain(dir.path(), "vm1", 2, 256 << 10, 3);
+    let s = store.to_str().unwrap();
+    for d in &c.deltas {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let bin = env!("CARGO_BIN_EXE_ctk-receiver");
+    let sock = dir.path().join("a.sock");
+    let listen = format!("unix:{}", sock.display());
+    let attempt = |disk: &str, point: &str, listen: &str| {
+        run(Command::new(bin).args([
+            "expose", "--store", s, "--disk", disk, "--point", point, "--listen", listen,
+        ]))
+    };
+    let missing = id(9).to_string();
+    let (ok, _, err) = attempt("vm1", &missing, &listen);
+    assert!(!ok && err.contains("no restore point"), "{err}");
+    let (ok, _, err) = attempt("vm9", "latest", &listen);
+    assert!(!ok && err.contains("no disk \"vm9\""), "{err}");
+    let (ok, _, err) = attempt("vm1", "not-an-id", &listen);
+    assert!(!ok && err.contains("ChangeId"), "{err}");
+    let (ok, _, err) = attempt("vm1", "latest", "/no/form");
+    assert!(!ok && err.contains("unix:PATH"), "{err}");
+    // One exposure per disk; the second names the reason and leaves the first serving.
+    let (_first, ready) = expose(&store, "vm1", "latest", &sock);
+    let other = format!("unix:{}", dir.path().join("b.sock").display());
+    let (ok, _, err) = attempt("vm1", "latest", &other);
+    assert!(!ok && err.contains("already exposed"), "{err}");
+    let uri = ready["uri"].as_str().unwrap();
+    let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--size", uri]));
+    assert!(
+        ok && out.trim() == c.states[1].len().to_string(),
+        "{out}{err}"
+    );
+    // Killed, it leaves its pin and socket behind; neither stops the next exposure.
+    drop(_first);
+    assert!(store.join("vm1").join("expose.pin").exists());
+    let (_again, ready) = expose(&store, "vm1", "latest", &sock);
+    let uri = ready["uri"].as_str().unwrap();
+    let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--size", uri]));
+    assert!(
+        ok && out.trim() == c.states[1].len().to_string(),
+        "{out}{err}"
+    );
+}
