@@ -59,6 +59,9 @@ enum Command {
     /// ends it and records the result on the point (`points` shows it).
     #[command(subcommand)]
     Drill(cmd::drill::Drill),
+    /// Copy one file out of a point's filesystem (mounted read-only for the copy, unmounted
+    /// after; MBR and GPT partitions found): single-file restore without a whole image.
+    Files(cmd::files::Files),
     /// Re-read every stored increment and check every checksum, and full.img against the
     /// newest point's image digest. Exits 3 when it finds damage; a store, agent or disk that
     /// does not exist is an error (exit 1), never a silent pass.
@@ -79,6 +82,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Restore(args) => cmd::read::restore(args),
         Command::Expose(args) => cmd::expose::expose(args),
         Command::Drill(cmd) => cmd::drill::drill(cmd),
+        Command::Files(args) => cmd::files::files(args),
         Command::Verify(args) => cmd::read::verify(args),
         Command::Init(args) => cmd::serve::init(args),
         Command::Serve(args) => cmd::serve::serve(args),

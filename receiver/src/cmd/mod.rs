@@ -12,6 +12,7 @@ use ctk_receiver::store::{self, DiskStore, Pick, Recovery};
 
 pub mod drill;
 pub mod expose;
+pub mod files;
 pub mod ingest;
 pub mod read;
 pub mod serve;

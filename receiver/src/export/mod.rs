@@ -9,9 +9,12 @@
 //! limits, one request in flight per connection (so one read buffer each).
 
 mod handshake;
+mod mount;
 mod overlay;
+mod partitions;
 mod requests;
 
+pub use mount::MountedPoint;
 pub use overlay::{Overlay, OverlayError};
 
 use std::sync::Arc;
