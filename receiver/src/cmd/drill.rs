@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use ctk_receiver::export::{self, Overlay};
-use ctk_receiver::store::{self, DrillResult, Exposure, Pick, Tested};
+use ctk_receiver::store::{self, DrillResult, Tested};
 
 use super::expose::run_export;
-use super::{disks, open, parse_point};
+use super::{PointSel, disks, open};
 
 #[derive(Subcommand)]
 pub enum Drill {
@@ -38,16 +38,8 @@ ctk-receiver drill start --store /srv/ctk/host1 --disk vm1 --listen unix:/run/ct
 qemu-system-x86_64 -m 2G -drive file=nbd+unix:///vm1?socket=/run/ctk/vm1-drill.sock,format=raw ...\n  \
 ctk-receiver drill stop --store /srv/ctk/host1 --disk vm1 --result passed --note \"boots, db answers\"")]
 pub struct Start {
-    /// An agent's store (STORE/AGENT), or the root with --agent.
-    #[arg(long)]
-    pub store: PathBuf,
-    #[arg(long)]
-    pub agent: Option<String>,
-    #[arg(long)]
-    pub disk: String,
-    /// The point's ChangeId (see `points`), or `latest`.
-    #[arg(long, value_parser = parse_point, default_value = "latest")]
-    pub point: Pick,
+    #[command(flatten)]
+    pub sel: PointSel,
     /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT.
     #[arg(long)]
     pub listen: Listen,
@@ -99,18 +91,13 @@ pub fn drill(cmd: Drill) -> Result<()> {
 
 fn start(args: Start) -> Result<()> {
     let Start {
-        store,
-        agent,
-        disk,
-        point,
+        sel,
         listen,
         overlay,
         json,
     } = args;
-    let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
-    let exposure = Exposure::open(&store, &disk, point)
-        .with_context(|| format!("starting a drill on {disk:?}"))?;
-    exposure.reader()?;
+    let (store, exposure) = sel.expose("starting a drill on")?;
+    let disk = sel.disk;
     // The pin is ours: a default overlay or state left by a killed drill is stale.
     let default = store.join(&disk).join("drill").join("overlay.img");
     let path = match overlay {

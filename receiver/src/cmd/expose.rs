@@ -1,19 +1,17 @@
 //! `expose`: a restore point served over NBD, read-only, until Ctrl-C or SIGTERM.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use ctk_net::local::Listen;
 use serde_json::json;
 
 use ctk_receiver::export;
-use ctk_receiver::store::{Exposure, Pick};
 
-use super::{disks, parse_point};
+use super::PointSel;
 
 #[derive(Args)]
 #[command(after_help = "Examples:\n  \
@@ -24,17 +22,8 @@ The export is named after the disk. It is ready as soon as `expose` prints its U
 --json, one JSON line); stop it with Ctrl-C or SIGTERM, which also unpins the point. One \
 exposure per disk at a time.")]
 pub struct Expose {
-    /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
-    #[arg(long)]
-    pub store: PathBuf,
-    /// The agent, when --store is the receiver's root.
-    #[arg(long)]
-    pub agent: Option<String>,
-    #[arg(long)]
-    pub disk: String,
-    /// The point's ChangeId (see `points`), or `latest` for the newest.
-    #[arg(long, value_parser = parse_point, default_value = "latest")]
-    pub point: Pick,
+    #[command(flatten)]
+    pub sel: PointSel,
     /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT (10809 is NBD's port).
     #[arg(long)]
     pub listen: Listen,
@@ -45,19 +34,9 @@ pub struct Expose {
 }
 
 pub fn expose(args: Expose) -> Result<()> {
-    let Expose {
-        store,
-        agent,
-        disk,
-        point,
-        listen,
-        json,
-    } = args;
-    let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
-    let exposure = Exposure::open(&store, &disk, point)
-        .with_context(|| format!("exposing a point of {disk:?}"))?;
-    // One reader now: a point whose files cannot be opened fails here, not at a client.
-    exposure.reader()?;
+    let Expose { sel, listen, json } = args;
+    let (_, exposure) = sel.expose("exposing a point of")?;
+    let disk = sel.disk;
     let served = export::Served {
         exposure: Arc::new(exposure),
         overlay: None,

@@ -8,9 +8,8 @@ use clap::Args;
 use serde_json::json;
 
 use ctk_receiver::export::MountedPoint;
-use ctk_receiver::store::{Exposure, Pick};
 
-use super::{disks, parse_point};
+use super::PointSel;
 
 #[derive(Args)]
 #[command(after_help = "Example:\n  \
@@ -19,16 +18,8 @@ The point's filesystem is mounted read-only for the copy (nbdfuse, a read-only l
 partitions found on MBR and GPT disks; whatever this kernel mounts: ext4, XFS, vfat, ...) and \
 unmounted after, whatever happens. Needs root, nbdfuse and fusermount3 (libnbd-bin, fuse3).")]
 pub struct Files {
-    /// An agent's store (STORE/AGENT), or the root with --agent.
-    #[arg(long)]
-    pub store: PathBuf,
-    #[arg(long)]
-    pub agent: Option<String>,
-    #[arg(long)]
-    pub disk: String,
-    /// The point's ChangeId (see `points`), or `latest`.
-    #[arg(long, value_parser = parse_point, default_value = "latest")]
-    pub point: Pick,
+    #[command(flatten)]
+    pub sel: PointSel,
     /// The file's path inside the point's filesystem, e.g. /etc/hosts.
     #[arg(long)]
     pub path: PathBuf,
@@ -66,10 +57,7 @@ fn inside(path: &Path) -> Result<PathBuf> {
 
 pub fn files(args: Files) -> Result<()> {
     let Files {
-        store,
-        agent,
-        disk,
-        point,
+        sel,
         path,
         partition,
         output,
@@ -79,12 +67,9 @@ pub fn files(args: Files) -> Result<()> {
     if output.exists() {
         bail!("{} exists: give -o a new file", output.display());
     }
-    let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
-    let exposure = Arc::new(
-        Exposure::open(&store, &disk, point)
-            .with_context(|| format!("opening a point of {disk:?}"))?,
-    );
-    exposure.reader()?;
+    let (_, exposure) = sel.expose("opening a point of")?;
+    let exposure = Arc::new(exposure);
+    let disk = sel.disk;
     let change_id = exposure.point().change_id;
     let work = std::env::temp_dir().join(format!("ctk-files-{}", std::process::id()));
     let mounted = MountedPoint::mount(exposure, &work.join("root"), &work, partition)

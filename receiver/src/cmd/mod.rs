@@ -139,6 +139,35 @@ pub(crate) fn parse_digest(s: &str) -> Result<ImageDigest, String> {
     s.parse::<ImageDigest>().map_err(|e| e.to_string())
 }
 
+/// A point of one disk, as `expose`, `drill start` and `files` name it.
+#[derive(clap::Args)]
+pub(crate) struct PointSel {
+    /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The agent, when --store is the receiver's root.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// The disk, as `points` lists it.
+    #[arg(long)]
+    pub disk: String,
+    /// The point's ChangeId (see `points`), or `latest` for the newest.
+    #[arg(long, value_parser = parse_point, default_value = "latest")]
+    pub point: Pick,
+}
+
+impl PointSel {
+    /// The directory holding the disk's store (checked to exist), and the point pinned.
+    pub(crate) fn expose(&self, doing: &str) -> Result<(PathBuf, store::Exposure)> {
+        let (store, _) = disks(&self.store, self.agent.as_deref(), Some(&self.disk))?;
+        let exposure = store::Exposure::open(&store, &self.disk, self.point)
+            .with_context(|| format!("{doing} {:?}", self.disk))?;
+        // One reader now: a point whose files cannot be opened fails here, not at a client.
+        exposure.reader()?;
+        Ok((store, exposure))
+    }
+}
+
 /// A point named on the command line: its ChangeId, or `latest` for the newest.
 pub(crate) fn parse_point(s: &str) -> Result<Pick, String> {
     match s {
