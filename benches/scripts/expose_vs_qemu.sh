@@ -79,7 +79,7 @@ for which in newest oldest; do
   kill $xpid; wait $xpid 2>/dev/null || true
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   t0=$(now)
-  "$bin/ctk-receiver" restore --store "$store" --disk vm1 --point "$p" -o "$work/p.raw" 2> /dev/null
+  "$bin/ctk-receiver" restore --store "$store" --disk vm1 --point "$p" -o "$work/p.raw" > /dev/null 2>&1
   rm -f "$work/q.sock"
   qemu-nbd -t -r -f raw -x vm1 -k "$work/q.sock" "$work/p.raw" &
   qpid=$!

@@ -39,6 +39,32 @@ impl DiskStore {
     }
 }
 
+/// Undo files opened and indexed, in the order given, `OPENERS` at a time.
+fn open_all(fs: &dyn Vfs, dir: &Path, undos: &[&str]) -> Result<Vec<DeltaFile<Box<dyn FileAt>>>> {
+    const OPENERS: usize = 8;
+    let open = |undo: &str| -> Result<DeltaFile<Box<dyn FileAt>>> {
+        let path = dir.join(undo);
+        let file = fs
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        Ok(DeltaFile::open(file)?)
+    };
+    let mut out = Vec::with_capacity(undos.len());
+    for batch in undos.chunks(OPENERS) {
+        let opened: Vec<Result<_>> = std::thread::scope(|s| {
+            let handles: Vec<_> = batch.iter().map(|u| s.spawn(|| open(u))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("opening an undo does not panic"))
+                .collect()
+        });
+        for file in opened {
+            out.push(file?);
+        }
+    }
+    Ok(out)
+}
+
 impl PointMap {
     /// The map of point `change_id` as `manifest` (read from `dir`) describes the store:
     /// the undo files of its newer points opened and indexed (record heads only), and
@@ -83,13 +109,11 @@ impl PointMap {
         }
         let mut covered = Covered::default();
         let mut runs = Vec::new();
+        // The undo files' indexes are read apart (a seek per record head): cold, one at a
+        // time, the reads of a point far back add up, so a few are read at once.
+        let opened = open_all(fs, dir, &newer)?;
         let mut undos = Vec::new();
-        for undo in newer {
-            let path = dir.join(undo);
-            let file = fs
-                .open(&path)
-                .map_err(io_err(format!("opening {}", path.display())))?;
-            let file = DeltaFile::open(file)?;
+        for file in opened {
             for (i, r) in file.records().iter().enumerate() {
                 for (start, end) in covered.claim(r.offset, r.end().min(size)) {
                     let source = if r.zero {
