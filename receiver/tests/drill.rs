@@ -134,6 +134,11 @@ fn a_drill_writes_through_its_overlay_while_pushes_commit_and_retention_runs() {
         .expect("pinned");
     assert_eq!(p["tested"]["result"], "passed");
     assert_eq!(p["tested"]["note"], "fio verified");
+    let (shown, out, err) = run(Command::new(BIN).args(["points", "--store", s, "--disk", "vm1"]));
+    assert!(
+        shown && out.contains("drill passed at ") && out.contains(": fio verified"),
+        "{out}{err}"
+    );
     ok(&["verify", "--store", s, "--disk", "vm1"]);
     for p in listed {
         let id = p["change_id"].as_str().unwrap();

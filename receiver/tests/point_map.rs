@@ -125,6 +125,7 @@ fn reads_of_every_kept_point_and_its_restore_equal_the_image_it_was_committed_as
             reads += 1;
         }
         assert!(map.read_at(&mut [0u8; 2], SIZE - 1).is_err());
+        assert!(map.read_at(&mut [0u8; 2], u64::MAX).is_err());
         store
             .restore(point, Path::new("/out/img"), |_, _| {})
             .unwrap();

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ctk_net::local::Listen;
 
+use super::partitions::Partition;
 use super::{Served, bind, serve};
 use crate::store::Exposure;
 
@@ -68,39 +69,9 @@ impl MountedPoint {
             loopdev: None,
             mounted: false,
         };
-        // The export, on a thread of its own for as long as the mount lives.
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready, is_ready) = std::sync::mpsc::channel::<Result<String>>();
-        let disk = exposure.disk().to_owned();
-        let listen = Listen::Unix(socket.clone());
+        let (stop, server, uri) = start_export(exposure, &socket)?;
         m.stop = Some(stop);
-        m.server = Some(std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let listener = match bind(&listen).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
-                        return Err(e);
-                    }
-                };
-                let _ = ready.send(listener.uri(&disk));
-                let served = Served {
-                    exposure,
-                    overlay: None,
-                };
-                serve(served, listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-            })
-        }));
-        let uri = is_ready
-            .recv()
-            .context("the export thread ended before it listened")??;
+        m.server = Some(server);
         let pidfile = work.join("nbdfuse.pid");
         let _ = std::fs::remove_file(&pidfile);
         let child = Command::new("nbdfuse")
@@ -122,31 +93,7 @@ impl MountedPoint {
             std::thread::sleep(Duration::from_millis(20));
         }
         let image = fuse.join("nbd");
-        let size = std::fs::metadata(&image)?.len();
-        let file =
-            std::fs::File::open(&image).with_context(|| format!("opening {}", image.display()))?;
-        let parts = super::partitions::partitions(size, |offset, buf| {
-            std::os::unix::fs::FileExt::read_exact_at(&file, buf, offset)
-        })
-        .context("reading the disk's partition table")?;
-        drop(file);
-        let candidates: Vec<Option<super::partitions::Partition>> = match partition {
-            Some(n) => vec![Some(*parts.iter().find(|p| p.number == n).with_context(
-                || {
-                    let have: Vec<String> = parts.iter().map(|p| p.number.to_string()).collect();
-                    format!(
-                        "no partition {n}: the disk has {}",
-                        if have.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            have.join(", ")
-                        }
-                    )
-                },
-            )?)],
-            None if parts.is_empty() => vec![None],
-            None => parts.into_iter().map(Some).collect(),
-        };
+        let candidates = candidates(&image, partition)?;
         let mut why = Vec::new();
         for part in candidates {
             let mut losetup = Command::new("losetup");
@@ -177,6 +124,80 @@ impl MountedPoint {
             why.join("; ")
         )
     }
+}
+
+/// The export of `exposure` on `socket`, on a thread of its own for as long as the mount
+/// lives: the sender that stops it, the thread, and the URI clients connect with.
+#[allow(clippy::type_complexity)] // three plain handles
+fn start_export(
+    exposure: Arc<Exposure>,
+    socket: &Path,
+) -> Result<(
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<Result<()>>,
+    String,
+)> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready, is_ready) = std::sync::mpsc::channel::<Result<String>>();
+    let disk = exposure.disk().to_owned();
+    let listen = Listen::Unix(socket.to_owned());
+    let server = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let listener = match bind(&listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            let _ = ready.send(listener.uri(&disk));
+            let served = Served {
+                exposure,
+                overlay: None,
+            };
+            serve(served, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    });
+    let uri = is_ready
+        .recv()
+        .context("the export thread ended before it listened")??;
+    Ok((stop, server, uri))
+}
+
+/// What to try mounting on `image`: the partition asked for, else every partition its
+/// table lists, else (no table) the whole disk.
+fn candidates(image: &Path, partition: Option<u32>) -> Result<Vec<Option<Partition>>> {
+    let size = std::fs::metadata(image)?.len();
+    let file =
+        std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let parts = super::partitions::partitions(size, |offset, buf| {
+        std::os::unix::fs::FileExt::read_exact_at(&file, buf, offset)
+    })
+    .context("reading the disk's partition table")?;
+    Ok(match partition {
+        Some(n) => vec![Some(*parts.iter().find(|p| p.number == n).with_context(
+            || {
+                let have: Vec<String> = parts.iter().map(|p| p.number.to_string()).collect();
+                format!(
+                    "no partition {n}: the disk has {}",
+                    if have.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        have.join(", ")
+                    }
+                )
+            },
+        )?)],
+        None if parts.is_empty() => vec![None],
+        None => parts.into_iter().map(Some).collect(),
+    })
 }
 
 /// Mounts `device` read-only at `dir`, without journal replay where the filesystem has one

@@ -172,13 +172,16 @@ impl PointMap {
 
     /// Reads `buf.len()` bytes of the point at `offset` (within its size).
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let end = offset + buf.len() as u64;
-        if end > self.size() {
-            return Err(StoreError::Protocol(format!(
-                "a read to {end} past the point's {} bytes",
-                self.size()
-            )));
-        }
+        let end = match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.size() => end,
+            _ => {
+                return Err(StoreError::Protocol(format!(
+                    "a read of {} bytes at {offset}, past the point's {} bytes",
+                    buf.len(),
+                    self.size()
+                )));
+            }
+        };
         // The first run that ends after `offset`.
         let first = self.runs.partition_point(|&(_, e, _)| e <= offset);
         for i in first..self.runs.len() {
