@@ -62,6 +62,11 @@ enum Command {
     /// Copy one file out of a point's filesystem (mounted read-only for the copy, unmounted
     /// after; MBR and GPT partitions found): single-file restore without a whole image.
     Files(cmd::files::Files),
+    /// Mount a point's filesystem read-only at a directory, the point pinned, until `umount`
+    /// or Ctrl-C (stays in the foreground).
+    Mount(cmd::mount::Mount),
+    /// Undo a `mount`: unmount and tear down its export (also after its process was killed).
+    Umount(cmd::mount::Umount),
     /// Re-read every stored increment and check every checksum, and full.img against the
     /// newest point's image digest. Exits 3 when it finds damage; a store, agent or disk that
     /// does not exist is an error (exit 1), never a silent pass.
@@ -83,6 +88,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Expose(args) => cmd::expose::expose(args),
         Command::Drill(cmd) => cmd::drill::drill(cmd),
         Command::Files(args) => cmd::files::files(args),
+        Command::Mount(args) => cmd::mount::mount(args),
+        Command::Umount(args) => cmd::mount::umount(args),
         Command::Verify(args) => cmd::read::verify(args),
         Command::Init(args) => cmd::serve::init(args),
         Command::Serve(args) => cmd::serve::serve(args),

@@ -12,6 +12,9 @@ use common::{Rng, run, tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ctk-receiver");
 
+/// The tests here count the host's ctk mounts: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn sh(cmd: &str) {
     let (done, out, err) = run(Command::new("sh").arg("-c").arg(cmd));
     assert!(done, "{cmd}: {out}{err}");
@@ -54,12 +57,13 @@ fn mounts_left() -> usize {
     std::fs::read_to_string("/proc/mounts")
         .unwrap()
         .lines()
-        .filter(|l| l.contains("ctk-files-"))
+        .filter(|l| l.contains("ctk-files-") || l.contains("ctk-mount-"))
         .count()
 }
 
 #[test]
 fn single_files_come_out_of_whole_disk_and_partitioned_points() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     tool("nbdfuse");
     tool("sfdisk");
     let dir = tempfile::tempdir().unwrap();
@@ -134,4 +138,66 @@ fn single_files_come_out_of_whole_disk_and_partitioned_points() {
     assert!(!done && err.contains("exists"), "{err}");
     assert_eq!(mounts_left(), 0, "a mount was left behind");
     ok(&["verify", "--store", &s, "--disk", "vm1"]);
+}
+
+#[test]
+fn a_mount_stays_until_umount_and_a_killed_one_is_torn_down_by_umount() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    tool("nbdfuse");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("src/etc")).unwrap();
+    std::fs::write(d.join("src/etc/hosts"), b"127.0.0.1 kept\n").unwrap();
+    let img = d.join("v.img");
+    sh(&format!(
+        "mkfs.ext4 -q -F -d {} {} 16M",
+        d.join("src").display(),
+        img.display()
+    ));
+    let s = store_of(d, &[std::fs::read(&img).unwrap()]);
+    let mnt = d.join("mnt");
+    let mount = |mnt: &Path| {
+        common::start(
+            Command::new(BIN)
+                .args(["mount", "--store", &s, "--disk", "vm1", "--json"])
+                .arg(mnt),
+        )
+    };
+    // Mounted, pinned (an exposure is refused), browsable, then undone by umount.
+    let (mut proc, _) = mount(&mnt);
+    assert_eq!(
+        std::fs::read(mnt.join("etc/hosts")).unwrap(),
+        b"127.0.0.1 kept\n"
+    );
+    let (exposed, _, err) = run(Command::new(BIN)
+        .args(["expose", "--store", &s, "--disk", "vm1", "--listen"])
+        .arg(format!("unix:{}", d.join("x.sock").display())));
+    assert!(!exposed && err.contains("already exposed"), "{err}");
+    let (done, out, err) = run(Command::new(BIN).arg("umount").arg(&mnt));
+    assert!(done, "umount: {out}{err}");
+    assert!(proc.0.wait().unwrap().success());
+    assert!(!mnt.join("etc/hosts").exists(), "still mounted");
+    let (done, _, err) = run(Command::new(BIN).arg("umount").arg(&mnt));
+    assert!(
+        !done && err.contains("not mounted by ctk-receiver"),
+        "{err}"
+    );
+    // Killed: umount tears down what it left, and the disk can be mounted again.
+    let (proc, _) = mount(&mnt);
+    drop(proc);
+    let (done, out, err) = run(Command::new(BIN).arg("umount").arg(&mnt));
+    assert!(done, "umount after a kill: {out}{err}");
+    assert!(
+        !mnt.join("etc/hosts").exists(),
+        "still mounted after a kill"
+    );
+    let (mut again, _) = mount(&mnt);
+    assert_eq!(
+        std::fs::read(mnt.join("etc/hosts")).unwrap(),
+        b"127.0.0.1 kept\n"
+    );
+    let (done, _, err) = run(Command::new(BIN).arg("umount").arg(&mnt));
+    assert!(done, "{err}");
+    assert!(again.0.wait().unwrap().success());
+    assert_eq!(mounts_left(), 0);
 }

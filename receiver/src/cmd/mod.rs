@@ -14,6 +14,7 @@ pub mod drill;
 pub mod expose;
 pub mod files;
 pub mod ingest;
+pub mod mount;
 pub mod read;
 pub mod serve;
 

@@ -14,7 +14,7 @@ mod overlay;
 mod partitions;
 mod requests;
 
-pub use mount::MountedPoint;
+pub use mount::{Leftovers, MountedPoint};
 pub use overlay::{Overlay, OverlayError};
 
 use std::sync::Arc;

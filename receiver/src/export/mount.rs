@@ -46,7 +46,47 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// What a mount's process leaves for `umount` to tear down if it died without doing so.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Leftovers {
+    pub dir: PathBuf,
+    pub fuse: PathBuf,
+    pub loopdev: Option<String>,
+    pub nbdfuse: Option<u32>,
+}
+
+impl Leftovers {
+    /// Tears down what a dead mount left: the filesystem (lazily), the loop device,
+    /// nbdfuse's mount and process.
+    pub fn tear_down(&self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        if let Some(dev) = &self.loopdev {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.fuse)
+            .stderr(Stdio::null())
+            .status();
+        if let Some(pid) = self.nbdfuse {
+            // SAFETY: kill(2) on nbdfuse's process id, which the mount recorded.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+}
+
 impl MountedPoint {
+    /// What to tear down should this process die without dropping the mount.
+    pub fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            dir: self.dir.clone(),
+            fuse: self.work.join("fuse"),
+            loopdev: self.loopdev.clone(),
+            nbdfuse: self.nbdfuse.as_ref().map(|c| c.id()),
+        }
+    }
+
     /// Mounts the filesystem of `exposure`'s point at `dir` (created), using `work` (created)
     /// for the socket and nbdfuse's mount point. `partition` picks one (1-based) of a
     /// partitioned disk; without it the first that mounts is used.
