@@ -274,3 +274,117 @@ fn exposing_what_is_not_there_or_twice_fails_clearly() {
         "{out}{err}"
     );
 }
+
+/// Reads the server's 18-byte greeting and sends the client's flags (fixed newstyle, no
+/// zeroes).
+fn greet(s: &mut std::os::unix::net::UnixStream) {
+    use std::io::{Read, Write};
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+}
+
+/// Sends an option and returns the types of its replies, up to the final one (the ACK or an
+/// error); None if the server closed.
+fn option(s: &mut std::os::unix::net::UnixStream, opt: u32, data: &[u8]) -> Option<Vec<u32>> {
+    use std::io::{Read, Write};
+    let mut msg = b"IHAVEOPT".to_vec();
+    msg.extend_from_slice(&opt.to_be_bytes());
+    msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    msg.extend_from_slice(data);
+    s.write_all(&msg).ok()?;
+    let mut types = Vec::new();
+    loop {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).ok()?;
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+        let mut rest = vec![0u8; len as usize];
+        s.read_exact(&mut rest).ok()?;
+        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        types.push(kind);
+        if kind == 1 || kind & (1 << 31) != 0 {
+            return Some(types);
+        }
+    }
+}
+
+#[test]
+fn hostile_clients_end_only_their_own_connection() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let c = chain(dir.path(), "vm1", 2, 256 << 10, 9);
+    let s = store.to_str().unwrap();
+    for d in &c.deltas {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let sock = dir.path().join("h.sock");
+    let (_proc, ready) = expose(&store, "vm1", "latest", &sock);
+    let uri = ready["uri"].as_str().unwrap().to_owned();
+    let serves = || {
+        let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--size", &uri]));
+        assert!(
+            ok && out.trim() == c.states[1].len().to_string(),
+            "{out}{err}"
+        );
+    };
+    // Garbage instead of the client's flags and options.
+    let mut g = UnixStream::connect(&sock).unwrap();
+    let mut hello = [0u8; 18];
+    g.read_exact(&mut hello).unwrap();
+    g.write_all(&[0xffu8; 64]).unwrap();
+    assert_eq!(
+        g.read(&mut [0u8; 16]).unwrap_or(0),
+        0,
+        "garbage was answered"
+    );
+    serves();
+    // An option too large is refused without being held, the connection goes on.
+    let mut big = UnixStream::connect(&sock).unwrap();
+    greet(&mut big);
+    assert_eq!(
+        option(&mut big, 3, &vec![0u8; 1 << 20]),
+        Some(vec![(1 << 31) + 9])
+    );
+    assert_eq!(
+        option(&mut big, 3, &[]),
+        Some(vec![2, 1]),
+        "LIST after the refusal"
+    );
+    // An unknown export for GO: a clean error, and the connection goes on.
+    let mut name = 3u32.to_be_bytes().to_vec();
+    name.extend_from_slice(b"vm9");
+    name.extend_from_slice(&0u16.to_be_bytes());
+    assert_eq!(option(&mut big, 7, &name), Some(vec![(1 << 31) + 6]));
+    serves();
+    // A request past the end and a bad request magic, after a real handshake.
+    let mut t = UnixStream::connect(&sock).unwrap();
+    greet(&mut t);
+    let mut go = 3u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"vm1");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    assert_eq!(
+        option(&mut t, 7, &go),
+        Some(vec![3, 3, 3, 1]),
+        "GO: size, name, block sizes"
+    );
+    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes()); // flags
+    req.extend_from_slice(&0u16.to_be_bytes()); // READ
+    req.extend_from_slice(&7u64.to_be_bytes()); // cookie
+    req.extend_from_slice(&(u64::MAX - 10).to_be_bytes());
+    req.extend_from_slice(&4096u32.to_be_bytes());
+    t.write_all(&req).unwrap();
+    let mut reply = [0u8; 16];
+    t.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+        22,
+        "EINVAL past the end"
+    );
+    t.write_all(&[0u8; 28]).unwrap();
+    assert_eq!(t.read(&mut [0u8; 16]).unwrap_or(0), 0, "a bad magic closes");
+    serves();
+}
