@@ -258,6 +258,11 @@ fn exposing_what_is_not_there_or_twice_fails_clearly() {
     let (ok, _, err) = attempt("vm1", "latest", &other);
     assert!(!ok && err.contains("already exposed"), "{err}");
     let uri = ready["uri"].as_str().unwrap();
+    let listed = common::chain::ok(&["points", "--store", s, "--disk", "vm1", "--json"]);
+    assert_eq!(
+        listed[0]["exposed"], ready["point"],
+        "points names the exposed point"
+    );
     let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--size", uri]));
     assert!(
         ok && out.trim() == c.states[1].len().to_string(),
@@ -266,6 +271,8 @@ fn exposing_what_is_not_there_or_twice_fails_clearly() {
     // Killed, it leaves its pin and socket behind; neither stops the next exposure.
     drop(_first);
     assert!(store.join("vm1").join("expose.pin").exists());
+    let listed = common::chain::ok(&["points", "--store", s, "--disk", "vm1", "--json"]);
+    assert!(listed[0]["exposed"].is_null(), "a stale pin shown as live");
     let (_again, ready) = expose(&store, "vm1", "latest", &sock);
     let uri = ready["uri"].as_str().unwrap();
     let (ok, out, err) = run(Command::new(tool("nbdinfo")).args(["--size", uri]));

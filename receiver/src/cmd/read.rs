@@ -45,7 +45,9 @@ pub fn points(args: Points) -> Result<()> {
             .last()
             .and_then(|p| p.cut_unix_ms)
             .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0);
-        all.push(json!({"disk": d, "rpo_s": rpo_s, "points": points}));
+        // A point an exposure, drill or mount holds: retention keeps it meanwhile.
+        let exposed = store::exposed_point(&store, &d)?.map(|id| id.to_string());
+        all.push(json!({"disk": d, "rpo_s": rpo_s, "exposed": exposed, "points": points}));
     }
     if json {
         println!("{}", serde_json::Value::Array(all));
@@ -57,6 +59,9 @@ pub fn points(args: Points) -> Result<()> {
                     d["disk"].as_str().unwrap_or("")
                 ),
                 None => println!("{}:", d["disk"].as_str().unwrap_or("")),
+            }
+            if let Some(id) = d["exposed"].as_str() {
+                println!("  {id} is exposed (expose, drill or mount): kept until that ends");
             }
             for p in d["points"].as_array().into_iter().flatten() {
                 println!(

@@ -97,6 +97,16 @@ pub fn exposed(root: &Path, name: &str) -> Result<bool> {
     }
 }
 
+/// The point a live exposure of disk `name` pins, if there is one (read without the store's
+/// lock, for `points`).
+pub fn exposed_point(root: &Path, name: &str) -> Result<Option<ChangeId>> {
+    if !exposed(root, name)? {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(root.join(name).join(EXPOSE_PIN)).unwrap_or_default();
+    Ok(text.split_whitespace().next().and_then(|t| t.parse().ok()))
+}
+
 /// A point held exposed: pinned against retention for the life of this value.
 pub struct Exposure {
     fs: Arc<dyn Vfs>,

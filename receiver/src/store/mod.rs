@@ -46,7 +46,7 @@ mod undo;
 mod write_behind;
 
 use leaves::{Checked, read_leaves};
-pub use live::{Exposure, LiveReader, Pick, exposed};
+pub use live::{Exposure, LiveReader, Pick, exposed, exposed_point};
 use manifest::{Applying, MANIFEST_VERSION, Manifest, read_manifest};
 pub use manifest::{DrillResult, NOTE_MAX, Point, PointMeta, Tested};
 use merge::{Commit, apply_to, zero_range};
