@@ -281,6 +281,10 @@ fn report(
         println!("  {receiver} points  --store {store}");
         println!("  {receiver} restore --store {store} --disk {DISK} --point {newest} -o vm1.img");
         println!("  {receiver} verify  --store {store}");
+        println!(
+            "  {receiver} expose  --store {store} --disk {DISK} --point {newest} --listen unix:{}   (any NBD client reads it at once)",
+            host_store.with_file_name("vm1.sock").display()
+        );
     }
     Ok(())
 }
