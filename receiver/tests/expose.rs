@@ -395,3 +395,37 @@ fn hostile_clients_end_only_their_own_connection() {
     assert_eq!(t.read(&mut [0u8; 16]).unwrap_or(0), 0, "a bad magic closes");
     serves();
 }
+
+/// `points`, retention and `drill stop` probe the exposure lock while an exposure may be
+/// starting: a probe must never make a starting exposure report "already exposed".
+#[test]
+fn probes_of_the_exposure_lock_never_refuse_an_exposure() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let c = chain(dir.path(), "d", 1, 64 << 10, 3);
+    let (mut s, _) = DiskStore::open_waiting(&root, "d").unwrap();
+    s.ingest(std::fs::File::open(&c.deltas[0]).unwrap(), 30, |_| {
+        Ok(PointMeta::default())
+    })
+    .unwrap();
+    drop(s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (stop, root) = (stop.clone(), root.clone());
+        std::thread::spawn(move || {
+            let mut probes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                ctk_receiver::store::exposed(&root, "d").unwrap();
+                probes += 1;
+            }
+            probes
+        })
+    };
+    for i in 0..300 {
+        let e = Exposure::open(&root, "d", Pick::Latest);
+        assert!(e.is_ok(), "open {i} refused beside a probe: {:?}", e.err());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let probes = prober.join().unwrap();
+    assert!(probes > 300, "only {probes} probes ran");
+}

@@ -256,7 +256,16 @@ fn mount_ro(device: &str, dir: &Path) -> Result<()> {
 impl Drop for MountedPoint {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = Command::new("umount").arg(&self.dir).status();
+            // Busy (a shell inside it): detached lazily, so nothing is left pointing at the
+            // export that goes next.
+            let done = Command::new("umount")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !done {
+                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            }
         }
         if let Some(dev) = &self.loopdev {
             let _ = Command::new("losetup").args(["-d", dev]).status();

@@ -22,6 +22,9 @@ use super::*;
 const GENERATION: &str = "generation";
 const EXPOSE_LOCK: &str = "expose.lock";
 const EXPOSE_PIN: &str = "expose.pin";
+/// How long an exposure waits for the probes of its lock (retention, `points`, `drill stop`
+/// hold it for microseconds) before it takes a held lock as another exposure.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 /// Reads tried before giving up on a store that merges faster than a read completes.
 const READ_TRIES: usize = 64;
 
@@ -87,13 +90,27 @@ impl DiskStore {
 }
 
 /// Whether a process exposes a point of disk `name` under `root` now (holds `expose.lock`):
-/// the kernel releases the lock as the holder exits, however it exits.
+/// the kernel releases the lock as the holder exits, however it exits. Creates nothing (a
+/// read command may look at a store it cannot write).
 pub fn exposed(root: &Path, name: &str) -> Result<bool> {
+    use std::os::fd::AsRawFd;
     validate_name(name)?;
-    match RealFs.lock(&root.join(name).join(EXPOSE_LOCK), false) {
-        Ok(_free) => Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
-        Err(e) => Err(io_err("probing expose.lock")(e)),
+    let path = root.join(name).join(EXPOSE_LOCK);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err("probing expose.lock")(e)),
+    };
+    // SAFETY: flock on an open descriptor touches no memory. Shared: two probes never
+    // conflict; an exposure starting meanwhile waits them out (`LOCK_WAIT`).
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return Ok(false);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(true)
+    } else {
+        Err(io_err("probing expose.lock")(e))
     }
 }
 
@@ -105,6 +122,32 @@ pub fn exposed_point(root: &Path, name: &str) -> Result<Option<ChangeId>> {
     }
     let text = std::fs::read_to_string(root.join(name).join(EXPOSE_PIN)).unwrap_or_default();
     Ok(text.split_whitespace().next().and_then(|t| t.parse().ok()))
+}
+
+/// Takes `expose.lock` for an exposure: held by someone for longer than `LOCK_WAIT`, it is
+/// another exposure's.
+fn take_expose_lock(fs: &dyn Vfs, dir: &Path, name: &str) -> Result<LockGuard> {
+    let started = std::time::Instant::now();
+    loop {
+        match fs.lock(&dir.join(EXPOSE_LOCK), false) {
+            Ok(lock) => return Ok(lock),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(StoreError::Exposed {
+                    disk: name.to_owned(),
+                });
+            }
+            // No store there: say so rather than name the lock file.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchPoint(format!(
+                    "of disk {name:?} (it has no store here)"
+                )));
+            }
+            Err(e) => return Err(io_err("locking expose.lock")(e)),
+        }
+    }
 }
 
 /// A point held exposed: pinned against retention for the life of this value.
@@ -135,20 +178,7 @@ impl Exposure {
         validate_name(name)?;
         let dir = root.join(name);
         let manifest_path = dir.join("manifest.json");
-        if read_manifest(&*fs, &manifest_path, name)?.is_none() {
-            return Err(StoreError::NoSuchPoint(format!(
-                "of disk {name:?} (its store holds no point yet)"
-            )));
-        }
-        let lock = fs.lock(&dir.join(EXPOSE_LOCK), false).map_err(|e| {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                StoreError::Exposed {
-                    disk: name.to_owned(),
-                }
-            } else {
-                io_err("locking expose.lock")(e)
-            }
-        })?;
+        let lock = take_expose_lock(&*fs, &dir, name)?;
         // Resolve the point now that the pin's lock is held, then name it: a retention that
         // decided before the name was written may still drop it, and the first read after
         // (a new generation) then fails cleanly, never with another point's bytes.
