@@ -170,6 +170,10 @@ pub enum Refusal {
     Damaged,
     /// The receiver could not store it (disk full, I/O error); nothing committed changed.
     Unavailable,
+    /// The disk was failed over at the DR site (`ctk-receiver failover`): its replica is the
+    /// recovered VM's disk now, and no push commits until failback. Not a reason to retry
+    /// soon, and never a commit. Added last, so the other variants keep their encoding.
+    FailedOver,
 }
 
 impl std::fmt::Display for Refusal {
@@ -179,6 +183,7 @@ impl std::fmt::Display for Refusal {
             Refusal::Mismatch => "the delta does not continue the replica",
             Refusal::Damaged => "the delta arrived damaged",
             Refusal::Unavailable => "the receiver could not store it",
+            Refusal::FailedOver => "the disk is failed over at the DR site",
         })
     }
 }

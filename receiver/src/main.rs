@@ -59,6 +59,12 @@ enum Command {
     /// ends it and records the result on the point (`points` shows it).
     #[command(subcommand)]
     Drill(cmd::drill::Drill),
+    /// Bring a disk up for real at this site: `failover start` fences it (the agent's pushes
+    /// are refused, nothing they send commits) and serves its point writable, every write
+    /// tracked and kept across restarts; `failover status` shows where it stands;
+    /// `failover rollback` ends it without failback.
+    #[command(subcommand)]
+    Failover(cmd::failover::Failover),
     /// Copy one file out of a point's filesystem (mounted read-only for the copy, unmounted
     /// after; MBR and GPT partitions found): single-file restore without a whole image.
     Files(cmd::files::Files),
@@ -87,6 +93,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Restore(args) => cmd::read::restore(args),
         Command::Expose(args) => cmd::expose::expose(args),
         Command::Drill(cmd) => cmd::drill::drill(cmd),
+        Command::Failover(cmd) => cmd::failover::failover(cmd),
         Command::Files(args) => cmd::files::files(args),
         Command::Mount(args) => cmd::mount::mount(args),
         Command::Umount(args) => cmd::mount::umount(args),

@@ -292,6 +292,7 @@ fn refusal(e: &StoreError) -> Refusal {
         }
         StoreError::Delta(_) | StoreError::DigestMismatch { .. } => Refusal::Damaged,
         StoreError::Mismatch(_) => Refusal::Mismatch,
+        StoreError::FailedOver { .. } => Refusal::FailedOver,
         StoreError::Io { .. }
         | StoreError::Damaged { .. }
         | StoreError::InUse { .. }
@@ -370,8 +371,14 @@ async fn handle(
             }
             // No lock: a merge in progress (say, of a push whose agent was killed) must not
             // make the agent's next attempt fail. Asking never creates a store.
-            let result =
-                tokio::task::spawn_blocking(move || store::newest_point(&root, &disk)).await;
+            // A failed-over disk says so at the first question, before the agent exports.
+            let result = tokio::task::spawn_blocking(move || {
+                if let Some(fence) = store::failed_over(&root, &disk)? {
+                    return Err(StoreError::FailedOver { disk, fence });
+                }
+                store::newest_point(&root, &disk)
+            })
+            .await;
             match result {
                 Ok(Ok(change_id)) => Response::Newest { change_id },
                 Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),

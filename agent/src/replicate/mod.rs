@@ -343,6 +343,11 @@ impl<'a> Session<'a> {
         };
         match self.runtime.block_on(stream::call(conn, &request))? {
             Response::Newest { change_id } => Ok(change_id),
+            // The receiver's own words say what happened and where to look.
+            Response::Refused {
+                refusal: ctk::wire::Refusal::FailedOver,
+                message,
+            } => bail!("{message}"),
             Response::Refused { message, .. } => bail!("the receiver refused: {message}"),
             other => bail!("unexpected answer from the receiver: {other:?}"),
         }

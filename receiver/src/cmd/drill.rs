@@ -21,7 +21,7 @@ use ctk_receiver::export::{self, Overlay};
 use ctk_receiver::store::{self, DrillResult, Tested};
 
 use super::expose::run_export;
-use super::{PointSel, disks, open};
+use super::{DiskSel, PointSel, open};
 
 #[derive(Subcommand)]
 pub enum Drill {
@@ -53,12 +53,8 @@ pub struct Start {
 
 #[derive(Args)]
 pub struct Stop {
-    #[arg(long)]
-    pub store: PathBuf,
-    #[arg(long)]
-    pub agent: Option<String>,
-    #[arg(long)]
-    pub disk: String,
+    #[command(flatten)]
+    pub sel: DiskSel,
     /// How the drill went: passed or failed.
     #[arg(long)]
     pub result: DrillResult,
@@ -97,7 +93,14 @@ fn start(args: Start) -> Result<()> {
         json,
     } = args;
     let (store, exposure) = sel.expose("starting a drill on")?;
-    let disk = sel.disk;
+    let disk = sel.sel.disk;
+    if let Some(f) = store::failed_over(&store, &disk)? {
+        bail!(
+            "{disk:?} is failed over (at {} since {}): its replica is the recovered VM's disk,              so there is nothing to drill; `failover status` says more",
+            f.point,
+            f.since_rfc3339()
+        );
+    }
     // The pin is ours: a default overlay or state left by a killed drill is stale.
     let default = store.join(&disk).join("drill").join("overlay.img");
     let path = match overlay {
@@ -122,7 +125,7 @@ fn start(args: Start) -> Result<()> {
         .with_context(|| format!("writing {}", state_file.display()))?;
     let served = export::Served {
         exposure: Arc::new(exposure),
-        overlay: Some(Arc::new(overlay)),
+        overlay: Some(export::Writes::Drill(Arc::new(overlay))),
     };
     // `stop` reads the state before it signals us and removes it after recording; an end
     // by Ctrl-C leaves it for a later `stop` to record the result.
@@ -131,9 +134,7 @@ fn start(args: Start) -> Result<()> {
 
 fn stop(args: Stop) -> Result<()> {
     let Stop {
-        store,
-        agent,
-        disk,
+        sel,
         result,
         note,
         json,
@@ -141,7 +142,8 @@ fn stop(args: Stop) -> Result<()> {
     if note.as_ref().is_some_and(|n| n.len() > store::NOTE_MAX) {
         bail!("--note is longer than {} bytes", store::NOTE_MAX);
     }
-    let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
+    let store = sel.dir()?;
+    let disk = sel.disk;
     let state_file = state_path(&store, &disk);
     let text = match std::fs::read(&state_file) {
         Ok(t) => t,

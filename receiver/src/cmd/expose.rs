@@ -28,7 +28,7 @@ pub struct Expose {
     #[arg(long)]
     pub listen: Listen,
     /// Print the ready line as JSON: {"ready", "disk", "point", "size", "cut", "consistency",
-    /// "writable", "uri"}.
+    /// "writable", "mode" ("read-only", "drill" or "failover"), "uri"}.
     #[arg(long)]
     pub json: bool,
 }
@@ -36,7 +36,7 @@ pub struct Expose {
 pub fn expose(args: Expose) -> Result<()> {
     let Expose { sel, listen, json } = args;
     let (_, exposure) = sel.expose("exposing a point of")?;
-    let disk = sel.disk;
+    let disk = sel.sel.disk;
     let served = export::Served {
         exposure: Arc::new(exposure),
         overlay: None,
@@ -45,7 +45,8 @@ pub fn expose(args: Expose) -> Result<()> {
 }
 
 /// Serves `served` on `listen` until SIGINT or SIGTERM: the ready line (with `json`, one
-/// JSON object) once clients can connect, then the export. Shared by `expose` and `drill`.
+/// JSON object) once clients can connect, then the export. Shared by `expose`, `drill` and
+/// `failover`.
 pub(crate) fn run_export(
     disk: &str,
     served: export::Served,
@@ -60,10 +61,13 @@ pub(crate) fn run_export(
         let listener = export::bind(listen).await?;
         let uri = listener.uri(disk)?;
         let p = served.exposure.point();
-        let access = if served.overlay.is_some() {
-            "writable through a throwaway overlay"
-        } else {
-            "read-only"
+        let (access, mode) = match &served.overlay {
+            None => ("read-only", "read-only"),
+            Some(export::Writes::Drill(_)) => ("writable through a throwaway overlay", "drill"),
+            Some(export::Writes::Failover(_)) => (
+                "writable, FAILED OVER: every write is tracked and kept",
+                "failover",
+            ),
         };
         let cut = p
             .cut_unix_ms
@@ -77,6 +81,7 @@ pub(crate) fn run_export(
                 "cut": cut.map(|c| c.to_string()),
                 "consistency": p.consistency,
                 "writable": served.overlay.is_some(),
+                "mode": mode,
                 "uri": uri,
             });
             println!("{line}");

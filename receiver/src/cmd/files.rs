@@ -69,7 +69,7 @@ pub fn files(args: Files) -> Result<()> {
     }
     let (_, exposure) = sel.expose("opening a point of")?;
     let exposure = Arc::new(exposure);
-    let disk = sel.disk;
+    let disk = sel.sel.disk;
     let change_id = exposure.point().change_id;
     let work = std::env::temp_dir().join(format!("ctk-files-{}", std::process::id()));
     let mounted = MountedPoint::mount(exposure, &work.join("root"), &work, partition)

@@ -12,6 +12,7 @@ use ctk_receiver::store::{self, DiskStore, Pick, Recovery};
 
 pub mod drill;
 pub mod expose;
+pub mod failover;
 pub mod files;
 pub mod ingest;
 pub mod mount;
@@ -140,9 +141,9 @@ pub(crate) fn parse_digest(s: &str) -> Result<ImageDigest, String> {
     s.parse::<ImageDigest>().map_err(|e| e.to_string())
 }
 
-/// A point of one disk, as `expose`, `drill start` and `files` name it.
+/// One disk of a store, as every command about one disk names it.
 #[derive(clap::Args)]
-pub(crate) struct PointSel {
+pub(crate) struct DiskSel {
     /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
     #[arg(long)]
     pub store: PathBuf,
@@ -152,6 +153,20 @@ pub(crate) struct PointSel {
     /// The disk, as `points` lists it.
     #[arg(long)]
     pub disk: String,
+}
+
+impl DiskSel {
+    /// The directory holding the disk's store (checked to hold that disk).
+    pub(crate) fn dir(&self) -> Result<PathBuf> {
+        Ok(disks(&self.store, self.agent.as_deref(), Some(&self.disk))?.0)
+    }
+}
+
+/// A point of one disk, as `expose`, `drill start`, `failover start` and `files` name it.
+#[derive(clap::Args)]
+pub(crate) struct PointSel {
+    #[command(flatten)]
+    pub sel: DiskSel,
     /// The point's ChangeId (see `points`), or `latest` for the newest.
     #[arg(long, value_parser = parse_point, default_value = "latest")]
     pub point: Pick,
@@ -160,9 +175,10 @@ pub(crate) struct PointSel {
 impl PointSel {
     /// The directory holding the disk's store (checked to exist), and the point pinned.
     pub(crate) fn expose(&self, doing: &str) -> Result<(PathBuf, store::Exposure)> {
-        let (store, _) = disks(&self.store, self.agent.as_deref(), Some(&self.disk))?;
-        let exposure = store::Exposure::open(&store, &self.disk, self.point)
-            .with_context(|| format!("{doing} {:?}", self.disk))?;
+        let store = self.sel.dir()?;
+        let disk = &self.sel.disk;
+        let exposure = store::Exposure::open(&store, disk, self.point)
+            .with_context(|| format!("{doing} {disk:?}"))?;
         // One reader now: a point whose files cannot be opened fails here, not at a client.
         exposure.reader()?;
         Ok((store, exposure))

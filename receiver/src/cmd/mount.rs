@@ -76,12 +76,12 @@ pub fn mount(args: Mount) -> Result<()> {
     if json {
         println!(
             "{}",
-            json!({"ready": true, "disk": sel.disk, "point": change_id.to_string(), "dir": dir})
+            json!({"ready": true, "disk": sel.sel.disk, "point": change_id.to_string(), "dir": dir})
         );
     } else {
         println!(
             "ready: {} as of {change_id} mounted read-only at {}\nundo with `ctk-receiver umount {}` or Ctrl-C",
-            sel.disk,
+            sel.sel.disk,
             dir.display(),
             dir.display()
         );

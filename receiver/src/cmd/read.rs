@@ -47,7 +47,13 @@ pub fn points(args: Points) -> Result<()> {
             .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0);
         // A point an exposure, drill or mount holds: retention keeps it meanwhile.
         let exposed = store::exposed_point(&store, &d)?.map(|id| id.to_string());
-        all.push(json!({"disk": d, "rpo_s": rpo_s, "exposed": exposed, "points": points}));
+        // A failed-over disk takes no pushes: its RPO stands still on purpose.
+        let failed_over = store::failed_over(&store, &d)?.map(|f| {
+            json!({"point": f.point.to_string(), "since": f.since_rfc3339(),
+                   "since_unix_ms": f.since_unix_ms})
+        });
+        all.push(json!({"disk": d, "rpo_s": rpo_s, "exposed": exposed,
+                        "failed_over": failed_over, "points": points}));
     }
     if json {
         println!("{}", serde_json::Value::Array(all));
@@ -59,6 +65,14 @@ pub fn points(args: Points) -> Result<()> {
                     d["disk"].as_str().unwrap_or("")
                 ),
                 None => println!("{}:", d["disk"].as_str().unwrap_or("")),
+            }
+            if let Some(f) = d["failed_over"].as_object() {
+                println!(
+                    "  FAILED OVER at {} since {}: pushes are refused until failback \
+                     (`failover status`)",
+                    f["point"].as_str().unwrap_or(""),
+                    f["since"].as_str().unwrap_or("")
+                );
             }
             if let Some(id) = d["exposed"].as_str() {
                 println!("  {id} is exposed (expose, drill or mount): kept until that ends");

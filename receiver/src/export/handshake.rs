@@ -12,7 +12,7 @@ use crate::store::Exposure;
 fn transmission_flags(writable: bool) -> u16 {
     let base = nbd::TFLAG_HAS_FLAGS | nbd::TFLAG_SEND_FLUSH | nbd::TFLAG_CAN_MULTI_CONN;
     if writable {
-        base | nbd::TFLAG_SEND_TRIM | nbd::TFLAG_SEND_WRITE_ZEROES
+        base | nbd::TFLAG_SEND_TRIM | nbd::TFLAG_SEND_WRITE_ZEROES | nbd::TFLAG_SEND_FUA
     } else {
         base | nbd::TFLAG_READ_ONLY
     }

@@ -13,9 +13,11 @@ mod mount;
 mod overlay;
 mod partitions;
 mod requests;
+mod tracked;
 
 pub use mount::{Leftovers, MountedPoint};
 pub use overlay::{Overlay, OverlayError};
+pub use tracked::{BLOCK as TRACKED_BLOCK, Changes, Tracked};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,11 +75,63 @@ impl Drop for Listener {
     }
 }
 
-/// What an export serves: a pinned point, and a drill's overlay if it is writable.
+/// What an export serves: a pinned point, and where writes go if it is writable.
 #[derive(Clone)]
 pub struct Served {
     pub exposure: Arc<Exposure>,
-    pub overlay: Option<Arc<Overlay>>,
+    pub overlay: Option<Writes>,
+}
+
+/// Where a writable export's writes go.
+#[derive(Clone)]
+pub enum Writes {
+    /// A drill's throwaway overlay.
+    Drill(Arc<Overlay>),
+    /// A failover's tracked, durable overlay.
+    Failover(Arc<Tracked>),
+}
+
+impl Writes {
+    fn read_at(
+        &self,
+        base: &mut crate::store::LiveReader,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), OverlayError> {
+        match self {
+            Writes::Drill(o) => o.read_at(base, buf, offset),
+            Writes::Failover(t) => t.read_at(base, buf, offset),
+        }
+    }
+
+    fn write_at(
+        &self,
+        base: &mut crate::store::LiveReader,
+        data: Option<&[u8]>,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    ) -> Result<(), OverlayError> {
+        match self {
+            // A drill's writes are thrown away: nothing to make durable.
+            Writes::Drill(o) => o.write_at(base, data, offset, length),
+            Writes::Failover(t) => t.write_at(base, data, offset, length, fua),
+        }
+    }
+
+    fn touches(&self, offset: u64, end: u64) -> bool {
+        match self {
+            Writes::Drill(o) => o.touches(offset, end),
+            Writes::Failover(t) => t.touches(offset, end),
+        }
+    }
+
+    fn flush(&self) -> Result<(), OverlayError> {
+        match self {
+            Writes::Drill(_) => Ok(()),
+            Writes::Failover(t) => t.flush(),
+        }
+    }
 }
 
 /// Serves `served` on `listener` until `stop` completes.

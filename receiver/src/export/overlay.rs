@@ -99,33 +99,16 @@ impl Overlay {
         buf: &mut [u8],
         offset: u64,
     ) -> Result<(), OverlayError> {
-        let end = offset + buf.len() as u64;
         // The runs of blocks with one source, decided under the lock; the reads after it
         // (a write racing a read of the same block is the client's own race, as on a disk).
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-        {
+        let runs = {
             let written = self.written();
-            let mut pos = offset;
-            while pos < end {
-                let block = pos / BLOCK;
-                let stop = ((block + 1) * BLOCK).min(end);
-                let mine = written.contains(block);
-                match runs.last_mut() {
-                    Some((_, e, m)) if *m == mine => *e = stop,
-                    _ => runs.push((pos, stop, mine)),
-                }
-                pos = stop;
-            }
-        }
-        for (start, stop, mine) in runs {
-            let out = &mut buf[(start - offset) as usize..(stop - offset) as usize];
-            if mine {
-                self.file.read_exact_at(out, start).map_err(self.io())?;
-            } else {
-                base.read_at(out, start)?;
-            }
-        }
-        Ok(())
+            runs(offset, buf.len(), BLOCK, |block| written.contains(block))
+        };
+        read_runs(&runs, buf, offset, &self.file, base).map_err(|e| match e {
+            Ok(source) => self.io()(source),
+            Err(e) => e.into(),
+        })
     }
 
     /// Writes `data` at `offset` (zeros when `data` is `None`, `length` bytes): a block not
@@ -151,22 +134,77 @@ impl Overlay {
                 written.insert(block);
             }
         }
-        match data {
-            Some(data) => self.file.write_all_at(data, offset).map_err(self.io())?,
-            None => {
-                let zeros = vec![0u8; length.min(1 << 20) as usize];
-                let mut pos = offset;
-                while pos < end {
-                    let n = (end - pos).min(zeros.len() as u64) as usize;
-                    self.file
-                        .write_all_at(&zeros[..n], pos)
-                        .map_err(self.io())?;
-                    pos += n as u64;
-                }
-            }
-        }
+        write_or_zero(&self.file, data, offset, length).map_err(self.io())?;
         written.insert_range(first..=last);
         Ok(())
+    }
+}
+
+/// Splits `[offset, offset + len)` into runs of one source: `(start, end, mine)`, where
+/// `mine(unit)` says whether unit number `unit` (of `unit` bytes) is the overlay's.
+pub(super) fn runs(
+    offset: u64,
+    len: usize,
+    unit: u64,
+    mine: impl Fn(u64) -> bool,
+) -> Vec<(u64, u64, bool)> {
+    let end = offset + len as u64;
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let n = pos / unit;
+        let stop = ((n + 1) * unit).min(end);
+        let m = mine(n);
+        match runs.last_mut() {
+            Some((_, e, last)) if *last == m => *e = stop,
+            _ => runs.push((pos, stop, m)),
+        }
+        pos = stop;
+    }
+    runs
+}
+
+/// Reads `runs` (from `runs`) into `buf`, which starts at disk offset `offset`: the
+/// overlay's from `file`, the rest from the point. An error is the overlay file's
+/// (`Ok(io::Error)`) or the point's.
+pub(super) fn read_runs(
+    runs: &[(u64, u64, bool)],
+    buf: &mut [u8],
+    offset: u64,
+    file: &File,
+    base: &mut LiveReader,
+) -> Result<(), Result<std::io::Error, StoreError>> {
+    for &(start, stop, mine) in runs {
+        let out = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+        if mine {
+            file.read_exact_at(out, start).map_err(Ok)?;
+        } else {
+            base.read_at(out, start).map_err(Err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data` at `offset`, or `length` zeros when `data` is `None` (TRIM, WRITE_ZEROES).
+pub(super) fn write_or_zero(
+    file: &File,
+    data: Option<&[u8]>,
+    offset: u64,
+    length: u64,
+) -> std::io::Result<()> {
+    match data {
+        Some(data) => file.write_all_at(data, offset),
+        None => {
+            let zeros = vec![0u8; length.min(1 << 20) as usize];
+            let end = offset + length;
+            let mut pos = offset;
+            while pos < end {
+                let n = (end - pos).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        }
     }
 }
 

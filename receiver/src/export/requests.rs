@@ -1,25 +1,24 @@
 //! Requests to an exposed point, answered in order: READ through the connection's
-//! `LiveReader` (and a drill's overlay), BLOCK_STATUS for `base:allocation`, FLUSH (nothing
-//! to make durable: a drill's writes are thrown away), DISC. Without an overlay anything
+//! `LiveReader` (and a drill's or a failover's overlay), BLOCK_STATUS for `base:allocation`,
+//! FLUSH (a failover's overlay synced; nothing for a drill's, which is thrown away), DISC. Without an overlay anything
 //! that would write is refused with EPERM, a WRITE's payload read and dropped so the stream
 //! stays in step. Replies are flushed when no further request is already buffered, so a
 //! client that queues many requests gets its replies in few writes.
-
-use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use ctk_nbd::{self as nbd, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tracing::debug;
 
+use super::Writes;
 use super::handshake::Negotiated;
-use super::overlay::{Overlay, OverlayError};
+use super::overlay::OverlayError;
 use crate::store::LiveReader;
 
 /// What a connection reads from and writes to.
 pub(super) struct Target {
     pub(super) reader: LiveReader,
-    pub(super) overlay: Option<Arc<Overlay>>,
+    pub(super) overlay: Option<Writes>,
 }
 
 impl Target {
@@ -89,7 +88,7 @@ pub(super) async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-/// A write into a drill's overlay (zeros for TRIM and WRITE_ZEROES).
+/// A write into the overlay (zeros for TRIM and WRITE_ZEROES).
 fn write(target: &mut Target, structured: bool, req: Request, data: Option<&[u8]>) -> Vec<u8> {
     let overlay = target.overlay.as_ref().expect("only with an overlay");
     let known = nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE;
@@ -108,7 +107,8 @@ fn write(target: &mut Target, structured: bool, req: Request, data: Option<&[u8]
     if length == 0 {
         return nbd::simple_reply(0, req.cookie).to_vec();
     }
-    match overlay.write_at(&mut target.reader, data, req.offset, length) {
+    let fua = req.flags & nbd::CMD_FLAG_FUA != 0;
+    match overlay.write_at(&mut target.reader, data, req.offset, length, fua) {
         Ok(()) => nbd::simple_reply(0, req.cookie).to_vec(),
         Err(e) => failed(structured, req.cookie, &e),
     }
@@ -137,7 +137,10 @@ fn answer(target: &mut Target, negotiated: &Negotiated, req: Request) -> Vec<u8>
         .checked_add(length as u64)
         .is_some_and(|end| end <= target.reader.size());
     match kind {
-        nbd::CMD_FLUSH => nbd::simple_reply(0, cookie).to_vec(),
+        nbd::CMD_FLUSH => match target.overlay.as_ref().map_or(Ok(()), Writes::flush) {
+            Ok(()) => nbd::simple_reply(0, cookie).to_vec(),
+            Err(e) => failed(structured, cookie, &e),
+        },
         nbd::CMD_READ if length > nbd::PAYLOAD_MAX => {
             let why = "read longer than the advertised maximum";
             error_bytes(structured, cookie, nbd::EOVERFLOW, why)

@@ -224,6 +224,10 @@ pub(super) struct Manifest {
     pub(super) block_size: Option<u32>,
     pub(super) points: Vec<Point>,
     pub(super) applying: Option<Applying>,
+    /// Set while the disk is failed over (`fence`): absent otherwise, so manifests of disks
+    /// never failed over keep their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) failed_over: Option<FailedOver>,
     /// CRC32 (hex) of the manifest's compact JSON with this field absent. Version 2 on; a
     /// manifest of version 1 has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -206,6 +206,7 @@ impl DiskStore {
         end: impl FnOnce(R) -> Result<PointMeta>,
     ) -> Result<Ingested> {
         let started = std::time::Instant::now();
+        self.check_not_fenced()?;
         // The header decides the path: a first full into an empty store is written straight
         // into full.img (nothing to protect, so nothing to stage); anything else is staged.
         let (peeked, input) = peek_header(input)?;

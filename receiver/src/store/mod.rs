@@ -31,6 +31,7 @@
 //! Every merge's result is checked against the agent's digest of the image (see
 //! `check_digest` and `ctk::digest`) before it is committed.
 
+mod fence;
 mod first_full;
 mod leaves;
 mod live;
@@ -45,6 +46,7 @@ mod stage;
 mod undo;
 mod write_behind;
 
+pub use fence::{FailedOver, failed_over};
 use leaves::{Checked, read_leaves};
 pub use live::{Exposure, LiveReader, Pick, exposed, exposed_point};
 use manifest::{Applying, MANIFEST_VERSION, Manifest, read_manifest};
@@ -124,6 +126,15 @@ pub enum StoreError {
          that one first"
     )]
     Exposed { disk: String },
+    /// The disk is failed over (`fence`): no push commits until failback.
+    #[error(
+        "disk {disk:?} was failed over at the DR site at point {} on {}: its replica is the \
+         recovered VM's disk now, so pushes are refused until failback (on the receiver: \
+         `ctk-receiver failover status --disk {disk}`)",
+        fence.point,
+        fence.since_rfc3339()
+    )]
+    FailedOver { disk: String, fence: FailedOver },
     #[error(
         "the merged image does not match the agent's digest of it (agent {expected}, merged \
          {got}): nothing committed, the previous point stands"
@@ -310,6 +321,7 @@ impl DiskStore {
                 block_size: None,
                 points: Vec::new(),
                 applying: None,
+                failed_over: None,
                 checksum: None,
             });
         let mut store = DiskStore {

@@ -182,6 +182,7 @@ impl DiskStore {
         end: impl FnOnce(R) -> Result<PointMeta>,
     ) -> Result<Ingested> {
         let started = std::time::Instant::now();
+        self.check_not_fenced()?;
         let p = self.partial().ok_or_else(|| {
             StoreError::Mismatch(
                 "no resume state here (a newer point was committed, or it was used): push \

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 pub mod chain;
+pub mod nbd;
 
 pub fn tool(name: &str) -> &str {
     let found = Command::new("sh")

@@ -1,0 +1,370 @@
+//! `failover start`, `status` and `rollback`: the replica brought up for real at the DR site.
+//!
+//! `start` fences the disk (the store refuses every push for it, `store::fence`), pins its
+//! point and serves it writable through a tracked, durable overlay (`export::Tracked`) in
+//! `<disk>/failover/`, in the foreground like `expose`. Run again after a stop or a crash, it
+//! takes up the same failover: same point, same overlay, every acknowledged write there.
+//! `status` says where a failover stands from the manifest and `failover/state.json`, which
+//! the running `start` rewrites as the overlay changes (it never opens the overlay itself, so
+//! it can run beside `start`). `rollback` ends a failover without failback: the overlay's
+//! writes are thrown away (only with `--discard-writes` if there are any) and pushes commit
+//! again.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use ctk::{ChangeId, OpenOutcome};
+use ctk_net::local::Listen;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use ctk_receiver::export::{self, Changes, Tracked};
+use ctk_receiver::store::{self, Exposure, FailedOver, Pick};
+
+use super::expose::run_export;
+use super::{DiskSel, PointSel, disks, open};
+
+#[derive(Subcommand)]
+pub enum Failover {
+    /// Fence the disk (pushes for it are refused) and serve its point writable, every write
+    /// tracked and kept, until Ctrl-C or SIGTERM. Run again to take the same failover up.
+    Start(Start),
+    /// Where a disk's failover stands: its point, since when, whether it is served, and
+    /// how much the recovered VM has written.
+    Status(Status),
+    /// End a failover without failback: lift the fence and delete the overlay. Refused
+    /// while it is served, and (unless --discard-writes) if the VM wrote anything.
+    Rollback(Rollback),
+}
+
+#[derive(Args)]
+#[command(after_help = "Example:\n  \
+ctk-receiver failover start --store /srv/ctk/host1 --disk vm1 --listen unix:/run/ctk/vm1.sock &\n  \
+qemu-system-x86_64 -m 2G -drive file=nbd+unix:///vm1?socket=/run/ctk/vm1.sock,format=raw,cache=none ...\n\n\
+The point defaults to the newest (for a failover already started: its own point). The \
+overlay lives in the disk's directory (DISK/failover/); its filesystem takes every block the \
+VM writes. From the first command on, the agent's pushes for this disk are refused with an \
+error naming the failover, and nothing they send is committed.")]
+pub struct Start {
+    #[command(flatten)]
+    pub sel: PointSel,
+    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT.
+    #[arg(long)]
+    pub listen: Listen,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct Status {
+    #[arg(long)]
+    pub store: PathBuf,
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// The disk (default: every disk of the store that is failed over).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// One JSON array: per disk {"disk", "failed_over", "point", "since", "since_unix_ms",
+    /// "served", "pid", "uri", "changed_blocks", "changed_bytes", "updated"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct Rollback {
+    #[command(flatten)]
+    pub sel: DiskSel,
+    /// Throw away what the recovered VM wrote (required if it wrote anything).
+    #[arg(long)]
+    pub discard_writes: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the running `start` leaves in `failover/state.json` for `status`.
+#[derive(Serialize, Deserialize)]
+struct State {
+    pid: u32,
+    point: ChangeId,
+    uri: Option<String>,
+    changed_blocks: u64,
+    updated_unix_ms: u64,
+}
+
+fn failover_dir(store: &Path, disk: &str) -> PathBuf {
+    store.join(disk).join("failover")
+}
+
+pub fn failover(cmd: Failover) -> Result<()> {
+    match cmd {
+        Failover::Start(args) => start(args),
+        Failover::Status(args) => status(args),
+        Failover::Rollback(args) => rollback(args),
+    }
+}
+
+fn start(args: Start) -> Result<()> {
+    let Start { sel, listen, json } = args;
+    let store = sel.sel.dir()?;
+    let disk = sel.sel.disk.clone();
+    // A failover already started keeps its point: the overlay is over that one.
+    let pick = match (store::failed_over(&store, &disk)?, sel.point) {
+        (Some(f), Pick::Latest) => Pick::Id(f.point),
+        (Some(f), Pick::Id(id)) if id != f.point => bail!(
+            "{disk:?} is already failed over at {} (since {}): start it again without --point, \
+             or end it first (failback, or `failover rollback`)",
+            f.point,
+            f.since_rfc3339()
+        ),
+        (_, pick) => pick,
+    };
+    let exposure =
+        Exposure::open(&store, &disk, pick).with_context(|| format!("failing over {disk:?}"))?;
+    exposure.reader()?;
+    let point = exposure.point().clone();
+    // The fence is durable before the first write can be acknowledged.
+    let fence = open(&store, &disk)?
+        .fence(point.change_id)
+        .with_context(|| format!("fencing {disk:?}"))?;
+    let dir = failover_dir(&store, &disk);
+    let (tracked, outcome) = Tracked::open(&dir, point.disk_size, &point.change_id.to_string())
+        .context("opening the failover's overlay")?;
+    if let OpenOutcome::Recovered {
+        recovered_blocks, ..
+    } = outcome
+    {
+        tracing::warn!(
+            disk,
+            recovered_blocks,
+            "the failover was not stopped cleanly: its overlay was recovered (every \
+             acknowledged write is kept; the change set is exact to 1 MiB where writes were \
+             in flight)"
+        );
+    }
+    let tracked = Arc::new(tracked);
+    eprintln!(
+        "{disk}: failed over at {} since {}: pushes for it are refused until failback",
+        fence.point,
+        fence.since_rfc3339()
+    );
+    let uri = listen_uri(&listen, &disk);
+    write_state(&dir, &tracked, &fence, uri.clone())?;
+    let done = Arc::new(AtomicBool::new(false));
+    let updater = {
+        let (dir, weak, fence, done) = (
+            dir.clone(),
+            Arc::downgrade(&tracked),
+            fence.clone(),
+            done.clone(),
+        );
+        let uri = uri.clone();
+        std::thread::spawn(move || keep_state(&dir, &weak, &fence, uri, &done))
+    };
+    let served = export::Served {
+        exposure: Arc::new(exposure),
+        overlay: Some(export::Writes::Failover(tracked.clone())),
+    };
+    let result = run_export(&disk, served, &listen, json);
+    done.store(true, Ordering::Release);
+    let _ = updater.join();
+    write_state(&dir, &tracked, &fence, None)?;
+    // The last reference: the overlay is synced and its journal closed cleanly.
+    drop(tracked);
+    result
+}
+
+/// The URI `status` shows (the listener's own, for a TCP port chosen by the kernel, is
+/// printed by `start`'s ready line).
+fn listen_uri(listen: &Listen, disk: &str) -> Option<String> {
+    match listen {
+        Listen::Unix(path) => Some(format!("nbd+unix:///{disk}?socket={}", path.display())),
+        Listen::Tcp(addr) if addr.port() != 0 => Some(format!("nbd://{addr}/{disk}")),
+        Listen::Tcp(_) => None,
+    }
+}
+
+/// Rewrites the state every second while the overlay changes, until `done`.
+fn keep_state(
+    dir: &Path,
+    tracked: &Weak<Tracked>,
+    fence: &FailedOver,
+    uri: Option<String>,
+    done: &AtomicBool,
+) {
+    let mut last = None;
+    while !done.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(t) = tracked.upgrade() else { return };
+        let now = t.changes().ok();
+        if now != last {
+            if let Err(e) = write_state(dir, &t, fence, uri.clone()) {
+                tracing::warn!(error = %format!("{e:#}"), "writing the failover's state");
+            }
+            last = now;
+        }
+        drop(t);
+        std::thread::sleep(Duration::from_millis(800));
+    }
+}
+
+fn write_state(dir: &Path, t: &Tracked, fence: &FailedOver, uri: Option<String>) -> Result<()> {
+    let Changes { blocks, .. } = t.changes()?;
+    let state = State {
+        pid: std::process::id(),
+        point: fence.point,
+        uri,
+        changed_blocks: blocks,
+        updated_unix_ms: ctk::unix_ms_now(),
+    };
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
+        .and_then(|()| std::fs::rename(&tmp, dir.join("state.json")))
+        .with_context(|| format!("writing {}", dir.join("state.json").display()))
+}
+
+fn read_state(dir: &Path) -> Option<State> {
+    serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn status(args: Status) -> Result<()> {
+    let Status {
+        store,
+        agent,
+        disk,
+        json,
+    } = args;
+    let (store, names) = disks(&store, agent.as_deref(), disk.as_deref())?;
+    let mut all = Vec::new();
+    for d in names {
+        let Some(fence) = store::failed_over(&store, &d)? else {
+            if disk.is_some() {
+                all.push(json!({"disk": d, "failed_over": false}));
+            }
+            continue;
+        };
+        // Served: a process holds the disk's exposure (the start that fenced it).
+        let served = store::exposed(&store, &d)?;
+        let state = read_state(&failover_dir(&store, &d));
+        let blocks = state.as_ref().map(|s| s.changed_blocks);
+        all.push(json!({
+            "disk": d,
+            "failed_over": true,
+            "point": fence.point.to_string(),
+            "since": fence.since_rfc3339(),
+            "since_unix_ms": fence.since_unix_ms,
+            "served": served,
+            "pid": state.as_ref().filter(|_| served).map(|s| s.pid),
+            "uri": state.as_ref().filter(|_| served).and_then(|s| s.uri.clone()),
+            "changed_blocks": blocks,
+            "changed_bytes": blocks.map(|b| b * export::TRACKED_BLOCK),
+            "updated": state.as_ref().map(|s| rfc3339(s.updated_unix_ms)),
+        }));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(all));
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no disk of {} is failed over", store.display());
+    }
+    for d in &all {
+        let name = d["disk"].as_str().unwrap_or("");
+        if d["failed_over"] == false {
+            println!("{name}: not failed over (pushes commit as usual)");
+            continue;
+        }
+        println!(
+            "{name}: FAILED OVER at {} since {}; pushes for it are refused until failback",
+            d["point"].as_str().unwrap_or(""),
+            d["since"].as_str().unwrap_or("")
+        );
+        match (d["served"].as_bool(), d["uri"].as_str()) {
+            (Some(true), Some(uri)) => println!("  served by process {} at {uri}", d["pid"]),
+            (Some(true), None) => println!("  served by process {}", d["pid"]),
+            _ => println!(
+                "  NOT served: run `ctk-receiver failover start --disk {name} --listen ...` \
+                 to take it up again"
+            ),
+        }
+        if let Some(bytes) = d["changed_bytes"].as_u64() {
+            println!(
+                "  the recovered VM has written {} ({} blocks of 4 KiB) since the point, as of {}",
+                human_bytes(bytes),
+                d["changed_blocks"],
+                d["updated"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n => format!("{} KiB", n / 1024),
+    }
+}
+
+fn rollback(args: Rollback) -> Result<()> {
+    let Rollback {
+        sel,
+        discard_writes,
+        json,
+    } = args;
+    let store = sel.dir()?;
+    let disk = sel.disk;
+    let Some(fence) = store::failed_over(&store, &disk)? else {
+        bail!("{disk:?} is not failed over: nothing to roll back");
+    };
+    // Holding the exposure keeps a `start` out while the overlay goes.
+    let exposure = Exposure::open(&store, &disk, Pick::Id(fence.point)).map_err(|e| match e {
+        store::StoreError::Exposed { .. } => anyhow::anyhow!(
+            "the failover of {disk:?} is being served (see `failover status`): stop it (Ctrl-C \
+             or SIGTERM to its process) before rolling it back"
+        ),
+        e => anyhow::Error::new(e).context(format!("rolling back the failover of {disk:?}")),
+    })?;
+    let dir = failover_dir(&store, &disk);
+    let written = if dir.join("journal").exists() {
+        let (t, _) = Tracked::open(&dir, exposure.point().disk_size, &fence.point.to_string())
+            .context("opening the failover's overlay to see what it holds")?;
+        t.changes()?.blocks
+    } else {
+        0
+    };
+    if written > 0 && !discard_writes {
+        bail!(
+            "the recovered VM wrote {} ({written} blocks) since {}: rolling back throws that \
+             away. Failback keeps it; to throw it away, add --discard-writes",
+            human_bytes(written * export::TRACKED_BLOCK),
+            fence.point
+        );
+    }
+    open(&store, &disk)?
+        .unfence()
+        .with_context(|| format!("lifting the fence of {disk:?}"))?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    drop(exposure);
+    if json {
+        println!(
+            "{}",
+            json!({"disk": disk, "point": fence.point.to_string(), "discarded_blocks": written})
+        );
+    } else {
+        println!(
+            "{disk}: failover at {} rolled back ({} discarded); pushes commit again",
+            fence.point,
+            human_bytes(written * export::TRACKED_BLOCK)
+        );
+    }
+    Ok(())
+}

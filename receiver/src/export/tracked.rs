@@ -1,0 +1,320 @@
+//! A failover's overlay: the live disk of the recovered VM, over the point it started from.
+//! Unlike a drill's, it is kept: every write is tracked by a ctk `Tracker` exactly as the
+//! agent tracks its disks, it survives a crash of the receiver with every acknowledged write,
+//! and it knows which blocks changed since the point (what failback sends).
+//!
+//! Two files in the failover's directory: `disk.img`, sparse, the disk's size, and `journal`,
+//! the tracker's (docs/format.md section 3). A region (1 MiB, the tracker's intent unit) is
+//! either the point's, read through the exposure, or the overlay's, read from `disk.img`. A
+//! region becomes the overlay's on its first write, in this order:
+//!
+//! 1. copy-up: the point's bytes of the whole region are written into `disk.img` and synced;
+//! 2. the write's intent is made durable (`Tracker::intend`);
+//! 3. the data is written into `disk.img`, recorded, and only then acknowledged.
+//!
+//! After a crash the tracker reports every region with a durable intent as changed, and each
+//! such region was copied up before its intent (step 1 before 2), so "the tracker's change
+//! set, taken region by region" is exactly the set of regions `disk.img` holds whole. A
+//! region copied up whose intent never became durable holds the point's bytes and is read
+//! from the point again: the same bytes. Nothing else is needed to know where a byte lives.
+//! `disk.img` is synced on FLUSH and FUA, as a disk's cache is; a SIGKILL loses nothing that
+//! reached the kernel, so no acknowledged write.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ctk::{FileStorage, Generation, OpenOutcome, Since, Tracker, TrackerConfig};
+use roaring::RoaringBitmap;
+use serde::Serialize;
+
+use super::overlay::{OverlayError, read_runs, runs, write_or_zero};
+use crate::store::LiveReader;
+
+/// Copy-up and presence unit: the tracker's smallest intent region.
+pub const REGION: u64 = ctk::limits::REGION_SIZE_MIN;
+/// The tracker's block: the change set is exact to 4 KiB.
+pub const BLOCK: u64 = ctk::limits::BLOCK_SIZE_MIN as u64;
+/// Least time between two cuts of the overlay's tracker (taken at FLUSH): each seals the
+/// blocks written since the last one into the journal, so that a crash over-reports less.
+const CUT_EVERY: Duration = Duration::from_secs(1);
+
+/// What the overlay holds, for `failover status`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Changes {
+    /// 4 KiB blocks written since the point.
+    pub blocks: u64,
+    /// Regions held whole by `disk.img`.
+    pub regions: u64,
+}
+
+pub struct Tracked {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    tracker: Mutex<Option<Tracker<FileStorage>>>,
+    /// Regions `disk.img` holds whole (copied up, then written).
+    present: RwLock<RoaringBitmap>,
+    /// Orders copy-ups (one at a time; a region is copied once).
+    copying: Mutex<()>,
+    last_cut: Mutex<Instant>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> OverlayError + '_ {
+    move |source| OverlayError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn tracker_error(path: &Path, e: ctk::TrackerError) -> OverlayError {
+    OverlayError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl Tracked {
+    /// Opens the overlay in `dir` (creating it, empty, if it is not there) for a disk of
+    /// `size` bytes whose failover started at `origin` (the tracker's disk id, so a journal
+    /// of another failover is never taken for this one's). What opening found is returned
+    /// too: a journal that cannot prove which regions were written refuses, since the
+    /// overlay's bytes could not be told from the point's.
+    pub fn open(
+        dir: &Path,
+        size: u64,
+        origin: &str,
+    ) -> Result<(Tracked, OpenOutcome), OverlayError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join("disk.img");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        let len = file.metadata().map_err(io(&path))?.len();
+        if len != size {
+            if len != 0 {
+                return Err(OverlayError::Io {
+                    path,
+                    source: std::io::Error::other(format!(
+                        "is {len} bytes, not the failed-over disk's {size}: not this failover's"
+                    )),
+                });
+            }
+            file.set_len(size).map_err(io(&path))?;
+        }
+        let journal = dir.join("journal");
+        let mut config = TrackerConfig::new(format!("failover {origin}"), size);
+        config.block_size = BLOCK;
+        config.region_size = REGION;
+        // Created with its journal: the overlay holds nothing tracking never saw.
+        config.existing_data = false;
+        let (tracker, outcome) =
+            Tracker::open(FileStorage::new(&journal), config, Generation::random)
+                .map_err(|e| tracker_error(&journal, e))?;
+        if let OpenOutcome::NewGeneration { reason } = &outcome {
+            return Err(OverlayError::Io {
+                path: journal,
+                source: std::io::Error::other(format!(
+                    "cannot prove which regions the failover wrote ({reason}); the overlay \
+                     cannot be used: keep {} for inspection",
+                    path.display()
+                )),
+            });
+        }
+        let blocks = written(&tracker).map_err(|e| tracker_error(&journal, e))?;
+        let mut present = RoaringBitmap::new();
+        for b in &blocks {
+            present.insert((u64::from(b) * BLOCK / REGION) as u32);
+        }
+        Ok((
+            Tracked {
+                path,
+                file,
+                size,
+                tracker: Mutex::new(Some(tracker)),
+                present: RwLock::new(present),
+                copying: Mutex::new(()),
+                last_cut: Mutex::new(Instant::now()),
+            },
+            outcome,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The 4 KiB blocks written since the point (what failback sends): exact after a clean
+    /// stop, exact to the region where writes were in flight at a crash.
+    pub fn changed_blocks(&self) -> Result<RoaringBitmap, OverlayError> {
+        let guard = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        let tracker = guard.as_ref().ok_or_else(|| self.closed())?;
+        written(tracker).map_err(|e| tracker_error(&self.path, e))
+    }
+
+    /// How many blocks and regions were written since the point.
+    pub fn changes(&self) -> Result<Changes, OverlayError> {
+        Ok(Changes {
+            blocks: self.changed_blocks()?.len(),
+            regions: self.present_read().len(),
+        })
+    }
+
+    fn closed(&self) -> OverlayError {
+        OverlayError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other("the failover's overlay is closed"),
+        }
+    }
+
+    fn present_read(&self) -> std::sync::RwLockReadGuard<'_, RoaringBitmap> {
+        // Only ever inserted into, after the step that makes the insert true.
+        self.present.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_tracker<T>(
+        &self,
+        f: impl FnOnce(&mut Tracker<FileStorage>) -> Result<T, ctk::TrackerError>,
+    ) -> Result<T, OverlayError> {
+        let mut guard = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        let tracker = guard.as_mut().ok_or_else(|| self.closed())?;
+        f(tracker).map_err(|e| tracker_error(&self.path, e))
+    }
+
+    /// Whether any byte of `[offset, end)` is the overlay's.
+    pub fn touches(&self, offset: u64, end: u64) -> bool {
+        end > offset
+            && self
+                .present_read()
+                .range_cardinality((offset / REGION) as u32..=((end - 1) / REGION) as u32)
+                > 0
+    }
+
+    /// Reads `buf.len()` bytes at `offset`: the overlay's regions from `disk.img`, the rest
+    /// from the point through `base`.
+    pub fn read_at(
+        &self,
+        base: &mut LiveReader,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), OverlayError> {
+        let runs = {
+            let present = self.present_read();
+            runs(offset, buf.len(), REGION, |r| present.contains(r as u32))
+        };
+        read_runs(&runs, buf, offset, &self.file, base).map_err(|e| match e {
+            Ok(source) => io(&self.path)(source),
+            Err(e) => e.into(),
+        })
+    }
+
+    /// Writes `data` at `offset` (zeros when `data` is `None`, `length` bytes), in the order
+    /// the module's doc gives. Returns once the write is in `disk.img` and recorded; `fua`
+    /// makes it durable first.
+    pub fn write_at(
+        &self,
+        base: &mut LiveReader,
+        data: Option<&[u8]>,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    ) -> Result<(), OverlayError> {
+        let end = offset + length;
+        self.copy_up(base, offset / REGION, (end - 1) / REGION)?;
+        let intent = match self.with_tracker(|t| t.begin_intend(offset, length))? {
+            ctk::Intend::Ready(intent) => intent,
+            ctk::Intend::Sync(mut pending) => {
+                // The journal's fsync runs without the lock: other writes go on meanwhile.
+                pending.sync();
+                self.with_tracker(|t| t.finish_intend(pending))?
+            }
+        };
+        let written = write_or_zero(&self.file, data, offset, length).map_err(io(&self.path));
+        // Recorded whether or not the write succeeded: part of it may have landed.
+        self.with_tracker(|t| {
+            t.record(intent);
+            Ok(())
+        })?;
+        written?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Copies the point's bytes of every region in `first..=last` that the overlay does not
+    /// hold yet into `disk.img`, and syncs them before any intent for them can be durable.
+    fn copy_up(&self, base: &mut LiveReader, first: u64, last: u64) -> Result<(), OverlayError> {
+        let missing = |r: u64| !self.present_read().contains(r as u32);
+        if !(first..=last).any(missing) {
+            return Ok(());
+        }
+        let _one = self.copying.lock().unwrap_or_else(|p| p.into_inner());
+        let mut copied = Vec::new();
+        let mut buf = vec![0u8; REGION as usize];
+        for region in (first..=last).filter(|&r| missing(r)) {
+            let start = region * REGION;
+            let len = (self.size - start).min(REGION) as usize;
+            base.read_at(&mut buf[..len], start)?;
+            // A region of zeros is a hole in `disk.img` already: it only ever held the
+            // point's bytes (a copy-up) or bytes written after a durable intent (present).
+            if !ctk::delta::is_zero(&buf[..len]) {
+                self.file
+                    .write_all_at(&buf[..len], start)
+                    .map_err(io(&self.path))?;
+            }
+            copied.push(region as u32);
+        }
+        self.file.sync_data().map_err(io(&self.path))?;
+        self.present
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(copied);
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable (FLUSH), and at most once per `CUT_EVERY` seals
+    /// the tracker's open epoch so that the exact blocks written are in the journal.
+    pub fn flush(&self) -> Result<(), OverlayError> {
+        self.file.sync_data().map_err(io(&self.path))?;
+        let mut last = self.last_cut.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= CUT_EVERY {
+            self.with_tracker(|t| t.cut().map(drop))?;
+            *last = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// Every block written since the tracker was created: the sealed epochs (and a recovery
+/// epoch) and the open one.
+fn written(tracker: &Tracker<FileStorage>) -> Result<RoaringBitmap, ctk::TrackerError> {
+    let mut blocks = tracker.changed_blocks(Since::All, tracker.latest())?;
+    blocks |= tracker.map().open_blocks();
+    Ok(blocks)
+}
+
+impl Drop for Tracked {
+    /// A clean stop: the data synced, the journal closed, so a reopen finds the change set
+    /// exact (a crash instead leaves it exact to the region).
+    fn drop(&mut self) {
+        if let Err(e) = self.file.sync_data() {
+            tracing::error!(path = %self.path.display(), error = %e, "syncing the failover's overlay");
+            return;
+        }
+        let tracker = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(Err(e)) = tracker.map(Tracker::close) {
+            tracing::warn!(error = %e, "the failover's journal was not closed cleanly: the next start recovers it");
+        }
+    }
+}

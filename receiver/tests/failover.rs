@@ -1,0 +1,305 @@
+//! `ctk-receiver failover`: the fence (ingests refused, nothing committed), the tracked overlay
+//! (every acknowledged write there after SIGKILLs of the receiver, the change set covering
+//! every block written, the point's bytes everywhere else), `status`, `rollback`, and the
+//! refusals around them.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::chain::{chain, ok, points, restored};
+use common::nbd::{Client, Failed};
+use common::{Proc, Rng, run, start};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ctk-receiver");
+
+fn failover_start(store: &str, point: Option<&str>, sock: &Path) -> (Proc, serde_json::Value) {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "failover", "start", "--store", store, "--disk", "vm1", "--json",
+    ])
+    .arg("--listen")
+    .arg(format!("unix:{}", sock.display()));
+    if let Some(p) = point {
+        cmd.args(["--point", p]);
+    }
+    let (p, line) = start(&mut cmd);
+    (p, serde_json::from_str(&line).unwrap())
+}
+
+fn kill9(p: &mut Proc) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGKILL) };
+    let _ = p.0.wait();
+}
+
+/// The writes a client got acknowledged, applied to a model of the disk, and the one in
+/// flight when the connection broke (its bytes may be old or new).
+struct Acked {
+    model: Vec<u8>,
+    blocks: std::collections::BTreeSet<u64>,
+    in_flight: Option<(u64, u64)>,
+    count: u64,
+}
+
+/// How far the writers write: the regions past it stay the point's.
+const WRITTEN_END: u64 = 6 << 20;
+
+/// Writes until the connection breaks: random 512-byte-aligned writes below `WRITTEN_END`
+/// (partial 4 KiB blocks, partial and whole regions), zeroing, FUA and FLUSH.
+fn write_until_broken(sock: &Path, seed: u64, acked: &Mutex<Acked>) {
+    let mut c = Client::connect(sock, "vm1").unwrap();
+    let mut rng = Rng(seed);
+    loop {
+        let len = 512 * (1 + rng.next() % 256);
+        let off = 512 * (rng.next() % ((WRITTEN_END - len) / 512));
+        let kind = rng.next() % 10;
+        let fill = (rng.next() % 255) as u8 + 1;
+        acked.lock().unwrap().in_flight = Some((off, len));
+        let result = match kind {
+            0 => c.zero(off, len as u32),
+            1 => c.flush(),
+            _ => {
+                let data: Vec<u8> = (0..len).map(|i| fill ^ (i as u8)).collect();
+                c.write(off, &data, kind == 2)
+            }
+        };
+        match result {
+            Ok(()) => {
+                let mut a = acked.lock().unwrap();
+                a.in_flight = None;
+                a.count += 1;
+                if kind == 1 {
+                    continue;
+                }
+                for i in off..off + len {
+                    a.model[i as usize] = if kind == 0 {
+                        0
+                    } else {
+                        fill ^ ((i - off) as u8)
+                    };
+                }
+                a.blocks.extend(off / 4096..=(off + len - 1) / 4096);
+            }
+            Err(Failed::Errno(e)) => panic!("write at {off} (+{len}) failed: errno {e}"),
+            Err(Failed::Io(_)) => return,
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn every_acknowledged_write_survives_sigkills_of_the_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    // Eight regions of 1 MiB and a tail; the failover is of an older point, read through
+    // its undo, so copy-ups come from the chain, not full.img alone.
+    let c = chain(dir.path(), "vm1", 4, (8 << 20) + 12288, 31);
+    for d in &c.deltas {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let ids = points(s, "vm1");
+    // The chain grows and shrinks the disk in its middle: the point's own state is the model.
+    let point = ids[1].clone();
+    let acked = Arc::new(Mutex::new(Acked {
+        model: c.states[1].clone(),
+        blocks: Default::default(),
+        in_flight: None,
+        count: 0,
+    }));
+    let sock = dir.path().join("f.sock");
+    let mut rng = Rng(77);
+    const TRIALS: u64 = 10;
+    for trial in 0..TRIALS {
+        let (mut p, ready) = failover_start(s, Some(&point), &sock);
+        assert_eq!(ready["mode"], "failover");
+        assert_eq!(ready["point"], point.as_str());
+        // What the last trial's killed writer left: every acknowledged byte, the point's
+        // bytes everywhere nothing was written (the copy-ups), whatever in the one write
+        // in flight.
+        let got = Client::connect(&sock, "vm1").unwrap().read_all().unwrap();
+        {
+            let mut a = acked.lock().unwrap();
+            let mut want = a.model.clone();
+            if let Some((off, len)) = a.in_flight.take() {
+                let r = off as usize..(off + len) as usize;
+                want[r.clone()].copy_from_slice(&got[r]);
+            }
+            assert!(
+                got == want,
+                "trial {trial}: the disk differs from what was acknowledged"
+            );
+            a.model = got.clone();
+        }
+        let writer = std::thread::spawn({
+            let (sock, acked) = (sock.clone(), acked.clone());
+            move || write_until_broken(&sock, 1000 + trial, &acked)
+        });
+        std::thread::sleep(Duration::from_millis(30 + rng.next() % 300));
+        kill9(&mut p);
+        writer.join().unwrap();
+    }
+    // A clean stop, then the change set: every block written is in it.
+    let (mut p, _) = failover_start(s, None, &sock);
+    let got = Client::connect(&sock, "vm1").unwrap().read_all().unwrap();
+    let a = acked.lock().unwrap();
+    let mut want = a.model.clone();
+    if let Some((off, len)) = a.in_flight {
+        let r = off as usize..(off + len) as usize;
+        want[r.clone()].copy_from_slice(&got[r]);
+    }
+    assert!(got == want, "after the last kill");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    assert!(p.0.wait().unwrap().success());
+    let status = ok(&[
+        "failover", "status", "--store", s, "--disk", "vm1", "--json",
+    ]);
+    assert_eq!(status[0]["failed_over"], true);
+    assert_eq!(status[0]["served"], false);
+    let (t, outcome) = ctk_receiver::export::Tracked::open(
+        &store.join("vm1").join("failover"),
+        want.len() as u64,
+        &point,
+    )
+    .unwrap();
+    assert_eq!(outcome, ctk::OpenOutcome::Clean, "stopped cleanly");
+    let changed = t.changed_blocks().unwrap();
+    let missing: Vec<_> = a
+        .blocks
+        .iter()
+        .filter(|&&b| !changed.contains(b as u32))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "blocks written but not in the change set: {missing:?}"
+    );
+    // Exact to the region at worst: nothing past the regions written, which read as the
+    // point's.
+    assert!(
+        changed
+            .max()
+            .is_some_and(|m| u64::from(m) < WRITTEN_END / 4096),
+        "the change set reaches past the regions written"
+    );
+    assert!(got[WRITTEN_END as usize..] == c.states[1][WRITTEN_END as usize..]);
+    assert_eq!(status[0]["changed_blocks"], changed.len());
+    // The point itself was never written.
+    let r = restored(s, "vm1", &point, &dir.path().join("r.img"));
+    assert!(r == c.states[1], "the failover wrote into its point");
+    eprintln!(
+        "{TRIALS} SIGKILLs of the failover under writes: {} acknowledged requests, none lost; \
+         {} blocks written, {} in the change set",
+        a.count,
+        a.blocks.len(),
+        changed.len()
+    );
+}
+
+#[test]
+fn a_failed_over_disk_refuses_merges_drills_and_a_second_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let c = chain(dir.path(), "vm1", 4, 2 << 20, 8);
+    for d in &c.deltas[..3] {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let before = points(s, "vm1");
+    let sock = dir.path().join("f.sock");
+    let (mut p, ready) = failover_start(s, None, &sock);
+    assert_eq!(ready["point"], before[2].as_str(), "the newest by default");
+    // A merge is refused, naming the failover and what to look at; nothing is committed.
+    let (merged, _, err) = run(Command::new(BIN)
+        .args(["ingest", "--store", s, "--disk", "vm1"])
+        .arg(&c.deltas[3]));
+    assert!(
+        !merged && err.contains("failed over") && err.contains("failover status"),
+        "{err}"
+    );
+    assert_eq!(points(s, "vm1"), before);
+    // Served: no other exposure, no drill, no rollback.
+    let other = dir.path().join("o.sock");
+    for args in [
+        &["expose", "--store", s, "--disk", "vm1", "--listen"][..],
+        &["drill", "start", "--store", s, "--disk", "vm1", "--listen"][..],
+    ] {
+        let (done, _, err) = run(Command::new(BIN)
+            .args(args)
+            .arg(format!("unix:{}", other.display())));
+        assert!(!done && err.contains("already exposed"), "{args:?}: {err}");
+    }
+    let (done, _, err) = run(Command::new(BIN).args([
+        "failover",
+        "rollback",
+        "--store",
+        s,
+        "--disk",
+        "vm1",
+        "--discard-writes",
+    ]));
+    assert!(!done && err.contains("being served"), "{err}");
+    let (shown, out, _) = run(Command::new(BIN).args(["failover", "status", "--store", s]));
+    assert!(
+        shown && out.contains("FAILED OVER at") && out.contains("served by process"),
+        "{out}"
+    );
+    let (shown, out, _) = run(Command::new(BIN).args(["points", "--store", s, "--disk", "vm1"]));
+    assert!(shown && out.contains("FAILED OVER at"), "{out}");
+    // The VM writes; then it stops.
+    Client::connect(&sock, "vm1")
+        .unwrap()
+        .write(4096, &[7u8; 8192], true)
+        .unwrap();
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    assert!(p.0.wait().unwrap().success());
+    // Not served now: a drill is still refused (the disk is the VM's), another point too.
+    let (done, _, err) = run(Command::new(BIN)
+        .args(["drill", "start", "--store", s, "--disk", "vm1", "--listen"])
+        .arg(format!("unix:{}", other.display())));
+    assert!(!done && err.contains("failed over"), "{err}");
+    let (done, _, err) = run(Command::new(BIN)
+        .args([
+            "failover", "start", "--store", s, "--disk", "vm1", "--point",
+        ])
+        .arg(&before[0])
+        .arg("--listen")
+        .arg(format!("unix:{}", other.display())));
+    assert!(!done && err.contains("already failed over"), "{err}");
+    let status = ok(&[
+        "failover", "status", "--store", s, "--disk", "vm1", "--json",
+    ]);
+    assert_eq!(status[0]["changed_blocks"], 2);
+    assert_eq!(status[0]["served"], false);
+    // Rolling back what the VM wrote needs saying so.
+    let (done, _, err) =
+        run(Command::new(BIN).args(["failover", "rollback", "--store", s, "--disk", "vm1"]));
+    assert!(
+        !done && err.contains("--discard-writes") && err.contains("2 blocks"),
+        "{err}"
+    );
+    let done = ok(&[
+        "failover",
+        "rollback",
+        "--store",
+        s,
+        "--disk",
+        "vm1",
+        "--discard-writes",
+        "--json",
+    ]);
+    assert_eq!(done["discarded_blocks"], 2);
+    assert!(!store.join("vm1").join("failover").exists());
+    // Merges commit again, onto the point as it was (the overlay never touched the store).
+    common::chain::ingest(s, "vm1", &c.deltas[3]);
+    ok(&["verify", "--store", s, "--disk", "vm1"]);
+    let r = restored(s, "vm1", "latest", &dir.path().join("r.img"));
+    assert!(r == c.states[3]);
+    let (done, _, err) =
+        run(Command::new(BIN).args(["failover", "rollback", "--store", s, "--disk", "vm1"]));
+    assert!(!done && err.contains("not failed over"), "{err}");
+}
