@@ -112,3 +112,66 @@ fn pushes_of_a_failed_over_disk_are_refused_and_never_commit() {
         "the replica after rollback"
     );
 }
+
+/// README.md's "Failing over" block, run as written (its paths moved into a temporary
+/// directory) after a real agent replicated an ext4 disk to a real receiver.
+#[test]
+fn the_readme_failing_over_block_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme.find("\n## Failing over\n").expect("the section")..];
+    let open = section.find("```sh\n").unwrap() + "```sh\n".len();
+    let block = &section[open..open + section[open..].find("```").unwrap()];
+
+    let pair = Pair::new(5);
+    let d = &pair.d;
+    let tree = d.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hosts"), "10.0.0.7 db.dr.example\n").unwrap();
+    let image = d.join("vm1.img");
+    let (ok, _, err) = run(Command::new(tool("mkfs.ext4"))
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("16M"));
+    assert!(ok, "mkfs.ext4: {err}");
+    let _agent = pair.serve_disk(&image);
+    let (ok, _, err) = run(&mut pair.replicate(&[]));
+    assert!(ok, "the replication the section starts from: {err}");
+
+    let store = pair.store();
+    let run_dir = d.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let script = block
+        .replace("/srv/ctk/host1", store.to_str().unwrap())
+        .replace("/run/ctk", run_dir.to_str().unwrap());
+    // What a person leaves running, the test stops.
+    let script = format!("set -e\n{script}\nkill $! 2>/dev/null || true\nwait || true\n");
+    let bins = pair.receiver_bin.parent().unwrap().to_owned();
+    let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap());
+    let (ok, out, err) = run(Command::new("timeout")
+        .args(["300", "sh", "-c"])
+        .arg(&script)
+        .current_dir(d)
+        .env("PATH", path));
+    assert!(ok, "the README's block failed:\n{out}\n{err}");
+    assert!(
+        out.contains("FAILED OVER at") && out.contains("served by process"),
+        "{out}"
+    );
+    assert!(out.contains("64 KiB (16 blocks of 4 KiB)"), "{out}");
+    assert!(
+        out.contains("drill on vm1 at") && out.contains("recorded: passed"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("hosts")).unwrap(),
+        "10.0.0.7 db.dr.example\n"
+    );
+    // The agent at the original site is told, and nothing commits.
+    let (ok, _, err) = run(&mut pair.replicate(&[]));
+    assert!(
+        !ok && err.contains("was failed over at the DR site"),
+        "{err}"
+    );
+}

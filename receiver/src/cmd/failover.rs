@@ -5,8 +5,8 @@
 //! `<disk>/failover/`, in the foreground like `expose`. Run again after a stop or a crash, it
 //! takes up the same failover: same point, same overlay, every acknowledged write there.
 //! `status` says where a failover stands from the manifest and `failover/state.json`, which
-//! the running `start` rewrites as the overlay changes (it never opens the overlay itself, so
-//! it can run beside `start`). `rollback` ends a failover without failback: the overlay's
+//! the running `start` rewrites after every FLUSH and each second the overlay changed (it
+//! never opens the overlay itself, so it can run beside `start`). `rollback` ends a failover without failback: the overlay's
 //! writes are thrown away (only with `--discard-writes` if there are any) and pushes commit
 //! again.
 
@@ -152,7 +152,15 @@ fn start(args: Start) -> Result<()> {
         fence.since_rfc3339()
     );
     let uri = listen_uri(&listen, &disk);
-    write_state(&dir, &tracked, &fence, uri.clone())?;
+    write_state(&dir, &tracked.changes()?, &fence, uri.clone())?;
+    tracked.on_flush({
+        let (dir, fence, uri) = (dir.clone(), fence.clone(), uri.clone());
+        Box::new(move |changes| {
+            if let Err(e) = write_state(&dir, changes, &fence, uri.clone()) {
+                tracing::warn!(error = %format!("{e:#}"), "writing the failover's state");
+            }
+        })
+    });
     let done = Arc::new(AtomicBool::new(false));
     let updater = {
         let (dir, weak, fence, done) = (
@@ -171,7 +179,7 @@ fn start(args: Start) -> Result<()> {
     let result = run_export(&disk, served, &listen, json);
     done.store(true, Ordering::Release);
     let _ = updater.join();
-    write_state(&dir, &tracked, &fence, None)?;
+    write_state(&dir, &tracked.changes()?, &fence, None)?;
     // The last reference: the overlay is synced and its journal closed cleanly.
     drop(tracked);
     result
@@ -200,8 +208,8 @@ fn keep_state(
         std::thread::sleep(Duration::from_millis(200));
         let Some(t) = tracked.upgrade() else { return };
         let now = t.changes().ok();
-        if now != last {
-            if let Err(e) = write_state(dir, &t, fence, uri.clone()) {
+        if let Some(changes) = now.as_ref().filter(|_| now != last) {
+            if let Err(e) = write_state(dir, changes, fence, uri.clone()) {
                 tracing::warn!(error = %format!("{e:#}"), "writing the failover's state");
             }
             last = now;
@@ -211,8 +219,16 @@ fn keep_state(
     }
 }
 
-fn write_state(dir: &Path, t: &Tracked, fence: &FailedOver, uri: Option<String>) -> Result<()> {
-    let Changes { blocks, .. } = t.changes()?;
+fn write_state(
+    dir: &Path,
+    changes: &Changes,
+    fence: &FailedOver,
+    uri: Option<String>,
+) -> Result<()> {
+    // The flush callback and the updater both write it: one at a time, through one tmp.
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+    let blocks = changes.blocks;
     let state = State {
         pid: std::process::id(),
         point: fence.point,

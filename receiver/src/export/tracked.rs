@@ -60,7 +60,13 @@ pub struct Tracked {
     /// Orders copy-ups (one at a time; a region is copied once).
     copying: Mutex<()>,
     last_cut: Mutex<Instant>,
+    /// Told what the overlay holds after every FLUSH (`failover status` is exact as of the
+    /// client's last flush).
+    on_flush: Mutex<Option<OnFlush>>,
 }
+
+/// What `Tracked::on_flush` calls.
+pub type OnFlush = Box<dyn Fn(&Changes) + Send>;
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> OverlayError + '_ {
     move |source| OverlayError::Io {
@@ -141,6 +147,7 @@ impl Tracked {
                 present: RwLock::new(present),
                 copying: Mutex::new(()),
                 last_cut: Mutex::new(Instant::now()),
+                on_flush: Mutex::new(None),
             },
             outcome,
         ))
@@ -148,6 +155,11 @@ impl Tracked {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Calls `f` with what the overlay holds after every FLUSH from now on.
+    pub fn on_flush(&self, f: OnFlush) {
+        *self.on_flush.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// The 4 KiB blocks written since the point (what failback sends): exact after a clean
@@ -287,6 +299,10 @@ impl Tracked {
         if last.elapsed() >= CUT_EVERY {
             self.with_tracker(|t| t.cut().map(drop))?;
             *last = Instant::now();
+        }
+        drop(last);
+        if let Some(f) = &*self.on_flush.lock().unwrap_or_else(|p| p.into_inner()) {
+            f(&self.changes()?);
         }
         Ok(())
     }
