@@ -140,6 +140,33 @@ fn single_files_come_out_of_whole_disk_and_partitioned_points() {
     ok(&["verify", "--store", &s, "--disk", "vm1"]);
 }
 
+/// XFS (the other filesystem the issue names; the kernel here mounts it, read-only, with
+/// `norecovery` if its log is dirty): the point's file comes out.
+#[test]
+fn a_file_comes_out_of_an_xfs_point() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    tool("nbdfuse");
+    tool("mkfs.xfs");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("x.img");
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // 300 MiB: the smallest filesystem mkfs.xfs makes.
+    sh(&format!(
+        "truncate -s 300M {i} && mkfs.xfs -q -f {i} && mount -o loop {i} {m} && \
+         mkdir {m}/etc && printf '10.1.2.3 xfs\\n' > {m}/etc/hosts && umount {m}",
+        i = img.display(),
+        m = mnt.display()
+    ));
+    let s = store_of(d, &[std::fs::read(&img).unwrap()]);
+    let out = d.join("hosts");
+    let (done, _, err) = files(&s, "latest", "/etc/hosts", &out, None);
+    assert!(done, "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"10.1.2.3 xfs\n");
+    assert_eq!(mounts_left(), 0, "nothing left mounted");
+}
+
 #[test]
 fn a_mount_stays_until_umount_and_a_killed_one_is_torn_down_by_umount() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
