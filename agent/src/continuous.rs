@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use crate::replicate::{Cut, Replicate, Session};
@@ -78,32 +78,9 @@ pub fn parse_time_of_day(text: &str) -> Result<u32> {
     Ok(h * 3600 + m * 60)
 }
 
-/// Parses a rate in bytes per second: a number with an optional K, M or G (powers of
-/// 1024), e.g. `500K`, `10M`; `0` or `none` for no limit.
+/// Parses a rate in bytes per second (`ctk::units::parse_rate`): `500K`, `10M`, `0`.
 pub fn parse_rate(text: &str) -> Result<u64> {
-    let t = text.trim();
-    if t.eq_ignore_ascii_case("none") {
-        return Ok(0);
-    }
-    let t = t.strip_suffix("/s").unwrap_or(t);
-    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => t.split_at(i),
-        None => (t, ""),
-    };
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        _ => {
-            bail!("rate {text:?}: use bytes per second, e.g. 500K, 10M, 1G (powers of 1024), or 0")
-        }
-    };
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("rate {text:?}: use e.g. 500K, 10M, 1G, or 0"))?;
-    n.checked_mul(1 << shift)
-        .with_context(|| format!("rate {text:?} is too large"))
+    ctk::units::parse_rate(text).map_err(anyhow::Error::msg)
 }
 
 /// The next instant, strictly after `now` (unix seconds), whose local time of day is one of

@@ -17,6 +17,7 @@ pub mod map;
 pub mod push;
 pub mod seeded;
 pub mod tracker;
+pub mod units;
 pub mod vfs;
 pub mod wire;
 

@@ -303,3 +303,132 @@ fn a_failed_over_disk_refuses_merges_drills_and_a_second_point() {
         run(Command::new(BIN).args(["failover", "rollback", "--store", s, "--disk", "vm1"]));
     assert!(!done && err.contains("not failed over"), "{err}");
 }
+
+/// `--materialize`: the point copied into a standalone image while the VM writes, SIGKILLed
+/// part way and taken up again; at the end the image alone is the disk, and the change set
+/// is only what the VM wrote.
+#[test]
+fn a_materialized_failover_ends_as_a_standalone_image_of_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let c = chain(dir.path(), "vm1", 3, 64 << 20, 41);
+    for d in &c.deltas {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let point = points(s, "vm1")[1].clone();
+    let mut model = c.states[1].clone();
+    let image = dir.path().join("vm1-dr.img");
+    let sock = dir.path().join("m.sock");
+    let materialize = |p: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "failover", "start", "--store", s, "--disk", "vm1", "--json", "--point", p,
+        ])
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--materialize")
+        .arg(&image)
+        .args(["--materialize-rate", "40M"]);
+        start(&mut cmd).0
+    };
+    let mut written = std::collections::BTreeSet::new();
+    let mut rng = Rng(5);
+    let mut write = |c: &mut Client, model: &mut Vec<u8>| {
+        let block = rng.next() % (model.len() as u64 / 4096);
+        let fill = (rng.next() % 250) as u8 + 1;
+        c.write(block * 4096, &[fill; 4096], false).unwrap();
+        model[block as usize * 4096..(block as usize + 1) * 4096].fill(fill);
+        written.insert(block);
+    };
+    let mut p = materialize(&point);
+    {
+        let mut client = Client::connect(&sock, "vm1").unwrap();
+        for _ in 0..20 {
+            write(&mut client, &mut model);
+        }
+        client.flush().unwrap();
+    }
+    // 65 MiB at 40 MiB/s: killed part way.
+    std::thread::sleep(Duration::from_millis(300 + Rng(9).next() % 300));
+    kill9(&mut p);
+    let at_kill =
+        std::fs::read_to_string(store.join("vm1/failover/materialized")).unwrap_or_default();
+    // Taken up again: the same image, the watermark where it was.
+    let mut p = materialize(&point);
+    let mut client = Client::connect(&sock, "vm1").unwrap();
+    for _ in 0..20 {
+        write(&mut client, &mut model);
+    }
+    client.flush().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = ok(&[
+            "failover", "status", "--store", s, "--disk", "vm1", "--json",
+        ]);
+        if st[0]["materialized_percent"].as_f64() == Some(100.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not materialized: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        client.read_all().unwrap() == model,
+        "the export while materialized"
+    );
+    drop(client);
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    assert!(p.0.wait().unwrap().success());
+    // The image alone is the disk: the point's bytes and the VM's writes.
+    assert!(
+        std::fs::read(&image).unwrap() == model,
+        "the materialized image"
+    );
+    let (t, _) = ctk_receiver::export::Tracked::open(
+        &store.join("vm1").join("failover"),
+        model.len() as u64,
+        &point,
+    )
+    .unwrap();
+    // Every block written is in it; past those, only the rest of a region written before the
+    // SIGKILL (a crash leaves the change set exact to the region); nothing materialized.
+    let changed = t.changed_blocks().unwrap();
+    let regions: std::collections::BTreeSet<u64> = written.iter().map(|b| b / 256).collect();
+    assert!(
+        written.iter().all(|&b| changed.contains(b as u32)),
+        "a written block missing"
+    );
+    let extra: Vec<u32> = changed
+        .iter()
+        .filter(|&b| !regions.contains(&(u64::from(b) / 256)))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "blocks in the change set the VM never came near: {extra:?}"
+    );
+    assert!(changed.len() <= 256 * regions.len() as u64);
+    drop(t);
+    let (shown, out, _) = run(Command::new(BIN).args(["failover", "status", "--store", s]));
+    assert!(
+        shown && out.contains("is a standalone image of the disk"),
+        "{out}"
+    );
+    // Rolled back, the image goes with the overlay.
+    ok(&[
+        "failover",
+        "rollback",
+        "--store",
+        s,
+        "--disk",
+        "vm1",
+        "--discard-writes",
+    ]);
+    assert!(!image.exists());
+    eprintln!(
+        "materialization SIGKILLed at watermark {:?}, then finished",
+        at_kill.trim()
+    );
+}

@@ -55,6 +55,15 @@ pub struct Start {
     /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT.
     #[arg(long)]
     pub listen: Listen,
+    /// Also copy the point into a standalone image at PATH in the background, while the VM
+    /// runs (the overlay becomes that image; progress in the log and in `status`). A restart
+    /// goes on where it stopped.
+    #[arg(long, value_name = "PATH")]
+    pub materialize: Option<PathBuf>,
+    /// At most this many bytes per second for --materialize (e.g. 200M; 0: no limit), so
+    /// that the recovered VM's own I/O keeps its share of the disks.
+    #[arg(long, value_name = "RATE", value_parser = ctk::units::parse_rate, default_value = "0")]
+    pub materialize_rate: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -69,7 +78,8 @@ pub struct Status {
     #[arg(long)]
     pub disk: Option<String>,
     /// One JSON array: per disk {"disk", "failed_over", "point", "since", "since_unix_ms",
-    /// "served", "pid", "uri", "changed_blocks", "changed_bytes", "updated"}.
+    /// "served", "pid", "uri", "changed_blocks", "changed_bytes", "updated", "image",
+    /// "materialized_percent"}.
     #[arg(long)]
     pub json: bool,
 }
@@ -93,6 +103,13 @@ struct State {
     uri: Option<String>,
     changed_blocks: u64,
     updated_unix_ms: u64,
+    /// Where the disk is materialized, and how far (regions of 1 MiB).
+    #[serde(default)]
+    image: Option<PathBuf>,
+    #[serde(default)]
+    materialized_regions: u64,
+    #[serde(default)]
+    regions: u64,
 }
 
 fn failover_dir(store: &Path, disk: &str) -> PathBuf {
@@ -108,7 +125,13 @@ pub fn failover(cmd: Failover) -> Result<()> {
 }
 
 fn start(args: Start) -> Result<()> {
-    let Start { sel, listen, json } = args;
+    let Start {
+        sel,
+        listen,
+        materialize,
+        materialize_rate,
+        json,
+    } = args;
     let store = sel.sel.dir()?;
     let disk = sel.sel.disk.clone();
     // A failover already started keeps its point: the overlay is over that one.
@@ -131,6 +154,10 @@ fn start(args: Start) -> Result<()> {
         .fence(point.change_id)
         .with_context(|| format!("fencing {disk:?}"))?;
     let dir = failover_dir(&store, &disk);
+    if let Some(image) = &materialize {
+        super::materialize::prepare(&dir, image)?;
+    }
+    let image = super::materialize::target(&dir);
     let (tracked, outcome) = Tracked::open(&dir, point.disk_size, &point.change_id.to_string())
         .context("opening the failover's overlay")?;
     if let OpenOutcome::Recovered {
@@ -141,8 +168,8 @@ fn start(args: Start) -> Result<()> {
             disk,
             recovered_blocks,
             "the failover was not stopped cleanly: its overlay was recovered (every \
-             acknowledged write is kept; the change set is exact to 1 MiB where writes were \
-             in flight)"
+             acknowledged write is kept; the change set is exact to the 1 MiB region where \
+             writes were recent)"
         );
     }
     let tracked = Arc::new(tracked);
@@ -172,13 +199,31 @@ fn start(args: Start) -> Result<()> {
         let uri = uri.clone();
         std::thread::spawn(move || keep_state(&dir, &weak, &fence, uri, &done))
     };
+    let exposure = Arc::new(exposure);
+    let copier = image.map(|image| {
+        let (disk, weak, exposure, done) = (
+            disk.clone(),
+            Arc::downgrade(&tracked),
+            exposure.clone(),
+            done.clone(),
+        );
+        let job = super::materialize::Job {
+            disk,
+            image,
+            rate: materialize_rate,
+        };
+        std::thread::spawn(move || super::materialize::run(job, weak, exposure, done))
+    });
     let served = export::Served {
-        exposure: Arc::new(exposure),
+        exposure,
         overlay: Some(export::Writes::Failover(tracked.clone())),
     };
     let result = run_export(&disk, served, &listen, json);
     done.store(true, Ordering::Release);
     let _ = updater.join();
+    if let Some(c) = copier {
+        let _ = c.join();
+    }
     write_state(&dir, &tracked.changes()?, &fence, None)?;
     // The last reference: the overlay is synced and its journal closed cleanly.
     drop(tracked);
@@ -228,13 +273,15 @@ fn write_state(
     // The flush callback and the updater both write it: one at a time, through one tmp.
     static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = WRITING.lock().unwrap_or_else(|p| p.into_inner());
-    let blocks = changes.blocks;
     let state = State {
         pid: std::process::id(),
         point: fence.point,
         uri,
-        changed_blocks: blocks,
+        changed_blocks: changes.blocks,
         updated_unix_ms: ctk::unix_ms_now(),
+        image: super::materialize::target(dir),
+        materialized_regions: changes.materialized_regions,
+        regions: changes.total_regions,
     };
     let tmp = dir.join("state.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
@@ -282,6 +329,9 @@ fn status(args: Status) -> Result<()> {
             "changed_blocks": blocks,
             "changed_bytes": blocks.map(|b| b * export::TRACKED_BLOCK),
             "updated": state.as_ref().map(|s| rfc3339(s.updated_unix_ms)),
+            "image": state.as_ref().and_then(|s| s.image.clone()),
+            "materialized_percent": state.as_ref().filter(|s| s.image.is_some() && s.regions > 0)
+                .map(|s| 100.0 * s.materialized_regions as f64 / s.regions as f64),
         }));
     }
     if json {
@@ -309,6 +359,14 @@ fn status(args: Status) -> Result<()> {
                 "  NOT served: run `ctk-receiver failover start --disk {name} --listen ...` \
                  to take it up again"
             ),
+        }
+        if let (Some(image), Some(pct)) = (d["image"].as_str(), d["materialized_percent"].as_f64())
+        {
+            if pct >= 100.0 {
+                println!("  materialized: {image} is a standalone image of the disk");
+            } else {
+                println!("  materializing into {image}: {pct:.1}% (see the log for rate and ETA)");
+            }
         }
         if let Some(bytes) = d["changed_bytes"].as_u64() {
             println!(
@@ -368,6 +426,10 @@ fn rollback(args: Rollback) -> Result<()> {
     open(&store, &disk)?
         .unfence()
         .with_context(|| format!("lifting the fence of {disk:?}"))?;
+    // A materialized image is the overlay itself: it goes too.
+    if let Some(image) = super::materialize::target(&dir) {
+        let _ = std::fs::remove_file(&image);
+    }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     drop(exposure);
     if json {

@@ -15,6 +15,7 @@ pub mod expose;
 pub mod failover;
 pub mod files;
 pub mod ingest;
+mod materialize;
 pub mod mount;
 pub mod read;
 pub mod serve;

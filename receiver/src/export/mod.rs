@@ -17,7 +17,7 @@ mod tracked;
 
 pub use mount::{Leftovers, MountedPoint};
 pub use overlay::{Overlay, OverlayError};
-pub use tracked::{BLOCK as TRACKED_BLOCK, Changes, Tracked};
+pub use tracked::{BLOCK as TRACKED_BLOCK, Changes, REGION as TRACKED_REGION, Tracked};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -23,6 +23,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,9 @@ use crate::store::LiveReader;
 pub const REGION: u64 = ctk::limits::REGION_SIZE_MIN;
 /// The tracker's block: the change set is exact to 4 KiB.
 pub const BLOCK: u64 = ctk::limits::BLOCK_SIZE_MIN as u64;
+/// The materialization watermark's file in the failover's directory: the count of leading
+/// regions copied, as decimal text.
+const MATERIALIZED: &str = "materialized";
 /// Least time between two cuts of the overlay's tracker (taken at FLUSH): each seals the
 /// blocks written since the last one into the journal, so that a crash over-reports less.
 const CUT_EVERY: Duration = Duration::from_secs(1);
@@ -48,6 +52,9 @@ pub struct Changes {
     pub blocks: u64,
     /// Regions held whole by `disk.img`.
     pub regions: u64,
+    /// Leading regions copied by materialization, of `total_regions`.
+    pub materialized_regions: u64,
+    pub total_regions: u64,
 }
 
 pub struct Tracked {
@@ -57,6 +64,11 @@ pub struct Tracked {
     tracker: Mutex<Option<Tracker<FileStorage>>>,
     /// Regions `disk.img` holds whole (copied up, then written).
     present: RwLock<RoaringBitmap>,
+    /// The failover's directory (for the materialization watermark).
+    dir: PathBuf,
+    /// Regions below this are in `disk.img` by materialization (`materialize_step`), whether
+    /// or not anything wrote them: kept durable in `materialized`, and not in the change set.
+    materialized: AtomicU64,
     /// Orders copy-ups (one at a time; a region is copied once).
     copying: Mutex<()>,
     last_cut: Mutex<Instant>,
@@ -118,6 +130,10 @@ impl Tracked {
         let mut config = TrackerConfig::new(format!("failover {origin}"), size);
         config.block_size = BLOCK;
         config.region_size = REGION;
+        // A region idle for a few cuts (a cut is taken at a FLUSH, at most once a second)
+        // loses its intent: a crash then over-reports only regions written lately, which is
+        // what failback would send for nothing.
+        config.intent_linger_cuts = 4;
         // Created with its journal: the overlay holds nothing tracking never saw.
         config.existing_data = false;
         let (tracker, outcome) =
@@ -138,6 +154,14 @@ impl Tracked {
         for b in &blocks {
             present.insert((u64::from(b) * BLOCK / REGION) as u32);
         }
+        // A watermark that does not read back is taken as none: those regions are then read
+        // from the point again, which is what they held unless an intent (above) says not.
+        let materialized = std::fs::read_to_string(dir.join(MATERIALIZED))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(size.div_ceil(REGION));
+        present.insert_range(0..materialized as u32);
         Ok((
             Tracked {
                 path,
@@ -145,6 +169,8 @@ impl Tracked {
                 size,
                 tracker: Mutex::new(Some(tracker)),
                 present: RwLock::new(present),
+                dir: dir.to_owned(),
+                materialized: AtomicU64::new(materialized),
                 copying: Mutex::new(()),
                 last_cut: Mutex::new(Instant::now()),
                 on_flush: Mutex::new(None),
@@ -155,6 +181,38 @@ impl Tracked {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Regions of the disk, and how many leading ones are materialized.
+    pub fn materialized(&self) -> (u64, u64) {
+        (
+            self.materialized.load(Ordering::Acquire),
+            self.size.div_ceil(REGION),
+        )
+    }
+
+    /// Copies the next `n` regions the overlay does not hold yet from the point into
+    /// `disk.img` (the write path's copy-up, synced), then moves the durable watermark past
+    /// them. Once it reaches the end, `disk.img` is a standalone image of the disk and the
+    /// point is never read again. Returns the new watermark.
+    pub fn materialize_step(&self, base: &mut LiveReader, n: u64) -> Result<u64, OverlayError> {
+        let (done, total) = self.materialized();
+        if done >= total {
+            return Ok(total);
+        }
+        let next = (done + n.max(1)).min(total);
+        self.copy_up(base, done, next - 1)?;
+        let tmp = self.dir.join("materialized.tmp");
+        let write = || -> std::io::Result<()> {
+            let f = File::create(&tmp)?;
+            f.write_all_at(format!("{next}\n").as_bytes(), 0)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.dir.join(MATERIALIZED))?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(io(&tmp))?;
+        self.materialized.store(next, Ordering::Release);
+        Ok(next)
     }
 
     /// Calls `f` with what the overlay holds after every FLUSH from now on.
@@ -172,9 +230,12 @@ impl Tracked {
 
     /// How many blocks and regions were written since the point.
     pub fn changes(&self) -> Result<Changes, OverlayError> {
+        let (materialized_regions, total_regions) = self.materialized();
         Ok(Changes {
             blocks: self.changed_blocks()?.len(),
             regions: self.present_read().len(),
+            materialized_regions,
+            total_regions,
         })
     }
 
