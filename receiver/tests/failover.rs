@@ -432,3 +432,70 @@ fn a_materialized_failover_ends_as_a_standalone_image_of_the_disk() {
         at_kill.trim()
     );
 }
+
+/// `--materialize` onto a filesystem that fills up: the VM's writes that need room fail with
+/// ENOSPC, the export stays up and readable, the store is untouched, and rollback cleans up.
+#[test]
+fn a_materialized_image_on_a_full_filesystem_fails_writes_not_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let c = chain(dir.path(), "vm1", 2, 8 << 20, 12);
+    for d in &c.deltas {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let (mounted, _, err) = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small));
+    assert!(mounted, "mount tmpfs: {err}");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let sock = dir.path().join("f.sock");
+    let (mut p, _) = start(
+        Command::new(BIN)
+            .args([
+                "failover", "start", "--store", s, "--disk", "vm1", "--json", "--listen",
+            ])
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--materialize")
+            .arg(small.join("vm1.img")),
+    );
+    let mut client = Client::connect(&sock, "vm1").unwrap();
+    let mut refused = 0;
+    for region in 0..8u64 {
+        match client.write((region << 20) + 4096, &[9u8; 4096], false) {
+            Ok(()) => {}
+            Err(Failed::Errno(e)) => {
+                assert_eq!(e, 28, "ENOSPC");
+                refused += 1;
+            }
+            Err(Failed::Io(e)) => panic!("the export went away: {e}"),
+        }
+    }
+    assert!(refused > 0, "a 2 MiB filesystem took 8 regions");
+    let mut buf = vec![0u8; 4096];
+    client.read(7 << 20, &mut buf).unwrap();
+    drop(client);
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    assert!(p.0.wait().unwrap().success());
+    ok(&["verify", "--store", s, "--disk", "vm1"]);
+    let r = restored(s, "vm1", "latest", &dir.path().join("r.img"));
+    assert!(r == c.states[1], "the store was touched");
+    ok(&[
+        "failover",
+        "rollback",
+        "--store",
+        s,
+        "--disk",
+        "vm1",
+        "--discard-writes",
+    ]);
+    assert!(!small.join("vm1.img").exists());
+}

@@ -134,8 +134,11 @@ fn start(args: Start) -> Result<()> {
     } = args;
     let store = sel.sel.dir()?;
     let disk = sel.sel.disk.clone();
+    // Under the store's lock from here to the fence: a merge in progress finishes first, and
+    // none commits between choosing "latest" and fencing it.
+    let mut held = open(&store, &disk)?;
     // A failover already started keeps its point: the overlay is over that one.
-    let pick = match (store::failed_over(&store, &disk)?, sel.point) {
+    let pick = match (held.failed_over(), sel.point) {
         (Some(f), Pick::Latest) => Pick::Id(f.point),
         (Some(f), Pick::Id(id)) if id != f.point => bail!(
             "{disk:?} is already failed over at {} (since {}): start it again without --point, \
@@ -150,9 +153,10 @@ fn start(args: Start) -> Result<()> {
     exposure.reader()?;
     let point = exposure.point().clone();
     // The fence is durable before the first write can be acknowledged.
-    let fence = open(&store, &disk)?
+    let fence = held
         .fence(point.change_id)
         .with_context(|| format!("fencing {disk:?}"))?;
+    drop(held);
     let dir = failover_dir(&store, &disk);
     if let Some(image) = &materialize {
         super::materialize::prepare(&dir, image)?;

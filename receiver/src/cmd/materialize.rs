@@ -112,7 +112,13 @@ pub(super) fn run(
             Err(e) => {
                 tracing::error!(disk, error = %e, "materializing failed: retrying in 5 s");
                 drop(t);
-                std::thread::sleep(Duration::from_secs(5));
+                // In short naps, so that a stop is not held up.
+                for _ in 0..50 {
+                    if done.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 continue;
             }
         };
