@@ -393,23 +393,7 @@ fn a_materialized_failover_ends_as_a_standalone_image_of_the_disk() {
         &point,
     )
     .unwrap();
-    // Every block written is in it; past those, only the rest of a region written before the
-    // SIGKILL (a crash leaves the change set exact to the region); nothing materialized.
-    let changed = t.changed_blocks().unwrap();
-    let regions: std::collections::BTreeSet<u64> = written.iter().map(|b| b / 256).collect();
-    assert!(
-        written.iter().all(|&b| changed.contains(b as u32)),
-        "a written block missing"
-    );
-    let extra: Vec<u32> = changed
-        .iter()
-        .filter(|&b| !regions.contains(&(u64::from(b) / 256)))
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "blocks in the change set the VM never came near: {extra:?}"
-    );
-    assert!(changed.len() <= 256 * regions.len() as u64);
+    check_change_set(&t.changed_blocks().unwrap(), &written);
     drop(t);
     let (shown, out, _) = run(Command::new(BIN).args(["failover", "status", "--store", s]));
     assert!(
@@ -498,4 +482,23 @@ fn a_materialized_image_on_a_full_filesystem_fails_writes_not_the_store() {
         "--discard-writes",
     ]);
     assert!(!small.join("vm1.img").exists());
+}
+
+/// Every block written is in the change set; past those, only the rest of a region written
+/// before a SIGKILL (a crash leaves it exact to the region); nothing materialized.
+fn check_change_set(changed: &roaring::RoaringBitmap, written: &std::collections::BTreeSet<u64>) {
+    let regions: std::collections::BTreeSet<u64> = written.iter().map(|b| b / 256).collect();
+    assert!(
+        written.iter().all(|&b| changed.contains(b as u32)),
+        "a written block missing"
+    );
+    let extra: Vec<u32> = changed
+        .iter()
+        .filter(|&b| !regions.contains(&(u64::from(b) / 256)))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "blocks in the change set the VM never came near: {extra:?}"
+    );
+    assert!(changed.len() <= 256 * regions.len() as u64);
 }
