@@ -153,8 +153,9 @@ fn points_or_empty(s: &str) -> Vec<String> {
     // A kill before the disk's store existed leaves nothing to recover or list: no manifest,
     // and its directories not all made yet (what `points` and `verify` take for a store).
     let d = Path::new(s).join("vm1");
-    if !d.join("manifest.json").exists() && !(d.join("undo").is_dir() && d.join("staging").is_dir())
-    {
+    let is_store =
+        d.join("manifest.json").exists() || (d.join("undo").is_dir() && d.join("staging").is_dir());
+    if !is_store {
         return Vec::new();
     }
     // Recovery first (verify opens the store), then the committed points.
