@@ -188,15 +188,36 @@ impl Leaves {
     ) -> Result<Leaves, DigestError> {
         let mut leaves = Leaves::zeroed(disk_size, block_size)?;
         let bs = block_size as u64;
+        // A file shorter than the disk is an error, as reading it whole would find.
+        if image.len()? < disk_size {
+            return Err(DigestError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
         let mut buf = vec![0u8; (1 << 20).max(bs as usize)];
-        let mut pos = 0;
-        while pos < disk_size {
-            let n = (disk_size - pos).min(buf.len() as u64) as usize;
-            image.read_exact_at(&mut buf[..n], pos)?;
-            for (i, block) in buf[..n].chunks(bs as usize).enumerate() {
-                leaves.leaves[(pos / bs) as usize + i] = leaf(block);
+        // Only the data is read: a hole reads as zeros, whose leaf is the zeroed one already
+        // there (a sparse image of a large, mostly empty disk costs what its data costs).
+        // Each data range is widened to whole blocks, so a block part hole, part data is
+        // read whole.
+        let mut next = 0;
+        while next < disk_size {
+            let Some(data) = image.next_data(next)? else {
+                break;
+            };
+            let start = data / bs * bs;
+            if start >= disk_size {
+                break;
             }
-            pos += n as u64;
+            let hole = image.next_hole(data)?.max(data + 1);
+            let end = hole.div_ceil(bs).saturating_mul(bs).min(disk_size);
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(buf.len() as u64) as usize;
+                image.read_exact_at(&mut buf[..n], pos)?;
+                for (i, block) in buf[..n].chunks(bs as usize).enumerate() {
+                    leaves.leaves[(pos / bs) as usize + i] = leaf(block);
+                }
+                pos += n as u64;
+            }
+            next = end;
         }
         Ok(leaves)
     }

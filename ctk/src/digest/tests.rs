@@ -150,3 +150,52 @@ fn resizing_marks_the_edge_block_and_digests_text_round_trips() {
     assert!(Leaves::zeroed(LEAVES_MAX * 4096 + 1, 4096).is_err());
     assert!(l.set_data(4096 + 1, &[1]).is_err());
 }
+
+/// A file that reports no holes: `of_image` reads all of it.
+struct NoHoles(std::fs::File);
+
+impl FileAt for NoHoles {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        FileAt::read_at(&self.0, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        FileAt::write_all_at(&self.0, buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        FileAt::len(&self.0)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        FileAt::set_len(&self.0, len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        FileAt::sync(&self.0)
+    }
+}
+
+#[test]
+fn leaves_of_a_sparse_image_skip_its_holes_and_equal_reading_it_whole() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sparse.img");
+    let bs = 4096u32;
+    let size = (10 << 20) + 1000; // a partial last block
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    // Data at block edges, inside blocks, across a block boundary, and in the last block.
+    for (at, len) in [
+        (0, 100),
+        (5 * 4096 + 17, 5000),
+        ((8 << 20) - 3, 13),
+        (size - 10, 10),
+    ] {
+        FileExt::write_all_at(&f, &vec![0xa5; len], at).unwrap();
+    }
+    f.sync_all().unwrap();
+    let sparse = std::fs::File::open(&path).unwrap();
+    let skipped = Leaves::of_image(&sparse, size, bs).unwrap();
+    let whole = Leaves::of_image(&NoHoles(std::fs::File::open(&path).unwrap()), size, bs).unwrap();
+    assert_eq!(skipped.digest(), whole.digest());
+    assert_ne!(skipped.digest(), Leaves::zeroed(size, bs).unwrap().digest());
+    // Shorter than the disk: an error, not zeros.
+    assert!(Leaves::of_image(&sparse, size + 4096, bs).is_err());
+}

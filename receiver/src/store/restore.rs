@@ -146,14 +146,22 @@ impl DiskStore {
         let mut buf = vec![0u8; CHUNK];
         let runs = map.runs().to_vec();
         for (start, end, source) in runs {
-            // Zeros need nothing written: the target starts as one hole.
-            if source != Source::Zero {
-                let mut pos = start;
-                while pos < end {
-                    let n = (end - pos).min(CHUNK as u64) as usize;
-                    map.read_at(&mut buf[..n], pos)?;
-                    write_sparse(&*target, &buf[..n], pos)?;
-                    pos += n as u64;
+            // Zeros need nothing written: the target starts as one hole. Nor do the holes
+            // of full.img (`allocation` finds them): a sparse disk costs what its data costs.
+            let mut pos = start;
+            while source != Source::Zero && pos < end {
+                let mut runs = map.allocation(pos, end, 1024);
+                if runs.iter().all(|&(len, _)| len == 0) {
+                    // Nothing described (never expected): the rest is read as data.
+                    runs = vec![(end - pos, false)];
+                }
+                for (len, hole) in runs {
+                    if !hole {
+                        copy_range(&mut map, &*target, &mut buf, (pos, pos + len), |at| {
+                            progress(at, size)
+                        })?;
+                    }
+                    pos += len;
                     progress(pos, size);
                 }
             }
@@ -233,4 +241,24 @@ impl DiskStore {
             _ => Ok(done),
         }
     }
+}
+
+/// Copies `[from, to)` of the point through `map` into `target`, in `buf`-sized pieces,
+/// telling `progress` how far it got.
+fn copy_range(
+    map: &mut PointMap,
+    target: &dyn FileAt,
+    buf: &mut [u8],
+    (from, to): (u64, u64),
+    mut progress: impl FnMut(u64),
+) -> Result<()> {
+    let mut pos = from;
+    while pos < to {
+        let n = (to - pos).min(buf.len() as u64) as usize;
+        map.read_at(&mut buf[..n], pos)?;
+        write_sparse(target, &buf[..n], pos)?;
+        pos += n as u64;
+        progress(pos);
+    }
+    Ok(())
 }
