@@ -213,3 +213,34 @@ fn a_restored_image_keeps_the_sources_holes_at_4_kib() {
         "{allocated} bytes allocated for {data} of data"
     );
 }
+
+/// `restore -o` never overwrites a file unless asked (`--force`): an operator who names the
+/// wrong path loses nothing.
+#[test]
+fn restore_refuses_to_overwrite_an_existing_file_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    two_points(&d.join("store"));
+    let store = d.join("store/host1");
+    let out = d.join("precious.img");
+    std::fs::write(&out, b"the only copy").unwrap();
+    let (ok, _, err) = run(receiver()
+        .args(["restore", "--disk", "vm1", "--point", "latest", "-o"])
+        .arg(&out)
+        .arg("--store")
+        .arg(&store));
+    assert!(
+        !ok && err.contains("exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"the only copy");
+    let (ok, _, err) = run(receiver()
+        .args([
+            "restore", "--force", "--disk", "vm1", "--point", "latest", "-o",
+        ])
+        .arg(&out)
+        .arg("--store")
+        .arg(&store));
+    assert!(ok, "{err}");
+    assert_ne!(std::fs::read(&out).unwrap(), b"the only copy");
+}

@@ -282,7 +282,7 @@ fn bad_deltas_and_names_are_refused_and_change_nothing() {
             "--point",
             &missing,
             "-o",
-            "/dev/null",
+            dir.path().join("missing.img").to_str().unwrap(),
         ],
         "no restore point",
     );
@@ -374,6 +374,14 @@ fn merges_are_checked_against_the_senders_digest_and_rot_is_found() {
     assert!(!out.status.success(), "restore handed out a rotten image");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("digest"), "{err}");
+    // Nothing is left under the name asked for, nor beside it.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("rot.img"))
+        .collect();
+    assert!(left.is_empty(), "a failed restore left {left:?}");
 }
 
 /// Age tiers drop points between kept ones; their pre-images fold into the next kept point's

@@ -142,7 +142,7 @@ fn replication_over_quic_keeps_every_point_equal_to_the_source_and_refuses_stran
     for id in &kept {
         let out = d.join("restored.img");
         let (ok, _, err) = run(Command::new(receiver_bin)
-            .args(["restore", "--disk", "vm1", "--point", id, "-o"])
+            .args(["restore", "--force", "--disk", "vm1", "--point", id, "-o"])
             .arg(&out)
             .arg("--store")
             .arg(d.join("store/host1")));
@@ -428,7 +428,7 @@ fn replication_survives_either_side_killed_at_random_moments() {
     for id in &kept {
         let out = d.join("r.img");
         let (ok, _, err) = run(Command::new(receiver_bin)
-            .args(["restore", "--disk", "vm1", "--point", id, "-o"])
+            .args(["restore", "--force", "--disk", "vm1", "--point", id, "-o"])
             .arg(&out)
             .arg("--store")
             .arg(d.join("store/host1")));
@@ -625,7 +625,7 @@ fn replication_through_a_link_that_flips_drops_and_duplicates_datagrams() {
         let id = p["change_id"].as_str().unwrap();
         let out = d.join("r.img");
         let (ok, _, err) = run(Command::new(receiver_bin)
-            .args(["restore", "--disk", "vm1", "--point", id, "-o"])
+            .args(["restore", "--force", "--disk", "vm1", "--point", id, "-o"])
             .arg(&out)
             .arg("--store")
             .arg(d.join("store/host1")));

@@ -183,7 +183,9 @@ fn a_disk_resized_online_and_at_rest_replicates_only_what_was_written() {
         let out = d.join("restored.img");
         let _ = std::fs::remove_file(&out);
         let (ok, _, err) = run(Command::new(&pair.receiver_bin)
-            .args(["restore", "--disk", "vm1", "--point", point, "-o"])
+            .args([
+                "restore", "--force", "--disk", "vm1", "--point", point, "-o",
+            ])
             .arg(&out)
             .arg("--store")
             .arg(pair.store()));

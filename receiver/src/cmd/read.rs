@@ -126,8 +126,13 @@ pub struct Restore {
     /// The point's ChangeId (see `points`); `latest` for the newest.
     #[arg(long, value_parser = parse_point)]
     pub point: store::Pick,
+    /// The image file to write. It is written beside its final name and renamed into place
+    /// once whole and checked, so a failed restore never leaves a partial image there.
     #[arg(short = 'o', long)]
     pub output: PathBuf,
+    /// Replace OUTPUT if it exists (never done without it).
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -139,8 +144,22 @@ pub fn restore(args: Restore) -> Result<()> {
         disk,
         point,
         output,
+        force,
         json,
     } = args;
+    if !force && std::fs::symlink_metadata(&output).is_ok() {
+        bail!(
+            "{} exists: restore does not overwrite it (add --force to replace it)",
+            output.display()
+        );
+    }
+    let name = output
+        .file_name()
+        .with_context(|| format!("{} names no file", output.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".ctk-restore");
+    let tmp = output.with_file_name(tmp_name);
     let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
     let s = open(&store, &disk)?;
     let point = match point {
@@ -153,7 +172,7 @@ pub fn restore(args: Restore) -> Result<()> {
     };
     let tty = std::io::stderr().is_terminal();
     let mut last_pct = u64::MAX;
-    let p = s.restore(point, &output, |done, total| {
+    let restored = s.restore(point, &tmp, |done, total| {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
         if pct != last_pct && (tty || pct % 25 == 0) {
             eprint!(
@@ -163,10 +182,19 @@ pub fn restore(args: Restore) -> Result<()> {
             );
             last_pct = pct;
         }
-    })?;
+    });
     if tty {
         eprintln!();
     }
+    let p = match restored {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&tmp, &output)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
     if json {
         println!(
             "{}",

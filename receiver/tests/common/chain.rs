@@ -159,6 +159,7 @@ pub fn ingest(store: &str, disk: &str, delta: &Path) -> serde_json::Value {
 pub fn restored(store: &str, disk: &str, point: &str, out: &Path) -> Vec<u8> {
     ok(&[
         "restore",
+        "--force",
         "--store",
         store,
         "--disk",

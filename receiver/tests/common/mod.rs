@@ -117,7 +117,7 @@ pub fn points(receiver_bin: &Path, store: &Path) -> serde_json::Value {
 /// A restore point materialized and read back.
 pub fn restore(receiver_bin: &Path, store: &Path, disk: &str, point: &str, out: &Path) -> Vec<u8> {
     let (ok, _, err) = run(Command::new(receiver_bin)
-        .args(["restore", "--disk", disk, "--point", point, "-o"])
+        .args(["restore", "--force", "--disk", disk, "--point", point, "-o"])
         .arg(out)
         .arg("--store")
         .arg(store));
