@@ -244,3 +244,34 @@ fn restore_refuses_to_overwrite_an_existing_file_without_force() {
     assert!(ok, "{err}");
     assert_ne!(std::fs::read(&out).unwrap(), b"the only copy");
 }
+
+/// `points` gives times as people read them: RFC 3339 with the zone's offset and an age; in
+/// `--json`, the RFC 3339 text beside each `*_unix_ms`.
+#[test]
+fn points_show_times_in_rfc_3339_and_as_ages() {
+    let dir = tempfile::tempdir().unwrap();
+    two_points(&dir.path().join("store"));
+    let store = dir.path().join("store/host1");
+    let (ok, out, err) = run(receiver().args(["points", "--store"]).arg(&store));
+    assert!(ok, "{err}");
+    let line = out.lines().find(|l| l.contains("committed ")).expect(&out);
+    let at = line.split("committed ").nth(1).unwrap();
+    // 2026-12-07T14:01:00+00:00 (0 s ago)
+    let stamp = &at[..25];
+    assert!(
+        stamp.as_bytes()[10] == b'T'
+            && (stamp.as_bytes()[19] == b'+' || stamp.as_bytes()[19] == b'-'),
+        "{line}"
+    );
+    assert!(
+        at[25..].starts_with(" (") && at.contains(" s ago)"),
+        "{line}"
+    );
+    assert!(!out.contains("unix ms"), "{out}");
+    let (ok, out, _) = run(receiver().args(["points", "--json", "--store"]).arg(&store));
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let p = &v[0]["points"][0];
+    assert!(p["committed_unix_ms"].as_u64().is_some());
+    assert_eq!(p["committed"].as_str().map(str::len), Some(25), "{p}");
+}

@@ -297,10 +297,6 @@ fn read_state(dir: &Path) -> Option<State> {
     serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()
 }
 
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 fn status(args: Status) -> Result<()> {
     let Status {
         store,
@@ -325,14 +321,14 @@ fn status(args: Status) -> Result<()> {
             "disk": d,
             "failed_over": true,
             "point": fence.point.to_string(),
-            "since": fence.since_rfc3339(),
+            "since": super::when(fence.since_unix_ms),
             "since_unix_ms": fence.since_unix_ms,
             "served": served,
             "pid": state.as_ref().filter(|_| served).map(|s| s.pid),
             "uri": state.as_ref().filter(|_| served).and_then(|s| s.uri.clone()),
             "changed_blocks": blocks,
             "changed_bytes": blocks.map(|b| b * export::TRACKED_BLOCK),
-            "updated": state.as_ref().map(|s| rfc3339(s.updated_unix_ms)),
+            "updated": state.as_ref().map(|s| super::when(s.updated_unix_ms)),
             "image": state.as_ref().and_then(|s| s.image.clone()),
             "materialized_percent": state.as_ref().filter(|s| s.image.is_some() && s.regions > 0)
                 .map(|s| 100.0 * s.materialized_regions as f64 / s.regions as f64),

@@ -197,6 +197,29 @@ pub(crate) fn parse_point(s: &str) -> Result<Pick, String> {
     }
 }
 
+/// A time for people: RFC 3339 in the local zone, to the second (`2026-12-07T14:01:00+01:00`).
+pub(crate) fn when(unix_ms: u64) -> String {
+    let zone = jiff::tz::TimeZone::system();
+    match jiff::Timestamp::from_millisecond(unix_ms as i64) {
+        Ok(t) => t
+            .to_zoned(zone)
+            .strftime("%Y-%m-%dT%H:%M:%S%:z")
+            .to_string(),
+        Err(_) => format!("unix ms {unix_ms}"),
+    }
+}
+
+/// How long before `now_ms` a time was, for people: `42 s ago`, `5 min ago`, `3 h ago`.
+pub(crate) fn ago(unix_ms: u64, now_ms: u64) -> String {
+    let s = now_ms.saturating_sub(unix_ms) / 1000;
+    match s {
+        0..120 => format!("{s} s ago"),
+        120..7_200 => format!("{} min ago", s / 60),
+        7_200..172_800 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
+    }
+}
+
 /// Tiers as one flag value (clap would read a bare `Vec` as a repeated flag).
 #[derive(Clone, Debug)]
 pub(crate) struct TierList(pub Vec<Tier>);

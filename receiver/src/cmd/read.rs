@@ -10,7 +10,7 @@ use serde_json::json;
 
 use ctk_receiver::store;
 
-use super::{Damaged, disks, is_disk_store, open, parse_point, subdirs};
+use super::{Damaged, ago, disks, is_disk_store, open, parse_point, subdirs, when};
 
 #[derive(Args)]
 pub struct Points {
@@ -23,6 +23,9 @@ pub struct Points {
     /// One disk (default: every disk of the agent).
     #[arg(long)]
     pub disk: Option<String>,
+    /// One JSON array, per disk: {"disk", "rpo_s", "exposed", "failed_over", "points"}, each
+    /// point its manifest fields (docs/format.md section 5) plus "committed" and "cut" as
+    /// RFC 3339 in the local zone.
     #[arg(long)]
     pub json: bool,
 }
@@ -52,6 +55,16 @@ pub fn points(args: Points) -> Result<()> {
             json!({"point": f.point.to_string(), "since": f.since_rfc3339(),
                    "since_unix_ms": f.since_unix_ms})
         });
+        // Each time also as RFC 3339 in the local zone, beside its unix milliseconds.
+        let points: Vec<serde_json::Value> = points
+            .iter()
+            .map(|p| {
+                let mut v = json!(p);
+                v["committed"] = json!(when(p.committed_unix_ms));
+                v["cut"] = json!(p.cut_unix_ms.map(when));
+                v
+            })
+            .collect();
         all.push(json!({"disk": d, "rpo_s": rpo_s, "exposed": exposed,
                         "failed_over": failed_over, "points": points}));
     }
@@ -77,13 +90,19 @@ pub fn points(args: Points) -> Result<()> {
             if let Some(id) = d["exposed"].as_str() {
                 println!("  {id} is exposed (expose, drill or mount): kept until that ends");
             }
+            let now_ms = ctk::unix_ms_now();
             for p in d["points"].as_array().into_iter().flatten() {
+                // The cut is the point's moment; the commit, when it reached this site.
+                let at = match (p["cut_unix_ms"].as_u64(), p["committed_unix_ms"].as_u64()) {
+                    (Some(cut), _) => format!("cut {} ({})", when(cut), ago(cut, now_ms)),
+                    (None, Some(c)) => format!("committed {} ({})", when(c), ago(c, now_ms)),
+                    (None, None) => "time unknown".into(),
+                };
                 println!(
-                    "  {}  {} bytes  {}  committed at unix ms {}  {}",
+                    "  {}  {} bytes  {}  {at}  {}",
                     p["change_id"].as_str().unwrap_or(""),
                     p["disk_size"],
                     p["consistency"].as_str().unwrap_or("consistency unknown"),
-                    p["committed_unix_ms"],
                     if p["digest_checked"] == true {
                         "digest checked"
                     } else {
@@ -91,12 +110,7 @@ pub fn points(args: Points) -> Result<()> {
                     }
                 );
                 if let Some(t) = p.get("tested").filter(|t| !t.is_null()) {
-                    let at = t["stopped_unix_ms"].as_u64().map(|ms| {
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-                        )
-                        .to_string()
-                    });
+                    let at = t["stopped_unix_ms"].as_u64().map(when);
                     println!(
                         "    drill {} at {}{}",
                         t["result"].as_str().unwrap_or("?"),
