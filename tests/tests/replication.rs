@@ -650,3 +650,34 @@ fn trials_wanted(default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `--receiver` takes a host name: `localhost:PORT` reaches the receiver on 127.0.0.1, and a
+/// name that does not resolve is a usage error that says so.
+#[test]
+fn a_receiver_named_by_its_host_name_is_reached() {
+    let pair = Pair::new(3);
+    let d = &pair.d;
+    let image = d.join("vm1.img");
+    random_image(&image, 1 << 20, 5);
+    let _agent = pair.serve_disk(&image);
+    let by_name = |host: &str| {
+        let mut cmd = Command::new(&pair.agent_bin);
+        cmd.arg("replicate")
+            .arg("--identity")
+            .arg(d.join("aid"))
+            .arg("--receiver")
+            .arg(format!("{host}:{}", pair.addr.port()))
+            .arg("--receiver-fingerprint")
+            .arg(&pair.rfp)
+            .arg("--control")
+            .arg(d.join("ctl.sock"))
+            .arg("--work-dir")
+            .arg(d)
+            .arg("--json");
+        run(&mut cmd)
+    };
+    let (ok, _, err) = by_name("localhost");
+    assert!(ok, "replicate --receiver localhost:PORT: {err}");
+    let (ok, _, err) = by_name("no-such-host.invalid");
+    assert!(!ok && err.contains("cannot resolve"), "{err}");
+}

@@ -17,8 +17,9 @@ pub struct Replicate {
     /// This agent's identity directory (made by `ctk-agent init`).
     #[arg(long)]
     pub identity: PathBuf,
-    /// The receiver's UDP address.
-    #[arg(long)]
+    /// The receiver: HOST:PORT (a name such as dr.example.net:7420, resolved once at the
+    /// start, or an address; QUIC over UDP, so that port must pass UDP).
+    #[arg(long, value_parser = parse_receiver, value_name = "HOST:PORT")]
     pub receiver: std::net::SocketAddr,
     /// The receiver's certificate fingerprint, as its `init` printed it.
     #[arg(long)]
@@ -182,4 +183,26 @@ pub fn replicate(args: Replicate) -> Result<()> {
             println!("{}", text(a));
         }
     })
+}
+
+/// `--receiver`: a host name or an address, with its port.
+fn parse_receiver(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{text:?} is not HOST:PORT (e.g. dr.example.net:7420 or 192.0.2.7:7420)");
+    let (_, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    let found: Vec<_> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+        .collect();
+    // IPv4 first where a name has both (a receiver listening on 0.0.0.0 has no IPv6).
+    found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
