@@ -681,3 +681,37 @@ fn a_receiver_named_by_its_host_name_is_reached() {
     let (ok, _, err) = by_name("no-such-host.invalid");
     assert!(!ok && err.contains("cannot resolve"), "{err}");
 }
+
+/// A receiver that does not answer (nothing on that UDP port): the error says what to check.
+#[test]
+fn a_receiver_that_does_not_answer_is_explained() {
+    let pair = Pair::new(3);
+    let d = &pair.d;
+    let image = d.join("vm1.img");
+    random_image(&image, 1 << 20, 6);
+    let _agent = pair.serve_disk(&image);
+    // A port nothing listens on: bound and dropped.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (ok, _, err) = run(Command::new(&pair.agent_bin)
+        .arg("replicate")
+        .arg("--identity")
+        .arg(d.join("aid"))
+        .arg("--receiver")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--receiver-fingerprint")
+        .arg(&pair.rfp)
+        .arg("--control")
+        .arg(d.join("ctl.sock"))
+        .arg("--work-dir")
+        .arg(d)
+        .arg("--json"));
+    assert!(!ok);
+    assert!(
+        err.contains("did not answer") && err.contains(&format!("UDP port {port}")),
+        "{err}"
+    );
+}

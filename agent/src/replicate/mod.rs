@@ -230,9 +230,19 @@ impl<'a> Session<'a> {
     }
 
     /// One clear sentence for failures whose cause is buried in the TLS and QUIC layers'
-    /// text: a receiver that does not know this agent's certificate.
+    /// text: a receiver that does not know this agent's certificate, or does not answer.
     fn explain(&self, e: anyhow::Error) -> anyhow::Error {
-        if format!("{e:#}").contains("is not on the allow-list") {
+        let text = format!("{e:#}");
+        if text.contains("reaching the receiver") && text.contains("timed out") {
+            let at = self.r.receiver;
+            return anyhow::anyhow!(
+                "the receiver at {at} did not answer: is `ctk-receiver serve` running there \
+                 (listening on that address), and does UDP port {} pass every firewall between? \
+                 (QUIC runs over UDP; a TCP check of the port says nothing) ({text})",
+                at.port()
+            );
+        }
+        if text.contains("is not on the allow-list") {
             let fp = self.identity.fingerprint();
             return anyhow::anyhow!(
                 "the receiver at {} does not allow this agent: its certificate {fp} is not on \
