@@ -25,7 +25,8 @@ use cmd::parse_disk;
 sequence number of the cut in which it was last written, durable in a journal beside the disk. At a cut \
 it can export exactly the blocks changed since any earlier cut (a ChangeId) as a self-checking delta.\n\n\
 Start with `ctk-demo` (its own binary): it generates an image, replicates it to a receiver, and proves that \
-full + incremental deltas rebuild it byte for byte.\n\nLogs go to stderr; set RUST_LOG=info (or debug) for more."
+full + incremental deltas rebuild it byte for byte.\n\nLogs go to stderr; set RUST_LOG=info (or debug) for more.",
+    after_long_help = "Exit codes: 0 done; 1 failed (the message says what and why); 2 bad command line."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -26,11 +26,16 @@ that read a store take the agent's directory (or the root and --agent):\n  \
 ctk-receiver points --store /srv/ctk/host1 --disk vm1\n  \
 ctk-receiver restore --store /srv/ctk/host1 --disk vm1 --point <ChangeId> -o vm1-restored.img\n  \
 ctk-receiver expose --store /srv/ctk/host1 --disk vm1 --point latest --listen unix:/run/ctk/vm1.sock\n  \
+ctk-receiver drill start --store /srv/ctk/host1 --disk vm1 --listen unix:/run/ctk/vm1-drill.sock\n  \
+ctk-receiver failover start --store /srv/ctk/host1 --disk vm1 --listen unix:/run/ctk/vm1.sock\n  \
+ctk-receiver files --store /srv/ctk/host1 --disk vm1 --point latest --path /etc/hosts -o hosts\n  \
 ctk-receiver verify --store /srv/ctk --all-agents       # exit 3 if anything is damaged\n  \
 ctk-receiver ingest --store /srv/ctk/host1 --disk vm1 full.ctkd inc1.ctkd   # deltas from `ctk-agent export`\n\n\
 Receiving from agents over QUIC:\n  \
 ctk-receiver init --identity /etc/ctk-receiver      # prints this receiver's fingerprint\n  \
-ctk-receiver serve --identity /etc/ctk-receiver --store /srv/ctk --allow host1=sha256:..."
+ctk-receiver serve --identity /etc/ctk-receiver --store /srv/ctk --allow host1=sha256:...",
+    after_long_help = "Exit codes: 0 done; 1 failed (the message says what and why); 2 bad command \
+line; 3 `verify` found damage."
 )]
 struct Cli {
     #[command(subcommand)]

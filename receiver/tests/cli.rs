@@ -275,3 +275,20 @@ fn points_show_times_in_rfc_3339_and_as_ages() {
     assert!(p["committed_unix_ms"].as_u64().is_some());
     assert_eq!(p["committed"].as_str().map(str::len), Some(25), "{p}");
 }
+
+/// The exit codes `--help` and the README document: 2 for a bad command line, 1 for a failure.
+#[test]
+fn exit_codes_are_as_documented() {
+    let (_, help, _) = run(receiver().arg("--help"));
+    assert!(help.contains("Exit codes: 0 done; 1 failed"), "{help}");
+    let out = receiver()
+        .args(["points", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = receiver()
+        .args(["points", "--store", "/nonexistent/store"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
