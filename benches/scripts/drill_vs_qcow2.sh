@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A drill's writable overlay against qemu-nbd writing a qcow2 overlay backed by the same raw
-# image, in one run: random 4 KiB writes at QD16 (fio, nbd engine), SECONDS each, RUNS runs
+# A drill's writable overlay, and a failover's tracked one, against qemu-nbd writing a qcow2
+# overlay backed by the same raw image, in one run: random 4 KiB writes at QD16 (fio, nbd engine), SECONDS each, RUNS runs
 # alternating the servers, each run on a fresh overlay. Medians and ratios drill/qemu-nbd.
 #
 #   cargo build --release -p ctk-agent -p ctk-receiver -p ctk-benches --bins &&
@@ -41,8 +41,27 @@ import sys, statistics
 rows=[list(map(float,l.split())) for l in sys.stdin if l.strip()]
 print(*[statistics.median(c) for c in zip(*rows)])'; }
 
-ds=(); qs=()
+ds=(); qs=(); fs=(); ms=()
 for _ in $(seq "$runs"); do
+  # A failover's tracked overlay: every first write of a 1 MiB region copies it up and syncs
+  # it before the write's intent is durable.
+  rm -f "$work/f.out" "$work/f.sock"
+  "$bin/ctk-receiver" failover start --store "$store" --disk vm1 --listen "unix:$work/f.sock" > "$work/f.out" 2>/dev/null &
+  fpid=$!
+  until grep -q ready "$work/f.out" 2>/dev/null; do sleep 0.05; done
+  fs+=("$(job "$work/f.sock")")
+  kill $fpid; wait $fpid 2>/dev/null || true
+  "$bin/ctk-receiver" failover rollback --store "$store" --disk vm1 --discard-writes > /dev/null
+  # The same once --materialize has copied the whole point in: no copy-ups left.
+  rm -f "$work/f.out" "$work/f.sock" "$work/m.img"
+  "$bin/ctk-receiver" failover start --store "$store" --disk vm1 --listen "unix:$work/f.sock" \
+      --materialize "$work/m.img" > "$work/f.out" 2>/dev/null &
+  fpid=$!
+  until "$bin/ctk-receiver" failover status --store "$store" --disk vm1 --json 2>/dev/null |
+      grep -q '"materialized_percent":100.0'; do sleep 0.2; done
+  ms+=("$(job "$work/f.sock")")
+  kill $fpid; wait $fpid 2>/dev/null || true
+  "$bin/ctk-receiver" failover rollback --store "$store" --disk vm1 --discard-writes > /dev/null
   rm -f "$work/d.out" "$work/d.sock"
   "$bin/ctk-receiver" drill start --store "$store" --disk vm1 --listen "unix:$work/d.sock" > "$work/d.out" &
   dpid=$!
@@ -60,12 +79,15 @@ for _ in $(seq "$runs"); do
 done
 read -r di db dp <<< "$(printf '%s\n' "${ds[@]}" | med_cols)"
 read -r qi qb qp <<< "$(printf '%s\n' "${qs[@]}" | med_cols)"
-echo "| workload | drill overlay | qemu-nbd, qcow2 overlay | ratio drill/qemu-nbd |"
+read -r fi fb fp <<< "$(printf '%s\n' "${fs[@]}" | med_cols)"
+read -r mi mb mp <<< "$(printf '%s\n' "${ms[@]}" | med_cols)"
+echo "| overlay | randwrite 4k QD16 IOPS | p99 latency | IOPS / qemu-nbd |"
 echo "|---|---|---|---|"
-python3 - "$di" "$db" "$dp" "$qi" "$qb" "$qp" <<'EOF'
+python3 - "$di" "$dp" "$fi" "$fp" "$mi" "$mp" "$qi" "$qp" <<'EOF'
 import sys
-di, db, dp, qi, qb, qp = map(float, sys.argv[1:])
-print(f"| randwrite 4k QD16 IOPS | {di:,.0f} | {qi:,.0f} | {di/qi:.2f} |")
-print(f"| randwrite 4k QD16 p99 latency | {dp/1e3:,.0f} us | {qp/1e3:,.0f} us | {dp/qp:.2f} |")
+di, dp, fi, fp, mi, mp, qi, qp = map(float, sys.argv[1:])
+for name, i, p in [("drill", di, dp), ("failover, fresh", fi, fp),
+                   ("failover, materialized", mi, mp), ("qemu-nbd, qcow2", qi, qp)]:
+    print(f"| {name} | {i:,.0f} | {p/1e3:,.0f} us | {i/qi:.2f} |")
 EOF
-echo "runs: drill ${ds[*]} / qemu ${qs[*]}" >&2
+echo "runs: drill ${ds[*]} / failover ${fs[*]} / materialized ${ms[*]} / qemu ${qs[*]}" >&2
