@@ -1,4 +1,5 @@
-//! Quantities as people type them on a command line or in a config file.
+//! Quantities as people type them on a command line or in a config file, and times as they
+//! read them.
 
 /// Parses a rate in bytes per second: a number with an optional K, M or G (powers of
 /// 1024) and an optional `/s`, e.g. `500K`, `10M`; `0` or `none` for no limit.
@@ -28,6 +29,18 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("rate {text:?}: use e.g. 500K, 10M, 1G, or 0"))?;
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("rate {text:?} is too large"))
+}
+
+/// A time for people: RFC 3339 in the system's zone, to the second
+/// (`2026-12-07T14:01:00+01:00`). Reads the zone once (jiff caches it).
+pub fn local_time(unix_ms: u64) -> String {
+    match jiff::Timestamp::from_millisecond(unix_ms as i64) {
+        Ok(t) => t
+            .to_zoned(jiff::tz::TimeZone::system())
+            .strftime("%Y-%m-%dT%H:%M:%S%:z")
+            .to_string(),
+        Err(_) => format!("unix ms {unix_ms}"),
+    }
 }
 
 #[cfg(test)]

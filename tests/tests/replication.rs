@@ -678,6 +678,17 @@ fn a_receiver_named_by_its_host_name_is_reached() {
     };
     let (ok, _, err) = by_name("localhost");
     assert!(ok, "replicate --receiver localhost:PORT: {err}");
+    // The agent's text status shows the replica cursor as people read it.
+    let (ok, out, err) = run(Command::new(&pair.agent_bin)
+        .args(["status", "--control"])
+        .arg(d.join("ctl.sock")));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("  cursor replica at ")
+            && out.contains(", RPO ")
+            && out.contains("(in sync as of 20"),
+        "{out}"
+    );
     let (ok, _, err) = by_name("no-such-host.invalid");
     assert!(!ok && err.contains("cannot resolve"), "{err}");
 }

@@ -204,7 +204,30 @@ pub fn status(args: Status) -> Result<()> {
                 d.writes,
                 d.journal_syncs.unwrap_or(0)
             ));
+            for c in d.cursors.iter().flatten() {
+                out.push_str(&cursor_line(c));
+            }
         }
         out.trim_end().to_string()
     })
+}
+
+/// A cursor as people read it: where it is, the RPO and the cut it stands for in the local
+/// zone, and what is left to send.
+fn cursor_line(c: &ctk_agent::disk::CursorStatus) -> String {
+    let mut line = format!("  cursor {} at {}", c.name, c.at);
+    if let Some(rpo) = c.rpo_s {
+        line.push_str(&format!(", RPO {rpo:.1} s"));
+    }
+    if let Some(cut) = c.cut_unix_ms {
+        line.push_str(&format!(" (in sync as of {})", ctk::units::local_time(cut)));
+    }
+    if let Some(b) = c.backlog_bytes {
+        line.push_str(&format!(", {} KiB to send", b.div_ceil(1024)));
+    }
+    if let Some(eta) = c.eta_s.filter(|_| c.backlog_bytes.is_some_and(|b| b > 0)) {
+        line.push_str(&format!(", about {eta:.0} s at the last rate"));
+    }
+    line.push('\n');
+    line
 }

@@ -197,16 +197,9 @@ pub(crate) fn parse_point(s: &str) -> Result<Pick, String> {
     }
 }
 
-/// A time for people: RFC 3339 in the local zone, to the second (`2026-12-07T14:01:00+01:00`).
+/// A time for people: RFC 3339 in the local zone (`ctk::units::local_time`).
 pub(crate) fn when(unix_ms: u64) -> String {
-    let zone = jiff::tz::TimeZone::system();
-    match jiff::Timestamp::from_millisecond(unix_ms as i64) {
-        Ok(t) => t
-            .to_zoned(zone)
-            .strftime("%Y-%m-%dT%H:%M:%S%:z")
-            .to_string(),
-        Err(_) => format!("unix ms {unix_ms}"),
-    }
+    ctk::units::local_time(unix_ms)
 }
 
 /// How long before `now_ms` a time was, for people: `42 s ago`, `5 min ago`, `3 h ago`.
