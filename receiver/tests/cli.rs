@@ -292,3 +292,27 @@ fn exit_codes_are_as_documented() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `init --json`: the fingerprint as one JSON line, the same on a second run (never
+/// replaced), `created` telling the two apart.
+#[test]
+fn init_answers_in_json_and_never_replaces_an_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = dir.path().join("rid");
+    let answer = |cmd: &mut Command| -> serde_json::Value {
+        let (ok, out, err) = run(cmd);
+        assert!(ok, "{err}");
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let first = answer(receiver().args(["init", "--json", "--identity"]).arg(&id));
+    let second = answer(receiver().args(["init", "--json", "--identity"]).arg(&id));
+    assert_eq!(first["created"], true);
+    assert_eq!(second["created"], false);
+    assert_eq!(first["fingerprint"], second["fingerprint"]);
+    assert!(
+        first["fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+}

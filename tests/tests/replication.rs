@@ -726,3 +726,16 @@ fn a_receiver_that_does_not_answer_is_explained() {
         "{err}"
     );
 }
+
+/// The agent's `init --json`: one JSON line with the fingerprint the receiver allows.
+#[test]
+fn the_agents_init_answers_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out, err) = run(Command::new(agent_bin())
+        .args(["init", "--json", "--identity"])
+        .arg(dir.path().join("aid")));
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["created"], true);
+    assert!(v["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+}

@@ -12,12 +12,23 @@ pub struct Init {
     /// Where the identity lives (cert.der, key.der; never overwritten).
     #[arg(long)]
     pub identity: PathBuf,
+    /// Print {"fingerprint", "identity", "created"} as one JSON line instead.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn init(args: Init) -> Result<()> {
-    let Init { identity } = args;
+    let Init { identity, json } = args;
     // Run again, it prints the existing identity's fingerprint: it is never replaced.
     let (id, created) = ctk_net::Identity::init(&identity, "ctk-agent")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"fingerprint": id.fingerprint().to_string(),
+                               "identity": identity.display().to_string(), "created": created})
+        );
+        return Ok(());
+    }
     println!("{}", id.fingerprint());
     eprintln!(
         "identity {} {}; allow it on the receiver with --allow NAME=<the fingerprint above>",
