@@ -316,3 +316,33 @@ fn init_answers_in_json_and_never_replaces_an_identity() {
             .starts_with("sha256:")
     );
 }
+
+/// `restore -o` onto something that is not a regular file (a device) is refused, even with
+/// --force: the rename into place would replace the device node.
+#[test]
+fn restore_refuses_a_target_that_is_not_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    two_points(&dir.path().join("store"));
+    let store = dir.path().join("store/host1");
+    let (ok, _, err) = run(receiver()
+        .args([
+            "restore",
+            "--force",
+            "--disk",
+            "vm1",
+            "--point",
+            "latest",
+            "-o",
+            "/dev/null",
+        ])
+        .arg("--store")
+        .arg(&store));
+    assert!(!ok && err.contains("not a regular file"), "{err}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device(),
+    );
+}

@@ -502,3 +502,68 @@ fn check_change_set(changed: &roaring::RoaringBitmap, written: &std::collections
     );
     assert!(changed.len() <= 256 * regions.len() as u64);
 }
+
+/// What an earlier overlay left is never read as this one's: a stale `disk.img` and a
+/// watermark with no journal (a rollback cut short) are reset; a watermark whose CRC does
+/// not match counts for nothing; a journal whose image is gone is refused, not read as zeros;
+/// and an overlay that cannot be read is still rolled back with --discard-writes.
+#[test]
+fn leftovers_of_an_earlier_overlay_are_never_read_as_this_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let c = chain(dir.path(), "vm1", 2, 4 << 20, 21);
+    for d in &c.deltas {
+        common::chain::ingest(s, "vm1", d);
+    }
+    let want = c.states[1].clone();
+    let fo = store.join("vm1").join("failover");
+    std::fs::create_dir_all(&fo).unwrap();
+    std::fs::write(fo.join("disk.img"), vec![0xeeu8; want.len()]).unwrap();
+    // A well-formed watermark claiming all 4 regions: if it counted, 0xee would be read.
+    let valid = format!("4 {:08x}\n", crc32fast::hash(b"4"));
+    std::fs::write(fo.join("materialized"), &valid).unwrap();
+    let sock = dir.path().join("l.sock");
+    let (mut p, _) = failover_start(s, None, &sock);
+    let mut client = Client::connect(&sock, "vm1").unwrap();
+    // A write into region 1 copies it up; the rest of it must be the point's, not 0xee.
+    client.write((1 << 20) + 512, &[7u8; 512], true).unwrap();
+    let mut model = want.clone();
+    model[(1 << 20) + 512..(1 << 20) + 1024].fill(7);
+    assert!(
+        client.read_all().unwrap() == model,
+        "an earlier overlay's bytes were read"
+    );
+    drop(client);
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    assert!(p.0.wait().unwrap().success());
+    // A bad watermark (CRC) claiming every region: ignored.
+    std::fs::write(fo.join("materialized"), "4 12345678\n").unwrap();
+    let (mut p, _) = failover_start(s, None, &sock);
+    assert!(Client::connect(&sock, "vm1").unwrap().read_all().unwrap() == model);
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    assert!(p.0.wait().unwrap().success());
+    // The image gone under its journal: refused with what to do.
+    std::fs::remove_file(fo.join("disk.img")).unwrap();
+    let (done, _, err) = run(Command::new(BIN)
+        .args([
+            "failover", "start", "--store", s, "--disk", "vm1", "--listen",
+        ])
+        .arg(format!("unix:{}", sock.display())));
+    assert!(!done && err.contains("image is missing"), "{err}");
+    // Unreadable, it still rolls back when told to throw it away, and only then.
+    let (done, _, err) =
+        run(Command::new(BIN).args(["failover", "rollback", "--store", s, "--disk", "vm1"]));
+    assert!(!done && err.contains("--discard-writes"), "{err}");
+    ok(&[
+        "failover",
+        "rollback",
+        "--store",
+        s,
+        "--disk",
+        "vm1",
+        "--discard-writes",
+    ]);
+    assert!(!fo.exists());
+    assert_eq!(points(s, "vm1").len(), 2);
+}

@@ -409,9 +409,22 @@ fn rollback(args: Rollback) -> Result<()> {
     })?;
     let dir = failover_dir(&store, &disk);
     let written = if dir.join("journal").exists() {
-        let (t, _) = Tracked::open(&dir, exposure.point().disk_size, &fence.point.to_string())
-            .context("opening the failover's overlay to see what it holds")?;
-        t.changes()?.blocks
+        let opened = Tracked::open(&dir, exposure.point().disk_size, &fence.point.to_string())
+            .and_then(|(t, _)| t.changes());
+        match opened {
+            Ok(c) => c.blocks,
+            // An overlay that cannot be read can still be thrown away, when asked to.
+            Err(e) if discard_writes => {
+                tracing::warn!(error = %e, "the failover's overlay cannot be read: discarding it");
+                0
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(
+                    "the failover's overlay cannot be read to see what it holds (add \
+                     --discard-writes to throw it away anyway)",
+                ));
+            }
+        }
     } else {
         0
     };
@@ -423,14 +436,21 @@ fn rollback(args: Rollback) -> Result<()> {
             fence.point
         );
     }
-    open(&store, &disk)?
-        .unfence()
-        .with_context(|| format!("lifting the fence of {disk:?}"))?;
-    // A materialized image is the overlay itself: it goes too.
+    // The overlay goes before the fence is lifted: a rollback cut short leaves a fenced disk
+    // (`failover start` then begins a new, empty overlay), never pushes merging beside a
+    // stale one. A materialized image is the overlay itself: it goes too.
     if let Some(image) = super::materialize::target(&dir) {
         let _ = std::fs::remove_file(&image);
     }
-    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", dir.display()));
+        }
+        _ => {}
+    }
+    open(&store, &disk)?
+        .unfence()
+        .with_context(|| format!("lifting the fence of {disk:?}"))?;
     drop(exposure);
     if json {
         println!(

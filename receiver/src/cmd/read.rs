@@ -161,6 +161,16 @@ pub fn restore(args: Restore) -> Result<()> {
         force,
         json,
     } = args;
+    // A device or anything else but a file would be replaced by the rename below.
+    if let Ok(m) = std::fs::metadata(&output)
+        && !m.is_file()
+    {
+        bail!(
+            "{} is not a regular file: restore writes an image file (to a block device, \
+             restore to a file and copy it, or use `expose` and nbdcopy)",
+            output.display()
+        );
+    }
     if !force && std::fs::symlink_metadata(&output).is_ok() {
         bail!(
             "{} exists: restore does not overwrite it (add --force to replace it)",

@@ -45,6 +45,10 @@ const MATERIALIZED: &str = "materialized";
 /// blocks written since the last one into the journal, so that a crash over-reports less.
 const CUT_EVERY: Duration = Duration::from_secs(1);
 
+/// Least time between two `on_flush` reports (the running `failover start` also reports
+/// each second the overlay changed, so none is lost for long).
+const REPORT_EVERY: Duration = Duration::from_millis(100);
+
 /// What the overlay holds, for `failover status`.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Changes {
@@ -72,6 +76,9 @@ pub struct Tracked {
     /// Orders copy-ups (one at a time; a region is copied once).
     copying: Mutex<()>,
     last_cut: Mutex<Instant>,
+    /// When `on_flush` was last called (it walks the change set: not on every FLUSH of a
+    /// client that flushes often).
+    last_report: Mutex<Option<Instant>>,
     /// Told what the overlay holds after every FLUSH (`failover status` is exact as of the
     /// client's last flush).
     on_flush: Mutex<Option<OnFlush>>,
@@ -107,6 +114,19 @@ impl Tracked {
     ) -> Result<(Tracked, OpenOutcome), OverlayError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join("disk.img");
+        let journal = dir.join("journal");
+        let journal_exists = journal.exists();
+        // A journal without its image: the image was moved or lost. Never start it empty
+        // under a journal that says regions of it hold the VM's writes.
+        if journal_exists && std::fs::metadata(&path).map_or(true, |m| m.len() == 0) {
+            return Err(OverlayError::Io {
+                path,
+                source: std::io::Error::other(
+                    "the failover's journal is there but its image is missing or empty (if \
+                     --materialize moved it, start again with the same --materialize PATH)",
+                ),
+            });
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -114,7 +134,14 @@ impl Tracked {
             .truncate(false)
             .open(&path)
             .map_err(io(&path))?;
-        let len = file.metadata().map_err(io(&path))?.len();
+        let mut len = file.metadata().map_err(io(&path))?.len();
+        if !journal_exists {
+            // A new overlay starts empty: whatever an earlier one left (a rollback cut
+            // short) would otherwise be read as this one's, and so would its watermark.
+            file.set_len(0).map_err(io(&path))?;
+            len = 0;
+            let _ = std::fs::remove_file(dir.join(MATERIALIZED));
+        }
         if len != size {
             if len != 0 {
                 return Err(OverlayError::Io {
@@ -126,7 +153,6 @@ impl Tracked {
             }
             file.set_len(size).map_err(io(&path))?;
         }
-        let journal = dir.join("journal");
         let mut config = TrackerConfig::new(format!("failover {origin}"), size);
         config.block_size = BLOCK;
         config.region_size = REGION;
@@ -154,13 +180,10 @@ impl Tracked {
         for b in &blocks {
             present.insert((u64::from(b) * BLOCK / REGION) as u32);
         }
-        // A watermark that does not read back is taken as none: those regions are then read
-        // from the point again, which is what they held unless an intent (above) says not.
-        let materialized = std::fs::read_to_string(dir.join(MATERIALIZED))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            .min(size.div_ceil(REGION));
+        // A watermark that does not read back (or whose CRC does not match) is taken as
+        // none: those regions are then read from the point again, which is what they held
+        // unless an intent (above) says not. One too high would read zeros for the point.
+        let materialized = read_watermark(dir).min(size.div_ceil(REGION));
         present.insert_range(0..materialized as u32);
         Ok((
             Tracked {
@@ -173,6 +196,7 @@ impl Tracked {
                 materialized: AtomicU64::new(materialized),
                 copying: Mutex::new(()),
                 last_cut: Mutex::new(Instant::now()),
+                last_report: Mutex::new(None),
                 on_flush: Mutex::new(None),
             },
             outcome,
@@ -205,7 +229,7 @@ impl Tracked {
         let tmp = self.dir.join("materialized.tmp");
         let write = || -> std::io::Result<()> {
             let f = File::create(&tmp)?;
-            f.write_all_at(format!("{next}\n").as_bytes(), 0)?;
+            f.write_all_at(watermark_text(next).as_bytes(), 0)?;
             f.sync_all()?;
             std::fs::rename(&tmp, self.dir.join(MATERIALIZED))?;
             File::open(&self.dir)?.sync_all()
@@ -362,10 +386,34 @@ impl Tracked {
             *last = Instant::now();
         }
         drop(last);
-        if let Some(f) = &*self.on_flush.lock().unwrap_or_else(|p| p.into_inner()) {
+        let mut reported = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
+        if reported.is_none_or(|t| t.elapsed() >= REPORT_EVERY)
+            && let Some(f) = &*self.on_flush.lock().unwrap_or_else(|p| p.into_inner())
+        {
             f(&self.changes()?);
+            *reported = Some(Instant::now());
         }
         Ok(())
+    }
+}
+
+/// The watermark as its file holds it: the count and a CRC32 of the count's text, in hex.
+fn watermark_text(n: u64) -> String {
+    let text = n.to_string();
+    format!("{text} {:08x}\n", crc32fast::hash(text.as_bytes()))
+}
+
+/// The watermark in `dir`, 0 if absent or not exactly as `watermark_text` writes it.
+fn read_watermark(dir: &Path) -> u64 {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = File::open(dir.join(MATERIALIZED))
+        .and_then(|f| f.take(64).read_to_string(&mut text))
+        .is_ok();
+    let parsed = text.split_whitespace().next().and_then(|n| n.parse().ok());
+    match (read, parsed) {
+        (true, Some(n)) if watermark_text(n) == text => n,
+        _ => 0,
     }
 }
 
