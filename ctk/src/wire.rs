@@ -55,7 +55,47 @@ pub enum Request {
         resumes: Option<ChangeId>,
         next_offset: u64,
     },
+    /// Failback, one pass (the disk is failed over): the blocks the DR disk holds that the
+    /// agent's disk may not, as a delta read from the DR disk. `since: None` (the first
+    /// pass): every block the failover's overlay wrote, every block that differs between
+    /// the failover's point and the newest point, and what `known` names; `Some(cut)`: what
+    /// the overlay wrote since its cut `cut` (a pass's `upto`). After this frame the agent
+    /// sends what `known` says as chunks ended by a zero length. `final_pass`: the DR export
+    /// is stopped and the overlay cut first, so nothing changes after this pass. Answered by
+    /// [`Response::FailbackPass`] and the delta's bytes as chunks ended by a zero length.
+    /// Added after the push requests: their encoding is unchanged.
+    FailbackPull {
+        disk: String,
+        since: Option<ChangeId>,
+        known: Known,
+        final_pass: bool,
+    },
+    /// Failback's cutover, after a final pass as of overlay cut `upto` was applied and the
+    /// agent cut its disk as `point`: commit the DR disk as point `point` (a merge like any
+    /// other), lift the fence and discard the overlay. Answered by
+    /// [`Response::FailbackCommitted`]; asked again after a crash, it finishes what is left.
+    FailbackCommit {
+        disk: String,
+        upto: ChangeId,
+        point: ChangeId,
+        cut_unix_ms: u64,
+    },
 }
+
+/// What the agent knows of its own disk for a first failback pass, sent after the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Known {
+    /// The byte ranges written since the receiver's newest point: `count` (offset, length)
+    /// pairs of `u64` little-endian (none after the first pass).
+    Extents { count: u64 },
+    /// Nothing of its history (journal lost, a new disk): the hash
+    /// ([`crate::digest::unit_hash`], 32 bytes) of each `unit` bytes of its disk, `count` of
+    /// them in disk order; the receiver sends every unit whose DR bytes hash otherwise.
+    UnitHashes { unit: u32, count: u64 },
+}
+
+/// Most (offset, length) pairs a failback request may carry (16 bytes each).
+pub const KNOWN_EXTENTS_MAX: u64 = 1 << 22;
 
 /// Most lanes one push may use.
 pub const LANES_MAX: u8 = 16;
@@ -215,6 +255,24 @@ pub enum Response {
         unit: u32,
         count: u64,
     },
+    /// The answer to `FailbackPull`: the failover's point, the newest committed point, the
+    /// overlay's cut the pass is complete as of (the next pass's `since`), and the delta
+    /// that follows: `blocks` 4 KiB blocks, `bytes` bytes of stream.
+    FailbackPass {
+        point: ChangeId,
+        newest: ChangeId,
+        upto: ChangeId,
+        disk_size: u64,
+        blocks: u64,
+        bytes: u64,
+    },
+    /// The DR disk is committed as `change_id` (`already`: by an earlier request), with the
+    /// receiver's digest of the whole image; the fence is lifted.
+    FailbackCommitted {
+        change_id: ChangeId,
+        image_digest: Option<[u8; 32]>,
+        already: bool,
+    },
 }
 
 /// A frame that could not be decoded.
@@ -296,7 +354,10 @@ impl Request {
             | Request::Push { disk }
             | Request::Digests { disk, .. }
             | Request::Resume { disk } => check(&[disk])?,
-            Request::PushResume { disk, .. } | Request::PushLanes { disk, .. } => check(&[disk])?,
+            Request::PushResume { disk, .. }
+            | Request::PushLanes { disk, .. }
+            | Request::FailbackPull { disk, .. }
+            | Request::FailbackCommit { disk, .. } => check(&[disk])?,
         }
         Ok(r)
     }
@@ -314,7 +375,9 @@ impl Response {
             Response::Newest { .. }
             | Response::Committed { .. }
             | Response::Digests { .. }
-            | Response::Resume { .. } => {}
+            | Response::Resume { .. }
+            | Response::FailbackPass { .. }
+            | Response::FailbackCommitted { .. } => {}
             Response::Refused { message, .. } => check(&[message])?,
         }
         Ok(r)
@@ -391,6 +454,27 @@ mod tests {
                 resumes: Some(id(2)),
                 next_offset: 1 << 20,
             },
+            Request::FailbackPull {
+                disk: "vm1".into(),
+                since: None,
+                known: Known::UnitHashes {
+                    unit: 1 << 20,
+                    count: 4096,
+                },
+                final_pass: false,
+            },
+            Request::FailbackPull {
+                disk: "vm1".into(),
+                since: Some(id(4)),
+                known: Known::Extents { count: 3 },
+                final_pass: true,
+            },
+            Request::FailbackCommit {
+                disk: "vm1".into(),
+                upto: id(5),
+                point: id(9),
+                cut_unix_ms: 1_795_000_000_000,
+            },
         ];
         for m in msgs {
             assert_eq!(Request::decode(&m.encode()).unwrap(), m);
@@ -432,6 +516,23 @@ mod tests {
             }),
         ] {
             let r = Response::Resume { state };
+            assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+        }
+        for r in [
+            Response::FailbackPass {
+                point: id(1),
+                newest: id(2),
+                upto: id(3),
+                disk_size: 1 << 30,
+                blocks: 77,
+                bytes: 1 << 22,
+            },
+            Response::FailbackCommitted {
+                change_id: id(9),
+                image_digest: Some([7; 32]),
+                already: false,
+            },
+        ] {
             assert_eq!(Response::decode(&r.encode()).unwrap(), r);
         }
         let r = Response::refused(Refusal::Mismatch, "x".repeat(10_000));

@@ -3,6 +3,7 @@
 //! `ctk-receiver` binary is a thin CLI over it; `ctk-demo` runs it in-process.
 
 pub mod export;
+pub mod failback;
 pub mod retention;
 pub mod server;
 pub mod store;

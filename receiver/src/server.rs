@@ -18,6 +18,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::retention::Retention;
 
+mod failback;
+
 use crate::store::{self, DiskStore, Ingested, StoreError};
 
 pub struct Config {
@@ -264,6 +266,33 @@ async fn stream(
         Ok(frame) => match Request::decode(&frame) {
             Err(e) => (Response::refused(Refusal::BadRequest, e.to_string()), None),
             Ok(Request::Digests { disk, unit }) => digests(agent, config, disk, unit).await,
+            Ok(Request::FailbackPull {
+                disk,
+                since,
+                known,
+                final_pass,
+            }) => {
+                // Answers with its delta itself; a refusal goes the usual way.
+                let response = failback::pull(
+                    agent, config, disk, since, known, final_pass, &mut send, &mut recv,
+                )
+                .await?;
+                if let Response::FailbackPass { .. } = response {
+                    send.finish()?;
+                    let _ = send.stopped().await;
+                    return Ok(());
+                }
+                (response, None)
+            }
+            Ok(Request::FailbackCommit {
+                disk,
+                upto,
+                point,
+                cut_unix_ms,
+            }) => (
+                failback::commit(agent, config, disk, upto, point, cut_unix_ms).await,
+                None,
+            ),
             Ok(request) => (handle(agent, config, lanes, request, recv).await, None),
         },
     };
@@ -415,6 +444,10 @@ async fn handle(
         Request::Push { .. } | Request::PushResume { .. } | Request::PushLanes { .. } => {
             push(agent, config, lanes, request, recv).await
         }
+        Request::FailbackPull { .. } | Request::FailbackCommit { .. } => Response::refused(
+            Refusal::BadRequest,
+            "failback is answered on its own path",
+        ),
     }
 }
 

@@ -17,7 +17,8 @@ mod tracked;
 
 pub use mount::{Leftovers, MountedPoint};
 pub use overlay::{Overlay, OverlayError};
-pub use tracked::{BLOCK as TRACKED_BLOCK, Changes, REGION as TRACKED_REGION, Tracked};
+pub(crate) use overlay::{read_runs, runs};
+pub use tracked::{BLOCK as TRACKED_BLOCK, Changes, Peek, REGION as TRACKED_REGION, Tracked, blocks_since};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -142,7 +142,7 @@ impl Overlay {
 
 /// Splits `[offset, offset + len)` into runs of one source: `(start, end, mine)`, where
 /// `mine(unit)` says whether unit number `unit` (of `unit` bytes) is the overlay's.
-pub(super) fn runs(
+pub(crate) fn runs(
     offset: u64,
     len: usize,
     unit: u64,
@@ -167,7 +167,7 @@ pub(super) fn runs(
 /// Reads `runs` (from `runs`) into `buf`, which starts at disk offset `offset`: the
 /// overlay's from `file`, the rest from the point. An error is the overlay file's
 /// (`Ok(io::Error)`) or the point's.
-pub(super) fn read_runs(
+pub(crate) fn read_runs(
     runs: &[(u64, u64, bool)],
     buf: &mut [u8],
     offset: u64,

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ctk::{FileStorage, Generation, OpenOutcome, Since, Tracker, TrackerConfig};
+use ctk::{ChangeId, FileStorage, Generation, OpenOutcome, Since, Tracker, TrackerConfig};
 use roaring::RoaringBitmap;
 use serde::Serialize;
 
@@ -153,17 +153,8 @@ impl Tracked {
             }
             file.set_len(size).map_err(io(&path))?;
         }
-        let mut config = TrackerConfig::new(format!("failover {origin}"), size);
-        config.block_size = BLOCK;
-        config.region_size = REGION;
-        // A region idle for a few cuts (a cut is taken at a FLUSH, at most once a second)
-        // loses its intent: a crash then over-reports only regions written lately, which is
-        // what failback would send for nothing.
-        config.intent_linger_cuts = 4;
-        // Created with its journal: the overlay holds nothing tracking never saw.
-        config.existing_data = false;
         let (tracker, outcome) =
-            Tracker::open(FileStorage::new(&journal), config, Generation::random)
+            Tracker::open(FileStorage::new(&journal), config(size, origin), Generation::random)
                 .map_err(|e| tracker_error(&journal, e))?;
         if let OpenOutcome::NewGeneration { reason } = &outcome {
             return Err(OverlayError::Io {
@@ -250,6 +241,25 @@ impl Tracked {
         let guard = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         let tracker = guard.as_ref().ok_or_else(|| self.closed())?;
         written(tracker).map_err(|e| tracker_error(&self.path, e))
+    }
+
+    /// Cuts the tracker now (durable) and returns the cut with the blocks written after
+    /// `since` up to it (`None`, or a cut it cannot answer for: every block written since
+    /// the point). Failback's last pass: nothing writes the overlay any more.
+    pub fn cut_with_changes(
+        &self,
+        since: Option<ChangeId>,
+    ) -> Result<(ChangeId, RoaringBitmap), OverlayError> {
+        self.with_tracker(|t| {
+            let upto = t.cut()?;
+            Ok((upto, blocks_since(t, since, upto)?))
+        })
+    }
+
+    /// The latest cut, and the blocks written after it (none once a last pass cut it and
+    /// nothing wrote since).
+    pub fn after_latest(&self) -> Result<(ChangeId, u64), OverlayError> {
+        self.with_tracker(|t| Ok((t.latest(), t.map().open_blocks().len())))
     }
 
     /// How many blocks and regions were written since the point.
@@ -397,6 +407,111 @@ impl Tracked {
     }
 }
 
+/// The overlay tracker's settings, for a disk of `size` bytes failed over at `origin`.
+fn config(size: u64, origin: &str) -> TrackerConfig {
+    let mut config = TrackerConfig::new(format!("failover {origin}"), size);
+    config.block_size = BLOCK;
+    config.region_size = REGION;
+    // A region idle for a few cuts (a cut is taken at a FLUSH, at most once a second)
+    // loses its intent: a crash then over-reports only regions written lately, which is
+    // what failback would send for nothing.
+    config.intent_linger_cuts = 4;
+    // Created with its journal: the overlay holds nothing tracking never saw.
+    config.existing_data = false;
+    config
+}
+
+/// A running failover's overlay as its files show it, read without disturbing the process
+/// that serves it (failback's passes while the recovered VM runs). The journal is copied and
+/// replayed in memory, as a restart after a crash would: the cuts sealed in it are exact,
+/// and every region with a durable intent counts as written after the latest of them
+/// (`unsealed`). A write is acknowledged only after its intent is durable, and its region
+/// was copied up before that, so `present` (the regions `disk.img` holds whole) is right for
+/// every acknowledged write; a write still landing is read old or new, and the next pass,
+/// whose cut follows it, sends it again.
+pub struct Peek {
+    tracker: Tracker<ctk::MemStorage>,
+    /// The latest cut sealed in the journal: a pass is complete as of it.
+    pub upto: ChangeId,
+    /// Blocks written after `upto` (region-wide where only an intent says so).
+    pub unsealed: RoaringBitmap,
+    /// Regions `disk.img` holds whole.
+    pub present: RoaringBitmap,
+}
+
+impl Peek {
+    pub fn open(dir: &Path, size: u64, origin: &str) -> Result<Peek, OverlayError> {
+        let journal = dir.join("journal");
+        // A record being appended while it is read looks torn at the end, which replay
+        // takes as the crash it would be; a damaged-looking copy is read again.
+        let mut last = None;
+        for _ in 0..8 {
+            let bytes = std::fs::read(&journal).map_err(io(&journal))?;
+            let storage = ctk::MemStorage::new();
+            storage.set_contents(Some(bytes));
+            let opened = Tracker::open(storage, config(size, origin), Generation::random)
+                .map_err(|e| tracker_error(&journal, e))?;
+            match opened {
+                (_, OpenOutcome::NewGeneration { reason }) => {
+                    last = Some(reason);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (_, OpenOutcome::Created) => last = Some("no journal".into()),
+                (tracker, outcome) => return Peek::replayed(dir, size, tracker, outcome),
+            }
+        }
+        Err(OverlayError::Io {
+            path: journal,
+            source: std::io::Error::other(format!(
+                "the failover's journal does not replay: {}",
+                last.unwrap_or_default()
+            )),
+        })
+    }
+
+    fn replayed(
+        dir: &Path,
+        size: u64,
+        tracker: Tracker<ctk::MemStorage>,
+        outcome: OpenOutcome,
+    ) -> Result<Peek, OverlayError> {
+        let journal = dir.join("journal");
+        let err = |e| tracker_error(&journal, e);
+        let (upto, unsealed) = match outcome {
+            OpenOutcome::Recovered {
+                recovery_cut: Some(r),
+                ..
+            } => {
+                let upto = ChangeId::new(r.generation, r.seq - 1);
+                let unsealed = tracker.changed_blocks(Since::Id(upto), r).map_err(err)?;
+                (upto, unsealed)
+            }
+            _ => (tracker.latest(), tracker.map().open_blocks()),
+        };
+        let mut present = RoaringBitmap::new();
+        for b in &written(&tracker).map_err(err)? {
+            present.insert((u64::from(b) * BLOCK / REGION) as u32);
+        }
+        present.insert_range(0..read_watermark(dir).min(size.div_ceil(REGION)) as u32);
+        Ok(Peek {
+            tracker,
+            upto,
+            unsealed,
+            present,
+        })
+    }
+
+    /// The blocks written after cut `since` (`None`: since the point), as of now: sealed up
+    /// to `upto`, and `unsealed`.
+    pub fn changes(&self, since: Option<ChangeId>) -> Result<RoaringBitmap, OverlayError> {
+        let journal = || PathBuf::from("journal");
+        let mut blocks = blocks_since(&self.tracker, since, self.upto)
+            .map_err(|e| tracker_error(&journal(), e))?;
+        blocks |= &self.unsealed;
+        Ok(blocks)
+    }
+}
+
 /// The watermark as its file holds it: the count and a CRC32 of the count's text, in hex.
 fn watermark_text(n: u64) -> String {
     let text = n.to_string();
@@ -417,9 +532,26 @@ fn read_watermark(dir: &Path) -> u64 {
     }
 }
 
+/// The blocks sealed after `since` up to `upto` (every block since the point for `None`,
+/// or for a cut the tracker cannot answer for: another generation, or compacted away).
+pub fn blocks_since<S: ctk::JournalStorage>(
+    tracker: &Tracker<S>,
+    since: Option<ChangeId>,
+    upto: ChangeId,
+) -> Result<RoaringBitmap, ctk::TrackerError> {
+    if let Some(id) = since
+        && let Ok(blocks) = tracker.changed_blocks(Since::Id(id), upto)
+    {
+        return Ok(blocks);
+    }
+    tracker.changed_blocks(Since::All, upto)
+}
+
 /// Every block written since the tracker was created: the sealed epochs (and a recovery
 /// epoch) and the open one.
-fn written(tracker: &Tracker<FileStorage>) -> Result<RoaringBitmap, ctk::TrackerError> {
+fn written<S: ctk::JournalStorage>(
+    tracker: &Tracker<S>,
+) -> Result<RoaringBitmap, ctk::TrackerError> {
     let mut blocks = tracker.changed_blocks(Since::All, tracker.latest())?;
     blocks |= tracker.map().open_blocks();
     Ok(blocks)

@@ -77,6 +77,28 @@ impl DiskStore {
         Ok(Some(fence))
     }
 
+    /// Failback's commit: merges `input`, the DR disk as a delta from the newest point to
+    /// the agent's cut of its disk once failback made it equal, as a new point although the
+    /// disk is fenced (crash-atomic like any merge), then lifts the fence. Killed between the
+    /// two, the point is committed and the fence still up: asked again, the merge is
+    /// acknowledged as already committed and the fence lifted.
+    pub fn ingest_failback<R: Read>(
+        &mut self,
+        input: R,
+        retention: impl Into<Retention>,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+    ) -> Result<Ingested> {
+        if self.manifest.failed_over.is_none() {
+            return Err(StoreError::Protocol(format!(
+                "disk {:?} is not failed over: there is nothing to fail back",
+                self.name
+            )));
+        }
+        let ingested = self.ingest_fenced_or_not(input, retention, end)?;
+        self.unfence()?;
+        Ok(ingested)
+    }
+
     /// Refuses a merge into a failed-over disk.
     pub(super) fn check_not_fenced(&self) -> Result<()> {
         match &self.manifest.failed_over {

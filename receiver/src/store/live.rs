@@ -245,6 +245,54 @@ impl Drop for Exposure {
     }
 }
 
+impl LiveReader {
+    /// A reader of point `change_id` of disk `name` under `root` without an exposure of its
+    /// own: for failback, which reads a failed-over disk's point while its `failover start`
+    /// holds the exposure (and pins the point), or after it stopped (no merge commits into a
+    /// fenced disk, so nothing retires the point either).
+    pub fn of_fenced(root: &Path, name: &str, change_id: ChangeId) -> Result<LiveReader> {
+        validate_name(name)?;
+        let fs: Arc<dyn Vfs> = Arc::new(RealFs);
+        let dir = root.join(name);
+        let manifest = read_manifest(&*fs, &dir.join("manifest.json"), name)?
+            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
+        let point = manifest
+            .points
+            .iter()
+            .find(|p| p.change_id == change_id)
+            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
+        let generation = fs
+            .open_rw(&dir.join(GENERATION))
+            .map_err(io_err("opening the store's generation"))?;
+        let mut reader = LiveReader {
+            fs,
+            dir,
+            name: name.to_owned(),
+            change_id,
+            size: point.disk_size,
+            generation,
+            built: None,
+        };
+        let now = read_generation(&*reader.generation)?;
+        reader.rebuild(now)?;
+        Ok(reader)
+    }
+
+    /// The byte ranges where the point may differ from the newest point: those read from a
+    /// newer point's undo (or zeros past a newer point's end), not from full.img. Empty for
+    /// the newest point.
+    pub fn not_in_full(&mut self) -> Result<Vec<(u64, u64)>> {
+        self.consistent(|map| {
+            Ok(map
+                .runs()
+                .iter()
+                .filter(|(_, _, source)| *source != Source::Full)
+                .map(|&(start, end, _)| (start, end))
+                .collect())
+        })
+    }
+}
+
 /// Reads of an exposed point that stay right while merges commit newer points.
 pub struct LiveReader {
     fs: Arc<dyn Vfs>,

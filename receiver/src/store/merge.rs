@@ -205,8 +205,19 @@ impl DiskStore {
         retention: impl Into<Retention>,
         end: impl FnOnce(R) -> Result<PointMeta>,
     ) -> Result<Ingested> {
-        let started = std::time::Instant::now();
         self.check_not_fenced()?;
+        self.ingest_fenced_or_not(input, retention, end)
+    }
+
+    /// `ingest` without the fence's check: for failback's commit (`ingest_failback`), the
+    /// one merge a failed-over disk takes.
+    pub(super) fn ingest_fenced_or_not<R: Read>(
+        &mut self,
+        input: R,
+        retention: impl Into<Retention>,
+        end: impl FnOnce(R) -> Result<PointMeta>,
+    ) -> Result<Ingested> {
+        let started = std::time::Instant::now();
         // The header decides the path: a first full into an empty store is written straight
         // into full.img (nothing to protect, so nothing to stage); anything else is staged.
         let (peeked, input) = peek_header(input)?;

@@ -347,6 +347,11 @@ impl DiskStore {
         &self.manifest.points
     }
 
+    /// The block size of the store's points (none before the first).
+    pub fn block_size(&self) -> Option<u32> {
+        self.manifest.block_size
+    }
+
     pub fn full_path(&self) -> PathBuf {
         self.dir.join("full.img")
     }

@@ -1,0 +1,119 @@
+//! Failback's cutover on the receiver: the DR disk committed as a new restore point, the
+//! fence lifted, the overlay removed (in that order).
+
+use std::path::Path;
+
+use ctk::ChangeId;
+use ctk::delta::DeltaHeader;
+use roaring::RoaringBitmap;
+
+use super::pass::write_blocks;
+use super::view::DrView;
+use crate::export::TRACKED_BLOCK;
+use crate::retention::Retention;
+use crate::store::{self, DiskStore, Ingested, PointMeta, StoreError};
+
+/// The cutover's outcome.
+#[derive(Debug)]
+pub struct Committed {
+    pub change_id: ChangeId,
+    pub image_digest: Option<[u8; 32]>,
+    /// An earlier request had committed it (a rerun after a crash).
+    pub already: bool,
+}
+
+/// Commits the DR disk of `disk` under `root`, as of overlay cut `upto` (the final pass's),
+/// as point `point` (the agent's cut of its disk once the final pass was applied), then
+/// lifts the fence and removes the overlay. Refused if the overlay was written after `upto`
+/// (the final pass would be stale). Asked again after a crash, it finishes what is left.
+pub fn commit(
+    root: &Path,
+    disk: &str,
+    upto: ChangeId,
+    point: ChangeId,
+    cut_unix_ms: u64,
+    retention: Retention,
+) -> Result<Committed, StoreError> {
+    if store::newest_point(root, disk)? == Some(point) {
+        let (mut s, _) = DiskStore::open_waiting(root, disk)?;
+        s.unfence()?;
+        let digest = s.points().last().and_then(|p| p.image_digest).map(|d| d.0);
+        drop(s);
+        remove_overlay(root, disk)?;
+        return Ok(Committed {
+            change_id: point,
+            image_digest: digest,
+            already: true,
+        });
+    }
+    let mut view = DrView::hold(root, disk, false)?;
+    match view.after_latest()? {
+        Some((latest, 0)) if latest == upto => {}
+        Some((latest, open)) => {
+            return Err(StoreError::Mismatch(format!(
+                "the DR disk changed after the final pass (its overlay is at cut {latest} with \
+                 {open} blocks after it, the pass was as of {upto}): run `ctk-agent failback \
+                 --final` again"
+            )));
+        }
+        None => return Err(StoreError::Protocol("the overlay is not held".into())),
+    }
+    let (mut s, _) = DiskStore::open_waiting(root, disk)?;
+    let newest = s
+        .points()
+        .last()
+        .map(|p| p.change_id)
+        .ok_or_else(|| StoreError::NoSuchPoint(format!("of disk {disk:?}")))?;
+    let block = u64::from(s.block_size().unwrap_or(TRACKED_BLOCK as u32));
+    // The DR disk differs from the newest point where the overlay wrote and where the
+    // failover's point itself differs from the newest: those blocks, in the store's size.
+    let mut blocks = RoaringBitmap::new();
+    for b in &view.written()? {
+        let at = u64::from(b) * TRACKED_BLOCK;
+        blocks.insert_range((at / block) as u32..(at + TRACKED_BLOCK).div_ceil(block) as u32);
+    }
+    for (start, end) in view.not_in_newest()? {
+        blocks.insert_range((start / block) as u32..end.div_ceil(block) as u32);
+    }
+    let header = DeltaHeader {
+        disk_id: disk.to_owned(),
+        disk_size: view.size,
+        block_size: block as u32,
+        from: Some(newest),
+        to: point,
+    };
+    let path = super::failover_dir(root, disk).join("commit.ctkd");
+    write_blocks(&mut view, &header, &blocks, block, &path)?;
+    let input = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+        doing: format!("opening {}", path.display()),
+        source,
+    })?;
+    let meta = PointMeta {
+        cut_unix_ms: Some(cut_unix_ms),
+        consistency: Some(ctk::Consistency::Crash),
+        image_digest: None,
+    };
+    let ingested = s.ingest_failback(std::io::BufReader::new(input), retention, |_| Ok(meta))?;
+    let digest = s.points().last().and_then(|p| p.image_digest).map(|d| d.0);
+    drop(s);
+    drop(view);
+    remove_overlay(root, disk)?;
+    Ok(Committed {
+        change_id: point,
+        image_digest: digest,
+        already: matches!(ingested, Ingested::AlreadyCommitted { .. }),
+    })
+}
+
+/// Removes the failover's directory (a materialized image it links to stays: it is the
+/// operator's file, and equal to the new point).
+fn remove_overlay(root: &Path, disk: &str) -> Result<(), StoreError> {
+    let dir = super::failover_dir(root, disk);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+            doing: format!("removing {}", dir.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}

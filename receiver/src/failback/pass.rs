@@ -1,0 +1,191 @@
+//! One failback pass: the blocks the original disk needs, read from the DR disk into a
+//! delta file that the server streams to the agent.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use ctk::delta::{DeltaHeader, DeltaWriter, WriteOptions};
+use ctk::{ChangeId, Extent};
+use roaring::RoaringBitmap;
+
+use super::view::DrView;
+use crate::export::TRACKED_BLOCK as BLOCK;
+use crate::store::{self, StoreError};
+
+/// What the agent said of its own disk for a first pass.
+pub enum Known {
+    /// Byte ranges written since the receiver's newest point.
+    Extents(Vec<(u64, u64)>),
+    /// A hash of each `unit` bytes of its disk (`ctk::digest::unit_hash`), in order.
+    UnitHashes { unit: u32, hashes: Vec<[u8; 32]> },
+}
+
+/// A pass written to `path`.
+pub struct Pass {
+    pub point: ChangeId,
+    pub newest: ChangeId,
+    /// The overlay's cut the pass is complete as of.
+    pub upto: ChangeId,
+    pub disk_size: u64,
+    pub blocks: u64,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+fn io(doing: &str) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        doing: doing.to_owned(),
+        source,
+    }
+}
+
+/// Adds the 4 KiB blocks of byte range `[start, end)` to `blocks`.
+fn add_range(blocks: &mut RoaringBitmap, start: u64, end: u64) {
+    if end > start {
+        blocks.insert_range((start / BLOCK) as u32..end.div_ceil(BLOCK) as u32);
+    }
+}
+
+/// Builds the pass after overlay cut `since` (`None`: the first) of disk `disk` under the
+/// agent's store `root` into a new file in `dir`. `last`: hold the overlay (stopping the
+/// export that serves it) and cut it, so the pass is the final one.
+pub fn pass(
+    root: &Path,
+    disk: &str,
+    since: Option<ChangeId>,
+    known: Option<Known>,
+    last: bool,
+    dir: &Path,
+) -> Result<Pass, StoreError> {
+    let newest = store::newest_point(root, disk)?
+        .ok_or_else(|| StoreError::NoSuchPoint(format!("of disk {disk:?}")))?;
+    let mut view = if last {
+        DrView::hold(root, disk, true)?
+    } else {
+        DrView::peek(root, disk)?
+    };
+    let (upto, mut blocks) = view.changes(since)?;
+    if since.is_none() {
+        match known {
+            Some(Known::UnitHashes { unit, hashes }) => {
+                // The compare reads the DR disk as it is: what it finds is exact but for
+                // writes landing meanwhile, which are unsealed or after `upto` (a later
+                // pass sends them).
+                blocks = differing_units(&mut view, unit, &hashes)?;
+                blocks |= view.unsealed();
+            }
+            extents => {
+                for (start, end) in view.not_in_newest()? {
+                    add_range(&mut blocks, start, end);
+                }
+                if let Some(Known::Extents(extents)) = extents {
+                    for (offset, length) in extents {
+                        add_range(&mut blocks, offset, offset.saturating_add(length));
+                    }
+                }
+            }
+        }
+    }
+    let size = view.size;
+    let last_block = size.div_ceil(BLOCK);
+    if blocks.max().is_some_and(|b| u64::from(b) >= last_block) {
+        blocks.remove_range(last_block as u32..);
+    }
+    let path = dir.join(format!(
+        "pass-{}-{}.ctkd",
+        std::process::id(),
+        ctk::unix_ms_now()
+    ));
+    let header = DeltaHeader {
+        disk_id: disk.to_owned(),
+        disk_size: size,
+        block_size: BLOCK as u32,
+        from: Some(view.point),
+        to: upto,
+    };
+    let bytes = write_blocks(&mut view, &header, &blocks, BLOCK, &path)?;
+    Ok(Pass {
+        point: view.point,
+        newest,
+        upto,
+        disk_size: size,
+        blocks: blocks.len(),
+        path,
+        bytes,
+    })
+}
+
+/// Writes the blocks (of `block` bytes) in `blocks`, read from `view`, as a delta with
+/// `header` into a new file at `path`. Its length.
+pub(super) fn write_blocks(
+    view: &mut DrView,
+    header: &DeltaHeader,
+    blocks: &RoaringBitmap,
+    block: u64,
+    path: &Path,
+) -> Result<u64, StoreError> {
+    let file = std::fs::File::create(path).map_err(io("creating a failback delta"))?;
+    let mut writer = DeltaWriter::new(BufWriter::new(file), header, WriteOptions::default())?;
+    let mut buf = Vec::new();
+    let mut failed = None;
+    for (first, count) in block_runs(blocks) {
+        let offset = first * block;
+        let end = ((first + count) * block).min(header.disk_size);
+        let extent = Extent::new(offset, end - offset);
+        let wrote = writer.write_read(extent, &mut buf, |at, out| {
+            view.read_at(out, at).map_err(|e| {
+                let text = e.to_string();
+                failed = Some(e);
+                std::io::Error::other(text)
+            })
+        });
+        if let Err(e) = wrote {
+            return Err(failed.take().unwrap_or_else(|| e.into()));
+        }
+    }
+    let (mut out, summary) = writer.finish()?;
+    out.flush().map_err(io("writing a failback delta"))?;
+    out.get_ref()
+        .sync_data()
+        .map_err(io("writing a failback delta"))?;
+    Ok(summary.stream_bytes)
+}
+
+/// Runs of consecutive block numbers: (first, count).
+fn block_runs(blocks: &RoaringBitmap) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut iter = blocks.iter().peekable();
+    std::iter::from_fn(move || {
+        let first = iter.next()?;
+        let mut count = 1u64;
+        while iter.peek() == Some(&(first + count as u32)) {
+            iter.next();
+            count += 1;
+        }
+        Some((u64::from(first), count))
+    })
+}
+
+/// The 4 KiB blocks of every unit whose bytes on the DR disk hash otherwise than the
+/// agent's `hashes` (a unit the agent has no hash for counts as differing).
+fn differing_units(
+    view: &mut DrView,
+    unit: u32,
+    hashes: &[[u8; 32]],
+) -> Result<RoaringBitmap, StoreError> {
+    let size = view.size;
+    let unit = u64::from(unit);
+    let mut buf = vec![0u8; unit as usize];
+    let mut blocks = RoaringBitmap::new();
+    let mut at = 0u64;
+    let mut index = 0usize;
+    while at < size {
+        let n = (size - at).min(unit) as usize;
+        view.read_at(&mut buf[..n], at)?;
+        if hashes.get(index) != Some(&ctk::digest::unit_hash(&buf[..n])) {
+            add_range(&mut blocks, at, at + n as u64);
+        }
+        at += n as u64;
+        index += 1;
+    }
+    Ok(blocks)
+}
