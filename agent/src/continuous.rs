@@ -116,6 +116,11 @@ fn utc_offset(t: i64) -> i64 {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Whether SIGINT or SIGTERM asked to stop (after `stop_on_signals`).
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     // A second signal means "now": leave without finishing the push (the receiver copes
     // with a push cut short; nothing moves on this side before a commit ack).
@@ -126,7 +131,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// SIGINT and SIGTERM ask the loop to stop after the push under way.
-fn stop_on_signals() {
+pub fn stop_on_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only touches an atomic, and may call _exit.
         unsafe {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod continuous;
 pub mod control;
 pub mod disk;
+pub mod failback;
 pub mod freeze;
 pub mod front;
 pub mod limits;

@@ -130,6 +130,12 @@ enum Command {
     /// back to a full for being behind.
     #[command(verbatim_doc_comment)]
     Replicate(cmd::replicate::Replicate),
+    /// After a failover at the DR site: bring this disk equal to the DR disk, sending only
+    /// what either side changed (passes while the recovered VM runs, --every), then the
+    /// cutover (--final): the receiver commits the DR disk as this disk's cut and
+    /// replication resumes with an increment, no full.
+    #[command(verbatim_doc_comment)]
+    Failback(cmd::failback::Failback),
     /// Show each protected disk: latest cut, open epoch, journal syncs, I/O counters.
     Status(cmd::control::Status),
     /// Read a delta file and check every record, checksum and the trailer; print its header
@@ -169,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Resize(args) => cmd::control::resize(args),
         Command::Init(args) => cmd::offline::init(args),
         Command::Replicate(args) => cmd::replicate::replicate(args),
+        Command::Failback(args) => cmd::failback::failback(args),
         Command::Status(args) => cmd::control::status(args),
         Command::VerifyDelta(args) => cmd::offline::verify_delta(args),
     }

@@ -444,10 +444,9 @@ async fn handle(
         Request::Push { .. } | Request::PushResume { .. } | Request::PushLanes { .. } => {
             push(agent, config, lanes, request, recv).await
         }
-        Request::FailbackPull { .. } | Request::FailbackCommit { .. } => Response::refused(
-            Refusal::BadRequest,
-            "failback is answered on its own path",
-        ),
+        Request::FailbackPull { .. } | Request::FailbackCommit { .. } => {
+            Response::refused(Refusal::BadRequest, "failback is answered on its own path")
+        }
     }
 }
 

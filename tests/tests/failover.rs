@@ -11,15 +11,9 @@ use common::*;
 use ctk_net::wire::{Refusal, Request, Response};
 
 fn write(d: &std::path::Path, pattern: u8, offset: u64) {
-    let uri = format!("nbd+unix:///vm1?socket={}", d.join("nbd.sock").display());
-    let (ok, out, err) = run(Command::new(tool("qemu-io")).args([
-        "-f",
-        "raw",
-        &uri,
-        "-c",
-        &format!("write -P {pattern} {offset} 64k"),
-    ]));
-    assert!(ok && !out.contains("error"), "qemu-io: {out}{err}");
+    if let Err(e) = nbd_write(&d.join("nbd.sock"), pattern, offset) {
+        panic!("qemu-io: {e}");
+    }
 }
 
 #[test]

@@ -13,6 +13,7 @@ use ctk_agent::continuous;
 use ctk_agent::control::{Request, proto};
 
 pub mod control;
+pub mod failback;
 pub mod offline;
 pub mod replicate;
 pub mod serve;

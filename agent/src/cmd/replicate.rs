@@ -12,8 +12,9 @@ use ctk_agent::{continuous, replicate};
 
 use super::{Target, control, parse_at, parse_consistency, parse_rate, print_answer};
 
+/// The receiver and this agent's side of the link: shared by `replicate` and `failback`.
 #[derive(Args)]
-pub struct Replicate {
+pub struct ReceiverArgs {
     /// This agent's identity directory (made by `ctk-agent init`).
     #[arg(long)]
     pub identity: PathBuf,
@@ -27,9 +28,15 @@ pub struct Replicate {
     /// The cursor that keeps the receiver's point answerable between runs.
     #[arg(long, default_value = "replica")]
     pub cursor: String,
-    /// Where the export's FIFO and block digests are made while a push runs.
+    /// Where work files are made (a push's FIFO and block digests, a failback pass's delta).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub work_dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct Replicate {
+    #[command(flatten)]
+    pub to: ReceiverArgs,
     /// Continuous mode: a crash-consistent cut and push every interval (e.g. 1s, 500ms,
     /// 5m). A push that takes longer is followed at once by the next.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "INTERVAL")]
@@ -84,11 +91,14 @@ pub struct Replicate {
 
 pub fn replicate(args: Replicate) -> Result<()> {
     let Replicate {
-        identity,
-        receiver,
-        receiver_fingerprint,
-        cursor,
-        work_dir,
+        to:
+            ReceiverArgs {
+                identity,
+                receiver,
+                receiver_fingerprint,
+                cursor,
+                work_dir,
+            },
         every,
         app_every,
         at,
@@ -186,7 +196,7 @@ pub fn replicate(args: Replicate) -> Result<()> {
 }
 
 /// `--receiver`: a host name or an address, with its port.
-fn parse_receiver(text: &str) -> Result<std::net::SocketAddr, String> {
+pub(crate) fn parse_receiver(text: &str) -> Result<std::net::SocketAddr, String> {
     use std::net::ToSocketAddrs;
     if let Ok(addr) = text.parse() {
         return Ok(addr);

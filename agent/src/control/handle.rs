@@ -27,6 +27,10 @@ pub(super) fn handle(agent: &Agent, request: Request) -> Result<Value> {
     let answer = match request {
         Request::Status => unreachable!("answered above"),
         Request::Unchanged { since, .. } => serde_json::to_value(unchanged(disk, since, want)?),
+        Request::Failback { op, .. } => serde_json::to_value(FailbackAnswer {
+            disk: disk.name.clone(),
+            state: disk.failback(op)?,
+        }),
         Request::Resize { size, .. } => {
             let r = disk.resize(size)?;
             serde_json::to_value(ResizeAnswer {

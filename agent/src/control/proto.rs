@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use ctk::{ChangeId, Consistency, Since};
 use serde::{Deserialize, Serialize};
 
-pub use crate::disk::{CursorOp, CursorStatus, DiskStatus};
+pub use crate::disk::{Committing, CursorOp, CursorStatus, DiskStatus, FailbackOp, FailbackState};
 pub use crate::pipeline::CutAnswer;
 
 /// The commands, as `Request`'s `cmd` names them.
@@ -22,6 +22,7 @@ pub const COMMANDS: &[&str] = &[
     "export",
     "cursor",
     "resize",
+    "failback",
 ];
 
 /// A request to the running agent. `disk` may be left out when it protects one disk.
@@ -83,6 +84,13 @@ pub enum Request {
         disk: Option<String>,
         size: u64,
     },
+    /// A step of a failback (`ctk-agent failback` asks them): answered by `FailbackAnswer`.
+    Failback {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk: Option<String>,
+        #[serde(flatten)]
+        op: FailbackOp,
+    },
 }
 
 impl Request {
@@ -96,6 +104,7 @@ impl Request {
             | Request::Answerable { disk, .. }
             | Request::Cursor { disk, .. }
             | Request::Resize { disk, .. }
+            | Request::Failback { disk, .. }
             | Request::Export(Export { disk, .. }) => disk.as_deref(),
         }
     }
@@ -110,6 +119,7 @@ impl Request {
             | Request::Answerable { disk, .. }
             | Request::Cursor { disk, .. }
             | Request::Resize { disk, .. }
+            | Request::Failback { disk, .. }
             | Request::Export(Export { disk, .. }) => disk,
         };
         if slot.is_none() {
@@ -249,6 +259,13 @@ pub struct ResizeAnswer {
     pub disk: String,
     pub old_size: u64,
     pub new_size: u64,
+}
+
+/// The answer to `failback`: where it stands after the step (none once it ended).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailbackAnswer {
+    pub disk: String,
+    pub state: Option<FailbackState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -7,12 +7,14 @@
 
 mod cursors;
 mod export;
+mod failback;
 mod resize;
 mod snapshot;
 mod status;
 
 pub use cursors::{CursorMeta, CursorOp, CursorStatus};
 pub use export::ExportPlan;
+pub use failback::{Committing, FailbackOp, FailbackState};
 pub use resize::Resized;
 pub use snapshot::COW_LIMIT_DEFAULT;
 
@@ -54,6 +56,11 @@ pub enum DiskError {
     Delta(#[from] delta::DeltaError),
     #[error("resize refused: {0}")]
     Resize(String),
+    #[error(
+        "a failback is under way: the disk takes only failback's writes until the cutover \
+         (`ctk-agent failback --final`)"
+    )]
+    FailingBack,
 }
 
 #[derive(Default)]
@@ -110,6 +117,9 @@ pub struct ProtectedDisk {
     /// point it was learned at. Kept in `<journal>.cursors` so the RPO is known after a
     /// restart (see `load_cursor_meta`).
     cursor_meta: Mutex<std::collections::HashMap<String, (ChangeId, CursorMeta)>>,
+    /// A failback is under way (`<journal>.failback` exists): writes other than its own
+    /// are refused.
+    failback: AtomicBool,
 }
 
 impl ProtectedDisk {
@@ -151,6 +161,13 @@ impl ProtectedDisk {
             Tracker::open(FileStorage::new(journal), config, Generation::random)
                 .with_context(|| format!("opening the change journal {}", journal.display()))?;
         let cursor_meta = load_cursor_meta(journal, &tracker);
+        let failing_back = failback::load(journal)?.is_some();
+        if failing_back {
+            tracing::warn!(
+                disk = name,
+                "a failback is under way: NBD writes are refused until its cutover"
+            );
+        }
         let direct = crate::readahead::open_direct(path)
             .with_context(|| {
                 format!(
@@ -184,6 +201,7 @@ impl ProtectedDisk {
                 snapshot_room: Condvar::new(),
                 cow_limit: COW_LIMIT_DEFAULT,
                 cursor_meta: Mutex::new(cursor_meta),
+                failback: AtomicBool::new(failing_back),
             },
             outcome,
         ))
@@ -285,6 +303,7 @@ impl ProtectedDisk {
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {
+        self.check_not_failing_back()?;
         self.tracked_change(offset, data.len() as u64, || {
             self.file.write_all_at(data, offset)
         })?;
@@ -308,6 +327,7 @@ impl ProtectedDisk {
 
     /// Discards a range: it reads as zeros afterwards (a punched hole, or written zeros).
     pub fn trim(&self, offset: u64, length: u64) -> Result<(), DiskError> {
+        self.check_not_failing_back()?;
         self.tracked_change(offset, length, || self.zero_range(offset, length, true))?;
         self.counters.trims.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -320,6 +340,7 @@ impl ProtectedDisk {
         may_punch: bool,
         fua: bool,
     ) -> Result<(), DiskError> {
+        self.check_not_failing_back()?;
         self.tracked_change(offset, length, || {
             self.zero_range(offset, length, may_punch)
         })?;
@@ -513,6 +534,7 @@ impl ProtectedDisk {
             }
             .into(),
             last_cut: self.last_cut.lock().ok().and_then(|l| l.clone()),
+            failback: self.failback_state(),
         }
     }
 
@@ -566,4 +588,7 @@ pub struct DiskStatus {
     pub export_reads: String,
     /// The last cut's record, as in the cut log.
     pub last_cut: Option<serde_json::Value>,
+    /// A failback under way: NBD writes are refused until its cutover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<FailbackState>,
 }

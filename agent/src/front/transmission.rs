@@ -311,7 +311,7 @@ pub(super) fn errno(e: &DiskError, is_write: bool) -> u32 {
         DiskError::OutOfRange { .. } if is_write => nbd::ENOSPC,
         DiskError::OutOfRange { .. } => nbd::EINVAL,
         DiskError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => nbd::ENOSPC,
-        DiskError::Shutdown => nbd::EPERM,
+        DiskError::Shutdown | DiskError::FailingBack => nbd::EPERM,
         _ => nbd::EIO,
     }
 }

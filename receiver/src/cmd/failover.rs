@@ -256,6 +256,9 @@ fn keep_state(
     while !done.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(200));
         let Some(t) = tracked.upgrade() else { return };
+        if let Err(e) = t.cut_if_written() {
+            tracing::warn!(error = %e, "cutting the failover's overlay");
+        }
         let now = t.changes().ok();
         if let Some(changes) = now.as_ref().filter(|_| now != last) {
             if let Err(e) = write_state(dir, changes, fence, uri.clone()) {

@@ -18,7 +18,9 @@ mod tracked;
 pub use mount::{Leftovers, MountedPoint};
 pub use overlay::{Overlay, OverlayError};
 pub(crate) use overlay::{read_runs, runs};
-pub use tracked::{BLOCK as TRACKED_BLOCK, Changes, Peek, REGION as TRACKED_REGION, Tracked, blocks_since};
+pub use tracked::{
+    BLOCK as TRACKED_BLOCK, Changes, Peek, REGION as TRACKED_REGION, Tracked, blocks_since,
+};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -153,9 +153,12 @@ impl Tracked {
             }
             file.set_len(size).map_err(io(&path))?;
         }
-        let (tracker, outcome) =
-            Tracker::open(FileStorage::new(&journal), config(size, origin), Generation::random)
-                .map_err(|e| tracker_error(&journal, e))?;
+        let (tracker, outcome) = Tracker::open(
+            FileStorage::new(&journal),
+            config(size, origin),
+            Generation::random,
+        )
+        .map_err(|e| tracker_error(&journal, e))?;
         if let OpenOutcome::NewGeneration { reason } = &outcome {
             return Err(OverlayError::Io {
                 path: journal,
@@ -386,6 +389,21 @@ impl Tracked {
         Ok(())
     }
 
+    /// Seals the blocks written since the last cut, if any and if that was `CUT_EVERY` ago:
+    /// the running failover calls it each second, so that what failback reads beside it
+    /// (`Peek`) is exact to the block for all but the last second's writes, whether or not
+    /// the VM flushes. The cut makes no write durable; the journal only names the blocks.
+    pub fn cut_if_written(&self) -> Result<(), OverlayError> {
+        let mut last = self.last_cut.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= CUT_EVERY
+            && self.with_tracker(|t| Ok(!t.map().open_blocks().is_empty()))?
+        {
+            self.with_tracker(|t| t.cut().map(drop))?;
+            *last = Instant::now();
+        }
+        Ok(())
+    }
+
     /// Makes every acknowledged write durable (FLUSH), and at most once per `CUT_EVERY` seals
     /// the tracker's open epoch so that the exact blocks written are in the journal.
     pub fn flush(&self) -> Result<(), OverlayError> {
@@ -423,18 +441,20 @@ fn config(size: u64, origin: &str) -> TrackerConfig {
 
 /// A running failover's overlay as its files show it, read without disturbing the process
 /// that serves it (failback's passes while the recovered VM runs). The journal is copied and
-/// replayed in memory, as a restart after a crash would: the cuts sealed in it are exact,
-/// and every region with a durable intent counts as written after the latest of them
-/// (`unsealed`). A write is acknowledged only after its intent is durable, and its region
-/// was copied up before that, so `present` (the regions `disk.img` holds whole) is right for
-/// every acknowledged write; a write still landing is read old or new, and the next pass,
-/// whose cut follows it, sends it again.
+/// replayed in memory, as a restart after a crash would, and only its sealed cuts are used:
+/// each is exact to the block, and every write in one completed before it was sealed (a
+/// write is recorded after its data is written). A pass is complete as of the latest sealed
+/// cut (`upto`): whatever was written after it is in a later cut, which the next pass (or
+/// the last one, which holds the overlay and cuts it) sends; read early, its data may show
+/// old or new bytes, both harmless. The running failover cuts each second, so a pass lags
+/// the VM by about that. A write is acknowledged only after its intent is durable, and its
+/// region was copied up before that, so `present` (the regions `disk.img` holds whole, an
+/// intent's region included) is right for every byte a pass reads.
 pub struct Peek {
     tracker: Tracker<ctk::MemStorage>,
+    journal: PathBuf,
     /// The latest cut sealed in the journal: a pass is complete as of it.
     pub upto: ChangeId,
-    /// Blocks written after `upto` (region-wide where only an intent says so).
-    pub unsealed: RoaringBitmap,
     /// Regions `disk.img` holds whole.
     pub present: RoaringBitmap,
 }
@@ -477,16 +497,14 @@ impl Peek {
     ) -> Result<Peek, OverlayError> {
         let journal = dir.join("journal");
         let err = |e| tracker_error(&journal, e);
-        let (upto, unsealed) = match outcome {
+        // Replay sealed the live intents as a recovery cut of its own, which the running
+        // failover never made: the pass stops at the cut before it.
+        let upto = match outcome {
             OpenOutcome::Recovered {
                 recovery_cut: Some(r),
                 ..
-            } => {
-                let upto = ChangeId::new(r.generation, r.seq - 1);
-                let unsealed = tracker.changed_blocks(Since::Id(upto), r).map_err(err)?;
-                (upto, unsealed)
-            }
-            _ => (tracker.latest(), tracker.map().open_blocks()),
+            } => ChangeId::new(r.generation, r.seq - 1),
+            _ => tracker.latest(),
         };
         let mut present = RoaringBitmap::new();
         for b in &written(&tracker).map_err(err)? {
@@ -495,20 +513,15 @@ impl Peek {
         present.insert_range(0..read_watermark(dir).min(size.div_ceil(REGION)) as u32);
         Ok(Peek {
             tracker,
+            journal,
             upto,
-            unsealed,
             present,
         })
     }
 
-    /// The blocks written after cut `since` (`None`: since the point), as of now: sealed up
-    /// to `upto`, and `unsealed`.
+    /// The blocks written after cut `since` (`None`: since the point) up to `upto`.
     pub fn changes(&self, since: Option<ChangeId>) -> Result<RoaringBitmap, OverlayError> {
-        let journal = || PathBuf::from("journal");
-        let mut blocks = blocks_since(&self.tracker, since, self.upto)
-            .map_err(|e| tracker_error(&journal(), e))?;
-        blocks |= &self.unsealed;
-        Ok(blocks)
+        blocks_since(&self.tracker, since, self.upto).map_err(|e| tracker_error(&self.journal, e))
     }
 }
 

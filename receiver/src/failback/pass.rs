@@ -68,11 +68,9 @@ pub fn pass(
     if since.is_none() {
         match known {
             Some(Known::UnitHashes { unit, hashes }) => {
-                // The compare reads the DR disk as it is: what it finds is exact but for
-                // writes landing meanwhile, which are unsealed or after `upto` (a later
-                // pass sends them).
+                // The compare reads the DR disk as it is: exact but for writes landing
+                // meanwhile, which are after `upto` (a later pass sends them).
                 blocks = differing_units(&mut view, unit, &hashes)?;
-                blocks |= view.unsealed();
             }
             extents => {
                 for (start, end) in view.not_in_newest()? {

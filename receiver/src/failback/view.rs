@@ -24,11 +24,11 @@ pub struct DrView {
 
 enum Source {
     /// Read beside the process serving it (or none): its files, replayed.
-    Peeked { peek: Peek, file: File },
+    Peeked { peek: Box<Peek>, file: File },
     /// Held by this process: nothing else writes it.
     Held {
-        tracked: Tracked,
-        _exposure: Exposure,
+        tracked: Box<Tracked>,
+        _exposure: Box<Exposure>,
     },
 }
 
@@ -59,7 +59,8 @@ impl DrView {
         let fence = fence(root, disk)?;
         let base = LiveReader::of_fenced(root, disk, fence.point)?;
         let dir = super::failover_dir(root, disk);
-        let peek = Peek::open(&dir, base.size(), &fence.point.to_string()).map_err(overlay_error)?;
+        let peek =
+            Peek::open(&dir, base.size(), &fence.point.to_string()).map_err(overlay_error)?;
         let path = dir.join("disk.img");
         let file = File::open(&path).map_err(|source| StoreError::Io {
             doing: format!("opening {}", path.display()),
@@ -69,7 +70,10 @@ impl DrView {
             point: fence.point,
             size: base.size(),
             base,
-            source: Source::Peeked { peek, file },
+            source: Source::Peeked {
+                peek: Box::new(peek),
+                file,
+            },
         })
     }
 
@@ -100,41 +104,31 @@ impl DrView {
         };
         let base = exposure.reader()?;
         let dir = super::failover_dir(root, disk);
-        let (tracked, _) = Tracked::open(&dir, base.size(), &fence.point.to_string())
-            .map_err(overlay_error)?;
+        let (tracked, _) =
+            Tracked::open(&dir, base.size(), &fence.point.to_string()).map_err(overlay_error)?;
         Ok(DrView {
             point: fence.point,
             size: base.size(),
             base,
             source: Source::Held {
-                tracked,
-                _exposure: exposure,
+                tracked: Box::new(tracked),
+                _exposure: Box::new(exposure),
             },
         })
     }
 
     /// The overlay's cut a pass is complete as of, and the 4 KiB blocks written after
-    /// `since` (`None`: since the point). Held, the overlay is cut now; peeked, its latest
-    /// sealed cut, with the blocks of writes not sealed yet.
+    /// `since` (`None`: since the point) up to it. Held, the overlay is cut now; peeked, its
+    /// latest sealed cut (see `Peek`).
     pub fn changes(
         &mut self,
         since: Option<ChangeId>,
     ) -> Result<(ChangeId, RoaringBitmap), StoreError> {
         match &self.source {
-            Source::Held { tracked, .. } => {
-                tracked.cut_with_changes(since).map_err(overlay_error)
-            }
+            Source::Held { tracked, .. } => tracked.cut_with_changes(since).map_err(overlay_error),
             Source::Peeked { peek, .. } => {
                 Ok((peek.upto, peek.changes(since).map_err(overlay_error)?))
             }
-        }
-    }
-
-    /// Blocks written after the point that no sealed cut holds yet (region-wide).
-    pub fn unsealed(&self) -> RoaringBitmap {
-        match &self.source {
-            Source::Peeked { peek, .. } => peek.unsealed.clone(),
-            Source::Held { .. } => RoaringBitmap::new(),
         }
     }
 
@@ -195,13 +189,21 @@ fn served_error(disk: &str, what: &str) -> StoreError {
 /// one was found.
 fn stop_exposer(root: &Path, disk: &str) -> bool {
     let pin = std::fs::read_to_string(root.join(disk).join("expose.pin")).unwrap_or_default();
-    let Some(pid) = pin.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok()) else {
+    let Some(pid) = pin
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
         return false;
     };
     if pid <= 1 || pid as u32 == std::process::id() {
         return false;
     }
-    tracing::info!(disk, pid, "stopping the failover's export for the last pass");
+    tracing::info!(
+        disk,
+        pid,
+        "stopping the failover's export for the last pass"
+    );
     // SAFETY: kill(2) with a valid signal has no memory effects here.
     unsafe { libc::kill(pid, libc::SIGTERM) == 0 }
 }

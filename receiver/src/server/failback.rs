@@ -160,7 +160,10 @@ pub(super) async fn commit(
     let result = tokio::task::spawn_blocking(move || {
         let _guard = span.enter();
         let c = failback::commit(&root, &disk, upto, point, cut_unix_ms, retention)?;
-        info!(already = c.already, "failback committed: the DR disk is point {point}, the fence lifted");
+        info!(
+            already = c.already,
+            "failback committed: the DR disk is point {point}, the fence lifted"
+        );
         Ok::<_, StoreError>(c)
     })
     .await;

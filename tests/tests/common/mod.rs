@@ -307,3 +307,21 @@ pub fn random_image(path: &Path, size: u64, seed: u64) {
         .collect();
     std::fs::write(path, bytes).unwrap();
 }
+
+/// `write -P pattern offset 64k` through the NBD export `vm1` at `sock` (qemu-io); the
+/// error text if it failed.
+pub fn nbd_write(sock: &Path, pattern: u8, offset: u64) -> Result<(), String> {
+    let uri = format!("nbd+unix:///vm1?socket={}", sock.display());
+    let (ok, out, err) = run(Command::new(tool("qemu-io")).args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        &format!("write -P {pattern} {offset} 64k"),
+    ]));
+    if ok && !out.contains("error") && !out.contains("failed") {
+        Ok(())
+    } else {
+        Err(format!("{out}{err}"))
+    }
+}

@@ -1,0 +1,197 @@
+//! Failback on the agent: the original disk brought equal to the DR disk by deltas the
+//! receiver reads from it, written through the tracker like any write, while every other
+//! writer is fenced off.
+//!
+//! The fence and where failback stands live in `<journal>.failback` (JSON, replaced whole
+//! and synced): while it exists, writes through the NBD front are refused (EPERM), so the
+//! only writes are failback's own, and a restart of the agent keeps the fence. A pass is
+//! applied in full and the backing synced before the file names its overlay cut as applied:
+//! killed before that, the pass is simply done again (the writes are idempotent).
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use ctk::ChangeId;
+use ctk::delta::{DeltaReader, DeltaRecord};
+use serde::{Deserialize, Serialize};
+
+use super::{DiskError, ProtectedDisk};
+
+/// Where a failback of this disk stands (`<journal>.failback`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailbackState {
+    pub started_unix_ms: u64,
+    /// The receiver's failover point the DR disk grew from (known after the first pass).
+    #[serde(default)]
+    pub point: Option<ChangeId>,
+    /// The overlay cut the last applied pass was complete as of: the next pass's start.
+    #[serde(default)]
+    pub applied_upto: Option<ChangeId>,
+    #[serde(default)]
+    pub passes: u64,
+    #[serde(default)]
+    pub bytes_applied: u64,
+    #[serde(default)]
+    pub applied_unix_ms: Option<u64>,
+    /// The cutover under way: this disk's cut that the receiver commits as the DR disk.
+    #[serde(default)]
+    pub committing: Option<Committing>,
+}
+
+/// The cutover's commit, recorded before it is asked for, so a rerun asks for the same one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committing {
+    /// This disk's cut after the final pass.
+    pub point: ChangeId,
+    /// The final pass's overlay cut.
+    pub upto: ChangeId,
+    pub cut_unix_ms: u64,
+}
+
+/// A step of failback, asked over the control socket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum FailbackOp {
+    /// Fence the disk (NBD writes refused) and start, or go on with, a failback.
+    Begin,
+    /// Apply the pass in the delta file `path` (from the failover at `point`, complete as
+    /// of overlay cut `upto`), sync it, then record it as applied.
+    Apply {
+        path: PathBuf,
+        point: ChangeId,
+        upto: ChangeId,
+    },
+    /// Record the cutover's commit before asking the receiver for it.
+    Committing(Committing),
+    /// Failback is over (the receiver committed, the cursor moved): lift the fence.
+    End,
+}
+
+fn state_path(journal: &Path) -> PathBuf {
+    let mut p = journal.as_os_str().to_owned();
+    p.push(".failback");
+    PathBuf::from(p)
+}
+
+/// The state beside `journal`, if a failback is under way.
+pub(super) fn load(journal: &Path) -> Result<Option<FailbackState>, DiskError> {
+    match std::fs::read(state_path(journal)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            DiskError::Io(std::io::Error::other(format!(
+                "{} is not a failback state ({e}): failback cannot tell where it stands; \
+                 remove it only once the disk is known to equal the DR disk",
+                state_path(journal).display()
+            )))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replaces the state whole, durably.
+fn save(journal: &Path, state: &FailbackState) -> Result<(), DiskError> {
+    let path = state_path(journal);
+    let tmp = path.with_extension("failback.tmp");
+    let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    let f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut &f, &bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl ProtectedDisk {
+    /// Refuses a write from anyone but failback while a failback is under way.
+    pub(super) fn check_not_failing_back(&self) -> Result<(), DiskError> {
+        if self.failback.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(DiskError::FailingBack);
+        }
+        Ok(())
+    }
+
+    /// The failback under way, if any.
+    pub fn failback_state(&self) -> Option<FailbackState> {
+        load(&self.journal).ok().flatten()
+    }
+
+    /// One step of failback (see `FailbackOp`); the state after it.
+    pub fn failback(&self, op: FailbackOp) -> Result<Option<FailbackState>, DiskError> {
+        use std::sync::atomic::Ordering;
+        let state = load(&self.journal)?;
+        let mut state = match (op, state) {
+            (FailbackOp::End, _) => {
+                match std::fs::remove_file(state_path(&self.journal)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
+                self.failback.store(false, Ordering::Release);
+                return Ok(None);
+            }
+            (FailbackOp::Begin, state) => {
+                // Fenced before the state says so: no write slips in between.
+                self.failback.store(true, Ordering::Release);
+                let state = state.unwrap_or_else(|| FailbackState {
+                    started_unix_ms: ctk::unix_ms_now(),
+                    ..FailbackState::default()
+                });
+                save(&self.journal, &state)?;
+                return Ok(Some(state));
+            }
+            (_, None) => {
+                return Err(DiskError::Io(std::io::Error::other(
+                    "no failback is under way for this disk (begin one first)",
+                )));
+            }
+            (op, Some(state)) => (op, state),
+        };
+        match state.0 {
+            FailbackOp::Apply { path, point, upto } => {
+                let bytes = self.apply_pass(&path)?;
+                state.1.point = Some(point);
+                state.1.applied_upto = Some(upto);
+                state.1.passes += 1;
+                state.1.bytes_applied += bytes;
+                state.1.applied_unix_ms = Some(ctk::unix_ms_now());
+            }
+            FailbackOp::Committing(c) => state.1.committing = Some(c),
+            FailbackOp::Begin | FailbackOp::End => unreachable!("handled above"),
+        }
+        save(&self.journal, &state.1)?;
+        Ok(Some(state.1))
+    }
+
+    /// Writes every record of the delta file at `path` through the tracker, then syncs the
+    /// backing. The bytes written (zeros counted).
+    fn apply_pass(&self, path: &Path) -> Result<u64, DiskError> {
+        let file = std::fs::File::open(path)?;
+        let mut reader = DeltaReader::new(BufReader::with_capacity(1 << 20, file))?;
+        if reader.header().disk_size != self.size() {
+            return Err(DiskError::Io(std::io::Error::other(format!(
+                "the DR disk is {} bytes, this disk {}: resize this disk to the DR disk's size \
+                 (ctk-agent resize) and run failback again",
+                reader.header().disk_size,
+                self.size()
+            ))));
+        }
+        let mut bytes = 0;
+        while let Some(record) = reader.next_record()? {
+            match record {
+                DeltaRecord::Data { offset, data } => {
+                    bytes += data.len() as u64;
+                    self.tracked_change(offset, data.len() as u64, || {
+                        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)
+                    })?;
+                }
+                DeltaRecord::Zero { offset, length } => {
+                    bytes += length;
+                    self.tracked_change(offset, length, || self.zero_range(offset, length, true))?;
+                }
+            }
+        }
+        self.file.sync_data()?;
+        Ok(bytes)
+    }
+}
