@@ -182,3 +182,119 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     );
     drop(agent);
 }
+
+/// What the original site has when failback starts, when it cannot name its own changes.
+#[derive(Clone, Copy, Debug)]
+enum Original {
+    /// The disk survived, its journal did not (and with it the replica cursor).
+    JournalLost,
+    /// A new, empty disk of the same size.
+    Blank,
+}
+
+/// Failback straight to the cutover when this disk cannot name its changes: the receiver
+/// compares unit hashes and sends only the units that differ (a blank disk: every unit with
+/// data); the disk ends equal to the DR disk and the next push is an increment.
+fn failback_without_history(original: Original) {
+    const MIB: u64 = 1 << 20;
+    let pair = Pair::new(10);
+    let d = &pair.d;
+    let image = d.join("vm1.img");
+    random_image(&image, 16 * MIB, 11);
+    // A quarter of the disk is holes: a blank disk needs none of them sent.
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[(8 * MIB) as usize..(12 * MIB) as usize].fill(0);
+    std::fs::write(&image, &bytes).unwrap();
+    let mut agent = pair.serve_disk(&image);
+    let nbd = d.join("nbd.sock");
+    let (ok, _, err) = run(&mut pair.replicate(&[]));
+    assert!(ok, "first push: {err}");
+    nbd_write(&nbd, 0x31, MIB).unwrap();
+    let store = pair.store();
+    let p1 = restore(
+        &pair.receiver_bin,
+        &store,
+        "vm1",
+        "latest",
+        &d.join("p1.img"),
+    );
+
+    let sock = d.join("failover.sock");
+    let (_failover, _) = start(
+        Command::new(&pair.receiver_bin)
+            .args(["failover", "start", "--disk", "vm1", "--json", "--store"])
+            .arg(&store)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display())),
+    );
+    let mut dr = p1.clone();
+    nbd_write(&sock, 0x42, 6 * MIB).unwrap();
+    patch(&mut dr, 0x42, 6 * MIB);
+
+    drop(agent);
+    let disk = match original {
+        Original::JournalLost => {
+            for entry in std::fs::read_dir(d).unwrap().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("vm1.img.ctk") {
+                    std::fs::remove_file(entry.path()).unwrap();
+                }
+            }
+            image.clone()
+        }
+        Original::Blank => {
+            let blank = d.join("blank.img");
+            std::fs::File::create(&blank)
+                .unwrap()
+                .set_len(16 * MIB)
+                .unwrap();
+            blank
+        }
+    };
+    agent = pair.serve_disk(&disk);
+    let (ok, out, err) = failback(&pair, &["--final"]);
+    assert!(ok, "{original:?}: cutover: {err}");
+    let lines = json_lines(&out);
+    let (pass, cut) = (&lines[0], &lines[1]);
+    assert_eq!(pass["first"], true, "{pass}");
+    let sent = pass["blocks"].as_u64().unwrap() * 4096;
+    match original {
+        // Two 64 KiB units differ: the source's write after the push, the VM's write.
+        Original::JournalLost => assert_eq!(sent, 2 * (64 << 10), "{pass}"),
+        // Every unit with data, none of the 4 MiB of zeros.
+        Original::Blank => assert_eq!(sent, 12 * MIB, "{pass}"),
+    }
+    assert_eq!(cut["digest_checked"], true, "{cut}");
+    assert!(
+        std::fs::read(&disk).unwrap() == dr,
+        "{original:?}: the original disk equals the DR disk"
+    );
+    nbd_write(&nbd, 0x51, 3 * MIB).unwrap();
+    let (ok, out, err) = run(&mut pair.replicate(&[]));
+    assert!(ok, "push after failback: {err}");
+    let pushed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pushed["from"], cut["committed"], "an increment: {pushed}");
+    assert_eq!(pushed["resync"], false, "{pushed}");
+    let newest = restore(
+        &pair.receiver_bin,
+        &store,
+        "vm1",
+        "latest",
+        &d.join("r.img"),
+    );
+    assert!(
+        newest == std::fs::read(&disk).unwrap(),
+        "{original:?}: newest"
+    );
+    drop(agent);
+}
+
+#[test]
+fn failback_without_the_journal_compares_digests_and_sends_only_what_differs() {
+    failback_without_history(Original::JournalLost);
+}
+
+#[test]
+fn failback_onto_a_blank_disk_sends_every_unit_with_data_and_no_zeros() {
+    failback_without_history(Original::Blank);
+}

@@ -204,6 +204,9 @@ fn start(args: Start) -> Result<()> {
         std::thread::spawn(move || keep_state(&dir, &weak, &fence, uri, &done))
     };
     let exposure = Arc::new(exposure);
+    // Held to the end: the exposure's lock says the overlay is this process's, and failback
+    // takes it (to hold the overlay itself) only once the journal below is closed.
+    let holding = exposure.clone();
     let copier = image.map(|image| {
         let (disk, weak, exposure, done) = (
             disk.clone(),
@@ -231,6 +234,7 @@ fn start(args: Start) -> Result<()> {
     write_state(&dir, &tracked.changes()?, &fence, None)?;
     // The last reference: the overlay is synced and its journal closed cleanly.
     drop(tracked);
+    drop(holding);
     result
 }
 

@@ -469,8 +469,12 @@ impl Peek {
             let bytes = std::fs::read(&journal).map_err(io(&journal))?;
             let storage = ctk::MemStorage::new();
             storage.set_contents(Some(bytes));
-            let opened = Tracker::open(storage, config(size, origin), Generation::random)
-                .map_err(|e| tracker_error(&journal, e))?;
+            // The replay's own report of an unclean journal is about this copy, not news.
+            let quiet = tracing::Dispatch::none();
+            let opened = tracing::dispatcher::with_default(&quiet, || {
+                Tracker::open(storage, config(size, origin), Generation::random)
+            })
+            .map_err(|e| tracker_error(&journal, e))?;
             match opened {
                 (_, OpenOutcome::NewGeneration { reason }) => {
                     last = Some(reason);
