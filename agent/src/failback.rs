@@ -309,6 +309,15 @@ impl<'a> Session<'a> {
                 already,
                 ..
             } => (image_digest, already),
+            Response::Refused {
+                refusal: ctk::wire::Refusal::Mismatch,
+                message,
+            } => {
+                // The DR disk is not as of the final pass any more (its overlay has a cut
+                // after it): the cutover starts over, and the next run makes a final pass.
+                self.step(FailbackOp::Recut)?;
+                bail!("the receiver refused the cutover, run it again: {message}")
+            }
             Response::Refused { message, .. } => {
                 bail!("the receiver refused the cutover: {message}")
             }
@@ -434,11 +443,24 @@ pub fn run(
 ) -> Result<()> {
     if cutover || s.state()?.committing.is_some() {
         // A cutover under way is finished first (the receiver may have committed already).
-        if s.state()?.committing.is_none() {
-            report(&s.pass(true)?);
+        // One the receiver refuses as stale starts over once, with a new final pass.
+        let mut retried = false;
+        loop {
+            if s.state()?.committing.is_none() {
+                report(&s.pass(true)?);
+            }
+            match s.cutover() {
+                Ok(done) => {
+                    report(&done);
+                    return Ok(());
+                }
+                Err(e) if !retried && s.state()?.committing.is_none() => {
+                    tracing::warn!(error = %format!("{e:#}"), "the cutover starts over");
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        report(&s.cutover()?);
-        return Ok(());
     }
     loop {
         report(&s.pass(false)?);

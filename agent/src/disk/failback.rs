@@ -63,6 +63,10 @@ pub enum FailbackOp {
     },
     /// Record the cutover's commit before asking the receiver for it.
     Committing(Committing),
+    /// Forget the recorded commit: the receiver refused it (the DR disk changed after the
+    /// final pass, or its overlay's journal was recovered after a crash with a cut of its
+    /// own), so the cutover starts over with another final pass.
+    Recut,
     /// Failback is over (the receiver committed, the cursor moved): lift the fence.
     End,
 }
@@ -157,6 +161,7 @@ impl ProtectedDisk {
                 state.1.applied_unix_ms = Some(ctk::unix_ms_now());
             }
             FailbackOp::Committing(c) => state.1.committing = Some(c),
+            FailbackOp::Recut => state.1.committing = None,
             FailbackOp::Begin | FailbackOp::End => unreachable!("handled above"),
         }
         save(&self.journal, &state.1)?;
