@@ -101,7 +101,7 @@ fn sigkill_of_agent_or_receiver_during_failback_converges_with_nothing_lost() {
         // agent first in even cycles, the receiver first in odd ones; each after a random
         // delay.
         for (step, extra) in [&[][..], &["--final"][..]].into_iter().enumerate() {
-            let kill_agent = (trial + step as u64) % 2 == 0;
+            let kill_agent = (trial + step as u64).is_multiple_of(2);
             let delay = Duration::from_millis((seed >> (20 + 10 * step)) % 400);
             let mut child = failback_cmd(&pair, extra)
                 .stdout(Stdio::null())
