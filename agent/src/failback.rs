@@ -38,6 +38,8 @@ pub struct Failback {
     pub unit: u32,
     /// Where a pass's delta is kept while the agent applies it.
     pub work_dir: PathBuf,
+    /// Compare unit hashes on the first pass even when this disk can name its changes.
+    pub compare: bool,
 }
 
 /// One failback of one disk, with its connection to the receiver.
@@ -49,6 +51,8 @@ pub struct Session<'a> {
     runtime: tokio::runtime::Runtime,
     conn: Option<quinn::Connection>,
     status: proto::DiskStatus,
+    /// When this run began: a cutover's downtime is counted from it.
+    started: Instant,
 }
 
 impl<'a> Session<'a> {
@@ -73,6 +77,7 @@ impl<'a> Session<'a> {
             runtime,
             conn: None,
             status,
+            started: Instant::now(),
         };
         s.step(FailbackOp::Begin)?;
         Ok(s)
@@ -172,7 +177,8 @@ impl<'a> Session<'a> {
             .iter()
             .flatten()
             .find(|c| c.name == self.f.cursor)
-            .map(|c| c.at);
+            .map(|c| c.at)
+            .filter(|_| !self.f.compare);
         if let Some(at) = at {
             let cut = self.cut_now()?;
             let changed = ask::<proto::ChangedAnswer>(
@@ -324,6 +330,7 @@ impl<'a> Session<'a> {
             other => bail!("unexpected answer from the receiver: {other:?}"),
         };
         let commit_seconds = started.elapsed().as_secs_f64();
+        let downtime_seconds = self.started.elapsed().as_secs_f64();
         let checked = self.check_and_move(commit, digest)?;
         self.step(FailbackOp::End)?;
         Ok(json!({
@@ -331,6 +338,8 @@ impl<'a> Session<'a> {
             "committed": commit.point.to_string(),
             "already_committed": already,
             "commit_seconds": commit_seconds,
+            // From the start of this run (the DR export stopped early in it) to the commit.
+            "downtime_seconds": downtime_seconds,
             "digest_checked": checked,
         }))
     }

@@ -36,6 +36,10 @@ pub struct Failback {
     /// cut on the receiver, move the replica cursor there, lift the fences.
     #[arg(long, conflicts_with = "every")]
     pub r#final: bool,
+    /// Compare unit hashes on the first pass even though this disk can name its changes
+    /// (to check the whole disk against the DR disk; it reads both whole).
+    #[arg(long)]
+    pub compare: bool,
     /// The unit compared when this disk cannot name its changes (4K to 16M).
     #[arg(long, value_parser = parse_size, default_value = "64K", value_name = "SIZE")]
     pub unit: u64,
@@ -55,6 +59,7 @@ pub fn failback(args: Failback) -> Result<()> {
             },
         every,
         r#final,
+        compare,
         unit,
         target,
     } = args;
@@ -72,6 +77,7 @@ pub fn failback(args: Failback) -> Result<()> {
             .filter(|u| ctk::digest::unit_count(0, *u).is_ok())
             .context("--unit: use a multiple of 4K from 4K to 16M")?,
         work_dir,
+        compare,
     };
     let call = |req: &ctk_agent::control::Request| control(&target, req);
     continuous::stop_on_signals();

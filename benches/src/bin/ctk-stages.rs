@@ -22,9 +22,13 @@
 //!   ctk-stages scribble SOCKET EXPORT PERCENT SEED
 //!                                  rewrite PERCENT% of the disk behind an NBD server (Unix
 //!                                  SOCKET, EXPORT) in distinct random 64 KiB extents of mixed
-//!                                  data -> JSON: changed bytes, their size compressed with zstd 1
+//!                                  data -> JSON: changed bytes, their size compressed with zstd
+//!                                  1, the extents' offsets
 //!   ctk-stages scribble-file FILE PERCENT SEED
 //!                                  the same, written straight into FILE (nothing tracks it)
+//!   ctk-stages floor FILE JSON...  the 64 KiB extents of the scribbles (their JSON files), each
+//!                                  once, as FILE holds them now, compressed with zstd 1 ->
+//!                                  JSON: their bytes, compressed
 //!
 //! Each prints one number (bytes per second) on stdout, but the scribbles (JSON).
 
@@ -143,6 +147,29 @@ fn main() {
                 f.write_all_at(data, off).expect("write")
             });
             f.sync_all().expect("fsync");
+        }
+        "floor" => {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(arg(1)).expect("open");
+            let mut offsets = std::collections::BTreeSet::new();
+            for json in &args[2..] {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(json).expect("read")).expect("JSON");
+                offsets.extend(v["offsets"].as_array().expect("offsets").iter().map(|o| {
+                    o.as_u64().expect("offset")
+                }));
+            }
+            let mut buf = vec![0u8; 64 << 10];
+            let (mut bytes, mut compressed) = (0u64, 0u64);
+            for at in offsets {
+                f.read_exact_at(&mut buf, at).expect("read");
+                bytes += buf.len() as u64;
+                compressed += zstd::bulk::compress(&buf, 1)
+                    .expect("zstd")
+                    .len()
+                    .min(buf.len()) as u64;
+            }
+            println!("{{\"bytes\": {bytes}, \"zstd_bytes\": {compressed}}}");
         }
         "quic" => {
             let bytes: u64 = arg(1).parse().expect("BYTES");
@@ -289,7 +316,9 @@ fn scribble(size: u64, pct: f64, seed: u64, mut write: impl FnMut(u64, &[u8])) {
         chosen.insert(rng.next() % extents);
     }
     let (mut changed, mut compressed) = (0u64, 0u64);
+    let mut offsets = Vec::new();
     for (i, e) in chosen.iter().enumerate() {
+        offsets.push((e * EXTENT).to_string());
         let data =
             ctk_benches::mixed_data(EXTENT as usize, seed.wrapping_mul(1_000_003) + i as u64);
         write(e * EXTENT, &data);
@@ -299,7 +328,10 @@ fn scribble(size: u64, pct: f64, seed: u64, mut write: impl FnMut(u64, &[u8])) {
             .len()
             .min(data.len()) as u64;
     }
-    println!("{{\"changed_bytes\": {changed}, \"zstd_bytes\": {compressed}}}");
+    println!(
+        "{{\"changed_bytes\": {changed}, \"zstd_bytes\": {compressed}, \"offsets\": [{}]}}",
+        offsets.join(",")
+    );
 }
 
 /// The size of an NBD export, from `nbdinfo --size` (the client here does not ask).
