@@ -207,9 +207,36 @@ pub fn status(args: Status) -> Result<()> {
             for c in d.cursors.iter().flatten() {
                 out.push_str(&cursor_line(c));
             }
+            if let Some(f) = &d.failback {
+                out.push_str(&failback_line(f));
+            }
         }
         out.trim_end().to_string()
     })
+}
+
+/// A failback under way, as people read it: its phase and what it applied.
+fn failback_line(f: &ctk_agent::disk::FailbackState) -> String {
+    let phase = match (&f.committing, f.passes) {
+        (Some(c), _) => format!("cutover: committing {} on the receiver", c.point),
+        (None, 0) => "started, no pass applied yet".to_owned(),
+        (None, _) => "reverse replication".to_owned(),
+    };
+    let mut line = format!(
+        "  FAILING BACK since {} ({phase}): NBD writes refused until the cutover; {} passes, \
+         {} MiB applied",
+        ctk::units::local_time(f.started_unix_ms),
+        f.passes,
+        f.bytes_applied >> 20
+    );
+    if let (Some(at), Some(upto)) = (f.applied_unix_ms, f.applied_upto) {
+        line.push_str(&format!(
+            ", the last as of the DR overlay's cut {upto} at {}",
+            ctk::units::local_time(at)
+        ));
+    }
+    line.push('\n');
+    line
 }
 
 /// A cursor as people read it: where it is, the RPO and the cut it stands for in the local

@@ -155,9 +155,13 @@ fn main() {
             for json in &args[2..] {
                 let v: serde_json::Value =
                     serde_json::from_slice(&std::fs::read(json).expect("read")).expect("JSON");
-                offsets.extend(v["offsets"].as_array().expect("offsets").iter().map(|o| {
-                    o.as_u64().expect("offset")
-                }));
+                offsets.extend(
+                    v["offsets"]
+                        .as_array()
+                        .expect("offsets")
+                        .iter()
+                        .map(|o| o.as_u64().expect("offset")),
+                );
             }
             let mut buf = vec![0u8; 64 << 10];
             let (mut bytes, mut compressed) = (0u64, 0u64);

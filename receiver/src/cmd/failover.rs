@@ -79,7 +79,8 @@ pub struct Status {
     pub disk: Option<String>,
     /// One JSON array: per disk {"disk", "failed_over", "point", "since", "since_unix_ms",
     /// "served", "pid", "uri", "changed_blocks", "changed_bytes", "updated", "image",
-    /// "materialized_percent"}.
+    /// "materialized_percent", "failback"} ("failback", once a pass was made: {"passes",
+    /// "last", "last_unix_ms", "upto", "last_blocks", "bytes_sent", "final", "blocks_left"}).
     #[arg(long)]
     pub json: bool,
 }
@@ -257,8 +258,17 @@ fn keep_state(
     done: &AtomicBool,
 ) {
     let mut last = None;
-    while !done.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(200));
+    // Sleeps in short steps: a stop (failback's last pass waits for it) is seen at once.
+    let nap = |ms: u64| {
+        for _ in 0..ms / 50 {
+            if done.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        !done.load(Ordering::Acquire)
+    };
+    while nap(200) {
         let Some(t) = tracked.upgrade() else { return };
         if let Err(e) = t.cut_if_written() {
             tracing::warn!(error = %e, "cutting the failover's overlay");
@@ -271,7 +281,7 @@ fn keep_state(
             last = now;
         }
         drop(t);
-        std::thread::sleep(Duration::from_millis(800));
+        nap(800);
     }
 }
 
@@ -339,6 +349,16 @@ fn status(args: Status) -> Result<()> {
             "image": state.as_ref().and_then(|s| s.image.clone()),
             "materialized_percent": state.as_ref().filter(|s| s.image.is_some() && s.regions > 0)
                 .map(|s| 100.0 * s.materialized_regions as f64 / s.regions as f64),
+            "failback": ctk_receiver::failback::progress(&store, &d).map(|p| json!({
+                "passes": p.passes,
+                "last": super::when(p.last_unix_ms),
+                "last_unix_ms": p.last_unix_ms,
+                "upto": p.upto.map(|u| u.to_string()),
+                "last_blocks": p.last_blocks,
+                "bytes_sent": p.bytes_sent,
+                "final": p.last_final,
+                "blocks_left": p.blocks_left,
+            })),
         }));
     }
     if json {
@@ -374,6 +394,22 @@ fn status(args: Status) -> Result<()> {
             } else {
                 println!("  materializing into {image}: {pct:.1}% (see the log for rate and ETA)");
             }
+        }
+        let f = &d["failback"];
+        if f.is_object() {
+            println!(
+                "  FAILING BACK: {} passes, {} bytes sent, the last at {} ({}); {} blocks of 4 KiB \
+                 written since it (the next pass)",
+                f["passes"],
+                f["bytes_sent"],
+                f["last"].as_str().unwrap_or("?"),
+                if f["final"] == true {
+                    "the final one: the export is stopped"
+                } else {
+                    "the VM runs"
+                },
+                f["blocks_left"]
+            );
         }
         if let Some(bytes) = d["changed_bytes"].as_u64() {
             println!(

@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use ctk::ChangeId;
+use std::io::BufReader;
+
 use ctk::delta::DeltaHeader;
 use roaring::RoaringBitmap;
 
@@ -82,18 +84,47 @@ pub fn commit(
         from: Some(newest),
         to: point,
     };
-    let path = super::failover_dir(root, disk).join("commit.ctkd");
-    write_blocks(&mut view, &header, &blocks, block, &path)?;
-    let input = std::fs::File::open(&path).map_err(|source| StoreError::Io {
-        doing: format!("opening {}", path.display()),
-        source,
-    })?;
     let meta = PointMeta {
         cut_unix_ms: Some(cut_unix_ms),
         consistency: Some(ctk::Consistency::Crash),
         image_digest: None,
     };
-    let ingested = s.ingest_failback(std::io::BufReader::new(input), retention, |_| Ok(meta))?;
+    // Streamed into the merge through a pipe: the merge stages it durably itself. Raw: it
+    // never leaves this machine, and compressing it would lengthen the downtime.
+    let (input, output) = std::io::pipe().map_err(|source| StoreError::Io {
+        doing: "making a pipe for the failback's commit".into(),
+        source,
+    })?;
+    let raw = ctk::delta::WriteOptions { zstd_level: None };
+    let (ingested, produced) = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            let out = std::io::BufWriter::with_capacity(1 << 20, output);
+            let (mut out, _) = write_blocks(&mut view, &header, &blocks, block, out, raw)?;
+            std::io::Write::flush(&mut out).map_err(|source| StoreError::Io {
+                doing: "writing the failback's commit".into(),
+                source,
+            })
+            // The pipe's end is dropped here: the merge reads the end of the delta.
+        });
+        // A merge that fails drops its input, so the producer's writes fail and it ends.
+        let ingested = s.ingest_failback(BufReader::new(input), retention, |_| Ok(meta));
+        let produced = producer.join().unwrap_or_else(|_| {
+            Err(StoreError::Protocol(
+                "reading the DR disk for the commit failed".into(),
+            ))
+        });
+        (ingested, produced)
+    });
+    let ingested = match (ingested, produced) {
+        // The merge stopped reading (its own failure): the producer's broken pipe follows.
+        (Err(e), Err(StoreError::Io { source, .. }))
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            return Err(e);
+        }
+        (_, Err(e)) => return Err(e),
+        (ingested, Ok(())) => ingested?,
+    };
     let digest = s.points().last().and_then(|p| p.image_digest).map(|d| d.0);
     drop(s);
     drop(view);

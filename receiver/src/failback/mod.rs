@@ -26,6 +26,62 @@ pub use view::DrView;
 
 use std::path::{Path, PathBuf};
 
+use ctk::ChangeId;
+use serde::{Deserialize, Serialize};
+
+/// Where failback stands, as the receiver saw it (`failover/failback.json`, for `failover
+/// status`): rewritten after each pass is built; never synced (a status, not a record).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub passes: u64,
+    pub last_unix_ms: u64,
+    /// The overlay cut the last pass was complete as of.
+    pub upto: Option<ChangeId>,
+    pub last_blocks: u64,
+    pub bytes_sent: u64,
+    /// The last pass was the final one (the export stopped).
+    pub last_final: bool,
+    /// Blocks the overlay wrote after `upto` (filled in by `progress`, not stored).
+    #[serde(default, skip_serializing)]
+    pub blocks_left: Option<u64>,
+}
+
+const PROGRESS: &str = "failback.json";
+
+/// Records a pass in the failover's `failback.json` (best effort: a status).
+fn record(dir: &Path, pass: &Pass, last: bool) {
+    let mut p: Progress = std::fs::read(dir.join(PROGRESS))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    p.passes += 1;
+    p.last_unix_ms = ctk::unix_ms_now();
+    p.upto = Some(pass.upto);
+    p.last_blocks = pass.blocks;
+    p.bytes_sent += pass.bytes;
+    p.last_final = last;
+    let tmp = dir.join("failback.json.tmp");
+    let written = serde_json::to_vec_pretty(&p)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(PROGRESS)));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "recording the failback's progress");
+    }
+}
+
+/// Where failback of `disk` stands, if it began: with the blocks the DR disk's overlay wrote
+/// since the last pass (what the next one sends), read beside a running failover.
+pub fn progress(root: &Path, disk: &str) -> Option<Progress> {
+    let dir = failover_dir(root, disk);
+    let mut p: Progress = serde_json::from_slice(&std::fs::read(dir.join(PROGRESS)).ok()?).ok()?;
+    p.blocks_left = DrView::peek(root, disk)
+        .and_then(|mut v| v.changes(p.upto))
+        .ok()
+        .map(|(_, blocks)| blocks.len());
+    Some(p)
+}
+
 /// The failover's directory of disk `disk` under the agent's store `root`.
 pub fn failover_dir(root: &Path, disk: &str) -> PathBuf {
     root.join(disk).join("failover")

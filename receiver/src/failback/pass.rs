@@ -101,8 +101,19 @@ pub fn pass(
         from: Some(view.point),
         to: upto,
     };
-    let bytes = write_blocks(&mut view, &header, &blocks, BLOCK, &path)?;
-    Ok(Pass {
+    // Not synced: it lives only until it is streamed, and a crash means a new pass anyway.
+    let file = std::fs::File::create(&path).map_err(io("creating a failback delta"))?;
+    let out = BufWriter::with_capacity(1 << 20, file);
+    let (mut out, bytes) = write_blocks(
+        &mut view,
+        &header,
+        &blocks,
+        BLOCK,
+        out,
+        WriteOptions::default(),
+    )?;
+    out.flush().map_err(io("writing a failback delta"))?;
+    let pass = Pass {
         point: view.point,
         newest,
         upto,
@@ -110,20 +121,22 @@ pub fn pass(
         blocks: blocks.len(),
         path,
         bytes,
-    })
+    };
+    super::record(dir, &pass, last);
+    Ok(pass)
 }
 
 /// Writes the blocks (of `block` bytes) in `blocks`, read from `view`, as a delta with
-/// `header` into a new file at `path`. Its length.
-pub(super) fn write_blocks(
+/// `header` into `out`. The sink and the delta's length.
+pub(super) fn write_blocks<W: Write>(
     view: &mut DrView,
     header: &DeltaHeader,
     blocks: &RoaringBitmap,
     block: u64,
-    path: &Path,
-) -> Result<u64, StoreError> {
-    let file = std::fs::File::create(path).map_err(io("creating a failback delta"))?;
-    let mut writer = DeltaWriter::new(BufWriter::new(file), header, WriteOptions::default())?;
+    out: W,
+    options: WriteOptions,
+) -> Result<(W, u64), StoreError> {
+    let mut writer = DeltaWriter::new(out, header, options)?;
     let mut buf = Vec::new();
     let mut failed = None;
     for (first, count) in block_runs(blocks) {
@@ -141,12 +154,8 @@ pub(super) fn write_blocks(
             return Err(failed.take().unwrap_or_else(|| e.into()));
         }
     }
-    let (mut out, summary) = writer.finish()?;
-    out.flush().map_err(io("writing a failback delta"))?;
-    out.get_ref()
-        .sync_data()
-        .map_err(io("writing a failback delta"))?;
-    Ok(summary.stream_bytes)
+    let (out, summary) = writer.finish()?;
+    Ok((out, summary.stream_bytes))
 }
 
 /// Runs of consecutive block numbers: (first, count).

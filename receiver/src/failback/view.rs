@@ -94,7 +94,7 @@ impl DrView {
                     if started.elapsed() > STOP_WAIT {
                         return Err(served_error(disk, "did not stop within a minute"));
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(StoreError::Exposed { .. }) => {
                     return Err(served_error(disk, "serves it again since the last pass"));
