@@ -102,6 +102,7 @@ for r in $(seq "$rounds"); do
   # Where the cutover's time went: the final pass, the commit (the receiver's merge steps).
   echo "  cutover: final pass $(jq_ "$work/final.json" "round(d[0]['seconds'], 2)") s, commit $(jq_ "$work/final.json" "round(d[1]['commit_seconds'], 2)") s" >&2
   grep ' merged ' "$work/r.log" | tail -1 | sed -n 's/.*steps=\(\[[^]]*\]\).*/  merge steps: \1/p' >&2
+  grep 'failback commit' "$work/r.log" | tail -2 | sed 's/^.*INFO/ /' >&2
   "$bin/ctk-receiver" restore --store "$work/store/bench" --disk vm1 --point latest -o "$work/check.img" > /dev/null 2>&1
   cmp -s "$work/check.img" "$work/vm1.img" || { echo "the new point is not the disk" >&2; exit 1; }
   rm -f "$work/check.img"

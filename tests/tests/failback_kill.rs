@@ -72,6 +72,15 @@ fn sigkill_of_agent_or_receiver_during_failback_converges_with_nothing_lost() {
     let mut killed = [0u64; 2];
     for trial in 0..trials {
         seed = ctk_tests::next(seed);
+        // The last cycle's overlay is removed after the cutover's answer, under its exposure:
+        // the next failover starts once it is gone.
+        let overlay = store.join("vm1/failover");
+        for _ in 0..200 {
+            if !overlay.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // S: the original VM writes after the last push.
         for k in 0..2 {
             nbd_write(&nbd, 0x10 + (trial % 200) as u8, offset(seed >> (8 * k))).unwrap();

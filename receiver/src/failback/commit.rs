@@ -48,7 +48,9 @@ pub fn commit(
             already: true,
         });
     }
+    let started = std::time::Instant::now();
     let mut view = DrView::hold(root, disk, false)?;
+    let held = started.elapsed().as_secs_f64();
     match view.after_latest()? {
         Some((latest, 0)) if latest == upto => {}
         Some((latest, open)) => {
@@ -61,6 +63,7 @@ pub fn commit(
         None => return Err(StoreError::Protocol("the overlay is not held".into())),
     }
     let (mut s, _) = DiskStore::open_waiting(root, disk)?;
+    let opened = started.elapsed().as_secs_f64();
     let newest = s
         .points()
         .last()
@@ -115,6 +118,7 @@ pub fn commit(
         });
         (ingested, produced)
     });
+    let merged = started.elapsed().as_secs_f64();
     let ingested = match (ingested, produced) {
         // The merge stopped reading (its own failure): the producer's broken pipe follows.
         (Err(e), Err(StoreError::Io { source, .. }))
@@ -127,8 +131,26 @@ pub fn commit(
     };
     let digest = s.points().last().and_then(|p| p.image_digest).map(|d| d.0);
     drop(s);
-    drop(view);
-    remove_overlay(root, disk)?;
+    // Where the cutover's commit went (the downtime's largest part).
+    tracing::info!(
+        blocks = blocks.len(),
+        held_s = held,
+        store_opened_s = opened,
+        merged_s = merged,
+        "failback commit steps"
+    );
+    // The point is committed and the fence lifted: the overlay goes after the answer (its
+    // removal, a large sparse file, would otherwise add to the cutover's downtime), still
+    // under its exposure, so that a new `failover start` (which waits for that) never has
+    // its own overlay removed. Cut short, what is left is removed by the same request asked
+    // again, or emptied by the next `failover start`.
+    let (root, disk) = (root.to_owned(), disk.to_owned());
+    std::thread::spawn(move || {
+        if let Err(e) = remove_overlay(&root, &disk) {
+            tracing::warn!(error = %e, "removing the failed-back overlay");
+        }
+        drop(view);
+    });
     Ok(Committed {
         change_id: point,
         image_digest: digest,
