@@ -125,6 +125,29 @@ impl<'a> Session<'a> {
             None => self.known()?,
         };
         let mut pulled = self.pull(since, known, &body, last)?;
+        if let Response::Refused { refusal, message } = &pulled.0 {
+            if *refusal == ctk::wire::Refusal::NotFailedOver
+                && state.passes == 0
+                && state.committing.is_none()
+            {
+                // Nothing to fail back (never failed over, or failed back already): the
+                // fence this run set goes again.
+                self.step(FailbackOp::End)?;
+                return Ok(json!({"disk": self.disk, "not_failed_over": true, "message": message}));
+            }
+            if *refusal == ctk::wire::Refusal::NotFailedOver {
+                bail!(
+                    "the receiver says {} is not failed over any more (rolled back at the DR \
+                     site?) while this disk holds part of a failback ({} passes applied): it \
+                     stays fenced. If the DR site's writes were meant to be thrown away, this \
+                     disk is not the original any more either: restore it from the receiver \
+                     (ctk-receiver restore) before replicating again",
+                    self.disk,
+                    state.passes
+                );
+            }
+            bail!("the receiver refused the pass: {message}");
+        }
         if let (Some(at), Response::FailbackPass { newest, .. }) = (cursor_at, &pulled.0)
             && *newest != at
         {
@@ -414,7 +437,8 @@ async fn pull(
     let answer = Response::decode(&frame)?;
     let expected = match &answer {
         Response::FailbackPass { bytes, .. } => *bytes,
-        Response::Refused { message, .. } => bail!("the receiver refused the pass: {message}"),
+        // Said as it is: the caller decides what a refusal means.
+        Response::Refused { .. } => return Ok(answer),
         other => bail!("unexpected answer from the receiver: {other:?}"),
     };
     let mut out = tokio::fs::File::create(path).await?;
@@ -456,7 +480,11 @@ pub fn run(
         let mut retried = false;
         loop {
             if s.state()?.committing.is_none() {
-                report(&s.pass(true)?);
+                let pass = s.pass(true)?;
+                report(&pass);
+                if pass["not_failed_over"] == true {
+                    return Ok(());
+                }
             }
             match s.cutover() {
                 Ok(done) => {
@@ -472,7 +500,11 @@ pub fn run(
         }
     }
     loop {
-        report(&s.pass(false)?);
+        let pass = s.pass(false)?;
+        report(&pass);
+        if pass["not_failed_over"] == true {
+            return Ok(());
+        }
         let Some(every) = every else { return Ok(()) };
         let until = Instant::now() + every;
         while Instant::now() < until {

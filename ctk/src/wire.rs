@@ -214,6 +214,9 @@ pub enum Refusal {
     /// recovered VM's disk now, and no push commits until failback. Not a reason to retry
     /// soon, and never a commit. Added last, so the other variants keep their encoding.
     FailedOver,
+    /// Failback was asked for a disk that is not failed over (never, or no longer: failed
+    /// back already, or rolled back at the DR site). Variant 5.
+    NotFailedOver,
 }
 
 impl std::fmt::Display for Refusal {
@@ -224,6 +227,7 @@ impl std::fmt::Display for Refusal {
             Refusal::Damaged => "the delta arrived damaged",
             Refusal::Unavailable => "the receiver could not store it",
             Refusal::FailedOver => "the disk is failed over at the DR site",
+            Refusal::NotFailedOver => "the disk is not failed over at the DR site",
         })
     }
 }

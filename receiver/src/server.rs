@@ -322,6 +322,7 @@ fn refusal(e: &StoreError) -> Refusal {
         StoreError::Delta(_) | StoreError::DigestMismatch { .. } => Refusal::Damaged,
         StoreError::Mismatch(_) => Refusal::Mismatch,
         StoreError::FailedOver { .. } => Refusal::FailedOver,
+        StoreError::NotFailedOver { .. } => Refusal::NotFailedOver,
         StoreError::Io { .. }
         | StoreError::Damaged { .. }
         | StoreError::InUse { .. }

@@ -30,6 +30,46 @@ fn failback(pair: &Pair, extra: &[&str]) -> (bool, String, String) {
         .args(extra))
 }
 
+/// The region fio writes at the DR site.
+const FIO_OFFSET: u64 = 6 << 20;
+const FIO_SIZE: u64 = 2 << 20;
+
+/// fio's nbd engine on export `vm1` at `sock`: random writes of 4 to 64 KiB at iodepth 16
+/// over the fio region, each block once, with crc32c verify headers, checked right after
+/// (`verify_only`: only read and checked, the same fixed random sequence).
+fn fio(sock: &std::path::Path, dir: &std::path::Path, verify_only: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new(tool("fio"))
+        .args([
+            "--name=dr",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--randseed=21",
+        ])
+        .arg(format!("--offset={FIO_OFFSET}"))
+        .arg(format!("--size={FIO_SIZE}"))
+        .arg(if verify_only {
+            "--verify_only=1"
+        } else {
+            "--do_verify=1"
+        })
+        .arg(format!("--uri=nbd+unix:///vm1?socket={}", sock.display()))
+        // fio leaves a verify-state file in its working directory: keep it in the test's.
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("err= 0"),
+        "fio (verify_only {verify_only}) failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn json_lines(out: &str) -> Vec<serde_json::Value> {
     out.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -97,7 +137,20 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     let refused = nbd_write(&nbd, 0x99, 0).unwrap_err();
     assert!(refused.contains("Operation not permitted"), "{refused}");
 
-    // The VM goes on writing; the next pass takes only that.
+    // The VM goes on writing, fio among it (random sizes at iodepth 16, verified by fio as
+    // it goes); the passes follow.
+    fio(&d.join("failover.sock"), &d.join("fio"), false);
+    let (ok, _, err) = run(Command::new(tool("nbdcopy"))
+        .arg(format!("nbd+unix:///vm1?socket={}", sock.display()))
+        .arg(d.join("dr-now.img")));
+    assert!(ok, "nbdcopy: {err}");
+    let now = std::fs::read(d.join("dr-now.img")).unwrap();
+    let fio_region = (FIO_OFFSET as usize)..((FIO_OFFSET + FIO_SIZE) as usize);
+    dr[fio_region.clone()].copy_from_slice(&now[fio_region]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (ok, _, err) = failback(&pair, &[]);
+    assert!(ok, "a pass after fio: {err}");
+    // The next pass takes only what was written since.
     nbd_write(&sock, 0x43, 12 * MIB).unwrap();
     patch(&mut dr, 0x43, 12 * MIB);
     // Asked at once, before the overlay's next cut, the pass may not hold the write yet:
@@ -136,6 +189,9 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
         .arg(&store));
     assert!(ok && out.contains("\"failed_over\":false"), "{out}");
 
+    // fio's own check, on the original disk: every block it wrote at the DR site is there.
+    fio(&nbd, &d.join("fio"), true);
+
     // Replication resumes: the NBD front takes writes again, and the next push is an
     // increment from the failback's point.
     nbd_write(&nbd, 0x51, 3 * MIB).unwrap();
@@ -149,6 +205,13 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
         pushed["changed_bytes"].as_u64().unwrap() <= 64 << 10,
         "{pushed}"
     );
+
+    // Failback run again once it is done (or for a disk never failed over) says there is
+    // nothing to do and leaves the disk writable (it used to leave it fenced).
+    let (ok, out, err) = failback(&pair, &["--final"]);
+    assert!(ok, "failback of a disk not failed over: {err}");
+    assert_eq!(json_lines(&out)[0]["not_failed_over"], true, "{out}");
+    nbd_write(&nbd, 0x51, 3 * MIB).unwrap();
 
     // Every point restores: the old ones as before, the failback's as the DR disk, the
     // newest as the source.

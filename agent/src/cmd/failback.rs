@@ -100,6 +100,12 @@ pub fn failback(args: Failback) -> Result<()> {
 /// One line per report.
 fn text(a: &serde_json::Value) -> String {
     let disk = a["disk"].as_str().unwrap_or("");
+    if a["not_failed_over"] == true {
+        return format!(
+            "{disk}: nothing to fail back: {}",
+            a["message"].as_str().unwrap_or("")
+        );
+    }
     if let Some(point) = a["committed"].as_str() {
         return format!(
             "{disk}: cutover done: the receiver committed the DR disk as {point}{} in {:.2} s; \

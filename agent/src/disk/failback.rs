@@ -9,6 +9,7 @@
 //! killed before that, the pass is simply done again (the writes are idempotent).
 
 use std::io::BufReader;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ctk::ChangeId;
@@ -169,7 +170,9 @@ impl ProtectedDisk {
     }
 
     /// Writes every record of the delta file at `path` through the tracker, then syncs the
-    /// backing. The bytes written (zeros counted).
+    /// backing. The bytes written (zeros counted). Records go in batches whose intents one
+    /// journal sync makes durable: a pass touches regions all over the disk, and a sync per
+    /// record would be most of its time.
     fn apply_pass(&self, path: &Path) -> Result<u64, DiskError> {
         let file = std::fs::File::open(path)?;
         let mut reader = DeltaReader::new(BufReader::with_capacity(1 << 20, file))?;
@@ -181,22 +184,102 @@ impl ProtectedDisk {
                 self.size()
             ))));
         }
-        let mut bytes = 0;
-        while let Some(record) = reader.next_record()? {
+        let (mut bytes, mut batch, mut held) = (0u64, Vec::new(), 0usize);
+        loop {
+            let record = reader.next_record()?;
+            let end = record.is_none();
             match record {
-                DeltaRecord::Data { offset, data } => {
-                    bytes += data.len() as u64;
-                    self.tracked_change(offset, data.len() as u64, || {
-                        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)
-                    })?;
+                Some(DeltaRecord::Data { offset, data }) => {
+                    held += data.len();
+                    batch.push(Piece {
+                        offset,
+                        length: data.len() as u64,
+                        data: Some(data.to_vec()),
+                    });
                 }
-                DeltaRecord::Zero { offset, length } => {
-                    bytes += length;
-                    self.tracked_change(offset, length, || self.zero_range(offset, length, true))?;
-                }
+                Some(DeltaRecord::Zero { offset, length }) => batch.push(Piece {
+                    offset,
+                    length,
+                    data: None,
+                }),
+                None => {}
+            }
+            if end || held >= BATCH_BYTES || batch.len() >= BATCH_RECORDS {
+                bytes += batch.iter().map(|p| p.length).sum::<u64>();
+                self.apply_batch(&batch)?;
+                batch.clear();
+                held = 0;
+            }
+            if end {
+                break;
             }
         }
         self.file.sync_data()?;
         Ok(bytes)
     }
+
+    /// The write path (`tracked_change`) for several pieces at once: every intent first,
+    /// made durable by one sync, then the data, each piece recorded after its write.
+    fn apply_batch(&self, batch: &[Piece]) -> Result<(), DiskError> {
+        for p in batch {
+            self.check(p.offset, p.length)?;
+        }
+        let _gate = self
+            .gate
+            .read()
+            .map_err(|_| DiskError::Io(std::io::Error::other("gate poisoned")))?;
+        let mut begun = Vec::with_capacity(batch.len());
+        for p in batch {
+            begun.push(self.with_tracker(|t| Ok(t.begin_intend(p.offset, p.length)?))?);
+        }
+        // The last intent's sync covers every record appended before it.
+        if let Some(ctk::Intend::Sync(last)) = begun
+            .iter_mut()
+            .rev()
+            .find(|b| matches!(b, ctk::Intend::Sync(_)))
+        {
+            last.sync();
+        }
+        let mut intents = Vec::with_capacity(batch.len());
+        for b in begun {
+            intents.push(match b {
+                ctk::Intend::Ready(intent) => intent,
+                ctk::Intend::Sync(pending) => {
+                    self.with_tracker(|t| Ok(t.finish_intend(pending)?))?
+                }
+            });
+        }
+        let mut failed = None;
+        for (p, intent) in batch.iter().zip(intents) {
+            let written = self
+                .preserve(p.offset, p.length)
+                .and_then(|()| match &p.data {
+                    Some(data) => self.file.write_all_at(data, p.offset),
+                    None => self.zero_range(p.offset, p.length, true),
+                });
+            // Recorded whether or not the write succeeded: part of it may have landed.
+            self.with_tracker(|t| {
+                t.record(intent);
+                Ok(())
+            })?;
+            if let Err(e) = written {
+                failed.get_or_insert(e);
+            }
+        }
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Most bytes and records a batch holds.
+const BATCH_BYTES: usize = 16 << 20;
+const BATCH_RECORDS: usize = 512;
+
+/// One record of a pass, held for its batch (`None`: zeros).
+struct Piece {
+    offset: u64,
+    length: u64,
+    data: Option<Vec<u8>>,
 }

@@ -44,11 +44,8 @@ fn overlay_error(e: OverlayError) -> StoreError {
 
 /// The fence of `disk`: failback needs one.
 fn fence(root: &Path, disk: &str) -> Result<store::FailedOver, StoreError> {
-    store::failed_over(root, disk)?.ok_or_else(|| {
-        StoreError::Protocol(format!(
-            "disk {disk:?} is not failed over at the DR site: there is nothing to fail back \
-             (replicate as usual)"
-        ))
+    store::failed_over(root, disk)?.ok_or_else(|| StoreError::NotFailedOver {
+        disk: disk.to_owned(),
     })
 }
 

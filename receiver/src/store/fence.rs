@@ -89,10 +89,9 @@ impl DiskStore {
         end: impl FnOnce(R) -> Result<PointMeta>,
     ) -> Result<Ingested> {
         if self.manifest.failed_over.is_none() {
-            return Err(StoreError::Protocol(format!(
-                "disk {:?} is not failed over: there is nothing to fail back",
-                self.name
-            )));
+            return Err(StoreError::NotFailedOver {
+                disk: self.name.clone(),
+            });
         }
         let ingested = self.ingest_fenced_or_not(input, retention, end)?;
         self.unfence()?;

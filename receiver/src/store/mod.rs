@@ -135,6 +135,12 @@ pub enum StoreError {
         fence.since_rfc3339()
     )]
     FailedOver { disk: String, fence: FailedOver },
+    /// Failback asked for a disk that is not failed over.
+    #[error(
+        "disk {disk:?} is not failed over at the DR site: there is nothing to fail back \
+         (replicate as usual)"
+    )]
+    NotFailedOver { disk: String },
     #[error(
         "the merged image does not match the agent's digest of it (agent {expected}, merged \
          {got}): nothing committed, the previous point stands"
