@@ -30,6 +30,8 @@ fn failback(pair: &Pair, extra: &[&str]) -> (bool, String, String) {
         .args(extra))
 }
 
+const MIB: u64 = 1 << 20;
+
 /// The region fio writes at the DR site.
 const FIO_OFFSET: u64 = 6 << 20;
 const FIO_SIZE: u64 = 2 << 20;
@@ -70,24 +72,14 @@ fn fio(sock: &std::path::Path, dir: &std::path::Path, verify_only: bool) {
     );
 }
 
-fn json_lines(out: &str) -> Vec<serde_json::Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-#[test]
-fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_increment() {
-    const MIB: u64 = 1 << 20;
-    let pair = Pair::new(10);
-    let d = &pair.d;
-    let image = d.join("vm1.img");
-    random_image(&image, 16 * MIB, 7);
-    let agent = pair.serve_disk(&image);
-    let nbd = d.join("nbd.sock");
+/// A 16 MiB disk served and replicated twice (a write between): the agent, the newest
+/// point's bytes and the points as listed.
+fn two_points(pair: &Pair, image: &std::path::Path) -> (Proc, Vec<u8>, serde_json::Value) {
+    random_image(image, 16 << 20, 7);
+    let agent = pair.serve_disk(image);
     let (ok, _, err) = run(&mut pair.replicate(&[]));
     assert!(ok, "first push: {err}");
-    nbd_write(&nbd, 0x11, 2 * MIB).unwrap();
+    nbd_write(&pair.d.join("nbd.sock"), 0x11, 2 << 20).unwrap();
     let (ok, _, err) = run(&mut pair.replicate(&[]));
     assert!(ok, "second push: {err}");
     let store = pair.store();
@@ -96,22 +88,81 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
         &store,
         "vm1",
         "latest",
-        &d.join("p2.img"),
+        &pair.d.join("p2.img"),
     );
-    let points_before = points(&pair.receiver_bin, &store)[0]["points"].clone();
+    let listed = points(&pair.receiver_bin, &store)[0]["points"].clone();
+    (agent, p2, listed)
+}
+
+/// `failover status` says vm1 is not failed over any more.
+fn assert_not_failed_over(pair: &Pair) {
+    let (ok, out, _) = run(Command::new(&pair.receiver_bin)
+        .args(["failover", "status", "--disk", "vm1", "--json", "--store"])
+        .arg(pair.store()));
+    assert!(ok && out.contains("\"failed_over\":false"), "{out}");
+}
+
+/// `ctk-receiver failover start` of vm1 (at `point`, else the newest), served on
+/// `d/failover.sock`.
+fn start_failover(pair: &Pair, point: Option<&str>) -> Proc {
+    let mut cmd = Command::new(&pair.receiver_bin);
+    cmd.args(["failover", "start", "--disk", "vm1", "--json", "--store"])
+        .arg(pair.store())
+        .arg("--listen")
+        .arg(format!("unix:{}", pair.d.join("failover.sock").display()));
+    if let Some(p) = point {
+        cmd.args(["--point", p]);
+    }
+    start(&mut cmd).0
+}
+
+/// fio at the DR site, and its bytes taken into `dr` (read back through the export).
+fn fio_at_dr(pair: &Pair, dr: &mut [u8]) {
+    let sock = pair.d.join("failover.sock");
+    fio(&sock, &pair.d.join("fio"), false);
+    let copy = pair.d.join("dr-now.img");
+    let (ok, _, err) = run(Command::new(tool("nbdcopy"))
+        .arg(format!("nbd+unix:///vm1?socket={}", sock.display()))
+        .arg(&copy));
+    assert!(ok, "nbdcopy: {err}");
+    let now = std::fs::read(&copy).unwrap();
+    let region = (FIO_OFFSET as usize)..((FIO_OFFSET + FIO_SIZE) as usize);
+    dr[region.clone()].copy_from_slice(&now[region]);
+}
+
+/// Two later passes, a cut of the overlay apart: the blocks they sent in all.
+fn two_passes(pair: &Pair) -> u64 {
+    let mut sent = 0;
+    for _ in 0..2 {
+        let (ok, out, err) = failback(pair, &[]);
+        assert!(ok, "a later pass: {err}");
+        let pass = &json_lines(&out)[0];
+        assert_eq!(pass["first"], false, "{pass}");
+        sent += pass["blocks"].as_u64().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
+    sent
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_increment() {
+    let pair = Pair::new(10);
+    let d = &pair.d;
+    let (image, nbd, store) = (d.join("vm1.img"), d.join("nbd.sock"), pair.store());
+    let (agent, p2, points_before) = two_points(&pair, &image);
 
     // S: written at the original site after the last push, never replicated.
     nbd_write(&nbd, 0x31, MIB).unwrap();
     nbd_write(&nbd, 0x32, 5 * MIB).unwrap();
 
     let sock = d.join("failover.sock");
-    let (mut failover, _) = start(
-        Command::new(&pair.receiver_bin)
-            .args(["failover", "start", "--disk", "vm1", "--json", "--store"])
-            .arg(&store)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display())),
-    );
+    let mut failover = start_failover(&pair, None);
     // D: the recovered VM's writes (one over part of an S extent).
     let mut dr = p2.clone();
     for (pattern, offset) in [(0x41, MIB + (32 << 10)), (0x42, 9 * MIB)] {
@@ -139,14 +190,7 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
 
     // The VM goes on writing, fio among it (random sizes at iodepth 16, verified by fio as
     // it goes); the passes follow.
-    fio(&d.join("failover.sock"), &d.join("fio"), false);
-    let (ok, _, err) = run(Command::new(tool("nbdcopy"))
-        .arg(format!("nbd+unix:///vm1?socket={}", sock.display()))
-        .arg(d.join("dr-now.img")));
-    assert!(ok, "nbdcopy: {err}");
-    let now = std::fs::read(d.join("dr-now.img")).unwrap();
-    let fio_region = (FIO_OFFSET as usize)..((FIO_OFFSET + FIO_SIZE) as usize);
-    dr[fio_region.clone()].copy_from_slice(&now[fio_region]);
+    fio_at_dr(&pair, &mut dr);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let (ok, _, err) = failback(&pair, &[]);
     assert!(ok, "a pass after fio: {err}");
@@ -155,16 +199,11 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     patch(&mut dr, 0x43, 12 * MIB);
     // Asked at once, before the overlay's next cut, the pass may not hold the write yet:
     // the next one does.
-    let mut sent = 0;
-    for _ in 0..2 {
-        let (ok, out, err) = failback(&pair, &[]);
-        assert!(ok, "a later pass: {err}");
-        let pass = &json_lines(&out)[0];
-        assert_eq!(pass["first"], false, "{pass}");
-        sent += pass["blocks"].as_u64().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-    }
-    assert_eq!(sent, 16, "the write after the first pass, once");
+    assert_eq!(
+        two_passes(&pair),
+        16,
+        "the write after the first pass, once"
+    );
 
     // The cutover: the DR export is stopped, the last write before it is carried.
     nbd_write(&sock, 0x44, 14 * MIB).unwrap();
@@ -175,19 +214,15 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     assert_eq!(lines[0]["final"], true, "{out}");
     let cut = &lines[1];
     assert_eq!(cut["digest_checked"], true, "{cut}");
-    let status = failover.0.wait().unwrap();
     assert!(
-        status.success(),
-        "the failover export ended cleanly: {status:?}"
+        failover.0.wait().unwrap().success(),
+        "the DR export ended cleanly"
     );
     assert!(
         std::fs::read(&image).unwrap() == dr,
         "the original disk equals the DR disk"
     );
-    let (ok, out, _) = run(Command::new(&pair.receiver_bin)
-        .args(["failover", "status", "--disk", "vm1", "--json", "--store"])
-        .arg(&store));
-    assert!(ok && out.contains("\"failed_over\":false"), "{out}");
+    assert_not_failed_over(&pair);
 
     // fio's own check, on the original disk: every block it wrote at the DR site is there.
     fio(&nbd, &d.join("fio"), true);
@@ -213,26 +248,16 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     assert_eq!(json_lines(&out)[0]["not_failed_over"], true, "{out}");
     nbd_write(&nbd, 0x51, 3 * MIB).unwrap();
 
-    // Every point restores: the old ones as before, the failback's as the DR disk, the
-    // newest as the source.
-    let listed = points(&pair.receiver_bin, &store)[0]["points"].clone();
-    let listed = listed.as_array().unwrap();
-    assert_eq!(listed.len(), points_before.as_array().unwrap().len() + 2);
+    let mut failed_back = dr.clone();
+    failed_back[(3 * MIB) as usize..(3 * MIB + (64 << 10)) as usize]
+        .copy_from_slice(&p2[(3 * MIB) as usize..(3 * MIB + (64 << 10)) as usize]);
+    check_every_point(
+        &pair,
+        &points_before,
+        &failed_back,
+        &std::fs::read(&image).unwrap(),
+    );
     let r = d.join("r.img");
-    for (i, p) in listed.iter().enumerate() {
-        let id = p["change_id"].as_str().unwrap();
-        let bytes = restore(&pair.receiver_bin, &store, "vm1", id, &r);
-        if i + 2 < listed.len() {
-            assert_eq!(p, &points_before[i], "an older point is unchanged");
-        } else if i + 2 == listed.len() {
-            let mut expected = dr.clone();
-            expected[(3 * MIB) as usize..(3 * MIB + (64 << 10)) as usize]
-                .copy_from_slice(&p2[(3 * MIB) as usize..(3 * MIB + (64 << 10)) as usize]);
-            assert!(bytes == expected, "the failback's point is the DR disk");
-        } else {
-            assert!(bytes == std::fs::read(&image).unwrap(), "the newest point");
-        }
-    }
     assert_eq!(
         restore(
             &pair.receiver_bin,
@@ -244,6 +269,27 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
         p2
     );
     drop(agent);
+}
+
+/// Every point restores: the ones from before failback listed as they were, the failback's
+/// as `failed_back`, the newest (the push after it) as `newest`.
+fn check_every_point(pair: &Pair, before: &serde_json::Value, failed_back: &[u8], newest: &[u8]) {
+    let store = pair.store();
+    let listed = points(&pair.receiver_bin, &store)[0]["points"].clone();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), before.as_array().unwrap().len() + 2);
+    let r = pair.d.join("r.img");
+    for (i, p) in listed.iter().enumerate() {
+        let id = p["change_id"].as_str().unwrap();
+        let bytes = restore(&pair.receiver_bin, &store, "vm1", id, &r);
+        if i + 2 < listed.len() {
+            assert_eq!(p, &before[i], "an older point is unchanged");
+        } else if i + 2 == listed.len() {
+            assert!(bytes == failed_back, "the failback's point is the DR disk");
+        } else {
+            assert!(bytes == newest, "the newest point");
+        }
+    }
 }
 
 /// What the original site has when failback starts, when it cannot name its own changes.
@@ -259,7 +305,6 @@ enum Original {
 /// compares unit hashes and sends only the units that differ (a blank disk: every unit with
 /// data); the disk ends equal to the DR disk and the next push is an increment.
 fn failback_without_history(original: Original) {
-    const MIB: u64 = 1 << 20;
     let pair = Pair::new(10);
     let d = &pair.d;
     let image = d.join("vm1.img");
@@ -283,13 +328,7 @@ fn failback_without_history(original: Original) {
     );
 
     let sock = d.join("failover.sock");
-    let (_failover, _) = start(
-        Command::new(&pair.receiver_bin)
-            .args(["failover", "start", "--disk", "vm1", "--json", "--store"])
-            .arg(&store)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display())),
-    );
+    let _failover = start_failover(&pair, None);
     let mut dr = p1.clone();
     nbd_write(&sock, 0x42, 6 * MIB).unwrap();
     patch(&mut dr, 0x42, 6 * MIB);
@@ -360,4 +399,67 @@ fn failback_without_the_journal_compares_digests_and_sends_only_what_differs() {
 #[test]
 fn failback_onto_a_blank_disk_sends_every_unit_with_data_and_no_zeros() {
     failback_without_history(Original::Blank);
+}
+
+/// A failover at an older point (before ransomware, say): the DR disk is that point plus the
+/// VM's writes, so failback also sends every block where that point differs from the newest
+/// one (which the original disk holds), and nothing else; the points between stay intact.
+#[test]
+fn failback_from_an_older_point_also_sends_what_differs_from_the_newest() {
+    let pair = Pair::new(10);
+    let d = &pair.d;
+    let image = d.join("vm1.img");
+    random_image(&image, 16 * MIB, 13);
+    let agent = pair.serve_disk(&image);
+    let nbd = d.join("nbd.sock");
+    let store = pair.store();
+    let mut ids = Vec::new();
+    for (pattern, offset) in [(0, 0), (0x11, 2 * MIB), (0x12, 4 * MIB)] {
+        if pattern != 0 {
+            nbd_write(&nbd, pattern, offset).unwrap();
+        }
+        let (ok, out, err) = run(&mut pair.replicate(&[]));
+        assert!(ok, "push: {err}");
+        let pushed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        ids.push(pushed["committed"].as_str().unwrap().to_owned());
+    }
+    let r = d.join("r.img");
+    let before: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| restore(&pair.receiver_bin, &store, "vm1", id, &r))
+        .collect();
+    nbd_write(&nbd, 0x31, 7 * MIB).unwrap();
+
+    let sock = d.join("failover.sock");
+    let _failover = start_failover(&pair, Some(&ids[0]));
+    let mut dr = before[0].clone();
+    nbd_write(&sock, 0x41, 10 * MIB).unwrap();
+    patch(&mut dr, 0x41, 10 * MIB);
+
+    let (ok, out, err) = failback(&pair, &["--final"]);
+    assert!(ok, "cutover: {err}");
+    let lines = json_lines(&out);
+    // D, S, and the two extents the newer points changed: four 64 KiB extents.
+    assert_eq!(lines[0]["blocks"], 64, "{out}");
+    assert!(
+        std::fs::read(&image).unwrap() == dr,
+        "the original disk is the DR disk"
+    );
+    let committed = lines[1]["committed"].as_str().unwrap().to_owned();
+    let (ok, out, err) = run(&mut pair.replicate(&[]));
+    assert!(ok, "push after failback: {err}");
+    let pushed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        pushed["from"].as_str(),
+        Some(committed.as_str()),
+        "{pushed}"
+    );
+    for (id, bytes) in ids.iter().zip(&before) {
+        assert!(
+            &restore(&pair.receiver_bin, &store, "vm1", id, &r) == bytes,
+            "point {id} unchanged"
+        );
+    }
+    assert!(restore(&pair.receiver_bin, &store, "vm1", &committed, &r) == dr);
+    drop(agent);
 }

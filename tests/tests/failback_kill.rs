@@ -76,11 +76,13 @@ fn sigkill_of_agent_or_receiver_during_failback_converges_with_nothing_lost() {
         // the next failover starts once it is gone.
         let overlay = store.join("vm1/failover");
         for _ in 0..200 {
-            if !overlay.exists() {
+            if !overlay.exists() && !store.join("vm1/expose.pin").exists() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // (The exposure's lock goes a moment after its pin.)
+        std::thread::sleep(Duration::from_millis(100));
         // S: the original VM writes after the last push.
         for k in 0..2 {
             nbd_write(&nbd, 0x10 + (trial % 200) as u8, offset(seed >> (8 * k))).unwrap();

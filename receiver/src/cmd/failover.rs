@@ -153,12 +153,15 @@ fn start(args: Start) -> Result<()> {
         Exposure::open(&store, &disk, pick).with_context(|| format!("failing over {disk:?}"))?;
     exposure.reader()?;
     let point = exposure.point().clone();
+    let dir = failover_dir(&store, &disk);
+    if held.failed_over().is_none() {
+        remove_stale(&dir)?;
+    }
     // The fence is durable before the first write can be acknowledged.
     let fence = held
         .fence(point.change_id)
         .with_context(|| format!("fencing {disk:?}"))?;
     drop(held);
-    let dir = failover_dir(&store, &disk);
     if let Some(image) = &materialize {
         super::materialize::prepare(&dir, image)?;
     }
@@ -237,6 +240,18 @@ fn start(args: Start) -> Result<()> {
     drop(tracked);
     drop(holding);
     result
+}
+
+/// Before a new failover: whatever an earlier one left in its directory (a failback whose
+/// removal of it was cut short) is not this one's. Removed before the fence, under the
+/// exposure: a crash between leaves an unfenced disk and no stale overlay.
+fn remove_stale(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the stale {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The URI `status` shows (the listener's own, for a TCP port chosen by the kernel, is

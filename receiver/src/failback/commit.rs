@@ -92,43 +92,8 @@ pub fn commit(
         consistency: Some(ctk::Consistency::Crash),
         image_digest: None,
     };
-    // Streamed into the merge through a pipe: the merge stages it durably itself. Raw: it
-    // never leaves this machine, and compressing it would lengthen the downtime.
-    let (input, output) = std::io::pipe().map_err(|source| StoreError::Io {
-        doing: "making a pipe for the failback's commit".into(),
-        source,
-    })?;
-    let raw = ctk::delta::WriteOptions { zstd_level: None };
-    let (ingested, produced) = std::thread::scope(|scope| {
-        let producer = scope.spawn(|| {
-            let out = std::io::BufWriter::with_capacity(1 << 20, output);
-            let (mut out, _) = write_blocks(&mut view, &header, &blocks, block, out, raw)?;
-            std::io::Write::flush(&mut out).map_err(|source| StoreError::Io {
-                doing: "writing the failback's commit".into(),
-                source,
-            })
-            // The pipe's end is dropped here: the merge reads the end of the delta.
-        });
-        // A merge that fails drops its input, so the producer's writes fail and it ends.
-        let ingested = s.ingest_failback(BufReader::new(input), retention, |_| Ok(meta));
-        let produced = producer.join().unwrap_or_else(|_| {
-            Err(StoreError::Protocol(
-                "reading the DR disk for the commit failed".into(),
-            ))
-        });
-        (ingested, produced)
-    });
+    let ingested = merge_dr_disk(&mut s, &mut view, &header, &blocks, block, retention, meta)?;
     let merged = started.elapsed().as_secs_f64();
-    let ingested = match (ingested, produced) {
-        // The merge stopped reading (its own failure): the producer's broken pipe follows.
-        (Err(e), Err(StoreError::Io { source, .. }))
-            if source.kind() == std::io::ErrorKind::BrokenPipe =>
-        {
-            return Err(e);
-        }
-        (_, Err(e)) => return Err(e),
-        (ingested, Ok(())) => ingested?,
-    };
     let digest = s.points().last().and_then(|p| p.image_digest).map(|d| d.0);
     drop(s);
     // Where the cutover's commit went (the downtime's largest part).
@@ -146,10 +111,11 @@ pub fn commit(
     // again, or emptied by the next `failover start`.
     let (root, disk) = (root.to_owned(), disk.to_owned());
     std::thread::spawn(move || {
+        let exposure = view.into_exposure();
         if let Err(e) = remove_overlay(&root, &disk) {
             tracing::warn!(error = %e, "removing the failed-back overlay");
         }
-        drop(view);
+        drop(exposure);
     });
     Ok(Committed {
         change_id: point,
@@ -168,5 +134,53 @@ fn remove_overlay(root: &Path, disk: &str) -> Result<(), StoreError> {
             source: e,
         }),
         _ => Ok(()),
+    }
+}
+
+/// Merges the DR disk's `blocks` (of `block` bytes) as the delta `header` describes,
+/// streamed through a pipe into the merge (which stages it durably itself). Raw: it never
+/// leaves this machine, and compressing it would lengthen the downtime.
+fn merge_dr_disk(
+    s: &mut DiskStore,
+    view: &mut DrView,
+    header: &DeltaHeader,
+    blocks: &RoaringBitmap,
+    block: u64,
+    retention: Retention,
+    meta: PointMeta,
+) -> Result<Ingested, StoreError> {
+    let (input, output) = std::io::pipe().map_err(|source| StoreError::Io {
+        doing: "making a pipe for the failback's commit".into(),
+        source,
+    })?;
+    let raw = ctk::delta::WriteOptions { zstd_level: None };
+    let (ingested, produced) = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            let out = std::io::BufWriter::with_capacity(1 << 20, output);
+            let (mut out, _) = write_blocks(view, header, blocks, block, out, raw)?;
+            std::io::Write::flush(&mut out).map_err(|source| StoreError::Io {
+                doing: "writing the failback's commit".into(),
+                source,
+            })
+            // The pipe's end is dropped here: the merge reads the end of the delta.
+        });
+        // A merge that fails drops its input, so the producer's writes fail and it ends.
+        let ingested = s.ingest_failback(BufReader::new(input), retention, |_| Ok(meta));
+        let produced = producer.join().unwrap_or_else(|_| {
+            Err(StoreError::Protocol(
+                "reading the DR disk for the commit failed".into(),
+            ))
+        });
+        (ingested, produced)
+    });
+    match (ingested, produced) {
+        // The merge stopped reading (its own failure): the producer's broken pipe follows.
+        (Err(e), Err(StoreError::Io { source, .. }))
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Err(e)
+        }
+        (_, Err(e)) => Err(e),
+        (ingested, Ok(())) => ingested,
     }
 }

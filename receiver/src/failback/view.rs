@@ -101,6 +101,18 @@ impl DrView {
         };
         let base = exposure.reader()?;
         let dir = super::failover_dir(root, disk);
+        // Never a new, empty overlay under a fence: that would pass the point alone for the
+        // DR disk.
+        if !dir.join("journal").exists() {
+            return Err(StoreError::Damaged {
+                disk: disk.to_owned(),
+                why: format!(
+                    "it is failed over but its overlay's journal {} is missing: the DR disk's \
+                     writes cannot be found",
+                    dir.join("journal").display()
+                ),
+            });
+        }
         let (tracked, _) =
             Tracked::open(&dir, base.size(), &fence.point.to_string()).map_err(overlay_error)?;
         Ok(DrView {
@@ -126,6 +138,18 @@ impl DrView {
             Source::Peeked { peek, .. } => {
                 Ok((peek.upto, peek.changes(since).map_err(overlay_error)?))
             }
+        }
+    }
+
+    /// Closes the overlay (its journal cleanly) and gives back the exposure that keeps a new
+    /// `failover start` out, if this view held one.
+    pub fn into_exposure(self) -> Option<Box<Exposure>> {
+        match self.source {
+            Source::Held { tracked, _exposure } => {
+                drop(tracked);
+                Some(_exposure)
+            }
+            Source::Peeked { .. } => None,
         }
     }
 
