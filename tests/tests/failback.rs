@@ -32,6 +32,10 @@ fn failback(pair: &Pair, extra: &[&str]) -> (bool, String, String) {
 
 const MIB: u64 = 1 << 20;
 
+/// Long enough for the running failover to seal a write in a cut of its overlay (it cuts
+/// each second it was written, or at a FLUSH a second after the last cut).
+const SEALED: std::time::Duration = std::time::Duration::from_millis(2500);
+
 /// The region fio writes at the DR site.
 const FIO_OFFSET: u64 = 6 << 20;
 const FIO_SIZE: u64 = 2 << 20;
@@ -130,16 +134,20 @@ fn fio_at_dr(pair: &Pair, dr: &mut [u8]) {
     dr[region.clone()].copy_from_slice(&now[region]);
 }
 
-/// Two later passes, a cut of the overlay apart: the blocks they sent in all.
-fn two_passes(pair: &Pair) -> u64 {
+/// Later passes, a cut of the overlay apart, until they sent `want` blocks in all (at most
+/// five): the blocks they sent.
+fn passes_until(pair: &Pair, want: u64) -> u64 {
     let mut sent = 0;
-    for _ in 0..2 {
+    for _ in 0..5 {
         let (ok, out, err) = failback(pair, &[]);
         assert!(ok, "a later pass: {err}");
         let pass = &json_lines(&out)[0];
         assert_eq!(pass["first"], false, "{pass}");
         sent += pass["blocks"].as_u64().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        if sent >= want {
+            break;
+        }
+        std::thread::sleep(SEALED);
     }
     sent
 }
@@ -173,7 +181,7 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     // A pass while the recovered VM runs (after the overlay sealed its writes in a cut:
     // the running failover cuts each second); from then on the original disk takes no
     // other writes.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(SEALED);
     let (ok, out, err) = failback(&pair, &[]);
     assert!(ok, "failback pass: {err}");
     let first = &json_lines(&out)[0];
@@ -191,7 +199,7 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     // The VM goes on writing, fio among it (random sizes at iodepth 16, verified by fio as
     // it goes); the passes follow.
     fio_at_dr(&pair, &mut dr);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(SEALED);
     let (ok, _, err) = failback(&pair, &[]);
     assert!(ok, "a pass after fio: {err}");
     // The next pass takes only what was written since.
@@ -200,7 +208,7 @@ fn failback_sends_what_either_side_changed_and_replication_resumes_with_an_incre
     // Asked at once, before the overlay's next cut, the pass may not hold the write yet:
     // the next one does.
     assert_eq!(
-        two_passes(&pair),
+        passes_until(&pair, 16),
         16,
         "the write after the first pass, once"
     );
