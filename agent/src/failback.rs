@@ -94,9 +94,16 @@ impl<'a> Session<'a> {
         Ok(answer.state)
     }
 
+    /// Where the failback stands, read from the agent's status (a read: `Begin` would
+    /// rewrite and sync the state file each time).
     fn state(&self) -> Result<FailbackState> {
-        self.step(FailbackOp::Begin)?
-            .context("the agent lost the failback's state")
+        let status: proto::StatusAnswer = ask(self.control, &proto::Request::Status)?;
+        status
+            .disks
+            .into_iter()
+            .find(|d| d.name == self.disk)
+            .and_then(|d| d.failback)
+            .context("the agent lost the failback's state (its <journal>.failback is gone)")
     }
 
     fn connection(&mut self) -> Result<quinn::Connection> {
@@ -381,9 +388,12 @@ impl<'a> Session<'a> {
         let checked = match digest {
             Some(theirs) if theirs != ours.0 => bail!(
                 "after the cutover this disk's digest ({ours}) is not the committed point's \
-                 ({}): the disk stays fenced and the replica cursor unmoved; run `ctk-agent \
-                 replicate --resync` after checking which side is right",
-                ctk::digest::ImageDigest(theirs)
+                 ({}): the disk stays fenced and the replica cursor unmoved. The point is the DR \
+                 disk: write it onto this disk (`ctk-receiver restore --point {}` on the \
+                 receiver, copied here), then remove {}.failback and restart the agent",
+                ctk::digest::ImageDigest(theirs),
+                commit.point,
+                self.status.journal.display()
             ),
             Some(_) => true,
             None => false,

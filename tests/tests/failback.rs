@@ -14,20 +14,7 @@ fn patch(image: &mut [u8], pattern: u8, offset: u64) {
 }
 
 fn failback(pair: &Pair, extra: &[&str]) -> (bool, String, String) {
-    run(Command::new(&pair.agent_bin)
-        .arg("failback")
-        .arg("--identity")
-        .arg(pair.d.join("aid"))
-        .arg("--receiver")
-        .arg(pair.addr.to_string())
-        .arg("--receiver-fingerprint")
-        .arg(&pair.rfp)
-        .arg("--control")
-        .arg(pair.d.join("ctl.sock"))
-        .arg("--work-dir")
-        .arg(&pair.d)
-        .args(["--disk", "vm1", "--json"])
-        .args(extra))
+    run(&mut pair.failback(extra))
 }
 
 const MIB: u64 = 1 << 20;
@@ -106,18 +93,9 @@ fn assert_not_failed_over(pair: &Pair) {
     assert!(ok && out.contains("\"failed_over\":false"), "{out}");
 }
 
-/// `ctk-receiver failover start` of vm1 (at `point`, else the newest), served on
-/// `d/failover.sock`.
+/// `ctk-receiver failover start` of vm1, running (see `Pair::failover_start`).
 fn start_failover(pair: &Pair, point: Option<&str>) -> Proc {
-    let mut cmd = Command::new(&pair.receiver_bin);
-    cmd.args(["failover", "start", "--disk", "vm1", "--json", "--store"])
-        .arg(pair.store())
-        .arg("--listen")
-        .arg(format!("unix:{}", pair.d.join("failover.sock").display()));
-    if let Some(p) = point {
-        cmd.args(["--point", p]);
-    }
-    start(&mut cmd).0
+    start(&mut pair.failover_start(point)).0
 }
 
 /// fio at the DR site, and its bytes taken into `dr` (read back through the export).
@@ -470,4 +448,80 @@ fn failback_from_an_older_point_also_sends_what_differs_from_the_newest() {
     }
     assert!(restore(&pair.receiver_bin, &store, "vm1", &committed, &r) == dr);
     drop(agent);
+}
+
+/// Failback requests from an agent that sends nonsense: refused plainly or answered without
+/// effect, never a panic, and nothing read for a disk that is not failed over.
+#[test]
+fn hostile_failback_requests_are_refused_or_name_nothing() {
+    use ctk_net::wire::{KNOWN_EXTENTS_MAX, Known, Refusal, Request, Response};
+    let pair = Pair::new(5);
+    let image = pair.d.join("vm1.img");
+    random_image(&image, 16 * MIB, 17);
+    let _agent = pair.serve_disk(&image);
+    let (ok, _, err) = run(&mut pair.replicate(&[]));
+    assert!(ok, "push: {err}");
+    let identity = ctk_net::Identity::load(&pair.d.join("aid")).unwrap();
+    let pin = pair.rfp.parse().unwrap();
+    let pull = |disk: &str, known: Known, body: &[u8]| {
+        let frame = Request::FailbackPull {
+            disk: disk.into(),
+            since: None,
+            known,
+            final_pass: false,
+        }
+        .encode();
+        let mut chunked = Vec::new();
+        for piece in body.chunks(1 << 20) {
+            chunked.extend_from_slice(&(piece.len() as u32).to_le_bytes());
+            chunked.extend_from_slice(piece);
+        }
+        chunked.extend_from_slice(&0u32.to_le_bytes());
+        raw_call(&identity, pair.addr, pin, &frame, &chunked)
+    };
+    let refused = |r: Response, want: Refusal| match r {
+        Response::Refused { refusal, message } => assert_eq!(refusal, want, "{message}"),
+        other => panic!("answered {other:?}"),
+    };
+    // Not failed over: refused before the body is read.
+    refused(
+        pull("vm1", Known::Extents { count: 1 << 40 }, &[]),
+        Refusal::NotFailedOver,
+    );
+    refused(
+        pull("../x", Known::Extents { count: 0 }, &[]),
+        Refusal::BadRequest,
+    );
+    let _failover = start_failover(&pair, None);
+    refused(
+        pull(
+            "vm1",
+            Known::Extents {
+                count: KNOWN_EXTENTS_MAX + 1,
+            },
+            &[],
+        ),
+        Refusal::BadRequest,
+    );
+    refused(
+        pull(
+            "vm1",
+            Known::UnitHashes {
+                unit: 1000,
+                count: 1,
+            },
+            &[0; 32],
+        ),
+        Refusal::BadRequest,
+    );
+    // Ranges past the disk name nothing (one whose block number would wrap to block 5).
+    let mut body = Vec::new();
+    for (offset, length) in [((1u64 << 44) + 5 * 4096, 4096u64), (u64::MAX - 5, 100)] {
+        body.extend_from_slice(&offset.to_le_bytes());
+        body.extend_from_slice(&length.to_le_bytes());
+    }
+    match pull("vm1", Known::Extents { count: 2 }, &body) {
+        Response::FailbackPass { blocks, .. } => assert_eq!(blocks, 0),
+        other => panic!("answered {other:?}"),
+    }
 }

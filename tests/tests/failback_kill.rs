@@ -15,28 +15,10 @@ use common::*;
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 
-fn failback_cmd(pair: &Pair, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(&pair.agent_bin);
-    cmd.arg("failback")
-        .arg("--identity")
-        .arg(pair.d.join("aid"))
-        .arg("--receiver")
-        .arg(pair.addr.to_string())
-        .arg("--receiver-fingerprint")
-        .arg(&pair.rfp)
-        .arg("--control")
-        .arg(pair.d.join("ctl.sock"))
-        .arg("--work-dir")
-        .arg(&pair.d)
-        .args(["--disk", "vm1", "--json"])
-        .args(extra);
-    cmd
-}
-
 /// Runs `failback <extra>` until it succeeds (a rerun after a kill finishes the work).
 fn until_done(pair: &Pair, extra: &[&str]) -> String {
     for attempt in 0..5 {
-        let (ok, out, err) = run(&mut failback_cmd(pair, extra));
+        let (ok, out, err) = run(&mut pair.failback(extra));
         if ok {
             return out;
         }
@@ -95,13 +77,7 @@ fn sigkill_of_agent_or_receiver_during_failback_converges_with_nothing_lost() {
             &d.join("p.img"),
         );
         let sock = d.join("failover.sock");
-        let (failover, _) = start(
-            Command::new(&pair.receiver_bin)
-                .args(["failover", "start", "--disk", "vm1", "--json", "--store"])
-                .arg(&store)
-                .arg("--listen")
-                .arg(format!("unix:{}", sock.display())),
-        );
+        let (failover, _) = start(&mut pair.failover_start(None));
         // D: the recovered VM writes.
         for k in 2..5 {
             let (pattern, at) = (0x80 + (trial % 100) as u8, offset(seed >> (8 * k)));
@@ -114,7 +90,8 @@ fn sigkill_of_agent_or_receiver_during_failback_converges_with_nothing_lost() {
         for (step, extra) in [&[][..], &["--final"][..]].into_iter().enumerate() {
             let kill_agent = (trial + step as u64).is_multiple_of(2);
             let delay = Duration::from_millis((seed >> (20 + 10 * step)) % 400);
-            let mut child = failback_cmd(&pair, extra)
+            let mut child = pair
+                .failback(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

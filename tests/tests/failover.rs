@@ -33,14 +33,7 @@ fn pushes_of_a_failed_over_disk_are_refused_and_never_commit() {
     let before = listed(&store);
     let cursor = pair.cursor();
 
-    let sock = d.join("failover.sock");
-    let (failover, ready) = start(
-        Command::new(&pair.receiver_bin)
-            .args(["failover", "start", "--disk", "vm1", "--json", "--store"])
-            .arg(&store)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display())),
-    );
+    let (failover, ready) = start(&mut pair.failover_start(None));
     let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
     assert_eq!(ready["mode"], "failover");
 

@@ -72,10 +72,7 @@ pub fn failback(args: Failback) -> Result<()> {
         receiver,
         pinned: receiver_fingerprint.parse()?,
         cursor,
-        unit: u32::try_from(unit)
-            .ok()
-            .filter(|u| ctk::digest::unit_count(0, *u).is_ok())
-            .context("--unit: use a multiple of 4K from 4K to 16M")?,
+        unit: super::digest_unit(unit, "--unit")?,
         work_dir,
         compare,
     };

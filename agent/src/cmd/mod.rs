@@ -116,3 +116,12 @@ pub(crate) fn print_answer(
     }
     Ok(())
 }
+
+/// A digest-compare unit from the command line (`flag` names it in the error): a multiple of
+/// 4K from 4K to 16M.
+pub(crate) fn digest_unit(bytes: u64, flag: &str) -> Result<u32> {
+    u32::try_from(bytes)
+        .ok()
+        .filter(|u| ctk::digest::unit_count(0, *u).is_ok())
+        .with_context(|| format!("{flag}: use a multiple of 4K from 4K to 16M"))
+}

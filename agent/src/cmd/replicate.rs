@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 use ctk::Consistency;
@@ -131,10 +131,7 @@ pub fn replicate(args: Replicate) -> Result<()> {
         pinned: receiver_fingerprint.parse()?,
         cursor,
         work_dir,
-        resync_unit: u32::try_from(resync_unit)
-            .ok()
-            .filter(|u| ctk::digest::unit_count(0, *u).is_ok())
-            .context("--resync-unit: use a multiple of 4K from 4K to 16M")?,
+        resync_unit: super::digest_unit(resync_unit, "--resync-unit")?,
         streams,
     };
     let schedule = continuous::Schedule {

@@ -77,8 +77,10 @@ pub fn pass(
                     add_range(&mut blocks, start, end);
                 }
                 if let Some(Known::Extents(extents)) = extents {
+                    // Ranges past the disk (a confused or hostile agent) name nothing.
                     for (offset, length) in extents {
-                        add_range(&mut blocks, offset, offset.saturating_add(length));
+                        let end = offset.saturating_add(length).min(view.size);
+                        add_range(&mut blocks, offset.min(view.size), end);
                     }
                 }
             }

@@ -220,6 +220,17 @@ fn stop_exposer(root: &Path, disk: &str) -> bool {
     if pid <= 1 || pid as u32 == std::process::id() {
         return false;
     }
+    // A pin whose process died names a pid the system may have given to anything since:
+    // only a `failover start` of this disk is asked to stop.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let is_failover = args
+        .windows(2)
+        .any(|w| w == [&b"failover"[..], &b"start"[..]])
+        && (args.contains(&disk.as_bytes()) || args.contains(&format!("--disk={disk}").as_bytes()));
+    if !is_failover {
+        return false;
+    }
     tracing::info!(
         disk,
         pid,

@@ -10,6 +10,9 @@ use super::{Config, describe, refusal};
 use crate::failback;
 use crate::store::{self, StoreError};
 
+/// Failback pulls built at once in this process.
+static PULLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Reads what the agent knows (the chunks after the request), bounded before anything is
 /// allocated.
 async fn read_known(recv: &mut quinn::RecvStream, known: Known) -> Result<failback::Known, String> {
@@ -64,14 +67,26 @@ pub(super) async fn pull(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<Response> {
-    let known = match read_known(recv, known).await {
-        Ok(k) => k,
-        Err(why) => return Ok(Response::refused(Refusal::BadRequest, why)),
-    };
     if let Err(e) = store::validate_name(&disk) {
         return Ok(Response::refused(Refusal::BadRequest, describe(&e)));
     }
     let root = config.store.join(agent);
+    // Nothing is read, or held, for a disk that is not failed over.
+    match store::failed_over(&root, &disk) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let e = StoreError::NotFailedOver { disk };
+            return Ok(Response::refused(refusal(&e), describe(&e)));
+        }
+        Err(e) => return Ok(Response::refused(refusal(&e), describe(&e))),
+    }
+    // What the agent knows may be tens of MiB (bounded per request): a few pulls at a time
+    // per receiver keep that, and the passes' reads of the DR disk, bounded.
+    let _permit = PULLS.acquire().await?;
+    let known = match read_known(recv, known).await {
+        Ok(k) => k,
+        Err(why) => return Ok(Response::refused(Refusal::BadRequest, why)),
+    };
     let span = info_span!("failback", %disk, final_pass);
     let name = disk.clone();
     let built = tokio::task::spawn_blocking(move || {

@@ -281,6 +281,39 @@ impl Pair {
         self.d.join("store/host1")
     }
 
+    /// `ctk-agent failback --json --disk vm1 <extra>` to this receiver.
+    pub fn failback(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.agent_bin);
+        cmd.arg("failback")
+            .arg("--identity")
+            .arg(self.d.join("aid"))
+            .arg("--receiver")
+            .arg(self.addr.to_string())
+            .arg("--receiver-fingerprint")
+            .arg(&self.rfp)
+            .arg("--control")
+            .arg(self.d.join("ctl.sock"))
+            .arg("--work-dir")
+            .arg(&self.d)
+            .args(["--disk", "vm1", "--json"])
+            .args(extra);
+        cmd
+    }
+
+    /// `ctk-receiver failover start --json` of vm1 (at `point`, else the newest), served on
+    /// `d/failover.sock`.
+    pub fn failover_start(&self, point: Option<&str>) -> Command {
+        let mut cmd = Command::new(&self.receiver_bin);
+        cmd.args(["failover", "start", "--disk", "vm1", "--json", "--store"])
+            .arg(self.store())
+            .arg("--listen")
+            .arg(format!("unix:{}", self.d.join("failover.sock").display()));
+        if let Some(p) = point {
+            cmd.args(["--point", p]);
+        }
+        cmd
+    }
+
     /// The `replica` cursor of the first disk, as `ctk-agent status --json` shows it.
     pub fn cursor(&self) -> serde_json::Value {
         let (ok, out, err) = run(Command::new(&self.agent_bin)
