@@ -49,6 +49,7 @@ use ctk_receiver::store::{DiskStore, Ingested, PointMeta};
 
 mod agent_push;
 mod check;
+mod failback;
 mod link;
 
 use link::Push;
@@ -117,6 +118,8 @@ pub struct Swarm {
     pub forced_resync: u32,
     /// Per step, in 1/1000: the disk is grown or shrunk (to any byte size).
     pub resize: u32,
+    /// Per step, in 1/1000: the disk fails over at the DR site (then fails back).
+    pub failover: u32,
 }
 
 impl Swarm {
@@ -142,6 +145,15 @@ impl Swarm {
         let ack_lost = rate(150);
         let forced_resync = rate(60);
         let resize = rate(40);
+        // The DR roles came later: their rate and their moment come from a stream of their
+        // own, so a seed runs as it did before them up to its first failover (the seeds kept
+        // as regressions still replay what they found).
+        let mut dr = Rng::new(rng.0 ^ 0xd15a_57e6_0000_0000);
+        let failover = if dr.below(3) == 0 {
+            0
+        } else {
+            dr.below(61) as u32
+        };
         Swarm {
             disk_blocks: 8 + rng.below(57),
             steps: 20 + rng.below(60) as u32,
@@ -167,6 +179,7 @@ impl Swarm {
             ack_lost,
             forced_resync,
             resize,
+            failover,
         }
     }
 }
@@ -196,6 +209,14 @@ pub struct Report {
     pub redelivered: u64,
     pub acks_lost: u64,
     pub points_checked: u64,
+    pub failovers: u64,
+    /// Writes of the recovered VM at the DR site.
+    pub dr_writes: u64,
+    pub failback_passes: u64,
+    /// First failback passes that compared digests (the agent could not name its writes).
+    pub failback_compares: u64,
+    /// Failbacks that committed the DR disk as a new point.
+    pub cutovers: u64,
     pub fs: SimFsStats,
 }
 
@@ -222,6 +243,11 @@ impl Report {
         self.redelivered += o.redelivered;
         self.acks_lost += o.acks_lost;
         self.points_checked += o.points_checked;
+        self.failovers += o.failovers;
+        self.dr_writes += o.dr_writes;
+        self.failback_passes += o.failback_passes;
+        self.failback_compares += o.failback_compares;
+        self.cutovers += o.cutovers;
         let (a, b) = (&mut self.fs, &o.fs);
         a.crashes += b.crashes;
         a.bad_reads += b.bad_reads;
@@ -287,6 +313,15 @@ struct Sim {
     last_acked: Option<ChangeId>,
     /// A deliberate mistake in the agent's push order (the mutant tests), if any.
     mutant: Option<Mutant>,
+    // DR.
+    /// The failover at the DR site, while the disk is failed over.
+    dr: Option<failback::Dr>,
+    /// The agent's failback, from its first pass to the cutover.
+    failback: Option<failback::Failback>,
+    /// The cutover just finished: the failover is over.
+    failback_done: bool,
+    /// When a failover starts (a stream of its own: see `Swarm::from_seed`).
+    dr_rng: Rng,
 }
 
 type Outcome = Result<(), Violation>;
@@ -329,6 +364,10 @@ impl Sim {
             committed_set: HashSet::new(),
             last_acked: None,
             mutant: None,
+            dr: None,
+            failback: None,
+            failback_done: false,
+            dr_rng: Rng::new(seed ^ 0x0fa1_1bac_0000_0000),
         }
     }
 
@@ -506,7 +545,11 @@ impl Sim {
             if self.rng.chance(self.swarm.agent_crash) {
                 self.crash_agent("between operations");
             }
-            if self.rng.chance(self.swarm.resize) {
+            if self.dr.is_some() {
+                self.failover_step()?;
+            } else if self.dr_rng.chance(self.swarm.failover) {
+                self.fail_over()?;
+            } else if self.rng.chance(self.swarm.resize) {
                 self.resize()?;
             } else if self.rng.chance(self.swarm.write_per_mille) {
                 self.write()?;
@@ -530,9 +573,11 @@ impl Sim {
             ack_lost: 0,
             forced_resync: 0,
             resize: 0,
+            failover: 0,
             ..self.swarm.clone()
         };
         self.step += 1;
+        self.finish_failback()?;
         let before = self.report.commits + self.report.already_committed;
         // A push of a crash cut may skip an unchanged disk; this one must commit.
         self.push_with(false)?;

@@ -43,6 +43,11 @@ fn seeds_keep_every_invariant() {
         ("dropped unsynced writes", total.fs.writes_dropped),
         ("torn unsynced writes", total.fs.writes_torn),
         ("lost name operations", total.fs.names_lost),
+        ("failovers", total.failovers),
+        ("writes at the DR site", total.dr_writes),
+        ("failback passes", total.failback_passes),
+        ("failbacks by digests", total.failback_compares),
+        ("cutovers", total.cutovers),
     ] {
         assert!(
             n * 200 >= count,
@@ -67,6 +72,11 @@ fn seeds_that_once_failed_pass() {
         (
             55,
             "a shrink to a block boundary read as 'nothing changed', so an idle push skipped it",
+        ),
+        (
+            1506,
+            "a failback's commit had no digest to check the merged image against: a misread on \
+             the receiver's disk committed a point that did not restore",
         ),
     ] {
         if let Err(v) = ctk_sim::run(seed) {

@@ -19,9 +19,10 @@ fn failback(pair: &Pair, extra: &[&str]) -> (bool, String, String) {
 
 const MIB: u64 = 1 << 20;
 
-/// Long enough for the running failover to seal a write in a cut of its overlay (it cuts
-/// each second it was written, or at a FLUSH a second after the last cut).
-const SEALED: std::time::Duration = std::time::Duration::from_millis(2500);
+/// Long enough for the running failover to seal a write in a durable cut of its overlay
+/// (it cuts each second it was written and once after, or at a FLUSH a second after the
+/// last cut; a pass trusts every cut but the latest).
+const SEALED: std::time::Duration = std::time::Duration::from_millis(3500);
 
 /// The region fio writes at the DR site.
 const FIO_OFFSET: u64 = 6 << 20;

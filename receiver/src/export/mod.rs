@@ -19,7 +19,8 @@ pub use mount::{Leftovers, MountedPoint};
 pub use overlay::{Overlay, OverlayError};
 pub(crate) use overlay::{read_runs, runs};
 pub use tracked::{
-    BLOCK as TRACKED_BLOCK, Changes, Peek, REGION as TRACKED_REGION, Tracked, blocks_since,
+    BLOCK as TRACKED_BLOCK, Changes, Peek, REGION as TRACKED_REGION, Replayed, Tracked,
+    blocks_since, overlay_config, replay, written,
 };
 
 use std::sync::Arc;

@@ -75,7 +75,9 @@ pub struct Tracked {
     materialized: AtomicU64,
     /// Orders copy-ups (one at a time; a region is copied once).
     copying: Mutex<()>,
-    last_cut: Mutex<Instant>,
+    /// When the tracker was last cut, and whether that cut sealed writes (then one more
+    /// cut follows, so that it is not the journal's latest: see `replay`).
+    last_cut: Mutex<(Instant, bool)>,
     /// When `on_flush` was last called (it walks the change set: not on every FLUSH of a
     /// client that flushes often).
     last_report: Mutex<Option<Instant>>,
@@ -155,7 +157,7 @@ impl Tracked {
         }
         let (tracker, outcome) = Tracker::open(
             FileStorage::new(&journal),
-            config(size, origin),
+            overlay_config(size, origin),
             Generation::random,
         )
         .map_err(|e| tracker_error(&journal, e))?;
@@ -189,7 +191,7 @@ impl Tracked {
                 dir: dir.to_owned(),
                 materialized: AtomicU64::new(materialized),
                 copying: Mutex::new(()),
-                last_cut: Mutex::new(Instant::now()),
+                last_cut: Mutex::new((Instant::now(), false)),
                 last_report: Mutex::new(None),
                 on_flush: Mutex::new(None),
             },
@@ -389,17 +391,22 @@ impl Tracked {
         Ok(())
     }
 
-    /// Seals the blocks written since the last cut, if any and if that was `CUT_EVERY` ago:
-    /// the running failover calls it each second, so that what failback reads beside it
-    /// (`Peek`) is exact to the block for all but the last second's writes, whether or not
-    /// the VM flushes. The cut makes no write durable; the journal only names the blocks.
+    /// Seals the blocks written since the last cut, if any and if that was `CUT_EVERY` ago,
+    /// and once more after a cut that sealed some: the running failover calls it each
+    /// second, so that what failback reads beside it (`Peek`, which trusts every cut but the
+    /// journal's latest) is exact to the block for all but the last two seconds' writes,
+    /// whether or not the VM flushes. The data is synced first: a pass must never read a
+    /// byte that a power cut could take back from the DR disk after the pass.
     pub fn cut_if_written(&self) -> Result<(), OverlayError> {
         let mut last = self.last_cut.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() >= CUT_EVERY
-            && self.with_tracker(|t| Ok(!t.map().open_blocks().is_empty()))?
-        {
+        if last.0.elapsed() < CUT_EVERY {
+            return Ok(());
+        }
+        let written = self.with_tracker(|t| Ok(!t.map().open_blocks().is_empty()))?;
+        if written || last.1 {
+            self.file.sync_data().map_err(io(&self.path))?;
             self.with_tracker(|t| t.cut().map(drop))?;
-            *last = Instant::now();
+            *last = (Instant::now(), written);
         }
         Ok(())
     }
@@ -409,9 +416,12 @@ impl Tracked {
     pub fn flush(&self) -> Result<(), OverlayError> {
         self.file.sync_data().map_err(io(&self.path))?;
         let mut last = self.last_cut.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() >= CUT_EVERY {
-            self.with_tracker(|t| t.cut().map(drop))?;
-            *last = Instant::now();
+        if last.0.elapsed() >= CUT_EVERY {
+            let written = self.with_tracker(|t| {
+                let written = !t.map().open_blocks().is_empty();
+                t.cut().map(|_| written)
+            })?;
+            *last = (Instant::now(), written);
         }
         drop(last);
         let mut reported = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
@@ -426,7 +436,8 @@ impl Tracked {
 }
 
 /// The overlay tracker's settings, for a disk of `size` bytes failed over at `origin`.
-fn config(size: u64, origin: &str) -> TrackerConfig {
+/// The overlay's tracker's configuration for a disk of `size` bytes failed over at `origin`.
+pub fn overlay_config(size: u64, origin: &str) -> TrackerConfig {
     let mut config = TrackerConfig::new(format!("failover {origin}"), size);
     config.block_size = BLOCK;
     config.region_size = REGION;
@@ -441,19 +452,20 @@ fn config(size: u64, origin: &str) -> TrackerConfig {
 
 /// A running failover's overlay as its files show it, read without disturbing the process
 /// that serves it (failback's passes while the recovered VM runs). The journal is copied and
-/// replayed in memory, as a restart after a crash would, and only its sealed cuts are used:
-/// each is exact to the block, and every write in one completed before it was sealed (a
-/// write is recorded after its data is written). A pass is complete as of the latest sealed
-/// cut (`upto`): whatever was written after it is in a later cut, which the next pass (or
-/// the last one, which holds the overlay and cuts it) sends; read early, its data may show
-/// old or new bytes, both harmless. The running failover cuts each second, so a pass lags
-/// the VM by about that. A write is acknowledged only after its intent is durable, and its
+/// replayed in memory, as a restart after a crash would, and only its durable cuts are used
+/// (all but the latest, which may not be: see `replay`): each is exact to the block, every
+/// write in one completed before it was sealed (a write is recorded after its data is
+/// written), and its data was synced before it. A pass is complete as of that cut (`upto`):
+/// whatever was written after it is in a later cut, which the next pass (or the last one,
+/// which holds the overlay and cuts it) sends; read early, its data may show old or new
+/// bytes, both harmless. The running failover cuts each second it was written and once
+/// after, so a pass lags the VM by about two seconds. A write is acknowledged only after its intent is durable, and its
 /// region was copied up before that, so `present` (the regions `disk.img` holds whole, an
 /// intent's region included) is right for every byte a pass reads.
 pub struct Peek {
     tracker: Tracker<ctk::MemStorage>,
     journal: PathBuf,
-    /// The latest cut sealed in the journal: a pass is complete as of it.
+    /// The latest durable cut in the journal: a pass is complete as of it.
     pub upto: ChangeId,
     /// Regions `disk.img` holds whole.
     pub present: RoaringBitmap,
@@ -464,62 +476,35 @@ impl Peek {
         let journal = dir.join("journal");
         // A record being appended while it is read looks torn at the end, which replay
         // takes as the crash it would be; a damaged-looking copy is read again.
-        let mut last = None;
+        let mut last = String::new();
         for _ in 0..8 {
             let bytes = std::fs::read(&journal).map_err(io(&journal))?;
-            let storage = ctk::MemStorage::new();
-            storage.set_contents(Some(bytes));
-            // The replay's own report of an unclean journal is about this copy, not news.
-            let quiet = tracing::Dispatch::none();
-            let opened = tracing::dispatcher::with_default(&quiet, || {
-                Tracker::open(storage, config(size, origin), Generation::random)
-            })
-            .map_err(|e| tracker_error(&journal, e))?;
-            match opened {
-                (_, OpenOutcome::NewGeneration { reason }) => {
-                    last = Some(reason);
+            match replay(bytes, size, origin).map_err(|e| tracker_error(&journal, e))? {
+                Replayed::Sealed { tracker, upto } => {
+                    let err = |e| tracker_error(&journal, e);
+                    let mut present = RoaringBitmap::new();
+                    for b in &written(&tracker).map_err(err)? {
+                        present.insert((u64::from(b) * BLOCK / REGION) as u32);
+                    }
+                    present.insert_range(0..read_watermark(dir).min(size.div_ceil(REGION)) as u32);
+                    return Ok(Peek {
+                        tracker: *tracker,
+                        journal,
+                        upto,
+                        present,
+                    });
+                }
+                Replayed::Unusable(why) => {
+                    last = why;
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                (_, OpenOutcome::Created) => last = Some("no journal".into()),
-                (tracker, outcome) => return Peek::replayed(dir, size, tracker, outcome),
             }
         }
         Err(OverlayError::Io {
             path: journal,
             source: std::io::Error::other(format!(
-                "the failover's journal does not replay: {}",
-                last.unwrap_or_default()
+                "the failover's journal does not replay: {last}"
             )),
-        })
-    }
-
-    fn replayed(
-        dir: &Path,
-        size: u64,
-        tracker: Tracker<ctk::MemStorage>,
-        outcome: OpenOutcome,
-    ) -> Result<Peek, OverlayError> {
-        let journal = dir.join("journal");
-        let err = |e| tracker_error(&journal, e);
-        // Replay sealed the live intents as a recovery cut of its own, which the running
-        // failover never made: the pass stops at the cut before it.
-        let upto = match outcome {
-            OpenOutcome::Recovered {
-                recovery_cut: Some(r),
-                ..
-            } => ChangeId::new(r.generation, r.seq - 1),
-            _ => tracker.latest(),
-        };
-        let mut present = RoaringBitmap::new();
-        for b in &written(&tracker).map_err(err)? {
-            present.insert((u64::from(b) * BLOCK / REGION) as u32);
-        }
-        present.insert_range(0..read_watermark(dir).min(size.div_ceil(REGION)) as u32);
-        Ok(Peek {
-            tracker,
-            journal,
-            upto,
-            present,
         })
     }
 
@@ -527,6 +512,55 @@ impl Peek {
     pub fn changes(&self, since: Option<ChangeId>) -> Result<RoaringBitmap, OverlayError> {
         blocks_since(&self.tracker, since, self.upto).map_err(|e| tracker_error(&self.journal, e))
     }
+}
+
+/// A copy of a running failover's journal, replayed.
+pub enum Replayed {
+    /// The tracker as the copy left it, and the latest cut of the running failover's that
+    /// is durable (a pass is complete as of it).
+    Sealed {
+        tracker: Box<Tracker<ctk::MemStorage>>,
+        upto: ChangeId,
+    },
+    /// The copy does not replay (taken mid-append, or no journal yet): why.
+    Unusable(String),
+}
+
+/// Replays `bytes`, a copy of the journal of an overlay of `size` bytes failed over at
+/// `origin`, in memory, as a restart after a crash would; a pass is complete as of the
+/// latest cut that is surely durable.
+pub fn replay(bytes: Vec<u8>, size: u64, origin: &str) -> Result<Replayed, ctk::TrackerError> {
+    let storage = ctk::MemStorage::new();
+    storage.set_contents(Some(bytes));
+    // The replay's own report of an unclean journal is about this copy, not news.
+    let quiet = tracing::Dispatch::none();
+    let (tracker, outcome) = tracing::dispatcher::with_default(&quiet, || {
+        Tracker::open(storage, overlay_config(size, origin), Generation::random)
+    })?;
+    // Replay sealed the live intents as a recovery cut of its own, which the running
+    // failover never made: the running failover's latest cut is the one before it.
+    let (latest, clean) = match outcome {
+        OpenOutcome::NewGeneration { reason } => return Ok(Replayed::Unusable(reason)),
+        OpenOutcome::Created => return Ok(Replayed::Unusable("no journal".into())),
+        OpenOutcome::Recovered {
+            recovery_cut: Some(r),
+            ..
+        } => (ChangeId::new(r.generation, r.seq - 1), false),
+        OpenOutcome::Recovered { .. } => (tracker.latest(), false),
+        OpenOutcome::Clean => (tracker.latest(), true),
+    };
+    // The copy is of the page cache: the running failover's latest cut may not be durable
+    // yet (its sync in flight, or failed). Lost in a power cut, its number would be given
+    // to the recovery cut, and a pass complete as of it would never send what that holds.
+    // The cut before it is durable: it was synced before the latest was appended.
+    let upto = match clean {
+        true => latest,
+        false => ChangeId::new(latest.generation, latest.seq.saturating_sub(1)),
+    };
+    Ok(Replayed::Sealed {
+        tracker: Box::new(tracker),
+        upto,
+    })
 }
 
 /// The watermark as its file holds it: the count and a CRC32 of the count's text, in hex.
@@ -566,7 +600,7 @@ pub fn blocks_since<S: ctk::JournalStorage>(
 
 /// Every block written since the tracker was created: the sealed epochs (and a recovery
 /// epoch) and the open one.
-fn written<S: ctk::JournalStorage>(
+pub fn written<S: ctk::JournalStorage>(
     tracker: &Tracker<S>,
 ) -> Result<RoaringBitmap, ctk::TrackerError> {
     let mut blocks = tracker.changed_blocks(Since::All, tracker.latest())?;
@@ -589,6 +623,50 @@ impl Drop for Tracked {
             .take();
         if let Some(Err(e)) = tracker.map(Tracker::close) {
             tracing::warn!(error = %e, "the failover's journal was not closed cleanly: the next start recovers it");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pass beside a running failover never trusts the journal's latest cut: its record
+    /// may be in the page cache only (here its sync failed), and a power cut would give its
+    /// number to a recovery cut holding other blocks.
+    #[test]
+    fn replay_trusts_only_durable_cuts() {
+        let size = 4 * REGION;
+        let journal = ctk::MemStorage::new();
+        let config = overlay_config(size, "origin");
+        let (mut t, _) = Tracker::open(journal.clone(), config, Generation::random).unwrap();
+        let first = t.intend(0, BLOCK).unwrap();
+        t.record(first);
+        let durable = t.cut().unwrap();
+        let second = t.intend(REGION, BLOCK).unwrap();
+        t.record(second);
+        journal.fail_sync_after(0);
+        assert!(t.cut().is_err(), "the cut's sync fails");
+        let copy = journal.contents().unwrap();
+        match replay(copy, size, "origin").unwrap() {
+            Replayed::Sealed { tracker, upto } => {
+                assert_eq!(upto, durable, "the cut whose sync failed is not trusted");
+                let blocks = blocks_since(&tracker, None, upto).unwrap();
+                assert_eq!(blocks.iter().collect::<Vec<_>>(), vec![0]);
+            }
+            Replayed::Unusable(why) => panic!("the copy replays: {why}"),
+        }
+        // Closed cleanly, the latest cut is durable and trusted.
+        let journal = ctk::MemStorage::new();
+        let config = overlay_config(size, "origin");
+        let (mut t, _) = Tracker::open(journal.clone(), config, Generation::random).unwrap();
+        let w = t.intend(0, BLOCK).unwrap();
+        t.record(w);
+        let latest = t.cut().unwrap();
+        t.close().unwrap();
+        match replay(journal.contents().unwrap(), size, "origin").unwrap() {
+            Replayed::Sealed { upto, .. } => assert_eq!(upto, latest),
+            Replayed::Unusable(why) => panic!("the copy replays: {why}"),
         }
     }
 }

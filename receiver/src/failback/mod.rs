@@ -20,13 +20,36 @@ mod commit;
 mod pass;
 mod view;
 
-pub use commit::{Committed, commit};
-pub use pass::{Known, Pass, pass};
+pub use commit::{Committed, commit, merge};
+pub use pass::{Known, Pass, pass, plan, write_blocks};
 pub use view::DrView;
 
 use std::path::{Path, PathBuf};
 
 use ctk::ChangeId;
+use roaring::RoaringBitmap;
+
+use crate::store::StoreError;
+
+/// The DR disk as failback reads it: the failover's point with its overlay's writes over it.
+/// `DrView` is the one on disk; the simulation (`ctk-sim`) has one in memory, so that the
+/// passes and the commit it checks are these.
+pub trait DrDisk {
+    /// The point the failover started from.
+    fn point(&self) -> ChangeId;
+    /// The disk's size in bytes.
+    fn size(&self) -> u64;
+    /// The overlay's cut a pass is complete as of, and the 4 KiB blocks written after
+    /// `since` (`None`: since the point) up to it.
+    fn changes(&mut self, since: Option<ChangeId>)
+    -> Result<(ChangeId, RoaringBitmap), StoreError>;
+    /// Every 4 KiB block the overlay wrote since the point.
+    fn written(&mut self) -> Result<RoaringBitmap, StoreError>;
+    /// Byte ranges where the failover's point may differ from the newest point.
+    fn not_in_newest(&mut self) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// Reads the DR disk's bytes at `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), StoreError>;
+}
 use serde::{Deserialize, Serialize};
 
 /// Where failback stands, as the receiver saw it (`failover/failback.json`, for `failover

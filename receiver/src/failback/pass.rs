@@ -8,6 +8,7 @@ use ctk::delta::{DeltaHeader, DeltaWriter, WriteOptions};
 use ctk::{ChangeId, Extent};
 use roaring::RoaringBitmap;
 
+use super::DrDisk;
 use super::view::DrView;
 use crate::export::TRACKED_BLOCK as BLOCK;
 use crate::store::{self, StoreError};
@@ -64,33 +65,8 @@ pub fn pass(
     } else {
         DrView::peek(root, disk)?
     };
-    let (upto, mut blocks) = view.changes(since)?;
-    if since.is_none() {
-        match known {
-            Some(Known::UnitHashes { unit, hashes }) => {
-                // The compare reads the DR disk as it is: exact but for writes landing
-                // meanwhile, which are after `upto` (a later pass sends them).
-                blocks = differing_units(&mut view, unit, &hashes)?;
-            }
-            extents => {
-                for (start, end) in view.not_in_newest()? {
-                    add_range(&mut blocks, start, end);
-                }
-                if let Some(Known::Extents(extents)) = extents {
-                    // Ranges past the disk (a confused or hostile agent) name nothing.
-                    for (offset, length) in extents {
-                        let end = offset.saturating_add(length).min(view.size);
-                        add_range(&mut blocks, offset.min(view.size), end);
-                    }
-                }
-            }
-        }
-    }
+    let (upto, blocks) = plan(&mut view, since, known)?;
     let size = view.size;
-    let last_block = size.div_ceil(BLOCK);
-    if blocks.max().is_some_and(|b| u64::from(b) >= last_block) {
-        blocks.remove_range(last_block as u32..);
-    }
     let path = dir.join(format!(
         "pass-{}-{}.ctkd",
         std::process::id(),
@@ -128,10 +104,48 @@ pub fn pass(
     Ok(pass)
 }
 
+/// What a pass sends: the overlay cut it is complete as of, and the 4 KiB blocks of the DR
+/// disk the original disk needs (see the module's doc), given what the agent `known` of its
+/// own disk for a first pass (`since` is `None`).
+pub fn plan<V: DrDisk>(
+    view: &mut V,
+    since: Option<ChangeId>,
+    known: Option<Known>,
+) -> Result<(ChangeId, RoaringBitmap), StoreError> {
+    let size = view.size();
+    let (upto, mut blocks) = view.changes(since)?;
+    if since.is_none() {
+        match known {
+            Some(Known::UnitHashes { unit, hashes }) => {
+                // The compare reads the DR disk as it is: exact but for writes landing
+                // meanwhile, which are after `upto` (a later pass sends them).
+                blocks = differing_units(view, unit, &hashes)?;
+            }
+            extents => {
+                for (start, end) in view.not_in_newest()? {
+                    add_range(&mut blocks, start, end);
+                }
+                if let Some(Known::Extents(extents)) = extents {
+                    // Ranges past the disk (a confused or hostile agent) name nothing.
+                    for (offset, length) in extents {
+                        let end = offset.saturating_add(length).min(size);
+                        add_range(&mut blocks, offset.min(size), end);
+                    }
+                }
+            }
+        }
+    }
+    let last_block = size.div_ceil(BLOCK);
+    if blocks.max().is_some_and(|b| u64::from(b) >= last_block) {
+        blocks.remove_range(last_block as u32..);
+    }
+    Ok((upto, blocks))
+}
+
 /// Writes the blocks (of `block` bytes) in `blocks`, read from `view`, as a delta with
 /// `header` into `out`. The sink and the delta's length.
-pub(super) fn write_blocks<W: Write>(
-    view: &mut DrView,
+pub fn write_blocks<V: DrDisk, W: Write>(
+    view: &mut V,
     header: &DeltaHeader,
     blocks: &RoaringBitmap,
     block: u64,
@@ -176,12 +190,12 @@ fn block_runs(blocks: &RoaringBitmap) -> impl Iterator<Item = (u64, u64)> + '_ {
 
 /// The 4 KiB blocks of every unit whose bytes on the DR disk hash otherwise than the
 /// agent's `hashes` (a unit the agent has no hash for counts as differing).
-fn differing_units(
-    view: &mut DrView,
+fn differing_units<V: DrDisk>(
+    view: &mut V,
     unit: u32,
     hashes: &[[u8; 32]],
 ) -> Result<RoaringBitmap, StoreError> {
-    let size = view.size;
+    let size = view.size();
     let unit = u64::from(unit);
     let mut buf = vec![0u8; unit as usize];
     let mut blocks = RoaringBitmap::new();

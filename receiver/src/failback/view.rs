@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use ctk::ChangeId;
 use roaring::RoaringBitmap;
 
+use super::DrDisk;
 use crate::export::{OverlayError, Peek, TRACKED_REGION, Tracked, read_runs, runs};
 use crate::store::{self, Exposure, LiveReader, Pick, StoreError};
 
@@ -126,21 +127,6 @@ impl DrView {
         })
     }
 
-    /// The overlay's cut a pass is complete as of, and the 4 KiB blocks written after
-    /// `since` (`None`: since the point) up to it. Held, the overlay is cut now; peeked, its
-    /// latest sealed cut (see `Peek`).
-    pub fn changes(
-        &mut self,
-        since: Option<ChangeId>,
-    ) -> Result<(ChangeId, RoaringBitmap), StoreError> {
-        match &self.source {
-            Source::Held { tracked, .. } => tracked.cut_with_changes(since).map_err(overlay_error),
-            Source::Peeked { peek, .. } => {
-                Ok((peek.upto, peek.changes(since).map_err(overlay_error)?))
-            }
-        }
-    }
-
     /// Closes the overlay (its journal cleanly) and gives back the exposure that keeps a new
     /// `failover start` out, if this view held one.
     pub fn into_exposure(self) -> Option<Box<Exposure>> {
@@ -160,22 +146,42 @@ impl DrView {
             Source::Peeked { .. } => Ok(None),
         }
     }
+}
 
-    /// Every 4 KiB block the overlay wrote since the point.
-    pub fn written(&mut self) -> Result<RoaringBitmap, StoreError> {
+impl DrDisk for DrView {
+    fn point(&self) -> ChangeId {
+        self.point
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    // Held, the overlay is cut now; peeked, its latest sealed cut (see `Peek`).
+    fn changes(
+        &mut self,
+        since: Option<ChangeId>,
+    ) -> Result<(ChangeId, RoaringBitmap), StoreError> {
+        match &self.source {
+            Source::Held { tracked, .. } => tracked.cut_with_changes(since).map_err(overlay_error),
+            Source::Peeked { peek, .. } => {
+                Ok((peek.upto, peek.changes(since).map_err(overlay_error)?))
+            }
+        }
+    }
+
+    fn written(&mut self) -> Result<RoaringBitmap, StoreError> {
         match &self.source {
             Source::Held { tracked, .. } => tracked.changed_blocks().map_err(overlay_error),
             Source::Peeked { peek, .. } => peek.changes(None).map_err(overlay_error),
         }
     }
 
-    /// Byte ranges where the failover's point may differ from the newest point.
-    pub fn not_in_newest(&mut self) -> Result<Vec<(u64, u64)>, StoreError> {
+    fn not_in_newest(&mut self) -> Result<Vec<(u64, u64)>, StoreError> {
         self.base.not_in_full()
     }
 
-    /// Reads the DR disk's bytes at `offset`.
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
         match &self.source {
             Source::Held { tracked, .. } => tracked
                 .read_at(&mut self.base, buf, offset)

@@ -90,6 +90,24 @@ impl DiskStore {
         }
     }
 
+    /// The leaves of the newest point, checked against the digest it was committed with
+    /// (`None` before the first point, or for a disk too large to digest): failback's commit
+    /// sets the blocks it merges in them, for the digest the merged image must have.
+    pub fn newest_leaves(&self) -> Result<Option<Leaves>> {
+        let (Some(newest), Some(block_size)) = (self.points().last(), self.manifest.block_size)
+        else {
+            return Ok(None);
+        };
+        let header = DeltaHeader {
+            disk_id: self.name.clone(),
+            disk_size: newest.disk_size,
+            block_size,
+            from: Some(newest.change_id),
+            to: newest.change_id,
+        };
+        self.base_leaves(&*self.full()?, &header)
+    }
+
     /// Compares the merged image's digest with the agent's. `Ok(true)`: both known and
     /// equal; `Ok(false)`: one side does not know it (the point is recorded unchecked).
     /// Returns the merged image's digest (if its leaves are known) with the verdict, so

@@ -353,6 +353,11 @@ impl DiskStore {
         &self.manifest.points
     }
 
+    /// The disk's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The block size of the store's points (none before the first).
     pub fn block_size(&self) -> Option<u32> {
         self.manifest.block_size
