@@ -195,8 +195,12 @@ pub async fn run_until(
     if announce {
         println!("ctk-agent ready: control {}", control.display());
     }
+    let names: Vec<&str> = agent.disks.iter().map(|d| d.name.as_str()).collect();
+    ctk_net::service::ready(&format!("serving {}", names.join(", ")));
+    ctk_net::service::spawn_watchdog();
 
     stop.await;
+    ctk_net::service::stopping();
     info!("shutting down");
     tasks.abort_all();
     for disk in &agent.disks {

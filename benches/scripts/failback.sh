@@ -52,7 +52,7 @@ changes() {
   "$bin/ctk-stages" scribble "$work/nbd.sock" vm1 1 "$1" > "$work/s.json"
   start_failover
   "$bin/ctk-stages" scribble "$work/fo.sock" vm1 2 "$(($1 + 1))" > "$work/d.json"
-  sleep 1.5   # the running failover seals its writes in a cut each second
+  sleep 2.5   # the running failover seals its writes in a cut each second, trusted after the next
 }
 # The floor: D u S's extents as the DR disk ($1) holds them, zstd-1.
 floor_of() {
@@ -95,7 +95,7 @@ for r in $(seq "$rounds"); do
 
   # The cutover, 10 MiB written at the DR site since the pass.
   "$bin/ctk-stages" scribble "$work/fo.sock" vm1 "$pct_10mib" $((r * 10 + 5)) > /dev/null
-  sleep 1.5
+  sleep 2.5
   failback --final > "$work/final.json"
   wait $fopid || true
   down=$(jq_ "$work/final.json" "d[1]['downtime_seconds']")

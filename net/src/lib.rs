@@ -17,6 +17,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DistinguishedName, SignatureScheme};
 
 pub mod local;
+pub mod log;
+pub mod service;
 
 pub use bytes::Bytes;
 pub use ctk::wire;

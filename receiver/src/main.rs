@@ -40,6 +40,11 @@ line; 3 `verify` found damage."
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How the log is written on stderr: text, or json (one object per line, for journald
+    /// and log collectors). Its level comes from RUST_LOG (default warn; info logs each
+    /// commit).
+    #[arg(long, global = true, default_value = "text", env = "CTK_LOG_FORMAT")]
+    log_format: ctk_net::log::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -109,16 +114,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    ctk_net::log::init(cli.log_format);
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

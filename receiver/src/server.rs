@@ -88,12 +88,19 @@ pub async fn run(identity: Identity, config: Config) -> Result<()> {
     // the process ends).
     let _store_lock = store::lock_root(&config.store)?;
     let endpoint = bind(&identity, &config)?;
-    // Tests and scripts wait for this line.
-    println!(
-        "ctk-receiver ready: listening on {} as {}",
+    // Tests and scripts wait for this line; a service manager for the notice.
+    let ready = format!(
+        "listening on {} as {}",
         endpoint.local_addr()?,
         identity.fingerprint()
     );
+    println!("ctk-receiver ready: {ready}");
+    ctk_net::service::ready(&ready);
+    ctk_net::service::spawn_watchdog();
+    let stop = async move {
+        stop.await;
+        ctk_net::service::stopping();
+    };
     serve(endpoint, config, stop).await
 }
 

@@ -460,6 +460,9 @@ impl<'a> Session<'a> {
                 }
                 Action::Done(Outcome::Committed { point, already }) => {
                     let p = pushed.context("a commit without a push")?;
+                    tracing::info!(disk = %self.disk, point = %point, already,
+                        changed_bytes = p.exported.changed_bytes, delta_bytes = p.sent,
+                        seconds = started.elapsed().as_secs_f64(), "committed");
                     return Ok(self.report(&s, point, already, &p, started));
                 }
                 Action::Done(Outcome::InSync { point }) => {

@@ -193,6 +193,19 @@ pub fn raw_call(
     })
 }
 
+/// `ctk-agent serve` protecting `image` as vm1 (NBD `d/nbd.sock`, control `d/ctl.sock`).
+pub fn serve_cmd(agent_bin: &Path, d: &Path, image: &Path) -> Command {
+    let mut cmd = Command::new(agent_bin);
+    cmd.arg("serve")
+        .arg("--disk")
+        .arg(format!("vm1={}", image.display()))
+        .arg("--listen")
+        .arg(format!("unix:{}", d.join("nbd.sock").display()))
+        .arg("--control")
+        .arg(d.join("ctl.sock"));
+    cmd
+}
+
 /// A receiver on 127.0.0.1 and both identities in a temporary directory `d`, paired (the
 /// agent as `host1`, its store `d/store/host1`); each test starts the agent it needs.
 pub struct Pair {
@@ -257,17 +270,7 @@ impl Pair {
 
     /// `ctk-agent serve` protecting `image` as vm1 (NBD `d/nbd.sock`, control `d/ctl.sock`).
     pub fn serve_disk(&self, image: &Path) -> Proc {
-        start(
-            Command::new(&self.agent_bin)
-                .arg("serve")
-                .arg("--disk")
-                .arg(format!("vm1={}", image.display()))
-                .arg("--listen")
-                .arg(format!("unix:{}", self.d.join("nbd.sock").display()))
-                .arg("--control")
-                .arg(self.d.join("ctl.sock")),
-        )
-        .0
+        start(&mut serve_cmd(&self.agent_bin, &self.d, image)).0
     }
 
     /// `ctk-agent replicate --json <extra>` to this receiver.
