@@ -142,6 +142,9 @@ pub struct Restore {
     pub point: store::Pick,
     /// The image file to write. It is written beside its final name and renamed into place
     /// once whole and checked, so a failed restore never leaves a partial image there.
+    /// `-` writes the image to stdout (read through an exposure, the point pinned meanwhile;
+    /// its digest is checked as it streams, and a mismatch found after the last byte exits
+    /// with 3).
     #[arg(short = 'o', long)]
     pub output: PathBuf,
     /// Replace OUTPUT if it exists (never done without it).
@@ -149,6 +152,51 @@ pub struct Restore {
     pub force: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `restore -o -`: point `p` of `disk` on stdout, read through an exposure (the point pinned
+/// meanwhile), the image's digest computed as it streams and compared at the end (the bytes
+/// are gone by then: a mismatch is reported as damage, exit 3).
+fn restore_to_stdout(
+    store: &std::path::Path,
+    disk: &str,
+    p: &store::Point,
+    block: Option<u32>,
+) -> Result<()> {
+    use std::io::Write;
+    let exposure = store::Exposure::open(store, disk, store::Pick::Id(p.change_id))?;
+    let mut reader = exposure.reader()?;
+    let size = reader.size();
+    let mut leaves = match (p.image_digest, block) {
+        (Some(_), Some(bs)) => Some(ctk::digest::Leaves::zeroed(size, bs)?),
+        _ => None,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        reader.read_at(&mut buf[..n], at)?;
+        if let Some(l) = leaves.as_mut() {
+            l.set_data(at, &buf[..n])?;
+        }
+        out.write_all(&buf[..n])
+            .context("writing the image to stdout")?;
+        at += n as u64;
+    }
+    out.flush().context("writing the image to stdout")?;
+    if let (Some(l), Some(expected)) = (leaves, p.image_digest)
+        && l.digest() != expected
+    {
+        return Err(Damaged(format!(
+            "point {} of {disk} was written to stdout but its digest is {}, not {expected}: \
+             the store is damaged (run `ctk-receiver verify`)",
+            p.change_id,
+            l.digest()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 pub fn restore(args: Restore) -> Result<()> {
@@ -161,6 +209,22 @@ pub fn restore(args: Restore) -> Result<()> {
         force,
         json,
     } = args;
+    if output.as_os_str() == "-" {
+        if json {
+            bail!("--json prints to stdout, where -o - writes the image: use one of them");
+        }
+        let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
+        let s = open(&store, &disk)?;
+        let p = match point {
+            store::Pick::Latest => s.points().last(),
+            store::Pick::Id(id) => s.points().iter().find(|p| p.change_id == id),
+        }
+        .cloned()
+        .with_context(|| format!("no such point of {disk}: see `ctk-receiver points`"))?;
+        let block = s.block_size();
+        drop(s);
+        return restore_to_stdout(&store, &disk, &p, block);
+    }
     // A device or anything else but a file would be replaced by the rename below.
     if let Ok(m) = std::fs::metadata(&output)
         && !m.is_file()
