@@ -413,3 +413,55 @@ fn restore_to_stdout_writes_the_image_and_checks_its_digest() {
     assert!(err.contains("damaged"), "{err}");
     assert_eq!(out.stdout.len(), 1 << 20);
 }
+
+/// `serve --config`: a file with every setting starts the receiver on its address, its
+/// relative paths the file's; a bad value is refused naming the file and the line.
+#[test]
+fn serve_reads_its_settings_from_a_file_and_names_the_line_of_a_bad_one() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ok, _, err) = run(receiver().args(["init", "--identity"]).arg(d.join("rid")));
+    assert!(ok, "{err}");
+    let agent_fp = format!("sha256:{}", "ab".repeat(32));
+    let good = format!(
+        "identity = \"rid\"\nstore = \"store\"\nlisten = \"127.0.0.1:0\"\nkeep = 5\n\
+         tiers = \"1h:all\"\n[agents]\nhost1 = \"{agent_fp}\"\n[tiers_for]\ndb1 = \"1d:1h\"\n"
+    );
+    std::fs::write(d.join("receiver.toml"), good).unwrap();
+    let mut child = receiver()
+        .args(["serve", "--config"])
+        .arg(d.join("receiver.toml"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("ready: listening on 127.0.0.1:"), "{line:?}");
+    assert!(
+        d.join("store").is_dir(),
+        "the store is the file's relative path"
+    );
+    let bad = "identity = \"rid\"\nstore = \"store\"\n\n[agents]\nhost1 = \"sha256:zz\"\n";
+    std::fs::write(d.join("bad.toml"), bad).unwrap();
+    let (ok, _, err) = run(receiver()
+        .args(["serve", "--config"])
+        .arg(d.join("bad.toml")));
+    assert!(
+        !ok && err.contains("bad.toml") && err.contains("line 5") && err.contains("host1"),
+        "{err}"
+    );
+    // No identity from either source: said so, with both ways to give it.
+    std::fs::write(d.join("none.toml"), "store = \"store\"\n").unwrap();
+    let (ok, _, err) = run(receiver()
+        .args(["serve", "--config"])
+        .arg(d.join("none.toml")));
+    assert!(
+        !ok && err.contains("--identity") && err.contains("--config"),
+        "{err}"
+    );
+}

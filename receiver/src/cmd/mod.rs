@@ -10,6 +10,7 @@ use ctk::digest::ImageDigest;
 use ctk_receiver::retention::{self, Tier};
 use ctk_receiver::store::{self, DiskStore, Pick, Recovery};
 
+mod config;
 pub mod drill;
 pub mod expose;
 pub mod failover;

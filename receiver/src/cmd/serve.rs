@@ -43,13 +43,19 @@ pub fn init(args: Init) -> Result<()> {
 
 #[derive(Args)]
 pub struct Serve {
+    /// A TOML file with any of the settings below (docs/config.md); a flag given here wins
+    /// over the file, and allowed agents from both add up.
     #[arg(long)]
-    pub identity: PathBuf,
+    pub config: Option<PathBuf>,
+    /// The receiver's identity (`ctk-receiver init`).
     #[arg(long)]
-    pub store: PathBuf,
-    /// UDP address to listen on.
-    #[arg(long, default_value = "127.0.0.1:7420")]
-    pub listen: std::net::SocketAddr,
+    pub identity: Option<PathBuf>,
+    /// The store's root: one directory per agent, one per disk under it.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// UDP address to listen on. Default: 127.0.0.1:7420.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
     /// Allowed agents, one `NAME FINGERPRINT` per line (like SSH's known_hosts). Each
     /// agent's disks live under STORE/NAME/.
     #[arg(long)]
@@ -57,9 +63,9 @@ pub struct Serve {
     /// An allowed agent as NAME=FINGERPRINT (repeatable; adds to --agents).
     #[arg(long = "allow")]
     pub allow: Vec<String>,
-    /// Restore points to keep per disk: the newest N, whatever their age.
-    #[arg(long, default_value_t = store::KEEP_DEFAULT)]
-    pub keep: usize,
+    /// Restore points to keep per disk: the newest N, whatever their age. Default: 30.
+    #[arg(long)]
+    pub keep: Option<usize>,
     /// Also keep points by age: SPAN:EVERY tiers, e.g. `1h:all,24h:1h,30d:1d` keeps every
     /// point of the last hour, the newest of each hour for a day and of each day for 30
     /// days. A point is kept if --keep or any tier keeps it; dropping points between kept
@@ -74,6 +80,7 @@ pub struct Serve {
 
 pub fn serve(args: Serve) -> Result<()> {
     let Serve {
+        config,
         identity,
         store,
         listen,
@@ -83,7 +90,26 @@ pub fn serve(args: Serve) -> Result<()> {
         tiers,
         tiers_for,
     } = args;
+    let file = match &config {
+        Some(path) => super::config::load(path)?,
+        None => super::config::ServeFile::default(),
+    };
+    let identity = identity
+        .or(file.identity)
+        .context("no identity: give --identity or `identity` in --config")?;
+    let store = store
+        .or(file.store)
+        .context("no store: give --store or `store` in --config")?;
+    let listen = listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:7420".parse().expect("a valid address"));
+    let keep = keep.or(file.keep).unwrap_or(store::KEEP_DEFAULT);
+    let tiers = tiers.map(|t| t.0).or(file.tiers);
+    let agents = agents.or(file.agents_file);
     let mut retention_for = std::collections::HashMap::new();
+    for (disk, tiers) in file.tiers_for {
+        retention_for.insert(disk, Retention { keep, tiers });
+    }
     for spec in tiers_for {
         let (disk, t) = spec
             .split_once('=')
@@ -106,8 +132,12 @@ pub fn serve(args: Serve) -> Result<()> {
         store::validate_agent_name(name).map_err(anyhow::Error::msg)?;
         list.push((name.to_owned(), fp.parse()?));
     }
+    list.extend(file.agents);
     if list.is_empty() {
-        bail!("no agent is allowed: give --agents FILE or --allow NAME=FINGERPRINT");
+        bail!(
+            "no agent is allowed: give --agents FILE, --allow NAME=FINGERPRINT or [agents] in \
+             --config"
+        );
     }
     let mut map = std::collections::HashMap::new();
     for (name, fp) in list {
@@ -124,7 +154,7 @@ pub fn serve(args: Serve) -> Result<()> {
         server::Config {
             retention: Retention {
                 keep,
-                tiers: tiers.map(|t| t.0).unwrap_or_default(),
+                tiers: tiers.unwrap_or_default(),
             },
             retention_for,
             ..server::Config::new(store, listen, map)
