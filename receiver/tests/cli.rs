@@ -243,6 +243,15 @@ fn restore_refuses_to_overwrite_an_existing_file_without_force() {
         .arg(&store));
     assert!(ok, "{err}");
     assert_ne!(std::fs::read(&out).unwrap(), b"the only copy");
+    // Not at a terminal, progress is a line per quarter (a log keeps a few, not thousands).
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("restoring: "))
+        .collect();
+    assert!(
+        lines.last() == Some(&"restoring: 100%") && lines.len() <= 5,
+        "{err}"
+    );
 }
 
 /// `points` gives times as people read them: RFC 3339 with the zone's offset and an age; in
@@ -464,4 +473,26 @@ fn serve_reads_its_settings_from_a_file_and_names_the_line_of_a_bad_one() {
         !ok && err.contains("--identity") && err.contains("--config"),
         "{err}"
     );
+}
+
+/// At a terminal (a pseudo-terminal from util-linux's `script`), `restore` draws a bar with
+/// bytes, rate and ETA, and clears it before its answer.
+#[test]
+fn restore_at_a_terminal_draws_a_progress_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    two_points(&d.join("store"));
+    let command = format!(
+        "{} restore --disk vm1 --point latest -o {} --store {}",
+        env!("CARGO_BIN_EXE_ctk-receiver"),
+        d.join("out.img").display(),
+        d.join("store/host1").display()
+    );
+    let (ok, out, err) = run(Command::new("script").args(["-qec", &command, "/dev/null"]));
+    assert!(ok, "{out}{err} (script, from util-linux, is needed)");
+    assert!(
+        out.contains("restoring [") && out.contains("MiB") && out.contains("ETA"),
+        "{out:?}"
+    );
+    assert!(out.contains("written to"), "{out:?}");
 }

@@ -18,6 +18,7 @@ pub mod files;
 pub mod ingest;
 mod materialize;
 pub mod mount;
+mod progress;
 pub mod read;
 pub mod serve;
 

@@ -1,7 +1,6 @@
 //! The commands that read a store: `points`, `restore` and `verify`. They take an agent's
 //! store (or the root and `--agent`) and never pass silently over a level with nothing in it.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -174,7 +173,9 @@ fn restore_to_stdout(
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
+    let mut progress = super::progress::Progress::new("restoring");
     while at < size {
+        progress.update(at, size);
         let n = (size - at).min(buf.len() as u64) as usize;
         reader.read_at(&mut buf[..n], at)?;
         if let Some(l) = leaves.as_mut() {
@@ -185,6 +186,7 @@ fn restore_to_stdout(
         at += n as u64;
     }
     out.flush().context("writing the image to stdout")?;
+    progress.update(size, size);
     if let (Some(l), Some(expected)) = (leaves, p.image_digest)
         && l.digest() != expected
     {
@@ -258,22 +260,9 @@ pub fn restore(args: Restore) -> Result<()> {
             .context("the store holds no point yet")?,
         store::Pick::Id(id) => id,
     };
-    let tty = std::io::stderr().is_terminal();
-    let mut last_pct = u64::MAX;
-    let restored = s.restore(point, &tmp, |done, total| {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        if pct != last_pct && (tty || pct % 25 == 0) {
-            eprint!(
-                "{}restoring: {pct}%{}",
-                if tty { "\r" } else { "" },
-                if tty { "" } else { "\n" }
-            );
-            last_pct = pct;
-        }
-    });
-    if tty {
-        eprintln!();
-    }
+    let mut progress = super::progress::Progress::new("restoring");
+    let restored = s.restore(point, &tmp, |done, total| progress.update(done, total));
+    drop(progress);
     let p = match restored {
         Ok(p) => p,
         Err(e) => {
