@@ -42,10 +42,23 @@ pub struct ServeFile {
     pub tiers_for: Vec<(String, Vec<Tier>)>,
 }
 
+/// Longest configuration file read (a few agents and tiers take a few KiB).
+const CONFIG_LEN_MAX: u64 = 1 << 20;
+
 /// Reads and validates `path`.
 pub fn load(path: &Path) -> Result<ServeFile> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .take(CONFIG_LEN_MAX + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {} (it must be UTF-8 TOML)", path.display()))?;
+    anyhow::ensure!(
+        text.len() as u64 <= CONFIG_LEN_MAX,
+        "{} is larger than 1 MiB: not a receiver's configuration",
+        path.display()
+    );
     parse(&text, path.parent().unwrap_or(Path::new(".")))
         .with_context(|| format!("in {}", path.display()))
 }
@@ -133,6 +146,19 @@ mod tests {
         assert_eq!(f.agents.len(), 1);
         assert_eq!(f.tiers.unwrap().len(), 2);
         assert_eq!(f.tiers_for[0].0, "db1");
+    }
+
+    #[test]
+    fn a_file_past_the_limit_or_not_text_is_refused_before_it_is_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; CONFIG_LEN_MAX as usize + 1]).unwrap();
+        let e = format!("{:#}", load(&big).unwrap_err());
+        assert!(e.contains("larger than 1 MiB"), "{e}");
+        let binary = dir.path().join("binary.toml");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+        let e = format!("{:#}", load(&binary).unwrap_err());
+        assert!(e.contains("UTF-8"), "{e}");
     }
 
     #[test]
