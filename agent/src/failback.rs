@@ -36,8 +36,8 @@ pub struct Failback {
     pub cursor: String,
     /// The unit hashed when this disk cannot name its changes.
     pub unit: u32,
-    /// Where a pass's delta is kept while the agent applies it.
-    pub work_dir: PathBuf,
+    /// The agent's control socket: a pass's delta streams through it into the agent.
+    pub control: PathBuf,
     /// Compare unit hashes on the first pass even when this disk can name its changes.
     pub compare: bool,
 }
@@ -162,28 +162,41 @@ impl<'a> Session<'a> {
             // (a push it committed whose answer was lost): compare hashes instead.
             tracing::warn!(disk = %self.disk, cursor = %at, newest = %newest,
                 "the replica cursor is not at the receiver's newest point: comparing digests");
-            let _ = std::fs::remove_file(&pulled.1);
+            drop(pulled);
             let (known, body) = self.hashes()?;
             pulled = self.pull(since, known, &body, last)?;
         }
-        let (answer, path) = pulled;
-        let Response::FailbackPass {
-            point,
-            upto,
-            blocks,
-            bytes,
-            ..
-        } = answer
+        let (answer, recv) = pulled;
+        let (
+            Response::FailbackPass {
+                point,
+                upto,
+                blocks,
+                disk_size,
+                ..
+            },
+            Some(recv),
+        ) = (&answer, recv)
         else {
             bail!("unexpected answer from the receiver: {answer:?}");
         };
-        let applied = self.step(FailbackOp::Apply {
-            path: path.clone(),
-            point,
-            upto,
-        });
-        let _ = std::fs::remove_file(&path);
-        let applied = applied?.context("the agent lost the failback's state")?;
+        let (point, upto) = (*point, *upto);
+        let request = proto::Request::Failback {
+            disk: Some(self.disk.clone()),
+            op: FailbackOp::Apply { point, upto },
+        };
+        // A delta bigger than twice the disk is not a pass (each block once, compressed or
+        // raw with a record head per extent).
+        let limit = disk_size.saturating_mul(2).saturating_add(1 << 20);
+        let (applied, bytes) = self
+            .runtime
+            .block_on(feed(&self.f.control, &request, recv, limit))
+            .context("applying the pass")?;
+        let applied: FailbackAnswer = serde_json::from_value(applied)
+            .context("the agent's answer is not what this version expects")?;
+        let applied = applied
+            .state
+            .context("the agent lost the failback's state")?;
         Ok(json!({
             "disk": self.disk,
             "final": last,
@@ -279,29 +292,23 @@ impl<'a> Session<'a> {
         ))
     }
 
-    /// Sends a pull with `body` after it; the answer, and the pass's delta in a work file.
+    /// Sends a pull with `body` after it; the answer, and for a pass the stream its delta
+    /// comes on.
     fn pull(
         &mut self,
         since: Option<ChangeId>,
         known: Known,
         body: &[u8],
         last: bool,
-    ) -> Result<(Response, PathBuf)> {
+    ) -> Result<(Response, Option<quinn::RecvStream>)> {
         let conn = self.connection()?;
-        std::fs::create_dir_all(&self.f.work_dir)?;
-        let path = std::path::absolute(self.f.work_dir.join(format!(
-            "ctk-failback-{}-{}.ctkd",
-            self.disk,
-            std::process::id()
-        )))?;
         let request = Request::FailbackPull {
             disk: self.disk.clone(),
             since,
             known,
             final_pass: last,
         };
-        let answer = self.runtime.block_on(pull(&conn, &request, body, &path))?;
-        Ok((answer, path))
+        self.runtime.block_on(pull(&conn, &request, body))
     }
 
     /// The cutover after a final pass: this disk cut, the DR disk committed as that cut,
@@ -428,14 +435,12 @@ fn move_cursor(control: Control, disk: &str, name: &str, commit: Committing) -> 
 }
 
 /// A pull on a stream of its own: the request, what the agent knows as chunks, then the
-/// answer and the delta's chunks into `path`.
+/// answer, and for a pass the stream its delta's chunks follow on.
 async fn pull(
     conn: &quinn::Connection,
     request: &Request,
     body: &[u8],
-    path: &Path,
-) -> Result<Response> {
-    use tokio::io::AsyncWriteExt;
+) -> Result<(Response, Option<quinn::RecvStream>)> {
     let (mut send, mut recv) = conn.open_bi().await?;
     ctk_net::write_frame(&mut send, &request.encode()).await?;
     for piece in body.chunks(ctk::wire::CHUNK_MAX) {
@@ -444,35 +449,66 @@ async fn pull(
     ctk_net::end_chunks(&mut send).await?;
     send.finish()?;
     let frame = ctk_net::read_frame(&mut recv).await?;
-    let answer = Response::decode(&frame)?;
-    let expected = match &answer {
-        Response::FailbackPass { bytes, .. } => *bytes,
+    match Response::decode(&frame)? {
+        answer @ Response::FailbackPass { .. } => Ok((answer, Some(recv))),
         // Said as it is: the caller decides what a refusal means.
-        Response::Refused { .. } => return Ok(answer),
+        answer @ Response::Refused { .. } => Ok((answer, None)),
         other => bail!("unexpected answer from the receiver: {other:?}"),
-    };
-    let mut out = tokio::fs::File::create(path).await?;
-    let mut got = 0u64;
-    loop {
-        let mut len = [0u8; 4];
-        recv.read_exact(&mut len).await?;
-        let len = u32::from_le_bytes(len) as usize;
-        if len == 0 {
-            break;
-        }
-        if len > ctk::wire::CHUNK_MAX || got + len as u64 > expected {
-            bail!("the receiver sent a chunk of {len} bytes after {got} of {expected}");
-        }
-        let mut buf = vec![0u8; len];
-        recv.read_exact(&mut buf).await?;
-        out.write_all(&buf).await?;
-        got += len as u64;
     }
-    if got != expected {
-        bail!("the pass ended after {got} of its {expected} bytes");
+}
+
+/// Streams a pass's delta from `recv` into the agent at `socket`, which applies it as it
+/// arrives: the `request` line, the delta's bytes (at most `limit`), the end of what this
+/// side writes, then the agent's answer. A delta the receiver cuts short reaches the agent
+/// cut short, which it refuses (records written, the pass not recorded). The answer and the
+/// delta's length.
+async fn feed(
+    socket: &Path,
+    request: &proto::Request,
+    mut recv: quinn::RecvStream,
+    limit: u64,
+) -> Result<(Value, u64)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let streamed = async {
+        let mut got = 0u64;
+        loop {
+            let mut len = [0u8; 4];
+            recv.read_exact(&mut len).await?;
+            let len = u32::from_le_bytes(len) as usize;
+            if len == 0 {
+                return Ok(got);
+            }
+            if len > ctk::wire::CHUNK_MAX || got + len as u64 > limit {
+                bail!("the receiver sent a chunk of {len} bytes after {got} (at most {limit})");
+            }
+            let mut buf = vec![0u8; len];
+            recv.read_exact(&mut buf).await?;
+            // Fails when the agent stopped reading: its answer says why.
+            write.write_all(&buf).await?;
+            got += len as u64;
+        }
     }
-    out.sync_all().await?;
-    Ok(answer)
+    .await;
+    let _ = write.shutdown().await;
+    let mut answer = String::new();
+    tokio::io::BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .context("reading the agent's answer")?;
+    let answer = crate::control::client::answer_of(&answer, socket);
+    match (streamed, answer) {
+        (Ok(bytes), Ok(answer)) => Ok((answer, bytes)),
+        (Err(e), Ok(_)) => Err(e.context("the pass's delta was cut short")),
+        (Err(cut), Err(e)) => Err(e.context(format!("the pass's delta: {cut:#}"))),
+        (Ok(_), Err(e)) => Err(e),
+    }
 }
 
 /// Runs passes, one per `every` until `stop` says so (none: one pass), or, when

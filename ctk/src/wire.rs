@@ -261,7 +261,9 @@ pub enum Response {
     },
     /// The answer to `FailbackPull`: the failover's point, the newest committed point, the
     /// overlay's cut the pass is complete as of (the next pass's `since`), and the delta
-    /// that follows: `blocks` 4 KiB blocks, `bytes` bytes of stream.
+    /// that follows: `blocks` 4 KiB blocks. `bytes`: the delta's length when known ahead,
+    /// else 0 (a receiver streams the delta as it reads it, so it sends 0); its chunks end
+    /// with a zero length either way.
     FailbackPass {
         point: ChangeId,
         newest: ChangeId,

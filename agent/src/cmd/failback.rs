@@ -55,7 +55,7 @@ pub fn failback(args: Failback) -> Result<()> {
                 receiver,
                 receiver_fingerprint,
                 cursor,
-                work_dir,
+                work_dir: _,
             },
         every,
         r#final,
@@ -73,7 +73,7 @@ pub fn failback(args: Failback) -> Result<()> {
         pinned: receiver_fingerprint.parse()?,
         cursor,
         unit: super::digest_unit(unit, "--unit")?,
-        work_dir,
+        control: target.control.clone(),
         compare,
     };
     let call = |req: &ctk_agent::control::Request| control(&target, req);

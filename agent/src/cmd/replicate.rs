@@ -28,7 +28,7 @@ pub struct ReceiverArgs {
     /// The cursor that keeps the receiver's point answerable between runs.
     #[arg(long, default_value = "replica")]
     pub cursor: String,
-    /// Where work files are made (a push's FIFO and block digests, a failback pass's delta).
+    /// Where work files are made (a push's FIFO and block digests; failback makes none).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub work_dir: PathBuf,
 }

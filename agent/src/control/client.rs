@@ -30,14 +30,20 @@ pub fn call(socket: &Path, request: &Request) -> Result<Value> {
     let n = std::io::BufReader::new(&stream)
         .read_line(&mut answer)
         .context("reading the agent's answer")?;
-    if n == 0 {
+    answer_of(&answer[..n], socket)
+}
+
+/// An answer line read from the agent at `socket` (empty: it closed the connection), its
+/// refusal an error.
+pub fn answer_of(answer: &str, socket: &Path) -> Result<Value> {
+    if answer.is_empty() {
         bail!(
             "the agent at {} closed the connection without answering: it crashed or was killed \
              (see its log); what was asked may or may not have happened",
             socket.display()
         );
     }
-    let answer: Value = serde_json::from_str(&answer).context("the agent's answer is not JSON")?;
+    let answer: Value = serde_json::from_str(answer).context("the agent's answer is not JSON")?;
     if answer["ok"] != true {
         bail!(
             "{}",

@@ -80,6 +80,22 @@ pub(super) fn handle(agent: &Agent, request: Request) -> Result<Value> {
     Ok(answer?)
 }
 
+/// A failback pass whose delta is read from `delta` (the rest of its control connection).
+pub(super) fn failback_apply(
+    agent: &Agent,
+    disk: Option<&str>,
+    point: ctk::ChangeId,
+    upto: ctk::ChangeId,
+    delta: impl std::io::Read,
+) -> Result<Value> {
+    let disk = pick_disk(agent, disk)?;
+    let state = disk.failback_apply(delta, point, upto)?;
+    Ok(serde_json::to_value(FailbackAnswer {
+        disk: disk.name.clone(),
+        state: Some(state),
+    })?)
+}
+
 /// The disk a request names; the only one when it names none.
 fn pick_disk<'a>(agent: &'a Agent, name: Option<&str>) -> Result<&'a ProtectedDisk> {
     match (name, agent.disks.len()) {

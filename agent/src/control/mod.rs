@@ -3,7 +3,9 @@
 //! answered for the owner only (mode 0600): `handle` serves them, `client` sends them.
 //! Bounded: a request line is at most `CONTROL_LINE_MAX` bytes, a connection that sends
 //! nothing for `CONTROL_IDLE_TIMEOUT` is closed, and connections over the cap get one line
-//! saying so.
+//! saying so. One request takes more than its line: a failback pass (`failback` with the
+//! `apply` step) reads its delta from the rest of the connection, and the connection ends
+//! with its answer.
 
 pub mod client;
 mod handle;
@@ -65,12 +67,26 @@ async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Res
             return Ok(());
         }
         let too_long = !line.ends_with('\n') && n as u64 >= CONTROL_LINE_MAX;
+        let mut body_taken = false;
         let response = if too_long {
             json!({"ok": false, "error": "request line too long"})
         } else {
             let agent = agent.clone();
             let answer = parse(&line).and_then(|request| {
-                tokio::task::block_in_place(|| handle::handle(&agent, request))
+                tokio::task::block_in_place(|| match request {
+                    Request::Failback {
+                        disk,
+                        op: proto::FailbackOp::Apply { point, upto },
+                    } => {
+                        body_taken = true;
+                        let body = Body {
+                            input: &mut lines,
+                            runtime: tokio::runtime::Handle::current(),
+                        };
+                        handle::failback_apply(&agent, disk.as_deref(), point, upto, body)
+                    }
+                    request => handle::handle(&agent, request),
+                })
             });
             match answer {
                 Ok(mut v) => {
@@ -83,9 +99,29 @@ async fn serve_control(agent: Arc<Agent>, stream: tokio::net::UnixStream) -> Res
         let mut out = serde_json::to_vec(&response)?;
         out.push(b'\n');
         write.write_all(&out).await?;
-        if too_long {
+        if too_long || body_taken {
             return Ok(());
         }
+    }
+}
+
+/// The rest of a control connection read as a blocking `Read` (on a thread that may block,
+/// inside `block_in_place`), each read bounded by the idle timeout: a sender that stalls is
+/// an error, not a handler held forever.
+struct Body<'a, R> {
+    input: &'a mut R,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> std::io::Read for Body<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = tokio::time::timeout(CONTROL_IDLE_TIMEOUT, self.input.read(buf));
+        self.runtime.block_on(read).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the sender of a failback pass stalled",
+            )
+        })?
     }
 }
 

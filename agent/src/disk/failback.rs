@@ -5,10 +5,12 @@
 //! The fence and where failback stands live in `<journal>.failback` (JSON, replaced whole
 //! and synced): while it exists, writes through the NBD front are refused (EPERM), so the
 //! only writes are failback's own, and a restart of the agent keeps the fence. A pass is
-//! applied in full and the backing synced before the file names its overlay cut as applied:
-//! killed before that, the pass is simply done again (the writes are idempotent).
+//! applied as its delta arrives (each record checked before it is written) and the backing
+//! synced before the file names its overlay cut as applied: cut off or killed before that,
+//! the pass is simply done again (the writes are idempotent, and tracked, so a first pass
+//! that names this disk's changes names these too).
 
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -55,13 +57,10 @@ pub struct Committing {
 pub enum FailbackOp {
     /// Fence the disk (NBD writes refused) and start, or go on with, a failback.
     Begin,
-    /// Apply the pass in the delta file `path` (from the failover at `point`, complete as
-    /// of overlay cut `upto`), sync it, then record it as applied.
-    Apply {
-        path: PathBuf,
-        point: ChangeId,
-        upto: ChangeId,
-    },
+    /// Apply the pass whose delta follows this request on the same control connection (from
+    /// the failover at `point`, complete as of overlay cut `upto`; the sender closes its
+    /// writing half after the delta), sync it, then record it as applied.
+    Apply { point: ChangeId, upto: ChangeId },
     /// Record the cutover's commit before asking the receiver for it.
     Committing(Committing),
     /// Forget the recorded commit: the receiver refused it (the DR disk changed after the
@@ -153,13 +152,11 @@ impl ProtectedDisk {
             (op, Some(state)) => (op, state),
         };
         match state.0 {
-            FailbackOp::Apply { path, point, upto } => {
-                let bytes = self.apply_pass(&path)?;
-                state.1.point = Some(point);
-                state.1.applied_upto = Some(upto);
-                state.1.passes += 1;
-                state.1.bytes_applied += bytes;
-                state.1.applied_unix_ms = Some(ctk::unix_ms_now());
+            FailbackOp::Apply { .. } => {
+                return Err(DiskError::Io(std::io::Error::other(
+                    "a failback pass's delta comes on the control connection after the request \
+                     (`ctk-agent failback` sends it)",
+                )));
             }
             FailbackOp::Committing(c) => state.1.committing = Some(c),
             FailbackOp::Recut => state.1.committing = None,
@@ -169,13 +166,37 @@ impl ProtectedDisk {
         Ok(Some(state.1))
     }
 
-    /// Writes every record of the delta file at `path` through the tracker, then syncs the
-    /// backing. The bytes written (zeros counted). Records go in batches whose intents one
-    /// journal sync makes durable: a pass touches regions all over the disk, and a sync per
-    /// record would be most of its time.
-    fn apply_pass(&self, path: &Path) -> Result<u64, DiskError> {
-        let file = std::fs::File::open(path)?;
-        let mut reader = DeltaReader::new(BufReader::with_capacity(1 << 20, file))?;
+    /// Applies a pass (`FailbackOp::Apply`) whose delta is read from `delta` as it arrives,
+    /// syncs it, then records it as applied. The state after it.
+    pub fn failback_apply(
+        &self,
+        delta: impl Read,
+        point: ChangeId,
+        upto: ChangeId,
+    ) -> Result<FailbackState, DiskError> {
+        let Some(mut state) = load(&self.journal)? else {
+            return Err(DiskError::Io(std::io::Error::other(
+                "no failback is under way for this disk (begin one first)",
+            )));
+        };
+        let bytes = self.apply_pass(delta)?;
+        state.point = Some(point);
+        state.applied_upto = Some(upto);
+        state.passes += 1;
+        state.bytes_applied += bytes;
+        state.applied_unix_ms = Some(ctk::unix_ms_now());
+        save(&self.journal, &state)?;
+        Ok(state)
+    }
+
+    /// Writes every record of the delta read from `delta` through the tracker, then syncs
+    /// the backing. The bytes written (zeros counted). Records go in batches whose intents
+    /// one journal sync makes durable: a pass touches regions all over the disk, and a sync
+    /// per record would be most of its time. A record is written only once its checksum
+    /// holds; a delta that ends early or fails its trailer leaves the records before it
+    /// written and the pass unrecorded.
+    fn apply_pass(&self, delta: impl Read) -> Result<u64, DiskError> {
+        let mut reader = DeltaReader::new(BufReader::with_capacity(1 << 20, delta))?;
         if reader.header().disk_size != self.size() {
             return Err(DiskError::Io(std::io::Error::other(format!(
                 "the DR disk is {} bytes, this disk {}: resize this disk to the DR disk's size \

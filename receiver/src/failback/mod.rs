@@ -72,7 +72,7 @@ pub struct Progress {
 const PROGRESS: &str = "failback.json";
 
 /// Records a pass in the failover's `failback.json` (best effort: a status).
-fn record(dir: &Path, pass: &Pass, last: bool) {
+fn record(dir: &Path, pass: &Pass, bytes: u64, last: bool) {
     let mut p: Progress = std::fs::read(dir.join(PROGRESS))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -81,7 +81,7 @@ fn record(dir: &Path, pass: &Pass, last: bool) {
     p.last_unix_ms = ctk::unix_ms_now();
     p.upto = Some(pass.upto);
     p.last_blocks = pass.blocks;
-    p.bytes_sent += pass.bytes;
+    p.bytes_sent += bytes;
     p.last_final = last;
     let tmp = dir.join("failback.json.tmp");
     let written = serde_json::to_vec_pretty(&p)

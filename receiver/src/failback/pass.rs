@@ -1,8 +1,8 @@
-//! One failback pass: the blocks the original disk needs, read from the DR disk into a
-//! delta file that the server streams to the agent.
+//! One failback pass: the blocks the original disk needs, read from the DR disk as a delta
+//! written into whatever the server streams to the agent.
 
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::Path;
 
 use ctk::delta::{DeltaHeader, DeltaWriter, WriteOptions};
 use ctk::{ChangeId, Extent};
@@ -21,7 +21,8 @@ pub enum Known {
     UnitHashes { unit: u32, hashes: Vec<[u8; 32]> },
 }
 
-/// A pass written to `path`.
+/// A pass as its answer describes it, known before its delta is written.
+#[derive(Clone, Copy, Debug)]
 pub struct Pass {
     pub point: ChangeId,
     pub newest: ChangeId,
@@ -29,8 +30,6 @@ pub struct Pass {
     pub upto: ChangeId,
     pub disk_size: u64,
     pub blocks: u64,
-    pub path: PathBuf,
-    pub bytes: u64,
 }
 
 fn io(doing: &str) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -48,16 +47,19 @@ fn add_range(blocks: &mut RoaringBitmap, start: u64, end: u64) {
 }
 
 /// Builds the pass after overlay cut `since` (`None`: the first) of disk `disk` under the
-/// agent's store `root` into a new file in `dir`. `last`: hold the overlay (stopping the
-/// export that serves it) and cut it, so the pass is the final one.
-pub fn pass(
+/// agent's store `root` (its progress recorded in the failover's `dir`). `last`: hold the
+/// overlay (stopping the export that serves it) and cut it, so the pass is the final one.
+/// Once it is planned, `open` is given the pass and makes the sink its delta is written
+/// into, as the blocks are read. The pass and its delta's length.
+pub fn pass<W: Write>(
     root: &Path,
     disk: &str,
     since: Option<ChangeId>,
     known: Option<Known>,
     last: bool,
     dir: &Path,
-) -> Result<Pass, StoreError> {
+    open: impl FnOnce(&Pass) -> Result<W, StoreError>,
+) -> Result<(Pass, u64), StoreError> {
     let newest = store::newest_point(root, disk)?
         .ok_or_else(|| StoreError::NoSuchPoint(format!("of disk {disk:?}")))?;
     let mut view = if last {
@@ -67,11 +69,13 @@ pub fn pass(
     };
     let (upto, blocks) = plan(&mut view, since, known)?;
     let size = view.size;
-    let path = dir.join(format!(
-        "pass-{}-{}.ctkd",
-        std::process::id(),
-        ctk::unix_ms_now()
-    ));
+    let pass = Pass {
+        point: view.point,
+        newest,
+        upto,
+        disk_size: size,
+        blocks: blocks.len(),
+    };
     let header = DeltaHeader {
         disk_id: disk.to_owned(),
         disk_size: size,
@@ -79,9 +83,7 @@ pub fn pass(
         from: Some(view.point),
         to: upto,
     };
-    // Not synced: it lives only until it is streamed, and a crash means a new pass anyway.
-    let file = std::fs::File::create(&path).map_err(io("creating a failback delta"))?;
-    let out = BufWriter::with_capacity(1 << 20, file);
+    let out = open(&pass)?;
     let (mut out, bytes) = write_blocks(
         &mut view,
         &header,
@@ -90,18 +92,9 @@ pub fn pass(
         out,
         WriteOptions::default(),
     )?;
-    out.flush().map_err(io("writing a failback delta"))?;
-    let pass = Pass {
-        point: view.point,
-        newest,
-        upto,
-        disk_size: size,
-        blocks: blocks.len(),
-        path,
-        bytes,
-    };
-    super::record(dir, &pass, last);
-    Ok(pass)
+    out.flush().map_err(io("sending a failback delta"))?;
+    super::record(dir, &pass, bytes, last);
+    Ok((pass, bytes))
 }
 
 /// What a pass sends: the overlay cut it is complete as of, and the 4 KiB blocks of the DR

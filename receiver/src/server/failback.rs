@@ -55,7 +55,9 @@ async fn read_known(recv: &mut quinn::RecvStream, known: Known) -> Result<failba
     }
 }
 
-/// One pass: built into a file beside the overlay, then streamed as chunks.
+/// One pass, streamed as it is built: the blocks are read from the DR disk and encoded on a
+/// blocking thread, which hands the delta over chunk by chunk (at most `PASS_CHUNKS_AHEAD`
+/// ahead of the stream), so reading, compressing, sending and the agent's writes overlap.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn pull(
     agent: &str,
@@ -87,27 +89,39 @@ pub(super) async fn pull(
         Ok(k) => k,
         Err(why) => return Ok(Response::refused(Refusal::BadRequest, why)),
     };
+    let (planned_tx, planned_rx) = tokio::sync::oneshot::channel();
+    let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel(PASS_CHUNKS_AHEAD);
     let span = info_span!("failback", %disk, final_pass);
     let name = disk.clone();
-    let built = tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
         let _guard = span.enter();
         let started = std::time::Instant::now();
         let dir = failback::failover_dir(&root, &name);
-        let pass = failback::pass(&root, &name, since, Some(known), final_pass, &dir)?;
+        let sink = |pass: &failback::Pass| {
+            let _ = planned_tx.send(*pass);
+            Ok(ChunkSink {
+                tx: chunks_tx,
+                buf: Vec::with_capacity(wire::CHUNK_MAX),
+            })
+        };
+        let (pass, bytes) =
+            failback::pass(&root, &name, since, Some(known), final_pass, &dir, sink)?;
         info!(
             upto = %pass.upto,
             blocks = pass.blocks,
-            bytes = pass.bytes,
+            bytes,
             seconds = started.elapsed().as_secs_f64(),
-            "failback pass built"
+            "failback pass sent"
         );
         Ok::<_, StoreError>(pass)
-    })
-    .await;
-    let pass = match built {
-        Ok(Ok(pass)) => pass,
-        Ok(Err(e)) => return Ok(Response::refused(refusal(&e), describe(&e))),
-        Err(e) => return Ok(Response::refused(Refusal::Unavailable, e.to_string())),
+    });
+    let Ok(pass) = planned_rx.await else {
+        // Ended before its plan: nothing was sent, so the refusal goes the usual way.
+        return Ok(match task.await {
+            Ok(Err(e)) => Response::refused(refusal(&e), describe(&e)),
+            Ok(Ok(_)) => Response::refused(Refusal::Unavailable, "the pass had no plan"),
+            Err(e) => Response::refused(Refusal::Unavailable, e.to_string()),
+        });
     };
     let response = Response::FailbackPass {
         point: pass.point,
@@ -115,46 +129,70 @@ pub(super) async fn pull(
         upto: pass.upto,
         disk_size: pass.disk_size,
         blocks: pass.blocks,
-        bytes: pass.bytes,
+        // Not known ahead: the chunks end with a zero length.
+        bytes: 0,
     };
-    let sent = send_file(send, &response, &pass.path).await;
-    let _ = std::fs::remove_file(&pass.path);
-    sent?;
-    Ok(response)
+    let streamed = async {
+        ctk_net::write_frame(send, &response.encode()).await?;
+        while let Some(chunk) = chunks.recv().await {
+            ctk_net::write_chunk(send, chunk).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    // The builder stops at its next chunk once nobody takes them.
+    drop(chunks);
+    let built = task.await;
+    let failed = match (streamed, built) {
+        (Ok(()), Ok(Ok(_))) => {
+            ctk_net::end_chunks(send).await?;
+            return Ok(response);
+        }
+        (Err(e), _) => e,
+        (Ok(()), Ok(Err(e))) => anyhow::anyhow!(describe(&e)),
+        (Ok(()), Err(e)) => e.into(),
+    };
+    // Reset, not finished: the agent must not take a pass cut short for a whole one (its
+    // delta's trailer would tell it too).
+    let _ = send.reset(quinn::VarInt::from_u32(1));
+    Err(failed.context("streaming a failback pass"))
 }
 
-/// The answer's frame, then the file as chunks and the end.
-async fn send_file(
-    send: &mut quinn::SendStream,
-    response: &Response,
-    path: &std::path::Path,
-) -> Result<()> {
-    ctk_net::write_frame(send, &response.encode()).await?;
-    let mut file = tokio::fs::File::open(path).await?;
-    loop {
-        let mut buf = vec![0u8; wire::CHUNK_MAX];
-        let n = read_full(&mut file, &mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        buf.truncate(n);
-        ctk_net::write_chunk(send, ctk_net::Bytes::from(buf)).await?;
-    }
-    ctk_net::end_chunks(send).await?;
-    Ok(())
+/// Chunks of a pass's delta queued ahead of the stream: the memory a pull holds for them.
+const PASS_CHUNKS_AHEAD: usize = 8;
+
+/// The delta's bytes, written on the blocking thread, handed to the stream in chunks of
+/// `wire::CHUNK_MAX`.
+struct ChunkSink {
+    tx: tokio::sync::mpsc::Sender<ctk_net::Bytes>,
+    buf: Vec<u8>,
 }
 
-/// Reads until `buf` is full or the file ends: the count.
-async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use tokio::io::AsyncReadExt;
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read(&mut buf[got..]).await? {
-            0 => break,
-            n => got += n,
-        }
+impl ChunkSink {
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(wire::CHUNK_MAX));
+        self.tx
+            .blocking_send(ctk_net::Bytes::from(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the stream ended"))
     }
-    Ok(got)
+}
+
+impl std::io::Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(wire::CHUNK_MAX - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == wire::CHUNK_MAX {
+            self.hand_over()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.hand_over()
+    }
 }
 
 /// The cutover's commit.
