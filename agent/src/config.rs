@@ -25,6 +25,15 @@
 //!              clean_check = "grep -qx '0.0k' /sys/block/bcache0/bcache/dirty_data" }]
 //! post_thaw = [{ command = "logger ctk cut done" }]
 //! on_failure = "abort"            # or "crash-consistent"
+//!
+//! [[disk]]
+//! name = "db1-wal"
+//! path = "/var/lib/images/db1-wal.img"
+//!
+//! # Disks cut at one instant, always together (`cut --group db1`).
+//! [[group]]
+//! name = "db1"
+//! disks = ["db1", "db1-wal"]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -50,6 +59,17 @@ pub struct Config {
     pub nbd_handshake_timeout_ms: Option<u64>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+    /// Consistency groups: disks always cut at one instant.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
+}
+
+/// A consistency group (`[[group]]`): its name and its disks' names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    pub disks: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,7 +225,8 @@ mod tests {
             .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start_matches(' ')))
             .collect();
         let config: Config = toml::from_str(&example).unwrap();
-        assert_eq!(config.disks.len(), 1);
+        assert_eq!(config.disks.len(), 2);
+        assert_eq!(config.groups[0].disks, ["db1", "db1-wal"]);
         assert_eq!(config.disks[0].cut.freeze, vec![PathBuf::from("/mnt/db1")]);
         assert_eq!(config.disks[0].cut.destage.len(), 1);
         let typo = example.replace("freeze_timeout_ms", "freeze_timout_ms");

@@ -9,6 +9,7 @@ pub mod disk;
 pub mod failback;
 pub mod freeze;
 pub mod front;
+pub mod group;
 pub mod limits;
 pub mod mounts;
 /// The NBD codec (its own crate: the receiver serves NBD too).

@@ -7,12 +7,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use ctk_agent::config::parse_size;
-use ctk_agent::{freeze, pipeline, server};
+use ctk_agent::{freeze, pipeline};
 
 mod cmd;
-
-use cmd::parse_disk;
 
 /// Exit codes: 0 success, 1 an operation failed (the message says what and why), 2 bad
 /// command line (clap's own).
@@ -51,32 +48,7 @@ enum Command {
     ///
     /// Example: ctk-agent serve --disk vm1=/var/lib/images/vm1.img --listen unix:/run/ctk-agent/nbd.sock
     /// then: qemu-io -f raw 'nbd+unix:///vm1?socket=/run/ctk-agent/nbd.sock' -c 'write 0 4k'
-    Serve {
-        /// A disk to protect, as NAME=PATH (a raw image file or a block device). Repeatable.
-        /// The change journal is PATH.ctk unless --journal-dir is given.
-        #[arg(long = "disk", value_parser = parse_disk, required_unless_present = "config")]
-        disks: Vec<(String, PathBuf)>,
-        /// A TOML configuration: disks, hooks, freeze targets, destage steps, listeners
-        /// (an example is at the top of agent/src/config.rs).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Where journals live (as NAME.ctk); default: beside each disk.
-        #[arg(long)]
-        journal_dir: Option<PathBuf>,
-        /// Where the NBD front listens: unix:PATH or tcp:ADDRESS:PORT (loopback unless you
-        /// mean it: NBD has no authentication). Repeatable. Default: unix:/run/ctk-agent/nbd.sock.
-        #[arg(long = "listen")]
-        listens: Vec<server::Listen>,
-        /// The control socket (mode 0600). Default: /run/ctk-agent/control.sock.
-        #[arg(long)]
-        control: Option<PathBuf>,
-        /// Tracking granularity, a power of two from 4K to 1M.
-        #[arg(long, default_value = "4K", value_parser = parse_size)]
-        block_size: u64,
-        /// zstd level for exported deltas (default 1).
-        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
-        zstd_level: Option<i32>,
-    },
+    Serve(cmd::serve::Serve),
     /// (internal) Freeze mount points and thaw them on request, on parent death or at the
     /// timeout; started by the agent for application-consistent cuts.
     #[command(hide = true)]
@@ -97,14 +69,17 @@ enum Command {
     /// Cut now: hold NBD writes, let those in flight finish, seal the epoch, release the
     /// writes, then make the seal and the backing durable. With the disk's hooks and freezes
     /// (the default when it has any) the cut is application-consistent. Prints the new
-    /// ChangeId.
+    /// ChangeId. With --group, every disk of a consistency group is cut at one instant
+    /// (all their writes held at once) and each member's ChangeId is printed.
     Cut(cmd::control::Cut),
     /// List the extents changed since a ChangeId (or "all") up to the latest cut, like
     /// VMware's QueryChangedDiskAreas.
     Changed(cmd::control::Changed),
     /// Cut, and write the blocks changed since a ChangeId (or "all") up to that cut as a
     /// delta file. Writes are held only for the cut; the delta is the disk as of the cut
-    /// while writes go on (copy-on-write). A failed export leaves no partial file.
+    /// while writes go on (copy-on-write). A failed export leaves no partial file. With
+    /// --group, one cut of every member at one instant and one delta per member in the
+    /// directory -o names (DISK.ctkd), all or none.
     Export(cmd::control::Export),
     /// Register, advance or drop a consumer cursor: cuts after a registered cursor stay
     /// answerable until it advances (without one, only the newest 8 cuts stay exact).
@@ -149,23 +124,7 @@ enum Command {
 }
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve {
-            disks,
-            config,
-            journal_dir,
-            listens,
-            control,
-            block_size,
-            zstd_level,
-        } => cmd::serve::serve(
-            disks,
-            config,
-            journal_dir,
-            listens,
-            control,
-            block_size,
-            zstd_level,
-        ),
+        Command::Serve(args) => cmd::serve::serve(args),
         Command::FreezeHelper { timeout_ms, mounts } => {
             freeze::helper_main(&mounts, std::time::Duration::from_millis(timeout_ms))
         }

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::config::{CutPolicy, Destage, OnFailure};
-use crate::disk::ProtectedDisk;
+use crate::disk::{ProtectedDisk, hold_and_seal_all};
 use crate::freeze::Freeze;
 
 /// How consistent a cut is: one type from the cut to the receiver's manifest.
@@ -207,6 +207,8 @@ fn release_margin(freeze_timeout: Duration) -> Duration {
 pub struct CutReport {
     pub change_id: ctk::ChangeId,
     pub consistency: Consistency,
+    /// The consistency group's cut this is one member of, if any.
+    pub group_cut: Option<ctk::GroupCutId>,
     /// From asking to hold NBD writes to releasing them, and its parts.
     pub hold: crate::disk::HoldTimes,
     /// From freeze to thaw, if a filesystem was frozen.
@@ -224,6 +226,7 @@ impl CutReport {
             disk: disk.to_owned(),
             change_id: self.change_id,
             consistency: self.consistency,
+            group_cut: self.group_cut,
             hold_ms: ms(self.hold.total),
             drain_ms: ms(self.hold.drain),
             seal_ms: ms(self.hold.seal),
@@ -241,6 +244,9 @@ pub struct CutAnswer {
     pub disk: String,
     pub change_id: ctk::ChangeId,
     pub consistency: Consistency,
+    /// The consistency group's cut this is one member of (`cut --group`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_cut: Option<ctk::GroupCutId>,
     /// From asking to hold NBD writes to releasing them, and its parts.
     pub hold_ms: f64,
     pub drain_ms: f64,
@@ -252,15 +258,82 @@ pub struct CutAnswer {
     pub warnings: Vec<String>,
 }
 
-/// Runs the pipeline for `disk`. `inside` runs right after the seal while NBD writes are still
-/// held and the filesystems still frozen: keep it short (an export only installs its
-/// copy-on-write snapshot there, and reads the data after everything is released).
+/// Runs the pipeline for `disk` under its own policy. `inside` runs right after the seal
+/// while NBD writes are still held and the filesystems still frozen: keep it short (an
+/// export only installs its copy-on-write snapshot there, and reads the data after
+/// everything is released).
 pub fn cut(
     disk: &ProtectedDisk,
-    policy: &CutPolicy,
     want: Consistency,
     inside: impl FnOnce(ctk::ChangeId) -> Result<Value>,
 ) -> Result<CutReport> {
+    let mut inside = Some(inside);
+    let mut reports = cut_all(&[disk], &disk.policy, want, None, |_, id| {
+        (inside.take().expect("one disk, one call"))(id)
+    })?;
+    Ok(reports.pop().expect("one disk, one report"))
+}
+
+/// Runs the pipeline once for every disk of a consistency group (`disks`, in the agent's
+/// order): every member's pre-freeze hooks, one freeze of all their filesystems, one hold of
+/// all their writes (`hold_and_seal_all`: one instant across the group), every member's
+/// destage steps, then release, thaw and every member's post-thaw hooks. `inside` runs per
+/// member, with its index, inside the hold. One report per member, all with the group's
+/// consistency and `group_cut`.
+pub fn cut_group(
+    disks: &[&ProtectedDisk],
+    want: Consistency,
+    group_cut: ctk::GroupCutId,
+    inside: impl FnMut(usize, ctk::ChangeId) -> Result<Value>,
+) -> Result<Vec<CutReport>> {
+    cut_all(disks, &group_policy(disks), want, Some(group_cut), inside)
+}
+
+/// A group's steps as one policy: each member's hooks, freeze targets and destage steps in
+/// member order (a target two members name, once), the shortest freeze timeout (no member's
+/// filesystem stays frozen longer than it allows), and abort on failure if any member says
+/// so (an application cut of the group is only as good as its strictest member asks).
+fn group_policy(disks: &[&ProtectedDisk]) -> CutPolicy {
+    let crash_on_failure = disks
+        .iter()
+        .all(|d| d.policy.on_failure == OnFailure::CrashConsistent);
+    let mut p = CutPolicy {
+        freeze_timeout_ms: disks
+            .iter()
+            .map(|d| d.policy.freeze_timeout_ms)
+            .min()
+            .unwrap_or_default(),
+        on_failure: if crash_on_failure {
+            OnFailure::CrashConsistent
+        } else {
+            OnFailure::Abort
+        },
+        ..CutPolicy::default()
+    };
+    for d in disks {
+        p.pre_freeze.extend(d.policy.pre_freeze.iter().cloned());
+        for target in &d.policy.freeze {
+            if !p.freeze.contains(target) {
+                p.freeze.push(target.clone());
+            }
+        }
+        p.destage.extend(d.policy.destage.iter().cloned());
+        p.post_thaw.extend(d.policy.post_thaw.iter().cloned());
+    }
+    p
+}
+
+/// The pipeline over `disks` (one, or a group's members) with the steps of `policy`.
+/// One piece: the steps' order and the fallbacks between them are the pipeline's contract
+/// (see the module's doc), easier to check read top to bottom than split.
+fn cut_all(
+    disks: &[&ProtectedDisk],
+    policy: &CutPolicy,
+    want: Consistency,
+    group_cut: Option<ctk::GroupCutId>,
+    mut inside: impl FnMut(usize, ctk::ChangeId) -> Result<Value>,
+) -> Result<Vec<CutReport>> {
+    let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
     let mut warnings = Vec::new();
     let mut consistency = want;
     // The label is earned, not asked for: with nothing to quiesce, the cut is a crash cut.
@@ -270,7 +343,7 @@ pub fn cut(
         consistency = Consistency::Crash;
     }
     let degrade = |consistency: &mut Consistency, warnings: &mut Vec<String>, e| {
-        degrade(disk, policy, consistency, warnings, e)
+        degrade(&names, policy, consistency, warnings, e)
     };
     if want == Consistency::Application {
         for hook in &policy.pre_freeze {
@@ -286,10 +359,12 @@ pub fn cut(
     }
     let mut freeze = None;
     if consistency == Consistency::Application && !policy.freeze.is_empty() {
-        // A target that is not the disk's own mounted filesystem would freeze the wrong one
+        // A target that is not its disk's own mounted filesystem would freeze the wrong one
         // (often /) and quiesce nothing the cut captures.
-        let checked = crate::mounts::check_targets(&policy.freeze, disk.image_id())
-            .map_err(anyhow::Error::from);
+        let checked = disks.iter().try_for_each(|d| {
+            crate::mounts::check_targets(&d.policy.freeze, d.image_id())
+                .map_err(anyhow::Error::from)
+        });
         match checked.and_then(|()| {
             Freeze::start(
                 &policy.freeze,
@@ -300,7 +375,7 @@ pub fn cut(
             Err(e) => degrade(&mut consistency, &mut warnings, e)?,
         }
     }
-    // Did the freeze still hold when the epoch was sealed? The watchdog cannot fire before
+    // Did the freeze still hold when the epochs were sealed? The watchdog cannot fire before
     // its timeout, so a seal inside that window was covered by the freeze.
     let freeze_timeout = Duration::from_millis(policy.freeze_timeout_ms);
     let mut covered = None;
@@ -308,17 +383,17 @@ pub fn cut(
     let deadline = freeze
         .as_ref()
         .map(|f| f.started() + freeze_timeout.saturating_sub(release_margin(freeze_timeout)));
-    let mut inside = Some(inside);
-    let mut held = disk.hold_and_seal(
+    let mut held = hold_and_seal_all(
+        disks,
         || destage(&policy.destage, deadline),
-        |id| {
+        |i, id| {
             covered = freeze.as_ref().map(|f| f.held_for() < freeze_timeout);
-            (inside.take().expect("called once"))(id)
+            inside(i, id)
         },
     );
     // Thaw only now that NBD writes flow again: thawing writes the filesystem's superblock,
-    // which for a filesystem on this disk travels through the NBD front. Thawing while
-    // writes are held would deadlock.
+    // which for a filesystem on a protected disk travels through the NBD front. Thawing
+    // while writes are held would deadlock.
     let frozen = freeze.as_ref().map(|f| f.held_for());
     let thaw = freeze.take().map(Freeze::thaw);
     if let Err(e) = &held
@@ -330,12 +405,9 @@ pub fn cut(
         let e = held.expect_err("an error");
         degrade(&mut consistency, &mut warnings, e)?;
         covered = None;
-        held = disk.hold_and_seal(
-            || destage(&policy.destage, None),
-            |id| (inside.take().expect("not called yet"))(id),
-        );
+        held = hold_and_seal_all(disks, || destage(&policy.destage, None), &mut inside);
     }
-    let (change_id, hold, inside_value) = held?;
+    let sealed = held?;
     match (covered, thaw) {
         (None, _) => {}
         (Some(true), Some(Ok(_))) => {}
@@ -351,23 +423,30 @@ pub fn cut(
     if want == Consistency::Application {
         post_thaw(policy, &mut warnings);
     }
-    let report = CutReport {
-        change_id,
-        consistency,
-        hold,
-        frozen,
-        warnings,
-        inside: inside_value,
-    };
-    log_cut(disk, &report);
-    info!(disk = %disk.name, cut = %change_id, consistency = consistency.as_str(), hold_us = hold.total.as_micros() as u64, drain_us = hold.drain.as_micros() as u64, seal_us = hold.seal.as_micros() as u64, "cut");
-    Ok(report)
+    let reports: Vec<CutReport> = sealed
+        .into_iter()
+        .map(|(change_id, hold, inside)| CutReport {
+            change_id,
+            consistency,
+            group_cut,
+            hold,
+            frozen,
+            warnings: warnings.clone(),
+            inside,
+        })
+        .collect();
+    for (disk, report) in disks.iter().zip(&reports) {
+        log_cut(disk, report);
+        let hold = report.hold;
+        info!(disk = %disk.name, cut = %report.change_id, consistency = consistency.as_str(), hold_us = hold.total.as_micros() as u64, drain_us = hold.drain.as_micros() as u64, seal_us = hold.seal.as_micros() as u64, "cut");
+    }
+    Ok(reports)
 }
 
 /// A quiesce step failed: abort the cut, or go on crash-consistent with a warning, as the
-/// disk's policy says.
+/// policy says.
 fn degrade(
-    disk: &ProtectedDisk,
+    disks: &[&str],
     policy: &CutPolicy,
     consistency: &mut Consistency,
     warnings: &mut Vec<String>,
@@ -378,7 +457,7 @@ fn degrade(
             Err(e.context("cut aborted: nothing is frozen and the epoch is still open"))
         }
         OnFailure::CrashConsistent => {
-            warn!(disk = %disk.name, error = %format!("{e:#}"), "falling back to a crash-consistent cut");
+            warn!(disks = ?disks, error = %format!("{e:#}"), "falling back to a crash-consistent cut");
             warnings.push(format!("{e:#}"));
             *consistency = Consistency::Crash;
             Ok(())

@@ -19,6 +19,8 @@ use crate::limits::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, Limits, REFUSALS_MAX
 
 pub struct Agent {
     pub disks: Vec<Arc<ProtectedDisk>>,
+    /// Consistency groups over `disks` (checked when the agent starts).
+    pub groups: Vec<crate::group::Group>,
     pub zstd_level: i32,
     pub limits: Limits,
     /// The shared pool of NBD payload memory, in KiB (`limits`).
@@ -30,10 +32,17 @@ impl Agent {
         let kib = (limits.nbd_memory / 1024).max(crate::nbd::PAYLOAD_MAX as u64 / 1024);
         Agent {
             disks,
+            groups: Vec::new(),
             zstd_level,
             limits,
             nbd_memory: Arc::new(Semaphore::new(kib as usize)),
         }
+    }
+
+    /// The agent with consistency groups over its disks (see `group::resolve`).
+    pub fn with_groups(mut self, groups: Vec<crate::group::Group>) -> Agent {
+        self.groups = groups;
+        self
     }
 
     pub(crate) fn disk(&self, name: &str) -> Option<&Arc<ProtectedDisk>> {

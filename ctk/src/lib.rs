@@ -22,7 +22,7 @@ pub mod vfs;
 pub mod wire;
 
 pub use geometry::{Extent, Geometry, GeometryError};
-pub use id::{ChangeId, Generation, ParseChangeIdError, unix_ms_now};
+pub use id::{ChangeId, Generation, GroupCutId, ParseChangeIdError, unix_ms_now};
 pub use journal::storage::{CrashMode, FileStorage, JournalStorage, MemStorage, Syncer};
 pub use map::{ChangeMap, CursorError, MapOptions, QueryError, Since};
 pub use tracker::{

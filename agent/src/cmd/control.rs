@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use ctk::Consistency;
@@ -18,6 +18,9 @@ pub struct Cut {
     /// Default: application if the disk has hooks or freeze targets configured.
     #[arg(long, value_parser = parse_consistency)]
     pub consistency: Option<Consistency>,
+    /// Cut every disk of this consistency group at one instant (instead of --disk).
+    #[arg(long, conflicts_with = "disk")]
+    pub group: Option<String>,
     #[command(flatten)]
     pub target: Target,
 }
@@ -25,8 +28,35 @@ pub struct Cut {
 pub fn cut(args: Cut) -> Result<()> {
     let Cut {
         consistency,
+        group,
         target,
     } = args;
+    if let Some(group) = group {
+        let answer = control(&target, &Request::GroupCut { group, consistency })?;
+        let cut: proto::GroupCutAnswer = serde_json::from_value(answer.clone())?;
+        for w in cut
+            .members
+            .first()
+            .map(|m| &m.warnings)
+            .into_iter()
+            .flatten()
+        {
+            eprintln!("warning: {w}");
+        }
+        return show(&target, answer, |a: &proto::GroupCutAnswer| {
+            let mut out = format!(
+                "group {} cut {} ({}, writes held {:.2} ms on every disk)",
+                a.group,
+                a.group_cut,
+                a.consistency.as_str(),
+                a.hold_ms
+            );
+            for m in &a.members {
+                out.push_str(&format!("\n  {} {}", m.disk, m.change_id));
+            }
+            out
+        });
+    }
     let answer = control(
         &target,
         &Request::Cut {
@@ -80,15 +110,19 @@ pub fn changed(args: Changed) -> Result<()> {
 
 #[derive(Args)]
 pub struct Export {
-    /// A ChangeId printed by `cut`, or "all" for a first full.
-    #[arg(long, value_parser = parse_since)]
-    pub since: ctk::Since,
-    /// The delta file to write.
+    /// A ChangeId printed by `cut`, or "all" for a first full. With --group: "all", or
+    /// DISK=CHANGEID for a member (repeatable; members not named: "all").
+    #[arg(long, required = true)]
+    pub since: Vec<String>,
+    /// The delta file to write (with --group: the directory, one DISK.ctkd per member).
     #[arg(short = 'o', long)]
     pub output: PathBuf,
     /// As for `cut`.
     #[arg(long, value_parser = parse_consistency)]
     pub consistency: Option<Consistency>,
+    /// Export every disk of this consistency group as of one instant (instead of --disk).
+    #[arg(long, conflicts_with = "disk")]
+    pub group: Option<String>,
     #[command(flatten)]
     pub target: Target,
 }
@@ -98,9 +132,17 @@ pub fn export(args: Export) -> Result<()> {
         since,
         output,
         consistency,
+        group,
         target,
     } = args;
     let output = std::path::absolute(&output)?;
+    if let Some(group) = group {
+        return export_group(group, since, output, consistency, &target);
+    }
+    let [since] = since.as_slice() else {
+        anyhow::bail!("--since is given once for one disk");
+    };
+    let since = parse_since(since).map_err(anyhow::Error::msg)?;
     let request = Request::Export(proto::Export {
         disk: None,
         since: proto::ExportSince::Since(since),
@@ -121,6 +163,50 @@ pub fn export(args: Export) -> Result<()> {
             a.delta_bytes,
             a.to
         )
+    })
+}
+
+/// `export --group`: every member's delta as of one group cut, into the directory `dir`.
+fn export_group(
+    group: String,
+    since: Vec<String>,
+    dir: PathBuf,
+    consistency: Option<Consistency>,
+    target: &super::Target,
+) -> Result<()> {
+    let mut per_disk = std::collections::BTreeMap::new();
+    for s in since.iter().filter(|s| s.as_str() != "all") {
+        let (disk, id) = s
+            .split_once('=')
+            .with_context(|| format!("--since {s:?}: with --group use \"all\" or DISK=CHANGEID"))?;
+        let id = parse_since(id).map_err(anyhow::Error::msg)?;
+        per_disk.insert(disk.to_owned(), id);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let request = Request::GroupExport {
+        group,
+        dir,
+        since: per_disk,
+        consistency,
+    };
+    let answer = control(target, &request)?;
+    show(target, answer, |a: &proto::GroupExportAnswer| {
+        let mut out = format!(
+            "group {} cut {} ({})",
+            a.group,
+            a.group_cut,
+            a.consistency.as_str()
+        );
+        for m in &a.members {
+            out.push_str(&format!(
+                "\n  {}: {} bytes changed -> {} byte delta, up to {}",
+                m.path.display(),
+                m.changed_bytes,
+                m.delta_bytes,
+                m.to
+            ));
+        }
+        out
     })
 }
 

@@ -38,13 +38,7 @@ pub(crate) fn parse_disk(text: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = text
         .split_once('=')
         .ok_or("use NAME=PATH, e.g. vm1=/images/vm1.img")?;
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if !ok {
+    if !ctk_agent::group::valid_name(name) {
         return Err(format!(
             "disk name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ -, not starting with . or -"
         ));

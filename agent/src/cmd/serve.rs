@@ -10,16 +10,52 @@ use ctk_agent::{config, disk, limits, server};
 
 use super::{DEFAULT_CONTROL, parse_disk};
 
+/// `serve`'s flags.
+#[derive(clap::Args)]
+pub struct Serve {
+    /// A disk to protect, as NAME=PATH (a raw image file or a block device). Repeatable.
+    /// The change journal is PATH.ctk unless --journal-dir is given.
+    #[arg(long = "disk", value_parser = parse_disk, required_unless_present = "config")]
+    pub disks: Vec<(String, PathBuf)>,
+    /// A consistency group, as NAME=DISK,DISK,...: its disks are always cut at one
+    /// instant (`cut --group NAME`), so they restore together. Repeatable; a disk is in
+    /// one group at most.
+    #[arg(long = "group", value_parser = ctk_agent::group::parse_flag, value_name = "NAME=DISKS")]
+    pub groups: Vec<(String, Vec<String>)>,
+    /// A TOML configuration: disks, hooks, freeze targets, destage steps, listeners
+    /// (an example is at the top of agent/src/config.rs).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where journals live (as NAME.ctk); default: beside each disk.
+    #[arg(long)]
+    pub journal_dir: Option<PathBuf>,
+    /// Where the NBD front listens: unix:PATH or tcp:ADDRESS:PORT (loopback unless you
+    /// mean it: NBD has no authentication). Repeatable. Default: unix:/run/ctk-agent/nbd.sock.
+    #[arg(long = "listen")]
+    pub listens: Vec<server::Listen>,
+    /// The control socket (mode 0600). Default: /run/ctk-agent/control.sock.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Tracking granularity, a power of two from 4K to 1M.
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    pub block_size: u64,
+    /// zstd level for exported deltas (default 1).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: Option<i32>,
+}
+
 /// Resolves flags and the configuration file into open disks, then runs the daemon.
-pub fn serve(
-    disks: Vec<(String, PathBuf)>,
-    config: Option<PathBuf>,
-    journal_dir: Option<PathBuf>,
-    mut listens: Vec<server::Listen>,
-    control: Option<PathBuf>,
-    block_size: u64,
-    zstd_level: Option<i32>,
-) -> Result<()> {
+pub fn serve(args: Serve) -> Result<()> {
+    let Serve {
+        disks,
+        groups,
+        config,
+        journal_dir,
+        mut listens,
+        control,
+        block_size,
+        zstd_level,
+    } = args;
     let mut file = match &config {
         Some(path) => config::load(path)?,
         None => config::Config::default(),
@@ -75,7 +111,15 @@ pub fn serve(
     let zstd_level = zstd_level.or(file.zstd_level).unwrap_or(1);
     anyhow::ensure!((1..=19).contains(&zstd_level), "zstd_level must be 1 to 19");
     let limits = resolve_limits(&file)?;
-    let agent = std::sync::Arc::new(server::Agent::new(opened, zstd_level, limits));
+    let mut wanted_groups: Vec<_> = std::mem::take(&mut file.groups)
+        .into_iter()
+        .map(|g| (g.name, g.disks))
+        .collect();
+    wanted_groups.extend(groups);
+    let names: Vec<&str> = opened.iter().map(|d| d.name.as_str()).collect();
+    let groups = ctk_agent::group::resolve(wanted_groups, &names)?;
+    let agent = server::Agent::new(opened, zstd_level, limits).with_groups(groups);
+    let agent = std::sync::Arc::new(agent);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

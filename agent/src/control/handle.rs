@@ -14,7 +14,7 @@ use crate::server::Agent;
 
 /// How long an export waits for one already running on the same disk (a killed
 /// replication's export finishes on its own) before it is refused as busy.
-const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+pub(super) const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Runs one request; the answer's JSON (the caller adds `"ok": true`).
 pub(super) fn handle(agent: &Agent, request: Request) -> Result<Value> {
@@ -22,10 +22,15 @@ pub(super) fn handle(agent: &Agent, request: Request) -> Result<Value> {
         let disks = agent.disks.iter().map(|d| d.status()).collect();
         return Ok(serde_json::to_value(StatusAnswer { disks })?);
     }
+    if let Request::GroupCut { .. } | Request::GroupExport { .. } = request {
+        return super::group::handle(agent, request);
+    }
     let disk = pick_disk(agent, request.disk())?;
     let want = wanted_consistency(disk, request.consistency())?;
     let answer = match request {
-        Request::Status => unreachable!("answered above"),
+        Request::Status | Request::GroupCut { .. } | Request::GroupExport { .. } => {
+            unreachable!("answered above")
+        }
         Request::Unchanged { since, .. } => serde_json::to_value(unchanged(disk, since, want)?),
         Request::Failback { op, .. } => serde_json::to_value(FailbackAnswer {
             disk: disk.name.clone(),
@@ -40,7 +45,7 @@ pub(super) fn handle(agent: &Agent, request: Request) -> Result<Value> {
             })
         }
         Request::Cut { .. } => {
-            let report = pipeline::cut(disk, &disk.policy, want, |_| Ok(Value::Null))?;
+            let report = pipeline::cut(disk, want, |_| Ok(Value::Null))?;
             serde_json::to_value(report.answer(&disk.name))
         }
         Request::Changed { since, to, .. } => {
@@ -221,7 +226,7 @@ fn export(
     // before the data is read, and copy-on-write keeps it as of the cut.
     let mut began = false;
     let mut size_at_cut = 0;
-    let report = pipeline::cut(disk, &disk.policy, want, |to| {
+    let report = pipeline::cut(disk, want, |to| {
         disk.begin_snapshot(&plan, to)?;
         began = true;
         // The size cannot change while the snapshot lives (resize waits for it).
@@ -239,21 +244,40 @@ fn export(
         }
     })?;
     let exported = disk.export_snapshot(&plan, report.change_id, path, leaves, agent.zstd_level);
-    let (changed, s, peak) = exported.map_err(|err| failed(disk, path, leaves, to_file, err))?;
+    let exported = exported.map_err(|err| failed(disk, path, leaves, to_file, err))?;
     info!(disk = %disk.name, to = %report.change_id, "exported");
-    Ok(ExportAnswer {
+    Ok(export_answer(
+        disk,
+        &report,
+        path,
+        cut_unix_ms,
+        size_at_cut,
+        exported,
+    ))
+}
+
+/// An export's answer: its cut, where it went, and what `export_snapshot` reported.
+pub(super) fn export_answer(
+    disk: &ProtectedDisk,
+    report: &pipeline::CutReport,
+    path: &Path,
+    cut_unix_ms: u64,
+    disk_size: u64,
+    (changed, s, peak): (u64, ctk::delta::DeltaSummary, u64),
+) -> ExportAnswer {
+    ExportAnswer {
         cut: report.answer(&disk.name),
         to: report.change_id,
         path: path.to_owned(),
         cut_unix_ms,
-        disk_size: size_at_cut,
+        disk_size,
         changed_bytes: changed,
         data_bytes: s.data_bytes,
         zero_bytes: s.zero_bytes,
         delta_bytes: s.stream_bytes,
         records: s.records,
         cow_peak_bytes: peak,
-    })
+    }
 }
 
 /// A failed export: nothing half-written is left to be taken for a delta, and the error

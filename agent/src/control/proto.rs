@@ -4,9 +4,10 @@
 //! `{"ok": false, "error": "..."}`. The server (`control::handle`), the CLI and `replicate`
 //! all use these types: no field is read by name anywhere else.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use ctk::{ChangeId, Consistency, Since};
+use ctk::{ChangeId, Consistency, GroupCutId, Since};
 use serde::{Deserialize, Serialize};
 
 pub use crate::disk::{Committing, CursorOp, CursorStatus, DiskStatus, FailbackOp, FailbackState};
@@ -23,6 +24,8 @@ pub const COMMANDS: &[&str] = &[
     "cursor",
     "resize",
     "failback",
+    "group_cut",
+    "group_export",
 ];
 
 /// A request to the running agent. `disk` may be left out when it protects one disk.
@@ -91,13 +94,29 @@ pub enum Request {
         #[serde(flatten)]
         op: FailbackOp,
     },
+    /// Cut every disk of a consistency group at one instant: `GroupCutAnswer`.
+    GroupCut {
+        group: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        consistency: Option<Consistency>,
+    },
+    /// Cut a group at one instant and export each member's delta since `since` (per member;
+    /// a member left out: `"all"`) into `dir` as `<disk>.ctkd`: `GroupExportAnswer`.
+    GroupExport {
+        group: String,
+        dir: PathBuf,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        since: BTreeMap<String, Since>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        consistency: Option<Consistency>,
+    },
 }
 
 impl Request {
     /// The disk the request names, if any.
     pub fn disk(&self) -> Option<&str> {
         match self {
-            Request::Status => None,
+            Request::Status | Request::GroupCut { .. } | Request::GroupExport { .. } => None,
             Request::Cut { disk, .. }
             | Request::Changed { disk, .. }
             | Request::Unchanged { disk, .. }
@@ -112,7 +131,9 @@ impl Request {
     /// Names the disk (the CLI's `--disk`), unless the request already does.
     pub fn for_disk(mut self, name: Option<&str>) -> Request {
         let slot = match &mut self {
-            Request::Status => return self,
+            Request::Status | Request::GroupCut { .. } | Request::GroupExport { .. } => {
+                return self;
+            }
             Request::Cut { disk, .. }
             | Request::Changed { disk, .. }
             | Request::Unchanged { disk, .. }
@@ -132,6 +153,8 @@ impl Request {
     pub fn consistency(&self) -> Option<Consistency> {
         match self {
             Request::Cut { consistency, .. }
+            | Request::GroupCut { consistency, .. }
+            | Request::GroupExport { consistency, .. }
             | Request::Unchanged { consistency, .. }
             | Request::Export(Export { consistency, .. }) => *consistency,
             _ => None,
@@ -323,4 +346,26 @@ mod tests {
         let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }
+}
+
+/// A consistency group's cut: its identity, carried by every member's cut, and each
+/// member's cut (all with the group's consistency).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupCutAnswer {
+    pub group: String,
+    pub group_cut: GroupCutId,
+    pub consistency: Consistency,
+    /// How long writes were held, on every member at once.
+    pub hold_ms: f64,
+    pub members: Vec<CutAnswer>,
+}
+
+/// A consistency group's export: the group's cut and each member's delta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupExportAnswer {
+    pub group: String,
+    pub group_cut: GroupCutId,
+    pub consistency: Consistency,
+    pub cut_unix_ms: u64,
+    pub members: Vec<ExportAnswer>,
 }

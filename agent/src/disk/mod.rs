@@ -8,6 +8,7 @@
 mod cursors;
 mod export;
 mod failback;
+mod hold;
 mod resize;
 mod snapshot;
 mod status;
@@ -15,6 +16,7 @@ mod status;
 pub use cursors::{CursorMeta, CursorOp, CursorStatus};
 pub use export::ExportPlan;
 pub use failback::{Committing, FailbackOp, FailbackState};
+pub use hold::{Sealed, hold_and_seal_all};
 pub use resize::Resized;
 pub use snapshot::COW_LIMIT_DEFAULT;
 
@@ -29,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::CutPolicy;
 
@@ -380,53 +382,17 @@ impl ProtectedDisk {
     /// Holds NBD writes (those in flight finish first), runs `destage` (caches below the
     /// tracking point), seals the epoch, runs `inside` with the new ChangeId while writes are
     /// still held, releases them, then flushes the backing. Returns the ChangeId, where the
-    /// hold's time went, and what `inside` returned.
+    /// hold's time went, and what `inside` returned. (A group's cut: `hold_and_seal_all`.)
     pub fn hold_and_seal(
         &self,
         destage: impl FnOnce() -> anyhow::Result<()>,
         inside: impl FnOnce(ChangeId) -> anyhow::Result<serde_json::Value>,
     ) -> anyhow::Result<(ChangeId, HoldTimes, serde_json::Value)> {
-        // New writes wait from the moment the cut asks for the gate (the lock prefers
-        // writers), so the hold is timed from the request, not from when it was granted.
-        let asked = Instant::now();
-        let (id, times, value) = {
-            let hold = self
-                .gate
-                .write()
-                .map_err(|_| DiskError::Io(io::Error::other("gate poisoned")))?;
-            let drained = asked.elapsed();
-            self.follow_backing_size()?;
-            destage()?;
-            let before_seal = Instant::now();
-            // Sealed in memory and appended; the fsync waits until writes flow again.
-            let mut pending = self.with_tracker(|t| Ok(t.begin_cut()?))?;
-            let seal = before_seal.elapsed();
-            let value = inside(pending.undurable_id());
-            let times = HoldTimes {
-                total: asked.elapsed(),
-                drain: drained,
-                seal,
-                sync: Duration::ZERO,
-            };
-            drop(hold);
-            // The seal's fsync runs with no lock held: writes (which need the tracker lock
-            // for every intent and record) go on meanwhile. The ChangeId is returned only
-            // once it is durable.
-            let synced = Instant::now();
-            pending.sync();
-            let id = self.with_tracker(|t| Ok(t.finish_cut(pending)?))?;
-            let times = HoldTimes {
-                sync: synced.elapsed(),
-                ..times
-            };
-            (id, times, value?)
-        };
-        // Make the cut's data durable on the backing. This needs no hold: every write
-        // acknowledged before the seal is flushed by it (later ones too, harmlessly), and
-        // readers of the cut (exports) read through this host, protected by copy-on-write.
-        // Flushed inside the hold, the hold would last as long as the page cache is dirty.
-        self.file.sync_data().map_err(DiskError::Io)?;
-        Ok((id, times, value))
+        let mut inside = Some(inside);
+        let mut sealed = hold_and_seal_all(&[self], destage, |_, id| {
+            (inside.take().expect("one disk, one call"))(id)
+        })?;
+        Ok(sealed.pop().expect("one disk, one seal"))
     }
 
     pub fn changed(

@@ -120,6 +120,12 @@ impl Agent {
         Agent::launch(cmd, dir)
     }
 
+    /// `launch` of `cmd` (a `serve` command line), which must start.
+    pub fn launch_cmd(cmd: Command, dir: &Path) -> Agent {
+        let (out, agent) = Agent::launch(cmd, dir);
+        agent.unwrap_or_else(|| panic!("agent did not start: {out}"))
+    }
+
     /// Runs `cmd` (a `serve` command line) with control socket `dir/ctl.sock` and NBD socket
     /// `dir/nbd.sock`, and waits for its ready line: the agent, or what it printed (and its
     /// stderr) when it did not start.
