@@ -68,9 +68,13 @@ fn exports(agent: &Agent, out: &Path, rounds: usize, group: bool) -> Vec<(u64, u
     (0..rounds)
         .map(|_| {
             if group {
+                let members: Vec<serde_json::Value> = ["a", "b"]
+                    .iter()
+                    .map(|d| serde_json::json!({"disk": d, "since": since, "path": out.join(format!("{d}.ctkd"))}))
+                    .collect();
                 ok(
                     agent,
-                    serde_json::json!({"cmd": "group_export", "group": "g", "dir": out}),
+                    serde_json::json!({"cmd": "group_export", "group": "g", "members": members}),
                 );
             } else {
                 for disk in ["a", "b"] {
@@ -84,6 +88,15 @@ fn exports(agent: &Agent, out: &Path, rounds: usize, group: bool) -> Vec<(u64, u
             (number(&out.join("a.ctkd")), number(&out.join("b.ctkd")))
         })
         .collect()
+}
+
+/// Sets the flag when dropped.
+struct Stop<'a>(&'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 #[test]
@@ -109,6 +122,8 @@ fn group_cuts_keep_write_order_across_disks_and_separate_cuts_do_not() {
     let written = AtomicU64::new(0);
     let (grouped, separate) = std::thread::scope(|s| {
         s.spawn(|| writer(d, &stop, &written));
+        // However this ends (a failed export panics), the writer stops, so the scope does.
+        let _stop = Stop(&stop);
         while written.load(Ordering::Relaxed) < 100 {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -172,16 +187,37 @@ fn group_cuts_keep_write_order_across_disks_and_separate_cuts_do_not() {
         answer["error"].as_str().unwrap().contains("groups: g"),
         "{answer}"
     );
+    let export = |d: &str| serde_json::json!({"disk": d, "since": "all", "path": out.join(format!("{d}.ctkd"))});
     let answer = ask(
         &agent,
-        serde_json::json!({"cmd": "group_export", "group": "g", "dir": out, "since": {"c": "all"}}),
+        serde_json::json!({"cmd": "group_export", "group": "g", "members": [export("a"), export("b"), export("c")]}),
     );
     assert!(
         answer["error"]
             .as_str()
             .unwrap()
-            .contains("not a disk of group"),
+            .contains("is not one of group"),
         "{answer}"
+    );
+    // A member left out: refused before any cut, and no member's file is left behind.
+    std::fs::remove_file(out.join("a.ctkd")).unwrap();
+    let answer = ask(
+        &agent,
+        serde_json::json!({"cmd": "group_export", "group": "g", "members": [export("b")]}),
+    );
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("each of its disks once"),
+        "{answer}"
+    );
+    assert!(!out.join("a.ctkd").exists());
+    // The agent's status lists its groups.
+    let status = ok(&agent, serde_json::json!({"cmd": "status"}));
+    assert_eq!(
+        status["groups"],
+        serde_json::json!([{"name": "g", "disks": ["a", "b"]}])
     );
 }
 

@@ -153,8 +153,9 @@ bincode::impl_borrow_decode!(ChangeId);
 /// The identity of one cut across a consistency group: random, 128 bits, drawn when the
 /// group's writes are held, and carried by every member's cut of that instant, so that a
 /// set of per-disk points can be checked to be one group point (each member's ChangeId
-/// alone says nothing of the others). Text form: 32 hex digits, like a generation.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// alone says nothing of the others). Text form: 32 hex digits, like a generation; on the
+/// wire, 16 bytes little-endian.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
 pub struct GroupCutId(pub u128);
 
 impl GroupCutId {

@@ -12,7 +12,7 @@
 //! with what is only known once the export is done (the cut's time and consistency, the
 //! image digest).
 
-use crate::id::ChangeId;
+use crate::id::{ChangeId, GroupCutId};
 use bincode::{Decode, Encode};
 
 /// Protocol name and version, offered as the TLS ALPN: a peer speaking another version fails
@@ -80,7 +80,22 @@ pub enum Request {
         point: ChangeId,
         cut_unix_ms: u64,
     },
+    /// A consistency group's cut `group_cut` is committed on every member: each `(disk,
+    /// point)` a point the receiver has committed (pushed as usual, one push per member).
+    /// Record them as one group point of `group`, the group's commit: a group point exists
+    /// only once this is answered. Answered by [`Response::GroupCommitted`]; asked again,
+    /// it is answered `already`. Added after the failback requests (variant 8).
+    GroupCommit {
+        group: String,
+        group_cut: GroupCutId,
+        cut_unix_ms: u64,
+        consistency: Consistency,
+        members: Vec<(String, ChangeId)>,
+    },
 }
+
+/// Most members a consistency group may have.
+pub const GROUP_MEMBERS_MAX: usize = 64;
 
 /// What the agent knows of its own disk for a first failback pass, sent after the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
@@ -279,6 +294,10 @@ pub enum Response {
         image_digest: Option<[u8; 32]>,
         already: bool,
     },
+    /// The group point is recorded (durable); `already`: it was before this request.
+    GroupCommitted {
+        already: bool,
+    },
 }
 
 /// A frame that could not be decoded.
@@ -364,6 +383,18 @@ impl Request {
             | Request::PushLanes { disk, .. }
             | Request::FailbackPull { disk, .. }
             | Request::FailbackCommit { disk, .. } => check(&[disk])?,
+            Request::GroupCommit { group, members, .. } => {
+                if members.len() > GROUP_MEMBERS_MAX {
+                    return Err(WireError::Malformed(format!(
+                        "{} members (a group has at most {GROUP_MEMBERS_MAX})",
+                        members.len()
+                    )));
+                }
+                check(&[group])?;
+                for (disk, _) in members {
+                    check(&[disk])?;
+                }
+            }
         }
         Ok(r)
     }
@@ -383,7 +414,8 @@ impl Response {
             | Response::Digests { .. }
             | Response::Resume { .. }
             | Response::FailbackPass { .. }
-            | Response::FailbackCommitted { .. } => {}
+            | Response::FailbackCommitted { .. }
+            | Response::GroupCommitted { .. } => {}
             Response::Refused { message, .. } => check(&[message])?,
         }
         Ok(r)
@@ -576,5 +608,23 @@ mod tests {
             Request::decode(&big),
             Err(WireError::StringTooLong)
         ));
+    }
+
+    #[test]
+    fn group_commits_round_trip_and_oversized_ones_are_refused() {
+        let request = |members: usize| Request::GroupCommit {
+            group: "erp".into(),
+            group_cut: GroupCutId(0x1234),
+            cut_unix_ms: 7,
+            consistency: Consistency::Application,
+            members: (0..members)
+                .map(|i| (format!("d{i}"), id(i as u64)))
+                .collect(),
+        };
+        let r = request(3);
+        assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+        assert!(Request::decode(&request(GROUP_MEMBERS_MAX + 1).encode()).is_err());
+        let answer = Response::GroupCommitted { already: true };
+        assert_eq!(Response::decode(&answer.encode()).unwrap(), answer);
     }
 }

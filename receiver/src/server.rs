@@ -19,6 +19,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::retention::Retention;
 
 mod failback;
+mod group;
 
 use crate::store::{self, DiskStore, Ingested, StoreError};
 
@@ -402,6 +403,24 @@ async fn handle(
 ) -> Response {
     let root = config.store.join(agent);
     match request {
+        Request::GroupCommit {
+            group,
+            group_cut,
+            cut_unix_ms,
+            consistency,
+            members,
+        } => {
+            group::commit(
+                agent,
+                config,
+                group,
+                group_cut,
+                cut_unix_ms,
+                consistency,
+                members,
+            )
+            .await
+        }
         Request::Newest { disk } => {
             if let Err(e) = store::validate_name(&disk) {
                 return Response::refused(Refusal::BadRequest, describe(&e));

@@ -183,10 +183,33 @@ fn export_group(
         per_disk.insert(disk.to_owned(), id);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let status: proto::StatusAnswer = serde_json::from_value(control(target, &Request::Status)?)?;
+    let disks = status
+        .groups
+        .into_iter()
+        .find(|g| g.name == group)
+        .map(|g| g.disks)
+        .with_context(|| format!("the agent has no group named {group:?}"))?;
+    if let Some(stranger) = per_disk.keys().find(|d| !disks.contains(d)) {
+        anyhow::bail!("--since names {stranger:?}, which is not a disk of group {group:?}");
+    }
+    let members = disks
+        .iter()
+        .map(|d| proto::Export {
+            disk: Some(d.clone()),
+            since: proto::ExportSince::Since(per_disk.get(d).copied().unwrap_or(ctk::Since::All)),
+            path: dir.join(format!("{d}.ctkd")),
+            leaves: None,
+            consistency: None,
+            base: None,
+            unit: None,
+            digests: None,
+            resume: None,
+        })
+        .collect();
     let request = Request::GroupExport {
         group,
-        dir,
-        since: per_disk,
+        members,
         consistency,
     };
     let answer = control(target, &request)?;

@@ -1,16 +1,14 @@
 //! The consistency group requests: `group_cut` (every member cut at one instant) and
 //! `group_export` (the same, each member's delta written while writes go on).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result, bail};
-use ctk::{Consistency, GroupCutId, Since};
+use ctk::{Consistency, GroupCutId};
 use serde_json::Value;
 use tracing::info;
 
+use super::export::{self, Prepared};
 use super::proto::*;
-use crate::disk::{ExportPlan, ProtectedDisk};
+use crate::disk::ProtectedDisk;
 use crate::pipeline;
 use crate::server::Agent;
 
@@ -22,10 +20,9 @@ pub(super) fn handle(agent: &Agent, request: Request) -> Result<Value> {
         }
         Request::GroupExport {
             group,
-            dir,
-            since,
+            members,
             consistency,
-        } => serde_json::to_value(export(agent, &group, &dir, since, consistency)?)?,
+        } => serde_json::to_value(self::export(agent, &group, members, consistency)?)?,
         other => bail!("not a group request: {other:?}"),
     })
 }
@@ -85,101 +82,73 @@ fn cut(agent: &Agent, group: &str, asked: Option<Consistency>) -> Result<GroupCu
     })
 }
 
-/// Cuts the group and writes each member's delta since its `since` (`all` when left out)
-/// into `dir/<disk>.ctkd`, the members' exports running side by side after the release.
-/// A failure of any member removes every member's file: a group export is whole or absent.
+/// Cuts the group and writes each member's delta as its `Export` says, the members'
+/// exports running side by side after the release (each member's output may be a FIFO a
+/// replication streams). A failure of any member removes every member's file: a group export
+/// is whole or absent.
 fn export(
     agent: &Agent,
     group: &str,
-    dir: &Path,
-    mut since: BTreeMap<String, Since>,
+    specs: Vec<Export>,
     asked: Option<Consistency>,
 ) -> Result<GroupExportAnswer> {
     let disks = members(agent, group)?;
     let want = wanted(&disks, asked)?;
-    if !dir.is_absolute() {
+    if let Some(stranger) = specs.iter().find(|e| {
+        !disks
+            .iter()
+            .any(|d| e.disk.as_deref() == Some(d.name.as_str()))
+    }) {
         bail!(
-            "export directory {dir:?} must be absolute (the daemon's working directory is not yours)"
+            "the export of {:?} is not one of group {group:?}'s disks ({})",
+            stranger.disk.as_deref().unwrap_or(""),
+            names(&disks)
         );
     }
-    let mut plans = Vec::with_capacity(disks.len());
-    let mut paths: Vec<PathBuf> = Vec::with_capacity(disks.len());
+    let mut prepared: Vec<Prepared> = Vec::with_capacity(disks.len());
     for d in &disks {
-        let s = since.remove(&d.name).unwrap_or(Since::All);
-        // Refused before cutting, so a bad `since` leaves no cut behind.
-        d.changed(s, None)?;
-        plans.push(ExportPlan::Changed(s));
-        paths.push(dir.join(format!("{}.ctkd", d.name)));
-    }
-    if let Some(name) = since.keys().next() {
-        bail!("\"since\" names {name:?}, which is not a disk of group {group:?}");
-    }
-    let remove_all = || {
-        for p in &paths {
-            let _ = std::fs::remove_file(p);
+        let mut mine = specs
+            .iter()
+            .filter(|e| e.disk.as_deref() == Some(d.name.as_str()));
+        let (Some(e), None) = (mine.next(), mine.next()) else {
+            prepared.iter().for_each(Prepared::abandon);
+            bail!(
+                "a group export names each of its disks once ({} in group {group:?})",
+                d.name
+            );
+        };
+        match export::prepare(d, e) {
+            Ok(p) => prepared.push(p),
+            Err(err) => {
+                prepared.iter().for_each(Prepared::abandon);
+                return Err(err.context(format!("disk {:?}", d.name)));
+            }
         }
-    };
-    for p in &paths {
-        std::fs::File::create(p)
-            .with_context(|| format!("cannot create the export file {}", p.display()))
-            .inspect_err(|_| remove_all())?;
-    }
-    for d in &disks {
-        d.wait_export_idle(super::handle::EXPORT_WAIT)
-            .inspect_err(|_| remove_all())?;
     }
     let cut_unix_ms = ctk::unix_ms_now();
     let id = GroupCutId::random();
-    let mut began = vec![false; disks.len()];
-    let mut sizes = vec![0; disks.len()];
-    let reports = pipeline::cut_group(&disks, want, id, |i, to| {
-        disks[i].begin_snapshot(&plans[i], to)?;
-        began[i] = true;
-        sizes[i] = disks[i].size();
-        Ok(Value::Null)
-    });
-    let reports = reports.inspect_err(|_| {
-        for (d, began) in disks.iter().zip(&began) {
-            if *began {
-                d.abort_snapshot();
-            }
-        }
-        remove_all();
-    })?;
-    let exported: Vec<_> = std::thread::scope(|scope| {
-        let running: Vec<_> = (0..disks.len())
-            .map(|i| {
-                let (d, plan, path, to) = (disks[i], &plans[i], &paths[i], reports[i].change_id);
-                scope.spawn(move || d.export_snapshot(plan, to, path, None, agent.zstd_level))
-            })
+    let reports = pipeline::cut_group(&disks, want, id, |i, to| prepared[i].begin(to));
+    let reports = reports.inspect_err(|_| prepared.iter().for_each(Prepared::abandon))?;
+    let written: Vec<Result<ExportAnswer>> = std::thread::scope(|scope| {
+        let running: Vec<_> = prepared
+            .iter()
+            .zip(&reports)
+            .map(|(p, r)| scope.spawn(move || p.write(r, cut_unix_ms, agent.zstd_level)))
             .collect();
-        running.into_iter().map(|t| t.join()).collect()
+        running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an export panicked")))
+            })
+            .collect()
     });
-    let mut members = Vec::with_capacity(disks.len());
-    for (i, result) in exported.into_iter().enumerate() {
-        let (d, report) = (disks[i], &reports[i]);
-        let exported = match result {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                remove_all();
-                return Err(anyhow::Error::new(e).context(format!(
-                    "the export of disk {:?} failed, so the group's export was removed",
-                    d.name
-                )));
-            }
-            Err(_) => {
-                remove_all();
-                bail!("the export of disk {:?} panicked", d.name);
-            }
-        };
-        members.push(super::handle::export_answer(
-            d,
-            report,
-            &paths[i],
-            cut_unix_ms,
-            sizes[i],
-            exported,
-        ));
+    if written.iter().any(|w| w.is_err()) {
+        prepared.iter().for_each(Prepared::discard);
+        let first = written.into_iter().find_map(|w| w.err());
+        return Err(first.expect("one failed").context(format!(
+            "group {group:?}: the whole group's export was removed"
+        )));
     }
     info!(group, group_cut = %id, "group exported");
     Ok(GroupExportAnswer {
@@ -187,6 +156,14 @@ fn export(
         group_cut: id,
         consistency: reports[0].consistency,
         cut_unix_ms,
-        members,
+        members: written.into_iter().map(|w| w.expect("checked")).collect(),
     })
+}
+
+fn names(disks: &[&ProtectedDisk]) -> String {
+    disks
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

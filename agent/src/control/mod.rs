@@ -8,6 +8,7 @@
 //! with its answer.
 
 pub mod client;
+mod export;
 mod group;
 mod handle;
 pub mod proto;

@@ -4,7 +4,6 @@
 //! `{"ok": false, "error": "..."}`. The server (`control::handle`), the CLI and `replicate`
 //! all use these types: no field is read by name anywhere else.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ctk::{ChangeId, Consistency, GroupCutId, Since};
@@ -100,13 +99,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         consistency: Option<Consistency>,
     },
-    /// Cut a group at one instant and export each member's delta since `since` (per member;
-    /// a member left out: `"all"`) into `dir` as `<disk>.ctkd`: `GroupExportAnswer`.
+    /// Cut a group at one instant and export each member's delta as `members` says (one
+    /// `Export` per member, naming its disk; their `consistency` is the group's):
+    /// `GroupExportAnswer`.
     GroupExport {
         group: String,
-        dir: PathBuf,
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-        since: BTreeMap<String, Since>,
+        members: Vec<Export>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         consistency: Option<Consistency>,
     },
@@ -294,6 +292,16 @@ pub struct FailbackAnswer {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusAnswer {
     pub disks: Vec<DiskStatus>,
+    /// The consistency groups, each with its disks in the agent's order.
+    #[serde(default)]
+    pub groups: Vec<GroupStatus>,
+}
+
+/// A consistency group as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub disks: Vec<String>,
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod drill;
 pub mod expose;
 pub mod failover;
 pub mod files;
+pub mod group;
 pub mod ingest;
 mod materialize;
 pub mod mount;

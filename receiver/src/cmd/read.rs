@@ -22,9 +22,14 @@ pub struct Points {
     /// One disk (default: every disk of the agent).
     #[arg(long)]
     pub disk: Option<String>,
+    /// A consistency group's points instead (`replicate --group`): one line per group
+    /// point, with each member's point.
+    #[arg(long, conflicts_with = "disk")]
+    pub group: Option<String>,
     /// One JSON array, per disk: {"disk", "rpo_s", "exposed", "failed_over", "points"}, each
     /// point its manifest fields (docs/format.md section 5) plus "committed" and "cut" as
-    /// RFC 3339 in the local zone.
+    /// RFC 3339 in the local zone. With --group: {"group", "points"}, each point its catalog
+    /// fields (docs/format.md) plus "cut" and "committed" as RFC 3339.
     #[arg(long)]
     pub json: bool,
 }
@@ -34,8 +39,12 @@ pub fn points(args: Points) -> Result<()> {
         store,
         agent,
         disk,
+        group,
         json,
     } = args;
+    if let Some(group) = group {
+        return super::group::points(&store, agent.as_deref(), &group, json);
+    }
     let mut all = Vec::new();
     let (store, names) = disks(&store, agent.as_deref(), disk.as_deref())?;
     // Read without the store's lock, so a running receiver's merge does not block it.
@@ -134,16 +143,21 @@ pub struct Restore {
     /// The agent, when --store is the receiver's root.
     #[arg(long)]
     pub agent: Option<String>,
+    #[arg(long, required_unless_present = "group")]
+    pub disk: Option<String>,
+    /// Restore a consistency group's point instead: one image per member, DISK.img in the
+    /// directory -o names (created).
+    #[arg(long, conflicts_with = "disk")]
+    pub group: Option<String>,
+    /// The point's ChangeId (see `points`); `latest` for the newest. With --group, the
+    /// group cut (32 hex digits, see `points --group`) or `latest`.
     #[arg(long)]
-    pub disk: String,
-    /// The point's ChangeId (see `points`); `latest` for the newest.
-    #[arg(long, value_parser = parse_point)]
-    pub point: store::Pick,
+    pub point: String,
     /// The image file to write. It is written beside its final name and renamed into place
     /// once whole and checked, so a failed restore never leaves a partial image there.
     /// `-` writes the image to stdout (read through an exposure, the point pinned meanwhile;
     /// its digest is checked as it streams, and a mismatch found after the last byte exits
-    /// with 3).
+    /// with 3). With --group, the directory.
     #[arg(short = 'o', long)]
     pub output: PathBuf,
     /// Replace OUTPUT if it exists (never done without it).
@@ -206,11 +220,25 @@ pub fn restore(args: Restore) -> Result<()> {
         store,
         agent,
         disk,
+        group,
         point,
         output,
         force,
         json,
     } = args;
+    if let Some(group) = group {
+        return super::group::restore(
+            &store,
+            agent.as_deref(),
+            &group,
+            &point,
+            &output,
+            force,
+            json,
+        );
+    }
+    let disk = disk.context("name the disk to restore with --disk (or a group with --group)")?;
+    let point = parse_point(&point).map_err(anyhow::Error::msg)?;
     if output.as_os_str() == "-" {
         if json {
             bail!("--json prints to stdout, where -o - writes the image: use one of them");
@@ -227,51 +255,8 @@ pub fn restore(args: Restore) -> Result<()> {
         drop(s);
         return restore_to_stdout(&store, &disk, &p, block);
     }
-    // A device or anything else but a file would be replaced by the rename below.
-    if let Ok(m) = std::fs::metadata(&output)
-        && !m.is_file()
-    {
-        bail!(
-            "{} is not a regular file: restore writes an image file (to a block device, \
-             restore to a file and copy it, or use `expose` and nbdcopy)",
-            output.display()
-        );
-    }
-    if !force && std::fs::symlink_metadata(&output).is_ok() {
-        bail!(
-            "{} exists: restore does not overwrite it (add --force to replace it)",
-            output.display()
-        );
-    }
-    let name = output
-        .file_name()
-        .with_context(|| format!("{} names no file", output.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(".ctk-restore");
-    let tmp = output.with_file_name(tmp_name);
     let (store, _) = disks(&store, agent.as_deref(), Some(&disk))?;
-    let s = open(&store, &disk)?;
-    let point = match point {
-        store::Pick::Latest => s
-            .points()
-            .last()
-            .map(|p| p.change_id)
-            .context("the store holds no point yet")?,
-        store::Pick::Id(id) => id,
-    };
-    let mut progress = super::progress::Progress::new("restoring");
-    let restored = s.restore(point, &tmp, |done, total| progress.update(done, total));
-    drop(progress);
-    let p = match restored {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-    };
-    std::fs::rename(&tmp, &output)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+    let p = restore_file(&store, &disk, point, &output, force)?;
     if json {
         println!(
             "{}",
@@ -290,6 +275,63 @@ pub fn restore(args: Restore) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Restores point `point` of `disk` in the agent's store `store` into the image file
+/// `output`: written beside it, checked, then renamed into place; an existing file is
+/// replaced only with `force`. The point restored.
+pub(crate) fn restore_file(
+    store: &std::path::Path,
+    disk: &str,
+    point: store::Pick,
+    output: &std::path::Path,
+    force: bool,
+) -> Result<store::Point> {
+    // A device or anything else but a file would be replaced by the rename below.
+    if let Ok(m) = std::fs::metadata(output)
+        && !m.is_file()
+    {
+        bail!(
+            "{} is not a regular file: restore writes an image file (to a block device, \
+             restore to a file and copy it, or use `expose` and nbdcopy)",
+            output.display()
+        );
+    }
+    if !force && std::fs::symlink_metadata(output).is_ok() {
+        bail!(
+            "{} exists: restore does not overwrite it (add --force to replace it)",
+            output.display()
+        );
+    }
+    let name = output
+        .file_name()
+        .with_context(|| format!("{} names no file", output.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".ctk-restore");
+    let tmp = output.with_file_name(tmp_name);
+    let s = open(store, disk)?;
+    let point = match point {
+        store::Pick::Latest => s
+            .points()
+            .last()
+            .map(|p| p.change_id)
+            .context("the store holds no point yet")?,
+        store::Pick::Id(id) => id,
+    };
+    let mut progress = super::progress::Progress::new("restoring");
+    let restored = s.restore(point, &tmp, |done, total| progress.update(done, total));
+    drop(progress);
+    let p = match restored {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&tmp, output)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+    Ok(p)
 }
 
 #[derive(Args)]

@@ -33,6 +33,7 @@
 
 mod fence;
 mod first_full;
+pub mod groups;
 mod leaves;
 mod live;
 mod manifest;

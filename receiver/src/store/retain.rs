@@ -33,6 +33,20 @@ impl DiskStore {
                 return Ok(0);
             }
         }
+        // A point a group point names stays as long as the group point does (groups.rs).
+        let root = self.dir.parent().unwrap_or(Path::new("."));
+        match groups::pinned(&*self.fs, root, &self.name) {
+            Ok(ids) => {
+                for (p, keep) in points.iter().zip(keep.iter_mut()) {
+                    *keep |= ids.contains(&p.change_id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(disk = %self.name, error = %e,
+                    "the group catalogs cannot be read: nothing dropped this time");
+                return Ok(0);
+            }
+        }
         let dropped = keep.iter().filter(|k| !**k).count();
         if dropped == 0 {
             return Ok(0);
