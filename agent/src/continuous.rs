@@ -20,7 +20,42 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
-use crate::replicate::{Cut, Replicate, Session};
+use crate::replicate::{Cut, GroupSession, Replicate, Session};
+
+/// What a long-running replication pushes each cycle.
+#[derive(Clone, Copy, Debug)]
+pub enum Subject<'a> {
+    /// One disk.
+    Disk(&'a str),
+    /// Every disk of a consistency group, from one group cut (`replicate --group`).
+    Group(&'a str),
+}
+
+/// One cycle of a long-running replication: one disk's push, or a group's.
+trait Cycle {
+    fn once(&mut self, cut: Cut) -> Result<Value>;
+    fn can_quiesce(&self) -> bool;
+}
+
+impl Cycle for Session<'_> {
+    fn once(&mut self, cut: Cut) -> Result<Value> {
+        Session::once(self, cut, false)
+    }
+
+    fn can_quiesce(&self) -> bool {
+        Session::can_quiesce(self)
+    }
+}
+
+impl Cycle for GroupSession<'_> {
+    fn once(&mut self, cut: Cut) -> Result<Value> {
+        GroupSession::once(self, cut)
+    }
+
+    fn can_quiesce(&self) -> bool {
+        GroupSession::can_quiesce(self)
+    }
+}
 
 /// When a long-running replication cuts.
 #[derive(Clone, Debug, Default)]
@@ -216,12 +251,12 @@ pub struct Options {
     pub bwlimit_file: Option<PathBuf>,
 }
 
-/// Replicates `disk` on `schedule` until SIGINT or SIGTERM (after the push under way).
+/// Replicates `subject` on `schedule` until SIGINT or SIGTERM (after the push under way).
 /// `report` gets each cycle's outcome (a commit, or an error that
 /// will be retried).
 pub fn run(
     r: &Replicate,
-    disk: &str,
+    subject: Subject,
     control: crate::control::Control,
     schedule: &Schedule,
     options: &Options,
@@ -232,10 +267,13 @@ pub fn run(
     if let Some(path) = &options.bwlimit_file {
         watch_rate_file(path.clone(), rate.clone());
     }
-    let mut session = Session::open(r, disk, control, rate)?;
+    let (disk, mut session): (&str, Box<dyn Cycle>) = match subject {
+        Subject::Disk(d) => (d, Box::new(Session::open(r, d, control, rate)?)),
+        Subject::Group(g) => (g, Box::new(GroupSession::open(r, g, control, rate)?)),
+    };
     if schedule.app_every.is_some() && !session.can_quiesce() {
         bail!(
-            "--app-every: disk {disk:?} has no pre_freeze hook and no freeze target, so no cut \
+            "--app-every: {subject:?} has no pre_freeze hook and no freeze target, so no cut \
              of it can be application-consistent; configure [disk.cut] for it or leave out \
              --app-every"
         );
@@ -263,7 +301,7 @@ pub fn run(
             (Some(_), _) => Cut::Crash,
             (None, _) => schedule.cut,
         };
-        match session.once(cut, false) {
+        match session.once(cut) {
             Ok(mut answer) => {
                 pause = Duration::ZERO;
                 let cut_ms = answer["cut_unix_ms"].as_u64().unwrap_or(0);

@@ -161,12 +161,14 @@ fn group_cuts_keep_write_order_across_disks_and_separate_cuts_do_not() {
         separate.len()
     );
 
+    group_requests_answer_for_the_group_or_say_what_is_wrong(&agent, &out);
+}
+
+/// The group cut's answer, and group requests that name what the group does not have.
+fn group_requests_answer_for_the_group_or_say_what_is_wrong(agent: &Agent, out: &Path) {
     // The group cut's identity is on every member's cut, and the answer lists them in the
     // agent's order whatever order the group was given in.
-    let cut = ok(
-        &agent,
-        serde_json::json!({"cmd": "group_cut", "group": "g"}),
-    );
+    let cut = ok(agent, serde_json::json!({"cmd": "group_cut", "group": "g"}));
     let members: Vec<&str> = cut["members"]
         .as_array()
         .unwrap()
@@ -179,17 +181,14 @@ fn group_cuts_keep_write_order_across_disks_and_separate_cuts_do_not() {
     }
     assert_eq!(cut["consistency"], "crash");
     // A group the agent does not have, and a since naming a disk outside the group.
-    let answer = ask(
-        &agent,
-        serde_json::json!({"cmd": "group_cut", "group": "h"}),
-    );
+    let answer = ask(agent, serde_json::json!({"cmd": "group_cut", "group": "h"}));
     assert!(
         answer["error"].as_str().unwrap().contains("groups: g"),
         "{answer}"
     );
     let export = |d: &str| serde_json::json!({"disk": d, "since": "all", "path": out.join(format!("{d}.ctkd"))});
     let answer = ask(
-        &agent,
+        agent,
         serde_json::json!({"cmd": "group_export", "group": "g", "members": [export("a"), export("b"), export("c")]}),
     );
     assert!(
@@ -202,7 +201,7 @@ fn group_cuts_keep_write_order_across_disks_and_separate_cuts_do_not() {
     // A member left out: refused before any cut, and no member's file is left behind.
     std::fs::remove_file(out.join("a.ctkd")).unwrap();
     let answer = ask(
-        &agent,
+        agent,
         serde_json::json!({"cmd": "group_export", "group": "g", "members": [export("b")]}),
     );
     assert!(
@@ -214,7 +213,7 @@ fn group_cuts_keep_write_order_across_disks_and_separate_cuts_do_not() {
     );
     assert!(!out.join("a.ctkd").exists());
     // The agent's status lists its groups.
-    let status = ok(&agent, serde_json::json!({"cmd": "status"}));
+    let status = ok(agent, serde_json::json!({"cmd": "status"}));
     assert_eq!(
         status["groups"],
         serde_json::json!([{"name": "g", "disks": ["a", "b"]}])

@@ -85,6 +85,12 @@ pub struct Replicate {
     /// again when it recovers.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
     pub rpo_warn: Option<std::time::Duration>,
+    /// Replicate a consistency group (instead of --disk): one cut of every member at one
+    /// instant, each member's delta pushed side by side, then the group point recorded on
+    /// the receiver once all are committed (`ctk-receiver points --group`). With --bwlimit,
+    /// each member's push is paced on its own.
+    #[arg(long, conflicts_with_all = ["disk", "resync"])]
+    pub group: Option<String>,
     #[command(flatten)]
     pub target: Target,
 }
@@ -109,11 +115,13 @@ pub fn replicate(args: Replicate) -> Result<()> {
         resync,
         resync_unit,
         streams,
+        group,
         target,
     } = args;
-    let disk = match &target.disk {
-        Some(d) => d.clone(),
-        None => {
+    let disk = match (&target.disk, &group) {
+        (_, Some(g)) => g.clone(),
+        (Some(d), None) => d.clone(),
+        (None, None) => {
             let status: proto::StatusAnswer =
                 serde_json::from_value(control(&target, &Request::Status)?)?;
             match &status.disks[..] {
@@ -147,6 +155,7 @@ pub fn replicate(args: Replicate) -> Result<()> {
     };
     let text = |a: &serde_json::Value| match a["error"].as_str() {
         Some(e) => format!("{}: failed, retrying in {}s: {e}", disk, a["retry_in_s"]),
+        None if a["group"].is_string() => group_text(a),
         None if a["unchanged"] == true => format!(
             "{}: in sync: nothing written since {}, the receiver's newest point \
              (nothing pushed)",
@@ -174,8 +183,10 @@ pub fn replicate(args: Replicate) -> Result<()> {
     if schedule.is_once() && bwlimit_file.is_none() && rpo_warn.is_none() {
         let rate = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(bwlimit));
         schedule.check()?;
-        let answer =
-            replicate::Session::open(&r, &disk, &call, rate)?.once(schedule.cut, resync)?;
+        let answer = match &group {
+            Some(g) => replicate::GroupSession::open(&r, g, &call, rate)?.once(schedule.cut)?,
+            None => replicate::Session::open(&r, &disk, &call, rate)?.once(schedule.cut, resync)?,
+        };
         return print_answer(&target, &answer, text);
     }
     let options = continuous::Options {
@@ -183,13 +194,42 @@ pub fn replicate(args: Replicate) -> Result<()> {
         bwlimit_file,
     };
     // One line per cycle (JSON lines with --json), as it happens.
-    continuous::run(&r, &disk, &call, &schedule, &options, &mut |a| {
+    let subject = match &group {
+        Some(g) => continuous::Subject::Group(g),
+        None => continuous::Subject::Disk(&disk),
+    };
+    continuous::run(&r, subject, &call, &schedule, &options, &mut |a| {
         if target.json {
             println!("{a}");
         } else {
             println!("{}", text(a));
         }
     })
+}
+
+/// A committed group replication, for people: the group point and each member's point.
+fn group_text(a: &serde_json::Value) -> String {
+    let mut out = format!(
+        "group {}: committed group point {} on the receiver ({}){}",
+        a["group"].as_str().unwrap_or(""),
+        a["group_cut"].as_str().unwrap_or(""),
+        a["consistency"].as_str().unwrap_or("crash"),
+        if a["already_committed"] == true {
+            "; it had it already"
+        } else {
+            ""
+        }
+    );
+    for m in a["members"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n  {}: {} ({} bytes changed, {} sent)",
+            m["disk"].as_str().unwrap_or(""),
+            m["committed"].as_str().unwrap_or(""),
+            m["changed_bytes"],
+            m["delta_bytes"]
+        ));
+    }
+    out
 }
 
 /// `--receiver`: a host name or an address, with its port.

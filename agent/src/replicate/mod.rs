@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+mod group;
 mod leaves;
 mod stream;
 
+pub use group::GroupSession;
 use stream::Limiter;
 
 use anyhow::{Context, Result, bail};
@@ -382,50 +384,13 @@ impl<'a> Session<'a> {
         let mut unchanged: Option<proto::UnchangedAnswer> = None;
         loop {
             self.log_notes(s.take_notes());
-            match s.poll() {
-                Action::AskNewest => s.handle_newest(self.ask_newest(&conn)?),
-                Action::AskAnswerable(since) => {
-                    let request = proto::Request::Answerable {
-                        disk: Some(self.disk.clone()),
-                        since: Since::Id(since),
-                    };
-                    let a: proto::AnswerableAnswer = ask(self.control, &request)?;
-                    s.handle_answerable(if a.answerable {
-                        Ok(())
-                    } else {
-                        Err(a.why.unwrap_or_default())
-                    });
-                }
-                Action::AskResume => {
-                    let request = Request::Resume {
-                        disk: self.disk.clone(),
-                    };
-                    let state = match self.runtime.block_on(stream::call(&conn, &request))? {
-                        Response::Resume { state } => state,
-                        // A receiver from before resumes: push from the start.
-                        Response::Refused { .. } => None,
-                        other => bail!("unexpected answer from the receiver: {other:?}"),
-                    };
-                    s.handle_resume(state);
-                }
-                Action::AskUnchanged(since) => {
-                    let request = proto::Request::Unchanged {
-                        disk: Some(self.disk.clone()),
-                        since,
-                        consistency: cut.consistency(),
-                    };
-                    let a: proto::UnchangedAnswer = ask(self.control, &request)?;
-                    s.handle_unchanged(a.unchanged);
-                    unchanged = Some(a);
-                }
-                // The session checks that the hashes are of the point it asked for.
-                Action::FetchDigests(_) => match self.fetch_digests(&conn) {
-                    Ok((of, path)) => {
-                        theirs = Some(path);
-                        s.handle_digests(Ok(of));
-                    }
-                    Err(e) => s.handle_digests(Err(format!("{e:#}"))),
-                },
+            let action = s.poll();
+            let Some(action) =
+                self.answer(&mut s, action, &conn, cut, &mut theirs, &mut unchanged)?
+            else {
+                continue;
+            };
+            match action {
                 Action::Push(plan) => {
                     let result =
                         stream::push(self, &conn, s.newest(), cut, &plan, theirs.as_deref());
@@ -471,8 +436,69 @@ impl<'a> Session<'a> {
                     return Ok(self.in_sync(point, &a, s.resume_asked(), started));
                 }
                 Action::Done(Outcome::Failed(why)) => bail!("{why}"),
+                question => bail!("{question:?} was not answered"),
             }
         }
+    }
+
+    /// Answers the push session's questions (of the receiver, or of the running agent);
+    /// hands back any other action for the caller to carry out.
+    fn answer(
+        &mut self,
+        s: &mut push::Session,
+        action: Action,
+        conn: &quinn::Connection,
+        cut: Cut,
+        theirs: &mut Option<PathBuf>,
+        unchanged: &mut Option<proto::UnchangedAnswer>,
+    ) -> Result<Option<Action>> {
+        match action {
+            Action::AskNewest => s.handle_newest(self.ask_newest(conn)?),
+            Action::AskAnswerable(since) => {
+                let request = proto::Request::Answerable {
+                    disk: Some(self.disk.clone()),
+                    since: Since::Id(since),
+                };
+                let a: proto::AnswerableAnswer = ask(self.control, &request)?;
+                s.handle_answerable(if a.answerable {
+                    Ok(())
+                } else {
+                    Err(a.why.unwrap_or_default())
+                });
+            }
+            Action::AskResume => {
+                let request = Request::Resume {
+                    disk: self.disk.clone(),
+                };
+                let state = match self.runtime.block_on(stream::call(conn, &request))? {
+                    Response::Resume { state } => state,
+                    // A receiver from before resumes: push from the start.
+                    Response::Refused { .. } => None,
+                    other => bail!("unexpected answer from the receiver: {other:?}"),
+                };
+                s.handle_resume(state);
+            }
+            Action::AskUnchanged(since) => {
+                let request = proto::Request::Unchanged {
+                    disk: Some(self.disk.clone()),
+                    since,
+                    consistency: cut.consistency(),
+                };
+                let a: proto::UnchangedAnswer = ask(self.control, &request)?;
+                s.handle_unchanged(a.unchanged);
+                *unchanged = Some(a);
+            }
+            // The session checks that the hashes are of the point it asked for.
+            Action::FetchDigests(_) => match self.fetch_digests(conn) {
+                Ok((of, path)) => {
+                    *theirs = Some(path);
+                    s.handle_digests(Ok(of));
+                }
+                Err(e) => s.handle_digests(Err(format!("{e:#}"))),
+            },
+            other => return Ok(Some(other)),
+        }
+        Ok(None)
     }
 
     /// Logs what the push session decided.

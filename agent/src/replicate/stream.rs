@@ -81,31 +81,68 @@ pub(super) fn push(
     plan: &Plan,
     theirs: Option<&Path>,
 ) -> Result<Pushed> {
-    let fifo = s.work_file("fifo")?;
-    let pairs = s.work_file("leaves")?;
-    mkfifo(&fifo)?;
-    let mut cleanup = Cleanup(vec![fifo.clone(), pairs.clone()]);
-    if let Some(theirs) = theirs {
-        cleanup.0.push(theirs.to_owned());
+    let files = PushFiles::new(s, theirs)?;
+    let request = export_request(s, newest, cut, plan, theirs, &files.fifo, &files.pairs);
+    stream_export(s, conn, newest, plan, &files, || {
+        ask::<ExportAnswer>(s.control, &proto::Request::Export(request))
+    })
+}
+
+/// A push's work files: the FIFO the export streams through and its leaves' side file
+/// (and the receiver's digests, for a resync), removed whatever happens.
+pub(super) struct PushFiles {
+    pub(super) fifo: PathBuf,
+    pub(super) pairs: PathBuf,
+    _cleanup: Cleanup,
+}
+
+impl PushFiles {
+    pub(super) fn new(s: &Session, theirs: Option<&Path>) -> Result<PushFiles> {
+        let fifo = s.work_file("fifo")?;
+        let pairs = s.work_file("leaves")?;
+        mkfifo(&fifo)?;
+        let mut cleanup = Cleanup(vec![fifo.clone(), pairs.clone()]);
+        if let Some(theirs) = theirs {
+            cleanup.0.push(theirs.to_owned());
+        }
+        Ok(PushFiles {
+            fifo,
+            pairs,
+            _cleanup: cleanup,
+        })
     }
-    let request = export_request(s, newest, cut, plan, theirs, &fifo, &pairs);
+}
+
+/// The streaming half of a push: `export` asks the running agent for the export into
+/// `files.fifo` (on a thread of its own; for a group's member it waits for the group's
+/// export) while this thread reads the FIFO and sends it on; then the leaves of the cut, the
+/// end frame, and the receiver's answer.
+pub(super) fn stream_export(
+    s: &Session,
+    conn: &quinn::Connection,
+    newest: Option<ChangeId>,
+    plan: &Plan,
+    files: &PushFiles,
+    export: impl FnOnce() -> Result<ExportAnswer> + Send,
+) -> Result<Pushed> {
+    let fifo = &files.fifo;
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let (exported, streamed) = std::thread::scope(|scope| {
         let exporter = scope.spawn(|| {
-            let answer = ask::<ExportAnswer>(s.control, &proto::Request::Export(request));
+            let answer = export();
             if answer.is_err() {
                 // The agent may have failed before opening the FIFO, and the reader below
                 // waits in open() until a writer comes: be that writer, and go.
                 let _ = std::fs::OpenOptions::new()
                     .write(true)
                     .custom_flags(libc::O_NONBLOCK)
-                    .open(&fifo);
+                    .open(fifo);
             }
             answer
         });
         // The reader owns the sender: the channel closes, and the send loop ends, when the
         // reader does.
-        let reader = scope.spawn(|| read_fifo(&fifo, tx));
+        let reader = scope.spawn(|| read_fifo(fifo, tx));
         let streamed = s.runtime.block_on(send_chunks(s, conn, plan, rx));
         let exported = exporter
             .join()
@@ -129,8 +166,14 @@ pub(super) fn push(
         Plan::Since(_) | Plan::Resume { .. } => newest,
         Plan::Compare { .. } => None,
     };
-    let leaves = leaves_after(&s.leaf_path, base, exported.disk_size, s.geometry.1, &pairs)
-        .context("digesting the exported delta")?;
+    let leaves = leaves_after(
+        &s.leaf_path,
+        base,
+        exported.disk_size,
+        s.geometry.1,
+        &files.pairs,
+    )
+    .context("digesting the exported delta")?;
     // Before the end frame: were this process killed after the receiver's commit, the next
     // run must still know the leaves of what is then the receiver's newest point.
     if let Some(l) = &leaves
@@ -156,7 +199,7 @@ pub(super) fn push(
 
 /// The export the running agent is asked for: since the receiver's newest point, the rest
 /// of a cut-off push, or every unit that differs from the receiver's digests.
-fn export_request(
+pub(super) fn export_request(
     s: &Session,
     newest: Option<ChangeId>,
     cut: Cut,
