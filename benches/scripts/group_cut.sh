@@ -27,6 +27,9 @@ fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --size=1G --time_based --
   "${jobs[@]}" > /dev/null 2>&1 &
 load=$!
 sleep 2
+writes() { "$agent" status --control "$work/ctl.sock" --json |
+  python3 -c 'import json,sys; print(" ".join(str(d["writes"]) for d in json.load(sys.stdin)["disks"]))'; }
+before=$(writes); t0=$(date +%s.%N)
 for _ in $(seq "$cuts"); do
   "$agent" cut --disk d0 --consistency crash --control "$work/ctl.sock" --json |
     python3 -c 'import json,sys; print("disk", json.load(sys.stdin)["hold_ms"])'
@@ -35,9 +38,16 @@ for _ in $(seq "$cuts"); do
     python3 -c 'import json,sys; a=json.load(sys.stdin); assert len(a["members"]) == 4; print("group", a["hold_ms"])'
   sleep 0.02
 done > "$work/holds"
+after=$(writes); t1=$(date +%s.%N)
 kill $load; wait $load 2>/dev/null || true
-python3 - "$work/holds" <<'PY'
+python3 - "$work/holds" "$before" "$after" "$t0" "$t1" <<'PY'
 import sys
+before, after = [int(x) for x in sys.argv[2].split()], [int(x) for x in sys.argv[3].split()]
+secs = float(sys.argv[5]) - float(sys.argv[4])
+iops = [(a - b) / secs for a, b in zip(after, before)]
+# The load is real on every disk, or the holds say nothing.
+assert all(i > 100 for i in iops), f"fio did not write to every disk: {iops}"
+print("write IOPS per disk during the cuts:", " ".join(f"{i:.0f}" for i in iops))
 rows = [line.split() for line in open(sys.argv[1])]
 res = {}
 for kind, label in [("disk", "one disk (d0)"), ("group", "group of 4 disks")]:
