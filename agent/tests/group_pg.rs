@@ -224,38 +224,7 @@ fn postgresql_across_two_disks_recovers_from_every_group_cut() {
     let mut seen = Vec::new();
     for (i, floor) in floors.iter().enumerate() {
         let out = cuts.join(i.to_string());
-        for (disk, mib, mnt) in [("data", 256, &data_mnt), ("wal", 128, &wal_mnt)] {
-            let image = disk_image(&out, &format!("{disk}-restored"), mib);
-            apply(&out.join(format!("{disk}.ctkd")), &image);
-            sh(&format!(
-                "mount -o loop {} {}",
-                image.display(),
-                mnt.display()
-            ));
-        }
-        // The copy's lock file names the source's postmaster, not a server of this copy.
-        let _ = std::fs::remove_file(data_mnt.join("pg/postmaster.pid"));
-        let recovered = std::panic::catch_unwind(|| {
-            let server = Server::start(&bin, &data_mnt.join("pg"), &sock);
-            let count: u64 = server.query("SELECT count(*) FROM t").parse().unwrap();
-            let max: u64 = server
-                .query("SELECT coalesce(max(id), 0) FROM t")
-                .parse()
-                .unwrap();
-            server.stop("fast");
-            (count, max)
-        });
-        sh(&format!(
-            "umount {} {}",
-            data_mnt.display(),
-            wal_mnt.display()
-        ));
-        let (count, max) = recovered.unwrap_or_else(|_| {
-            panic!(
-                "cut {i}: PostgreSQL did not start on the restored pair: {}",
-                std::fs::read_to_string(sock.join("server.log")).unwrap_or_default()
-            )
-        });
+        let (count, max) = recover(&bin, &out, &data_mnt, &wal_mnt, &sock, i);
         assert_eq!(
             count, max,
             "cut {i}: rows 1..{max} with gaps ({count} rows)"
@@ -274,6 +243,52 @@ fn postgresql_across_two_disks_recovers_from_every_group_cut() {
         "{} group cuts of PostgreSQL (data + WAL disks) recovered: rows {seen:?}",
         seen.len()
     );
+}
+
+/// Restores cut `i`'s deltas in `out` as a pair of images, mounts them where the originals
+/// were (pg_wal is a symlink into the WAL disk's mount point), starts PostgreSQL on them
+/// (crash recovery) and counts the rows: (count, max id).
+fn recover(
+    bin: &Path,
+    out: &Path,
+    data_mnt: &Path,
+    wal_mnt: &Path,
+    sock: &Path,
+    i: usize,
+) -> (u64, u64) {
+    for (disk, mib, mnt) in [("data", 256, data_mnt), ("wal", 128, wal_mnt)] {
+        let image = disk_image(out, &format!("{disk}-restored"), mib);
+        apply(&out.join(format!("{disk}.ctkd")), &image);
+        sh(&format!(
+            "mount -o loop {} {}",
+            image.display(),
+            mnt.display()
+        ));
+    }
+    // The copy's lock file names the source's postmaster, not a server of this copy.
+    let _ = std::fs::remove_file(data_mnt.join("pg/postmaster.pid"));
+    let recovered = std::panic::catch_unwind(|| {
+        let server = Server::start(bin, &data_mnt.join("pg"), sock);
+        let count: u64 = server.query("SELECT count(*) FROM t").parse().unwrap();
+        let max: u64 = server
+            .query("SELECT coalesce(max(id), 0) FROM t")
+            .parse()
+            .unwrap();
+        server.stop("fast");
+        (count, max)
+    });
+    sh(&format!(
+        "umount {} {}",
+        data_mnt.display(),
+        wal_mnt.display()
+    ));
+    let (count, max) = recovered.unwrap_or_else(|_| {
+        panic!(
+            "cut {i}: PostgreSQL did not start on the restored pair: {}",
+            std::fs::read_to_string(sock.join("server.log")).unwrap_or_default()
+        )
+    });
+    (count, max)
 }
 
 /// One control request line to the agent; its answer.

@@ -348,3 +348,54 @@ fn retention_keeps_and_drops_group_points_whole() {
         .len();
     assert!(a_points <= 4, "disk a keeps {a_points} points");
 }
+
+#[test]
+fn a_group_point_is_exposed_whole_over_nbd() {
+    let pair = Pair::new(10);
+    let _agent = serve_group(&pair);
+    let (ok, _, err) = run(&mut pair.replicate(&["--group", "g"]));
+    assert!(ok, "{err}");
+    let restored = pair.d.join("restored");
+    let (ok, _, err) = restore_group(&pair, "latest", &restored);
+    assert!(ok, "{err}");
+    let sockets = pair.d.join("exp");
+    let mut expose = Command::new(&pair.receiver_bin);
+    expose.args([
+        "expose",
+        "--store",
+        pair.store().to_str().unwrap(),
+        "--group",
+        "g",
+        "--listen-dir",
+        sockets.to_str().unwrap(),
+        "--json",
+    ]);
+    let (_exposed, line) = start(&mut expose);
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let members = ready["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2, "{ready}");
+    for m in members {
+        let disk = m["disk"].as_str().unwrap();
+        let copy = pair.d.join(format!("{disk}.copy"));
+        let (ok, _, err) = run(Command::new(common::tool("qemu-img")).args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            m["uri"].as_str().unwrap(),
+            copy.to_str().unwrap(),
+        ]));
+        assert!(ok, "{err}");
+        assert!(
+            std::fs::read(&copy).unwrap()
+                == std::fs::read(restored.join(format!("{disk}.img"))).unwrap(),
+            "{disk} served over NBD differs from its restored image"
+        );
+    }
+    // Pinned while served: the members' points are named as exposed.
+    let listed = common::points(&pair.receiver_bin, &pair.store());
+    for d in listed.as_array().unwrap() {
+        assert!(d["exposed"].is_string(), "{d}");
+    }
+}

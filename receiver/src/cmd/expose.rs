@@ -18,15 +18,35 @@ use super::PointSel;
 ctk-receiver expose --store /srv/ctk/host1 --disk vm1 --point latest --listen unix:/run/ctk/vm1.sock\n  \
 qemu-img convert -O qcow2 'nbd+unix:///vm1?socket=/run/ctk/vm1.sock' vm1.qcow2\n  \
 nbdinfo --map 'nbd+unix:///vm1?socket=/run/ctk/vm1.sock'\n\n\
+  # a consistency group's point: every member, each on its own socket in a directory\n  \
+ctk-receiver expose --store /srv/ctk/host1 --group erp --point latest --listen-dir /run/ctk/erp\n\n\
 The export is named after the disk. It is ready as soon as `expose` prints its URI (with \
 --json, one JSON line); stop it with Ctrl-C or SIGTERM, which also unpins the point. One \
 exposure per disk at a time.")]
 pub struct Expose {
-    #[command(flatten)]
-    pub sel: PointSel,
-    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT (10809 is NBD's port).
+    /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
     #[arg(long)]
-    pub listen: Listen,
+    pub store: std::path::PathBuf,
+    /// The agent, when --store is the receiver's root.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// The disk, as `points` lists it.
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    pub disk: Option<String>,
+    /// A consistency group's point instead: every member's point of it, pinned together,
+    /// each served on `--listen-dir`/DISK.sock.
+    #[arg(long, requires = "listen_dir")]
+    pub group: Option<String>,
+    /// The point's ChangeId (see `points`), or `latest` for the newest; with --group, the
+    /// group cut (see `points --group`) or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT (10809 is NBD's port).
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    pub listen: Option<Listen>,
+    /// With --group: the directory of the members' sockets (DISK.sock each; created).
+    #[arg(long)]
+    pub listen_dir: Option<std::path::PathBuf>,
     /// Print the ready line as JSON: {"ready", "disk", "point", "size", "cut", "consistency",
     /// "writable", "mode" ("read-only", "drill" or "failover"), "uri"}.
     #[arg(long)]
@@ -34,7 +54,26 @@ pub struct Expose {
 }
 
 pub fn expose(args: Expose) -> Result<()> {
-    let Expose { sel, listen, json } = args;
+    let Expose {
+        store,
+        agent,
+        disk,
+        group,
+        point,
+        listen,
+        listen_dir,
+        json,
+    } = args;
+    if let (Some(group), Some(dir)) = (group, listen_dir) {
+        return super::group::expose(&store, agent.as_deref(), &group, &point, &dir, json);
+    }
+    let (Some(disk), Some(listen)) = (disk, listen) else {
+        anyhow::bail!("name the disk (--disk) and where to listen (--listen)");
+    };
+    let sel = PointSel {
+        sel: super::DiskSel { store, agent, disk },
+        point: super::parse_point(&point).map_err(anyhow::Error::msg)?,
+    };
     let (_, exposure) = sel.expose("exposing a point of")?;
     let disk = sel.sel.disk;
     let served = export::Served {

@@ -74,15 +74,7 @@ pub fn restore(
     force: bool,
     json: bool,
 ) -> Result<()> {
-    let which = match point {
-        "latest" => None,
-        text => Some(text.parse::<GroupCutId>().map_err(|_| {
-            anyhow::anyhow!(
-                "--point {text:?}: with --group, a group cut (32 hex digits, see `points \
-                 --group`) or latest"
-            )
-        })?),
-    };
+    let which = parse_group_point(point)?;
     let dir = agent_dir(store, agent)?;
     let gp = groups::find(&ctk::vfs::RealFs, &dir, group, which)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -124,4 +116,109 @@ pub fn restore(
         );
     }
     Ok(())
+}
+
+/// Serves group point `point` (a group cut or `latest`) of `group` over NBD until SIGINT or
+/// SIGTERM: every member's point pinned and served read-only on `dir/<disk>.sock` (export
+/// named after the disk), all ready before the ready line, all stopped together.
+pub fn expose(
+    store: &Path,
+    agent: Option<&str>,
+    group: &str,
+    point: &str,
+    dir: &Path,
+    json: bool,
+) -> Result<()> {
+    use ctk_receiver::export;
+    use std::sync::Arc;
+    let which = parse_group_point(point)?;
+    let root = agent_dir(store, agent)?;
+    let gp = groups::find(&ctk::vfs::RealFs, &root, group, which)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Every member pinned before any is served: all or none.
+    let mut served = Vec::new();
+    for (disk, id) in &gp.members {
+        let exposure = store::Exposure::open(&root, disk, store::Pick::Id(*id))
+            .with_context(|| format!("exposing {disk} (point {id} of group {group:?})"))?;
+        exposure.reader()?;
+        served.push((disk.clone(), exposure));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut exports = Vec::new();
+        let mut uris = Vec::new();
+        for (disk, exposure) in served {
+            let listen = ctk_net::local::Listen::Unix(dir.join(format!("{disk}.sock")));
+            let listener = export::bind(&listen).await?;
+            uris.push(
+                json!({"disk": disk, "point": exposure.point().change_id.to_string(),
+                "size": exposure.point().disk_size, "uri": listener.uri(&disk)?}),
+            );
+            let served = export::Served {
+                exposure: Arc::new(exposure),
+                overlay: None,
+            };
+            exports.push((served, listener));
+        }
+        if json {
+            println!(
+                "{}",
+                json!({"ready": true, "group": group, "group_cut": gp.group_cut,
+                       "cut": when(gp.cut_unix_ms), "consistency": gp.consistency,
+                       "writable": false, "members": uris})
+            );
+        } else {
+            println!(
+                "ready: group {group} as of {} (cut {}), read-only:",
+                gp.group_cut,
+                when(gp.cut_unix_ms)
+            );
+            for u in &uris {
+                println!("  {}", u["uri"].as_str().unwrap_or(""));
+            }
+            println!("stop with Ctrl-C");
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (served, listener) in exports {
+            let mut rx = stop_rx.clone();
+            tasks.spawn(async move {
+                export::serve(served, listener, async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+            });
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Connections still open end with the runtime; then the pins go.
+    drop(runtime);
+    Ok(())
+}
+
+/// A group point named on the command line: a group cut, or `latest` (`None`).
+fn parse_group_point(point: &str) -> Result<Option<GroupCutId>> {
+    match point {
+        "latest" => Ok(None),
+        text => text.parse::<GroupCutId>().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "--point {text:?}: with --group, a group cut (32 hex digits, see `points \
+                 --group`) or latest"
+            )
+        }),
+    }
 }
