@@ -399,3 +399,52 @@ fn a_group_point_is_exposed_whole_over_nbd() {
         assert!(d["exposed"].is_string(), "{d}");
     }
 }
+
+#[test]
+fn continuous_group_replication_records_a_group_point_each_cycle() {
+    let pair = Pair::new(50);
+    let _agent = serve_group(&pair);
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    let sock = pair.d.join("nbd.sock");
+    let lines = std::thread::scope(|s| {
+        s.spawn(|| writer(&sock, &stop, &written));
+        let _stop = Stop(&stop);
+        let mut cmd = pair.replicate(&["--group", "g", "--every", "300ms"]);
+        let child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+        // SIGTERM: the cycle under way finishes, then it stops.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "replicate --group --every exited badly"
+        );
+        String::from_utf8(out.stdout).unwrap()
+    });
+    let cycles: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let committed: Vec<&serde_json::Value> = cycles
+        .iter()
+        .filter(|c| c["group_cut"].is_string())
+        .collect();
+    assert!(
+        committed.len() >= 3,
+        "{} group cycles in 4 s: {lines}",
+        committed.len()
+    );
+    let points = group_points(&pair);
+    assert_eq!(points.len(), committed.len(), "one group point per cycle");
+    let last = points.last().unwrap()["group_cut"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    restore_checked(&pair, &last, &pair.d.join("restored"));
+}
