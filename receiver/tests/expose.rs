@@ -245,7 +245,11 @@ fn exposing_what_is_not_there_or_twice_fails_clearly() {
     };
     let missing = id(9).to_string();
     let (ok, _, err) = attempt("vm1", &missing, &listen);
-    assert!(!ok && err.contains("no restore point"), "{err}");
+    // A missing point: the error names the points that are kept.
+    assert!(
+        !ok && err.contains("no restore point") && err.contains("the newest it keeps"),
+        "{err}"
+    );
     let (ok, _, err) = attempt("vm9", "latest", &listen);
     assert!(!ok && err.contains("no disk \"vm9\""), "{err}");
     let (ok, _, err) = attempt("vm1", "not-an-id", &listen);

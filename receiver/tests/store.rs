@@ -286,6 +286,22 @@ fn bad_deltas_and_names_are_refused_and_change_nothing() {
         ],
         "no restore point",
     );
+    // ... and the error says which are kept.
+    let kept = points(s, "vm1").last().cloned().unwrap();
+    refuse(
+        &[
+            "restore",
+            "--store",
+            s,
+            "--disk",
+            "vm1",
+            "--point",
+            &missing,
+            "-o",
+            dir.path().join("missing.img").to_str().unwrap(),
+        ],
+        &format!("the newest it keeps: {kept}"),
+    );
 }
 
 /// The digest of an image as a sender computes it (`ctk::digest`).

@@ -53,7 +53,7 @@ impl DiskStore {
             return Err(self.fenced_error(f));
         }
         if !self.manifest.points.iter().any(|p| p.change_id == point) {
-            return Err(StoreError::NoSuchPoint(point.to_string()));
+            return Err(self.manifest.no_such_point(point));
         }
         let fence = FailedOver {
             point,

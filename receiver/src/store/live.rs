@@ -191,7 +191,7 @@ impl Exposure {
         };
         let point = point.ok_or_else(|| match pick {
             Pick::Latest => StoreError::NoSuchPoint(format!("of disk {name:?} (none kept)")),
-            Pick::Id(id) => StoreError::NoSuchPoint(id.to_string()),
+            Pick::Id(id) => manifest.no_such_point(id),
         })?;
         let pin = format!("{} {}\n", point.change_id, std::process::id());
         let tmp = dir.join("expose.pin.tmp");

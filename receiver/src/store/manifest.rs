@@ -256,6 +256,32 @@ impl Manifest {
         linked && ids.len() == self.points.len() && self.points.len() <= POINTS_MAX
     }
 
+    /// The error for point `id` when this manifest does not keep it: names the newest
+    /// points it does keep, so the caller sees what to ask for instead.
+    pub(super) fn no_such_point(&self, id: ChangeId) -> StoreError {
+        let kept: Vec<String> = self
+            .points
+            .iter()
+            .rev()
+            .take(8)
+            .map(|p| p.change_id.to_string())
+            .collect();
+        StoreError::NoSuchPoint(if kept.is_empty() {
+            format!("{id} of disk {:?} (it keeps none yet)", self.disk)
+        } else {
+            format!(
+                "{id} of disk {:?} (the newest it keeps: {}{}; `ctk-receiver points` lists them)",
+                self.disk,
+                kept.join(", "),
+                if self.points.len() > kept.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+
     pub(super) fn checksum(&self) -> String {
         let mut bare = self.clone();
         bare.checksum = None;
@@ -309,7 +335,7 @@ impl DiskStore {
             .points
             .iter_mut()
             .find(|p| p.change_id == change_id)
-            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
+            .ok_or_else(|| self.manifest.no_such_point(change_id))?;
         point.tested = Some(Box::new(tested));
         self.write_manifest(m)
     }

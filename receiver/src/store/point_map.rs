@@ -82,7 +82,7 @@ impl PointMap {
             .points
             .iter()
             .position(|p| p.change_id == change_id)
-            .ok_or_else(|| StoreError::NoSuchPoint(change_id.to_string()))?;
+            .ok_or_else(|| manifest.no_such_point(change_id))?;
         let point = manifest.points[index].clone();
         let size = point.disk_size;
         let damaged = |why: String| StoreError::Damaged {
