@@ -272,21 +272,7 @@ fn bad_deltas_and_names_are_refused_and_change_nothing() {
         "malformed ChangeId",
     );
     let missing = ChangeId::new(Generation(0x5eed_cafe), 99).to_string();
-    refuse(
-        &[
-            "restore",
-            "--store",
-            s,
-            "--disk",
-            "vm1",
-            "--point",
-            &missing,
-            "-o",
-            dir.path().join("missing.img").to_str().unwrap(),
-        ],
-        "no restore point",
-    );
-    // ... and the error says which are kept.
+    // Refused, and the error says which points are kept.
     let kept = points(s, "vm1").last().cloned().unwrap();
     refuse(
         &[
