@@ -256,6 +256,7 @@ fn bad_deltas_and_names_are_refused_and_change_nothing() {
     ]);
     let image = restored(s, "vm1", "latest", &dir.path().join("r.img"));
     assert!(image == c.states[2]);
+    restore_onto_a_block_device(s, &dir.path().join("dev.img"), &c.states[2]);
     // A restore of a point that is not kept.
     refuse(
         &[
@@ -622,4 +623,53 @@ fn a_long_zero_range_becomes_a_hole_and_a_short_one_reads_as_zeros() {
         "the point before restores wrong"
     );
     assert_eq!(ok(&["verify", "--store", s, "--json"])["ok"], true);
+}
+
+/// Detaches a loop device when dropped.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// The newest point of vm1 (`want`) restored onto a loop device over `backing`, larger than
+/// the point and full of 0xEE: refused without --force; with it, the point in place and the
+/// bytes past it untouched (the device is never resized).
+fn restore_onto_a_block_device(s: &str, backing: &Path, want: &[u8]) {
+    let tail = 1 << 20;
+    std::fs::write(backing, vec![0xEE; want.len() + tail]).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(backing)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup (run as root): {out:?}");
+    let dev = Loop(String::from_utf8(out.stdout).unwrap().trim().to_owned());
+    let args = |force: bool| {
+        let mut a = vec![
+            "restore", "--store", s, "--disk", "vm1", "--point", "latest", "-o", &dev.0,
+        ];
+        if force {
+            a.push("--force");
+        }
+        a
+    };
+    let refused = receiver(&args(false));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("only with --force"));
+    ok(&args(true));
+    let got = std::fs::read(backing).unwrap();
+    assert_eq!(got.len(), want.len() + tail, "the device was resized");
+    assert!(
+        got[..want.len()] == *want,
+        "the device does not hold the point"
+    );
+    assert!(
+        got[want.len()..].iter().all(|&b| b == 0xEE),
+        "bytes past the point changed"
+    );
 }

@@ -100,7 +100,13 @@ impl FileAt for File {
         FileExt::write_all_at(self, buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        let m = self.metadata()?;
+        if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) {
+            // A device's metadata says 0: its size is where its end is (the file position
+            // moves, which positional I/O never uses).
+            return io::Seek::seek(&mut &*self, io::SeekFrom::End(0));
+        }
+        Ok(m.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
@@ -156,19 +162,23 @@ impl FileAt for File {
             return Ok(Some(r as u64));
         }
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            // No holes to ask about (a block device): all data up to the end.
+            Some(libc::EINVAL) => Ok((pos < FileAt::len(self)?).then_some(pos)),
+            _ => Err(e),
         }
     }
     fn next_hole(&self, pos: u64) -> io::Result<u64> {
         // SAFETY: lseek on an open descriptor touches no memory.
         let r = unsafe { libc::lseek(self.as_raw_fd(), pos as i64, libc::SEEK_HOLE) };
         if r >= 0 {
-            Ok(r as u64)
-        } else {
-            Err(io::Error::last_os_error())
+            return Ok(r as u64);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(FileAt::len(self)?.max(pos)),
+            _ => Err(e),
         }
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -157,7 +157,9 @@ pub struct Restore {
     /// once whole and checked, so a failed restore never leaves a partial image there.
     /// `-` writes the image to stdout (read through an exposure, the point pinned meanwhile;
     /// its digest is checked as it streams, and a mismatch found after the last byte exits
-    /// with 3). With --group, the directory.
+    /// with 3). A block device (an LV, a /dev/nbdX) is written in place, never resized,
+    /// and only with --force; it must hold at least the point's size, and what lies past it
+    /// is left alone. With --group, the directory.
     #[arg(short = 'o', long)]
     pub output: PathBuf,
     /// Replace OUTPUT if it exists (never done without it).
@@ -287,13 +289,18 @@ pub(crate) fn restore_file(
     output: &std::path::Path,
     force: bool,
 ) -> Result<store::Point> {
-    // A device or anything else but a file would be replaced by the rename below.
+    if let Ok(m) = std::fs::metadata(output)
+        && std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())
+    {
+        return restore_device(store, disk, point, output, force);
+    }
+    // Anything else but a file would be replaced by the rename below.
     if let Ok(m) = std::fs::metadata(output)
         && !m.is_file()
     {
         bail!(
-            "{} is not a regular file: restore writes an image file (to a block device, \
-             restore to a file and copy it, or use `expose` and nbdcopy)",
+            "{} is neither a regular file nor a block device: restore writes an image file \
+             or onto a device",
             output.display()
         );
     }
@@ -311,14 +318,7 @@ pub(crate) fn restore_file(
     tmp_name.push(".ctk-restore");
     let tmp = output.with_file_name(tmp_name);
     let s = open(store, disk)?;
-    let point = match point {
-        store::Pick::Latest => s
-            .points()
-            .last()
-            .map(|p| p.change_id)
-            .context("the store holds no point yet")?,
-        store::Pick::Id(id) => id,
-    };
+    let point = resolve(&s, point)?;
     let mut progress = super::progress::Progress::new("restoring");
     let restored = s.restore(point, &tmp, |done, total| progress.update(done, total));
     drop(progress);
@@ -331,6 +331,47 @@ pub(crate) fn restore_file(
     };
     std::fs::rename(&tmp, output)
         .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+    Ok(p)
+}
+
+/// The point `point` picks in `s`.
+fn resolve(s: &store::DiskStore, point: store::Pick) -> Result<ctk::ChangeId> {
+    Ok(match point {
+        store::Pick::Latest => s
+            .points()
+            .last()
+            .map(|p| p.change_id)
+            .context("the store holds no point yet")?,
+        store::Pick::Id(id) => id,
+    })
+}
+
+/// `restore` onto the block device `device` (an LV, a `/dev/nbdX`): written in place, never
+/// resized, only with `force` (whatever it held is overwritten).
+fn restore_device(
+    store: &std::path::Path,
+    disk: &str,
+    point: store::Pick,
+    device: &std::path::Path,
+    force: bool,
+) -> Result<store::Point> {
+    use std::io::{Seek, SeekFrom};
+    if !force {
+        bail!(
+            "{} is a block device: restore overwrites what it holds only with --force",
+            device.display()
+        );
+    }
+    let size = std::fs::File::open(device)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .with_context(|| format!("reading the size of {}", device.display()))?;
+    let s = open(store, disk)?;
+    let point = resolve(&s, point)?;
+    let mut progress = super::progress::Progress::new("restoring");
+    let p = s.restore_to_device(point, device, size, |done, total| {
+        progress.update(done, total)
+    })?;
+    drop(progress);
     Ok(p)
 }
 

@@ -131,23 +131,76 @@ impl DiskStore {
         &self,
         change_id: ChangeId,
         out: &Path,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<Point> {
+        let target = self
+            .fs
+            .create(out)
+            .map_err(io_err(format!("creating {}", out.display())))?;
+        self.restore_onto(change_id, &*target, true, progress)
+    }
+
+    /// Writes the image of point `change_id` onto the block device `device` (an LV, a
+    /// `/dev/nbdX`), which must hold at least the point's size: never resized, and every
+    /// byte of the point written, zeros too (a device holds old data where a new file holds
+    /// a hole; zeros are discarded where the device guarantees they then read as zeros).
+    /// Bytes past the point's size are left as they were. Checked like a file restore.
+    pub fn restore_to_device(
+        &self,
+        change_id: ChangeId,
+        device: &Path,
+        device_size: u64,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<Point> {
+        let size = self.point_map(change_id)?.point().disk_size;
+        if device_size < size {
+            return Err(StoreError::Mismatch(format!(
+                "{} holds {device_size} bytes, point {change_id} is {size}: restore onto a \
+                 device at least that large",
+                device.display()
+            )));
+        }
+        let target = self
+            .fs
+            .open_rw(device)
+            .map_err(io_err(format!("opening {}", device.display())))?;
+        self.restore_onto(change_id, &*target, false, progress)
+    }
+
+    /// The restore into `target`: a new file (`sparse`: sized, and zeros left as holes) or
+    /// a device (every byte written).
+    fn restore_onto(
+        &self,
+        change_id: ChangeId,
+        target: &dyn FileAt,
+        sparse: bool,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Point> {
         let mut map = self.point_map(change_id)?;
         let point = map.point().clone();
         let size = point.disk_size;
-        let target = self
-            .fs
-            .create(out)
-            .map_err(io_err(format!("creating {}", out.display())))?;
-        target
-            .set_len(size)
-            .map_err(io_err("sizing the restored image"))?;
+        if sparse {
+            target
+                .set_len(size)
+                .map_err(io_err("sizing the restored image"))?;
+        }
+        let zero = |start: u64, len: u64| {
+            if sparse || len == 0 {
+                return Ok(());
+            }
+            target
+                .zero(start, len)
+                .map_err(io_err("zeroing the restored device"))
+        };
         let mut buf = vec![0u8; CHUNK];
         let runs = map.runs().to_vec();
         for (start, end, source) in runs {
-            // Zeros need nothing written: the target starts as one hole. Nor do the holes
-            // of full.img (`allocation` finds them): a sparse disk costs what its data costs.
+            // Zeros need nothing written to a new file: it starts as one hole. Nor do the
+            // holes of full.img (`allocation` finds them): a sparse disk costs what its data
+            // costs.
+            if source == Source::Zero {
+                zero(start, end - start)?;
+            }
             let mut pos = start;
             while source != Source::Zero && pos < end {
                 let mut runs = map.allocation(pos, end, 1024);
@@ -156,8 +209,11 @@ impl DiskStore {
                     runs = vec![(end - pos, false)];
                 }
                 for (len, hole) in runs {
-                    if !hole {
-                        copy_range(&mut map, &*target, &mut buf, (pos, pos + len), |at| {
+                    if hole {
+                        zero(pos, len)?;
+                    } else {
+                        let range = (pos, pos + len);
+                        copy_range(&mut map, target, &mut buf, range, sparse, |at| {
                             progress(at, size)
                         })?;
                     }
@@ -171,7 +227,7 @@ impl DiskStore {
         target
             .sync()
             .map_err(io_err("syncing the restored image"))?;
-        self.check_image(&target, &point, "the restored image")?;
+        self.check_image(target, &point, "the restored image")?;
         Ok(point)
     }
 
@@ -244,19 +300,27 @@ impl DiskStore {
 }
 
 /// Copies `[from, to)` of the point through `map` into `target`, in `buf`-sized pieces,
-/// telling `progress` how far it got.
+/// telling `progress` how far it got. `sparse`: zero blocks are left as the new file's
+/// holes; otherwise every byte is written (a device).
 fn copy_range(
     map: &mut PointMap,
     target: &dyn FileAt,
     buf: &mut [u8],
     (from, to): (u64, u64),
+    sparse: bool,
     mut progress: impl FnMut(u64),
 ) -> Result<()> {
     let mut pos = from;
     while pos < to {
         let n = (to - pos).min(buf.len() as u64) as usize;
         map.read_at(&mut buf[..n], pos)?;
-        write_sparse(target, &buf[..n], pos)?;
+        if sparse {
+            write_sparse(target, &buf[..n], pos)?;
+        } else {
+            target
+                .write_all_at(&buf[..n], pos)
+                .map_err(io_err("writing the restored image"))?;
+        }
         pos += n as u64;
         progress(pos);
     }
