@@ -22,7 +22,7 @@ use ctk::vfs::{self, Vfs};
 use ctk::{ChangeId, Consistency, GroupCutId};
 use serde::{Deserialize, Serialize};
 
-use super::{Result, StoreError, committed_points, io_err, validate_name};
+use super::{Result, StoreError, committed_points_in, io_err, validate_name};
 use crate::retention::Retention;
 
 /// One group point: the group's cut and each member's point of it.
@@ -145,7 +145,7 @@ pub fn commit(
     }
     for (disk, id) in &point.members {
         validate_name(disk)?;
-        if !committed_points(root, disk)?
+        if !committed_points_in(fs, root, disk)?
             .iter()
             .any(|p| p.change_id == *id)
         {

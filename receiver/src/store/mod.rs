@@ -185,9 +185,14 @@ pub fn newest_point(root: &Path, name: &str) -> Result<Option<ChangeId>> {
 
 /// The committed points of a disk, read without the store's lock (see `newest_point`).
 pub fn committed_points(root: &Path, name: &str) -> Result<Vec<Point>> {
+    committed_points_in(&RealFs, root, name)
+}
+
+/// `committed_points` through `fs`.
+pub fn committed_points_in(fs: &dyn Vfs, root: &Path, name: &str) -> Result<Vec<Point>> {
     validate_name(name)?;
     let path = root.join(name).join("manifest.json");
-    Ok(read_manifest(&RealFs, &path, name)?.map_or_else(Vec::new, |m| m.points))
+    Ok(read_manifest(fs, &path, name)?.map_or_else(Vec::new, |m| m.points))
 }
 
 /// The lock a serving receiver holds on its store's root (`.lock`, which no agent's name can
