@@ -346,7 +346,10 @@ fn restore_refuses_a_target_that_is_not_a_file() {
         ])
         .arg("--store")
         .arg(&store));
-    assert!(!ok && err.contains("not a regular file"), "{err}");
+    assert!(
+        !ok && err.contains("neither a regular file nor a block device"),
+        "{err}"
+    );
     use std::os::unix::fs::FileTypeExt;
     assert!(
         std::fs::metadata("/dev/null")

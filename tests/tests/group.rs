@@ -448,3 +448,80 @@ fn continuous_group_replication_records_a_group_point_each_cycle() {
         .to_owned();
     restore_checked(&pair, &last, &pair.d.join("restored"));
 }
+
+#[test]
+fn a_group_point_is_drilled_whole_and_the_result_recorded_on_every_member() {
+    let pair = Pair::new(10);
+    let _agent = serve_group(&pair);
+    let (ok, _, err) = run(&mut pair.replicate(&["--group", "g"]));
+    assert!(ok, "{err}");
+    let before = pair.d.join("before");
+    let (ok, _, err) = restore_group(&pair, "latest", &before);
+    assert!(ok, "{err}");
+    let store = pair.store();
+    let sockets = pair.d.join("drill");
+    let mut drill = Command::new(&pair.receiver_bin);
+    drill.args([
+        "drill",
+        "start",
+        "--store",
+        store.to_str().unwrap(),
+        "--group",
+        "g",
+    ]);
+    drill.args(["--listen-dir", sockets.to_str().unwrap(), "--json"]);
+    let (_drilled, line) = start(&mut drill);
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ready["writable"], true, "{ready}");
+    // Writes go to the drill's overlays; reads see them.
+    for m in ready["members"].as_array().unwrap() {
+        let uri = m["uri"].as_str().unwrap();
+        let (ok, out, err) = run(Command::new(common::tool("qemu-io")).args([
+            "-f",
+            "raw",
+            uri,
+            "-c",
+            "write -P 0x5c 0 64k",
+            "-c",
+            "read -P 0x5c 0 64k",
+        ]));
+        assert!(ok && !out.contains("fail"), "{out}{err}");
+    }
+    let (ok, out, err) = run(Command::new(&pair.receiver_bin).args([
+        "drill",
+        "stop",
+        "--store",
+        store.to_str().unwrap(),
+        "--group",
+        "g",
+        "--result",
+        "passed",
+        "--note",
+        "both disks",
+    ]));
+    assert!(ok, "{out}{err}");
+    // Each member's point carries the result, and is as it was: the drill wrote nothing
+    // into it.
+    let listed = common::points(&pair.receiver_bin, &store);
+    for d in listed.as_array().unwrap() {
+        let newest = d["points"].as_array().unwrap().last().unwrap();
+        assert_eq!(newest["tested"]["result"], "passed", "{d}");
+        assert!(d["exposed"].is_null(), "{d}");
+        assert!(
+            !store
+                .join(d["disk"].as_str().unwrap())
+                .join("drill.json")
+                .exists()
+        );
+    }
+    let after = pair.d.join("after");
+    let (ok, _, err) = restore_group(&pair, "latest", &after);
+    assert!(ok, "{err}");
+    for disk in ["a", "b"] {
+        let image = format!("{disk}.img");
+        assert!(
+            std::fs::read(before.join(&image)).unwrap()
+                == std::fs::read(after.join(&image)).unwrap()
+        );
+    }
+}

@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use ctk::ChangeId;
-use ctk_net::local::Listen;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -21,7 +20,8 @@ use ctk_receiver::export::{self, Overlay};
 use ctk_receiver::store::{self, DrillResult, Tested};
 
 use super::expose::run_export;
-use super::{DiskSel, PointSel, open};
+use super::group::Target;
+use super::open;
 
 #[derive(Subcommand)]
 pub enum Drill {
@@ -39,13 +39,10 @@ qemu-system-x86_64 -m 2G -drive file=nbd+unix:///vm1?socket=/run/ctk/vm1-drill.s
 ctk-receiver drill stop --store /srv/ctk/host1 --disk vm1 --result passed --note \"boots, db answers\"")]
 pub struct Start {
     #[command(flatten)]
-    pub sel: PointSel,
-    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT.
-    #[arg(long)]
-    pub listen: Listen,
+    pub served: super::group::Served,
     /// The overlay file, created new and removed at the end (default: drill/overlay.img in
     /// the disk's directory). Its filesystem takes every block the drill writes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub overlay: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
@@ -54,7 +51,7 @@ pub struct Start {
 #[derive(Args)]
 pub struct Stop {
     #[command(flatten)]
-    pub sel: DiskSel,
+    pub subject: super::group::Subject,
     /// How the drill went: passed or failed.
     #[arg(long)]
     pub result: DrillResult,
@@ -87,14 +84,47 @@ pub fn drill(cmd: Drill) -> Result<()> {
 
 fn start(args: Start) -> Result<()> {
     let Start {
-        sel,
-        listen,
+        served,
         overlay,
         json,
     } = args;
+    let (sel, listen) = match served.target()? {
+        Target::Disk(sel, listen) => (sel, listen),
+        Target::Group(_) if overlay.is_some() => {
+            bail!(
+                "--overlay names one disk's overlay: a group's members keep theirs in their disks' directories"
+            )
+        }
+        Target::Group(g) => return start_group(&g, json),
+    };
     let (store, exposure) = sel.expose("starting a drill on")?;
     let disk = sel.sel.disk;
-    if let Some(f) = store::failed_over(&store, &disk)? {
+    let served = begin(&store, &disk, exposure, overlay)?;
+    // `stop` reads the state before it signals us and removes it after recording; an end
+    // by Ctrl-C leaves it for a later `stop` to record the result.
+    run_export(&disk, served, &listen, json)
+}
+
+/// `drill start --group`: every member of the group point drilled in this one process.
+fn start_group(g: &super::group::GroupTarget, json: bool) -> Result<()> {
+    let (root, gp, pinned) = super::group::pin_members(g)?;
+    let mut served = Vec::new();
+    for (disk, exposure) in pinned {
+        let s = begin(&root, &disk, exposure, None).with_context(|| format!("disk {disk:?}"))?;
+        served.push((disk, s));
+    }
+    super::group::serve_members(&g.group, &gp, served, &g.dir, json)
+}
+
+/// A drill of `disk` begun on its pinned point: refused on a failed-over disk; the overlay
+/// made and `drill.json` written (naming this process), so `stop` finds it.
+fn begin(
+    store: &Path,
+    disk: &str,
+    exposure: store::Exposure,
+    overlay: Option<PathBuf>,
+) -> Result<export::Served> {
+    if let Some(f) = store::failed_over(store, disk)? {
         bail!(
             "{disk:?} is failed over (at {} since {}): its replica is the recovered VM's disk,              so there is nothing to drill; `failover status` says more",
             f.point,
@@ -102,7 +132,7 @@ fn start(args: Start) -> Result<()> {
         );
     }
     // The pin is ours: a default overlay or state left by a killed drill is stale.
-    let default = store.join(&disk).join("drill").join("overlay.img");
+    let default = store.join(disk).join("drill").join("overlay.img");
     let path = match overlay {
         Some(p) => p,
         None => {
@@ -120,21 +150,18 @@ fn start(args: Start) -> Result<()> {
         started_unix_ms: ctk::unix_ms_now(),
         overlay: path,
     };
-    let state_file = state_path(&store, &disk);
+    let state_file = state_path(store, disk);
     std::fs::write(&state_file, serde_json::to_vec_pretty(&state)?)
         .with_context(|| format!("writing {}", state_file.display()))?;
-    let served = export::Served {
+    Ok(export::Served {
         exposure: Arc::new(exposure),
         overlay: Some(export::Writes::Drill(Arc::new(overlay))),
-    };
-    // `stop` reads the state before it signals us and removes it after recording; an end
-    // by Ctrl-C leaves it for a later `stop` to record the result.
-    run_export(&disk, served, &listen, json)
+    })
 }
 
 fn stop(args: Stop) -> Result<()> {
     let Stop {
-        sel,
+        subject,
         result,
         note,
         json,
@@ -142,9 +169,44 @@ fn stop(args: Stop) -> Result<()> {
     if note.as_ref().is_some_and(|n| n.len() > store::NOTE_MAX) {
         bail!("--note is longer than {} bytes", store::NOTE_MAX);
     }
-    let store = sel.dir()?;
-    let disk = sel.disk;
-    let state_file = state_path(&store, &disk);
+    let (store, disks) = match &subject.group {
+        Some(g) => {
+            let dir = super::disks(&subject.store, subject.agent.as_deref(), None)?.0;
+            let catalog = store::groups::load(&ctk::vfs::RealFs, &dir, g)?;
+            let mut members: Vec<String> = catalog
+                .points
+                .iter()
+                .flat_map(|p| p.members.keys().cloned())
+                .filter(|d| state_path(&dir, d).exists())
+                .collect();
+            members.sort();
+            members.dedup();
+            if members.is_empty() {
+                bail!("no drill on group {g:?} to stop (start one with `drill start --group`)");
+            }
+            (dir, members)
+        }
+        None => {
+            let sel = subject.disk_sel()?;
+            (sel.dir()?, vec![sel.disk])
+        }
+    };
+    for disk in disks {
+        stop_disk(&store, &disk, result, note.clone(), json)?;
+    }
+    Ok(())
+}
+
+/// Ends the drill of `disk` (its process signalled if it still runs), discards its overlay
+/// and records the result on its point.
+fn stop_disk(
+    store: &Path,
+    disk: &str,
+    result: DrillResult,
+    note: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let state_file = state_path(store, disk);
     let text = match std::fs::read(&state_file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -154,14 +216,14 @@ fn stop(args: Stop) -> Result<()> {
     };
     let state: DrillState = serde_json::from_slice(&text)
         .with_context(|| format!("{} is damaged: remove it", state_file.display()))?;
-    let pin = std::fs::read_to_string(store.join(&disk).join("expose.pin")).unwrap_or_default();
+    let pin = std::fs::read_to_string(store.join(disk).join("expose.pin")).unwrap_or_default();
     let ours = pin.split_whitespace().nth(1) == Some(state.pid.to_string().as_str());
-    if ours && store::exposed(&store, &disk)? {
+    if ours && store::exposed(store, disk)? {
         // SAFETY: kill(2) with SIGTERM on the drill's own process id (its pin names it).
         unsafe { libc::kill(state.pid as i32, libc::SIGTERM) };
         // Stopped once its pin's lock is free: the kernel drops it as the process exits.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while store::exposed(&store, &disk)? {
+        while store::exposed(store, disk)? {
             if std::time::Instant::now() > deadline {
                 bail!(
                     "the drill (process {}) did not stop within 30 s of SIGTERM",
@@ -179,7 +241,7 @@ fn stop(args: Stop) -> Result<()> {
         result,
         note,
     };
-    let mut s = open(&store, &disk)?;
+    let mut s = open(store, disk)?;
     s.record_drill(state.point, tested.clone())
         .with_context(|| format!("recording the drill on {}", state.point))?;
     std::fs::remove_file(&state_file)

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use ctk_receiver::export;
 
-use super::PointSel;
+use super::group::Target;
 
 #[derive(Args)]
 #[command(after_help = "Examples:\n  \
@@ -24,29 +24,8 @@ The export is named after the disk. It is ready as soon as `expose` prints its U
 --json, one JSON line); stop it with Ctrl-C or SIGTERM, which also unpins the point. One \
 exposure per disk at a time.")]
 pub struct Expose {
-    /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
-    #[arg(long)]
-    pub store: std::path::PathBuf,
-    /// The agent, when --store is the receiver's root.
-    #[arg(long)]
-    pub agent: Option<String>,
-    /// The disk, as `points` lists it.
-    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
-    pub disk: Option<String>,
-    /// A consistency group's point instead: every member's point of it, pinned together,
-    /// each served on `--listen-dir`/DISK.sock.
-    #[arg(long, requires = "listen_dir")]
-    pub group: Option<String>,
-    /// The point's ChangeId (see `points`), or `latest` for the newest; with --group, the
-    /// group cut (see `points --group`) or `latest`.
-    #[arg(long, default_value = "latest")]
-    pub point: String,
-    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT (10809 is NBD's port).
-    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
-    pub listen: Option<Listen>,
-    /// With --group: the directory of the members' sockets (DISK.sock each; created).
-    #[arg(long)]
-    pub listen_dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub served: super::group::Served,
     /// Print the ready line as JSON: {"ready", "disk", "point", "size", "cut", "consistency",
     /// "writable", "mode" ("read-only", "drill" or "failover"), "uri"}.
     #[arg(long)]
@@ -54,25 +33,10 @@ pub struct Expose {
 }
 
 pub fn expose(args: Expose) -> Result<()> {
-    let Expose {
-        store,
-        agent,
-        disk,
-        group,
-        point,
-        listen,
-        listen_dir,
-        json,
-    } = args;
-    if let (Some(group), Some(dir)) = (group, listen_dir) {
-        return super::group::expose(&store, agent.as_deref(), &group, &point, &dir, json);
-    }
-    let (Some(disk), Some(listen)) = (disk, listen) else {
-        anyhow::bail!("name the disk (--disk) and where to listen (--listen)");
-    };
-    let sel = PointSel {
-        sel: super::DiskSel { store, agent, disk },
-        point: super::parse_point(&point).map_err(anyhow::Error::msg)?,
+    let Expose { served, json } = args;
+    let (sel, listen) = match served.target()? {
+        Target::Disk(sel, listen) => (sel, listen),
+        Target::Group(g) => return super::group::expose(&g, json),
     };
     let (_, exposure) = sel.expose("exposing a point of")?;
     let disk = sel.sel.disk;

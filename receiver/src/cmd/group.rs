@@ -1,15 +1,112 @@
 //! `points --group` and `restore --group`: a consistency group's points, each one cut of
 //! every member (`replicate --group`), listed and restored whole.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use ctk::GroupCutId;
-use ctk_receiver::store::{self, groups};
+use std::sync::Arc;
+
+use ctk_receiver::export;
+use ctk_receiver::store;
+use ctk_receiver::store::groups::{self, GroupPoint};
 
 use super::{ago, disks, when};
+
+/// A disk of a store, or a consistency group (whose group points name one point of each
+/// member), as `expose`, `drill start` and `drill stop` take them.
+#[derive(clap::Args)]
+pub(crate) struct Subject {
+    /// An agent's store (STORE/AGENT, as `serve` lays it out), or the root with --agent.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The agent, when --store is the receiver's root.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// The disk, as `points` lists it.
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    pub disk: Option<String>,
+    /// A consistency group instead: every member of a group point (see `points --group`).
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
+impl Subject {
+    /// The one disk and its store directory (a group is the caller's other branch).
+    pub(crate) fn disk_sel(self) -> Result<super::DiskSel> {
+        let disk = self
+            .disk
+            .context("name the disk (--disk) or the group (--group)")?;
+        Ok(super::DiskSel {
+            store: self.store,
+            agent: self.agent,
+            disk,
+        })
+    }
+}
+
+/// A point served over NBD and where (`expose`, `drill start`).
+#[derive(clap::Args)]
+pub(crate) struct Served {
+    #[command(flatten)]
+    pub subject: Subject,
+    /// The point's ChangeId (see `points`), or `latest` for the newest; with --group, the
+    /// group cut (see `points --group`) or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT (10809 is NBD's port).
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    pub listen: Option<ctk_net::local::Listen>,
+    /// With --group: the directory of the members' sockets (DISK.sock each; created).
+    #[arg(long, conflicts_with = "disk")]
+    pub listen_dir: Option<PathBuf>,
+}
+
+/// What `Served` names: one disk's point and its listener, or a group's and the directory
+/// of its members' sockets.
+pub(crate) enum Target {
+    Disk(super::PointSel, ctk_net::local::Listen),
+    Group(GroupTarget),
+}
+
+/// A group point to serve: the store, the group, the point (a group cut or `latest`), and
+/// the directory of the members' sockets.
+pub(crate) struct GroupTarget {
+    pub store: PathBuf,
+    pub agent: Option<String>,
+    pub group: String,
+    pub point: String,
+    pub dir: PathBuf,
+}
+
+impl Served {
+    pub(crate) fn target(self) -> Result<Target> {
+        let Served {
+            subject,
+            point,
+            listen,
+            listen_dir,
+        } = self;
+        if let Some(group) = subject.group {
+            let dir = listen_dir.context("--group serves each member on --listen-dir DIR")?;
+            return Ok(Target::Group(GroupTarget {
+                store: subject.store,
+                agent: subject.agent,
+                group,
+                point,
+                dir,
+            }));
+        }
+        let listen = listen.context("name where to listen (--listen)")?;
+        let sel = super::PointSel {
+            sel: subject.disk_sel()?,
+            point: super::parse_point(&point).map_err(anyhow::Error::msg)?,
+        };
+        Ok(Target::Disk(sel, listen))
+    }
+}
 
 /// The agent's store directory that `store` and `agent` name.
 fn agent_dir(store: &Path, agent: Option<&str>) -> Result<std::path::PathBuf> {
@@ -121,28 +218,51 @@ pub fn restore(
 /// Serves group point `point` (a group cut or `latest`) of `group` over NBD until SIGINT or
 /// SIGTERM: every member's point pinned and served read-only on `dir/<disk>.sock` (export
 /// named after the disk), all ready before the ready line, all stopped together.
-pub fn expose(
-    store: &Path,
-    agent: Option<&str>,
+pub(crate) fn expose(t: &GroupTarget, json: bool) -> Result<()> {
+    let (_, gp, pinned) = pin_members(t)?;
+    let served = pinned
+        .into_iter()
+        .map(|(disk, exposure)| {
+            let served = export::Served {
+                exposure: Arc::new(exposure),
+                overlay: None,
+            };
+            (disk, served)
+        })
+        .collect();
+    serve_members(&t.group, &gp, served, &t.dir, json)
+}
+
+/// The agent's store, a group point, and every member's exposure of it.
+pub(crate) type Pinned = (PathBuf, GroupPoint, Vec<(String, store::Exposure)>);
+
+/// Every member of group point `point` of `group` pinned (an exposure each), before any is
+/// served: all or none. The agent's store, the group point, and the pins.
+pub(crate) fn pin_members(t: &GroupTarget) -> Result<Pinned> {
+    let (group, which) = (&t.group, parse_group_point(&t.point)?);
+    let root = agent_dir(&t.store, t.agent.as_deref())?;
+    let gp = groups::find(&ctk::vfs::RealFs, &root, group, which)?;
+    let mut pinned = Vec::new();
+    for (disk, id) in &gp.members {
+        let exposure = store::Exposure::open(&root, disk, store::Pick::Id(*id))
+            .with_context(|| format!("pinning {disk} (point {id} of group {group:?})"))?;
+        exposure.reader()?;
+        pinned.push((disk.clone(), exposure));
+    }
+    Ok((root, gp, pinned))
+}
+
+/// Serves each member's export on `dir/<disk>.sock` until SIGINT or SIGTERM, after one
+/// ready line naming them all.
+pub(crate) fn serve_members(
     group: &str,
-    point: &str,
+    gp: &GroupPoint,
+    served: Vec<(String, export::Served)>,
     dir: &Path,
     json: bool,
 ) -> Result<()> {
-    use ctk_receiver::export;
-    use std::sync::Arc;
-    let which = parse_group_point(point)?;
-    let root = agent_dir(store, agent)?;
-    let gp = groups::find(&ctk::vfs::RealFs, &root, group, which)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Every member pinned before any is served: all or none.
-    let mut served = Vec::new();
-    for (disk, id) in &gp.members {
-        let exposure = store::Exposure::open(&root, disk, store::Pick::Id(*id))
-            .with_context(|| format!("exposing {disk} (point {id} of group {group:?})"))?;
-        exposure.reader()?;
-        served.push((disk.clone(), exposure));
-    }
+    let writable = served.iter().any(|(_, s)| s.overlay.is_some());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -150,17 +270,12 @@ pub fn expose(
     runtime.block_on(async {
         let mut exports = Vec::new();
         let mut uris = Vec::new();
-        for (disk, exposure) in served {
+        for (disk, served) in served {
             let listen = ctk_net::local::Listen::Unix(dir.join(format!("{disk}.sock")));
             let listener = export::bind(&listen).await?;
-            uris.push(
-                json!({"disk": disk, "point": exposure.point().change_id.to_string(),
-                "size": exposure.point().disk_size, "uri": listener.uri(&disk)?}),
-            );
-            let served = export::Served {
-                exposure: Arc::new(exposure),
-                overlay: None,
-            };
+            let p = served.exposure.point();
+            uris.push(json!({"disk": disk, "point": p.change_id.to_string(),
+                "size": p.disk_size, "uri": listener.uri(&disk)?}));
             exports.push((served, listener));
         }
         if json {
@@ -168,13 +283,18 @@ pub fn expose(
                 "{}",
                 json!({"ready": true, "group": group, "group_cut": gp.group_cut,
                        "cut": when(gp.cut_unix_ms), "consistency": gp.consistency,
-                       "writable": false, "members": uris})
+                       "writable": writable, "members": uris})
             );
         } else {
             println!(
-                "ready: group {group} as of {} (cut {}), read-only:",
+                "ready: group {group} as of {} (cut {}), {}:",
                 gp.group_cut,
-                when(gp.cut_unix_ms)
+                when(gp.cut_unix_ms),
+                if writable {
+                    "writable through throwaway overlays"
+                } else {
+                    "read-only"
+                }
             );
             for u in &uris {
                 println!("  {}", u["uri"].as_str().unwrap_or(""));
