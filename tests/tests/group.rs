@@ -525,3 +525,65 @@ fn a_group_point_is_drilled_whole_and_the_result_recorded_on_every_member() {
         );
     }
 }
+
+#[test]
+fn a_group_point_is_failed_over_whole_and_rolled_back_whole() {
+    let pair = Pair::new(10);
+    let _agent = serve_group(&pair);
+    let (ok, _, err) = run(&mut pair.replicate(&["--group", "g"]));
+    assert!(ok, "{err}");
+    let store = pair.store();
+    let sockets = pair.d.join("dr");
+    let mut failover = Command::new(&pair.receiver_bin);
+    failover.args([
+        "failover",
+        "start",
+        "--store",
+        store.to_str().unwrap(),
+        "--group",
+        "g",
+    ]);
+    failover.args(["--listen-dir", sockets.to_str().unwrap(), "--json"]);
+    let (mut running, line) = start(&mut failover);
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for m in ready["members"].as_array().unwrap() {
+        let (ok, out, err) = run(Command::new(common::tool("qemu-io")).args([
+            "-f",
+            "raw",
+            m["uri"].as_str().unwrap(),
+            "-c",
+            "write -P 0x6d 1M 64k",
+        ]));
+        assert!(ok && !out.contains("fail"), "{out}{err}");
+    }
+    // Every member is fenced: the group's push is refused, nothing commits.
+    let (ok, _, err) = run(&mut pair.replicate(&["--group", "g"]));
+    assert!(!ok && err.contains("failed over"), "{err}");
+    assert_eq!(group_points(&pair).len(), 1);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(running.0.id() as i32, libc::SIGTERM) };
+    let _ = running.0.wait();
+    let rollback = |discard: bool| {
+        let mut cmd = Command::new(&pair.receiver_bin);
+        cmd.args([
+            "failover",
+            "rollback",
+            "--store",
+            store.to_str().unwrap(),
+            "--group",
+            "g",
+        ]);
+        if discard {
+            cmd.arg("--discard-writes");
+        }
+        run(&mut cmd)
+    };
+    // The VM wrote: rolling back needs --discard-writes.
+    let (ok, _, err) = rollback(false);
+    assert!(!ok && err.contains("--discard-writes"), "{err}");
+    let (ok, out, err) = rollback(true);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = run(&mut pair.replicate(&["--group", "g"]));
+    assert!(ok, "after the rollback: {err}");
+    assert_eq!(group_points(&pair).len(), 2);
+}

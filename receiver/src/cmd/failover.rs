@@ -26,7 +26,8 @@ use ctk_receiver::export::{self, Changes, Tracked};
 use ctk_receiver::store::{self, Exposure, FailedOver, Pick};
 
 use super::expose::run_export;
-use super::{DiskSel, PointSel, disks, open};
+use super::group::Target;
+use super::{disks, open};
 
 #[derive(Subcommand)]
 pub enum Failover {
@@ -51,14 +52,11 @@ VM writes. From the first command on, the agent's pushes for this disk are refus
 error naming the failover, and nothing they send is committed.")]
 pub struct Start {
     #[command(flatten)]
-    pub sel: PointSel,
-    /// Where NBD clients connect: unix:PATH or tcp:ADDRESS:PORT.
-    #[arg(long)]
-    pub listen: Listen,
+    pub served: super::group::Served,
     /// Also copy the point into a standalone image at PATH in the background, while the VM
     /// runs (the overlay becomes that image; progress in the log and in `status`). A restart
     /// goes on where it stopped.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "group")]
     pub materialize: Option<PathBuf>,
     /// At most this many bytes per second for --materialize (e.g. 200M; 0: no limit), so
     /// that the recovered VM's own I/O keeps its share of the disks.
@@ -88,7 +86,7 @@ pub struct Status {
 #[derive(Args)]
 pub struct Rollback {
     #[command(flatten)]
-    pub sel: DiskSel,
+    pub subject: super::group::Subject,
     /// Throw away what the recovered VM wrote (required if it wrote anything).
     #[arg(long)]
     pub discard_writes: bool,
@@ -127,19 +125,76 @@ pub fn failover(cmd: Failover) -> Result<()> {
 
 fn start(args: Start) -> Result<()> {
     let Start {
-        sel,
-        listen,
+        served,
         materialize,
         materialize_rate,
         json,
     } = args;
+    let (sel, listen) = match served.target()? {
+        Target::Disk(sel, listen) => (sel, listen),
+        Target::Group(g) => return start_group(&g, json),
+    };
     let store = sel.sel.dir()?;
     let disk = sel.sel.disk.clone();
+    let (exposure, fence, _) = fence_disk(&store, &disk, sel.point)?;
+    if let Some(image) = &materialize {
+        super::materialize::prepare(&failover_dir(&store, &disk), image)?;
+    }
+    let uri = listen_uri(&listen, &disk);
+    let running = run_member(&store, &disk, exposure, fence, uri, materialize_rate)?;
+    let result = run_export(&disk, running.served(), &listen, json);
+    running.stop()?;
+    result
+}
+
+/// `failover start --group`: every member of the group point fenced (all or none: a member
+/// that cannot be fails the start, and the fences this run set are lifted again, nothing
+/// having been served), then each served writable on DIR/DISK.sock in this one process.
+/// Failback and rollback stay per disk (`rollback --group` rolls back each member).
+fn start_group(g: &super::group::GroupTarget, json: bool) -> Result<()> {
+    let (root, gp, pinned) = super::group::pin_members(g)?;
+    let mut fenced = Vec::new();
+    for (disk, exposure) in pinned {
+        let point = exposure.point().change_id;
+        // The pin goes before the fence takes its own (the same point).
+        drop(exposure);
+        match fence_disk(&root, &disk, Pick::Id(point)) {
+            Ok((exposure, fence, new)) => fenced.push((disk, exposure, fence, new)),
+            Err(e) => {
+                for (d, exposure, _, new) in fenced {
+                    drop(exposure);
+                    if new && let Err(e) = open(&root, &d).and_then(|mut s| Ok(s.unfence()?)) {
+                        tracing::warn!(disk = %d, error = %format!("{e:#}"), "lifting a fence");
+                    }
+                }
+                return Err(e.context(format!("failing over {disk:?} of group {:?}", g.group)));
+            }
+        }
+    }
+    let mut running = Vec::new();
+    for (disk, exposure, fence, _) in fenced {
+        let socket = g.dir.join(format!("{disk}.sock"));
+        let uri = Some(format!("nbd+unix:///{disk}?socket={}", socket.display()));
+        running.push(run_member(&root, &disk, exposure, fence, uri, 0)?);
+    }
+    let served = running
+        .iter()
+        .map(|r| (r.disk.clone(), r.served()))
+        .collect();
+    let result = super::group::serve_members(&g.group, &gp, served, &g.dir, json);
+    for r in running {
+        r.stop()?;
+    }
+    result
+}
+
+/// Fences `disk` at the point `pick` names (a failover already started keeps its own point)
+/// and pins that point. Whether this call set the fence (`false`: it was there).
+fn fence_disk(store: &Path, disk: &str, pick: Pick) -> Result<(Exposure, FailedOver, bool)> {
     // Under the store's lock from here to the fence: a merge in progress finishes first, and
     // none commits between choosing "latest" and fencing it.
-    let mut held = open(&store, &disk)?;
-    // A failover already started keeps its point: the overlay is over that one.
-    let pick = match (held.failed_over(), sel.point) {
+    let mut held = open(store, disk)?;
+    let pick = match (held.failed_over(), pick) {
         (Some(f), Pick::Latest) => Pick::Id(f.point),
         (Some(f), Pick::Id(id)) if id != f.point => bail!(
             "{disk:?} is already failed over at {} (since {}): start it again without --point, \
@@ -150,21 +205,47 @@ fn start(args: Start) -> Result<()> {
         (_, pick) => pick,
     };
     let exposure =
-        Exposure::open(&store, &disk, pick).with_context(|| format!("failing over {disk:?}"))?;
+        Exposure::open(store, disk, pick).with_context(|| format!("failing over {disk:?}"))?;
     exposure.reader()?;
     let point = exposure.point().clone();
-    let dir = failover_dir(&store, &disk);
-    if held.failed_over().is_none() {
-        remove_stale(&dir)?;
+    let new = held.failed_over().is_none();
+    if new {
+        remove_stale(&failover_dir(store, disk))?;
     }
     // The fence is durable before the first write can be acknowledged.
     let fence = held
         .fence(point.change_id)
         .with_context(|| format!("fencing {disk:?}"))?;
-    drop(held);
-    if let Some(image) = &materialize {
-        super::materialize::prepare(&dir, image)?;
-    }
+    Ok((exposure, fence, new))
+}
+
+/// A disk's failover running in this process: its overlay, the state file kept for
+/// `status`, and the background copy of `--materialize`.
+struct Running {
+    disk: String,
+    dir: PathBuf,
+    fence: FailedOver,
+    tracked: Arc<Tracked>,
+    /// Held to the end: the exposure's lock says the overlay is this process's, and
+    /// failback takes it (to hold the overlay itself) only once the journal is closed.
+    exposure: Arc<Exposure>,
+    done: Arc<AtomicBool>,
+    updater: std::thread::JoinHandle<()>,
+    copier: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Opens (or recovers) the fenced disk's overlay and starts keeping its state; the copy
+/// into a materialized image too, if one was prepared.
+fn run_member(
+    store: &Path,
+    disk: &str,
+    exposure: Exposure,
+    fence: FailedOver,
+    uri: Option<String>,
+    materialize_rate: u64,
+) -> Result<Running> {
+    let dir = failover_dir(store, disk);
+    let point = exposure.point().clone();
     let image = super::materialize::target(&dir);
     let (tracked, outcome) = Tracked::open(&dir, point.disk_size, &point.change_id.to_string())
         .context("opening the failover's overlay")?;
@@ -186,7 +267,6 @@ fn start(args: Start) -> Result<()> {
         fence.point,
         fence.since_rfc3339()
     );
-    let uri = listen_uri(&listen, &disk);
     write_state(&dir, &tracked.changes()?, &fence, uri.clone())?;
     tracked.on_flush({
         let (dir, fence, uri) = (dir.clone(), fence.clone(), uri.clone());
@@ -204,16 +284,12 @@ fn start(args: Start) -> Result<()> {
             fence.clone(),
             done.clone(),
         );
-        let uri = uri.clone();
         std::thread::spawn(move || keep_state(&dir, &weak, &fence, uri, &done))
     };
     let exposure = Arc::new(exposure);
-    // Held to the end: the exposure's lock says the overlay is this process's, and failback
-    // takes it (to hold the overlay itself) only once the journal below is closed.
-    let holding = exposure.clone();
     let copier = image.map(|image| {
         let (disk, weak, exposure, done) = (
-            disk.clone(),
+            disk.to_owned(),
             Arc::downgrade(&tracked),
             exposure.clone(),
             done.clone(),
@@ -225,21 +301,40 @@ fn start(args: Start) -> Result<()> {
         };
         std::thread::spawn(move || super::materialize::run(job, weak, exposure, done))
     });
-    let served = export::Served {
+    Ok(Running {
+        disk: disk.to_owned(),
+        dir,
+        fence,
+        tracked,
         exposure,
-        overlay: Some(export::Writes::Failover(tracked.clone())),
-    };
-    let result = run_export(&disk, served, &listen, json);
-    done.store(true, Ordering::Release);
-    let _ = updater.join();
-    if let Some(c) = copier {
-        let _ = c.join();
+        done,
+        updater,
+        copier,
+    })
+}
+
+impl Running {
+    fn served(&self) -> export::Served {
+        export::Served {
+            exposure: self.exposure.clone(),
+            overlay: Some(export::Writes::Failover(self.tracked.clone())),
+        }
     }
-    write_state(&dir, &tracked.changes()?, &fence, None)?;
-    // The last reference: the overlay is synced and its journal closed cleanly.
-    drop(tracked);
-    drop(holding);
-    result
+
+    /// After the export ended: the background work stopped, the state's last word written
+    /// (not served), then the overlay synced and its journal closed cleanly as the last
+    /// reference goes, and the pin with it.
+    fn stop(self) -> Result<()> {
+        self.done.store(true, Ordering::Release);
+        let _ = self.updater.join();
+        if let Some(c) = self.copier {
+            let _ = c.join();
+        }
+        write_state(&self.dir, &self.tracked.changes()?, &self.fence, None)?;
+        drop(self.tracked);
+        drop(self.exposure);
+        Ok(())
+    }
 }
 
 /// Before a new failover: whatever an earlier one left in its directory (a failback whose
@@ -448,24 +543,50 @@ fn human_bytes(n: u64) -> String {
 
 fn rollback(args: Rollback) -> Result<()> {
     let Rollback {
-        sel,
+        subject,
         discard_writes,
         json,
     } = args;
-    let store = sel.dir()?;
-    let disk = sel.disk;
-    let Some(fence) = store::failed_over(&store, &disk)? else {
+    if let Some(group) = &subject.group {
+        let dir = disks(&subject.store, subject.agent.as_deref(), None)?.0;
+        let catalog = store::groups::load(&ctk::vfs::RealFs, &dir, group)?;
+        let mut members: Vec<String> = catalog
+            .points
+            .iter()
+            .flat_map(|p| p.members.keys().cloned())
+            .collect();
+        members.sort();
+        members.dedup();
+        let mut rolled = 0;
+        for disk in members {
+            if store::failed_over(&dir, &disk)?.is_some() {
+                rollback_disk(&dir, disk, discard_writes, json)?;
+                rolled += 1;
+            }
+        }
+        if rolled == 0 {
+            bail!("no member of group {group:?} is failed over: nothing to roll back");
+        }
+        return Ok(());
+    }
+    let sel = subject.disk_sel()?;
+    rollback_disk(&sel.dir()?, sel.disk, discard_writes, json)
+}
+
+/// Rolls back the failover of `disk` in the agent's store `store`.
+fn rollback_disk(store: &Path, disk: String, discard_writes: bool, json: bool) -> Result<()> {
+    let Some(fence) = store::failed_over(store, &disk)? else {
         bail!("{disk:?} is not failed over: nothing to roll back");
     };
     // Holding the exposure keeps a `start` out while the overlay goes.
-    let exposure = Exposure::open(&store, &disk, Pick::Id(fence.point)).map_err(|e| match e {
+    let exposure = Exposure::open(store, &disk, Pick::Id(fence.point)).map_err(|e| match e {
         store::StoreError::Exposed { .. } => anyhow::anyhow!(
             "the failover of {disk:?} is being served (see `failover status`): stop it (Ctrl-C \
              or SIGTERM to its process) before rolling it back"
         ),
         e => anyhow::Error::new(e).context(format!("rolling back the failover of {disk:?}")),
     })?;
-    let dir = failover_dir(&store, &disk);
+    let dir = failover_dir(store, &disk);
     let written = if dir.join("journal").exists() {
         let opened = Tracked::open(&dir, exposure.point().disk_size, &fence.point.to_string())
             .and_then(|(t, _)| t.changes());
@@ -506,7 +627,7 @@ fn rollback(args: Rollback) -> Result<()> {
         }
         _ => {}
     }
-    open(&store, &disk)?
+    open(store, &disk)?
         .unfence()
         .with_context(|| format!("lifting the fence of {disk:?}"))?;
     drop(exposure);
