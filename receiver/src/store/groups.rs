@@ -225,3 +225,89 @@ pub fn find(
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DiskStore, PointMeta};
+    use ctk::Generation;
+    use ctk::delta::{DeltaHeader, DeltaWriter, WriteOptions};
+    use ctk::vfs::RealFs;
+
+    /// A first full of disk `disk` under `root` committed as its one point.
+    fn full(root: &Path, disk: &str) -> ChangeId {
+        let id = ChangeId::new(Generation(0x5eed), 1);
+        let header = DeltaHeader {
+            disk_id: disk.into(),
+            disk_size: 8192,
+            block_size: 4096,
+            from: None,
+            to: id,
+        };
+        let mut w = DeltaWriter::new(Vec::new(), &header, WriteOptions::default()).unwrap();
+        w.write_extent(0, &[7; 8192]).unwrap();
+        let bytes = w.finish().unwrap().0;
+        let (mut s, _) = DiskStore::open(root, disk).unwrap();
+        s.ingest(bytes.as_slice(), 10usize, |_| Ok(PointMeta::default()))
+            .unwrap();
+        id
+    }
+
+    fn point(cut: u128, cut_unix_ms: u64, members: &[(&str, ChangeId)]) -> GroupPoint {
+        GroupPoint {
+            group_cut: GroupCutId(cut),
+            cut_unix_ms,
+            consistency: Consistency::Crash,
+            committed_unix_ms: cut_unix_ms,
+            members: members.iter().map(|(d, id)| (d.to_string(), *id)).collect(),
+        }
+    }
+
+    #[test]
+    fn group_points_commit_once_whole_in_order_and_retention_drops_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (a, b) = (full(root, "a"), full(root, "b"));
+        let keep = Retention::from(10);
+        let both = [("a", a), ("b", b)];
+        let commit = |p: GroupPoint, keep: &Retention| commit(&RealFs, root, "g", p, keep, 1000);
+        assert!(!commit(point(1, 100, &both), &keep).unwrap());
+        // Asked again (an answer lost): already, nothing added.
+        assert!(commit(point(1, 100, &both), &keep).unwrap());
+        assert_eq!(load(&RealFs, root, "g").unwrap().points.len(), 1);
+        // The same group cut with other members, an older cut, a member with no such point.
+        let refused = [
+            commit(point(1, 100, &[("a", a)]), &keep),
+            commit(point(2, 50, &both), &keep),
+            commit(point(3, 150, &[("a", a), ("c", b)]), &keep),
+            commit(point(4, 150, &[]), &keep),
+        ];
+        assert!(matches!(refused[0], Err(StoreError::Mismatch(_))));
+        assert!(matches!(refused[1], Err(StoreError::Mismatch(_))));
+        assert!(matches!(&refused[2], Err(StoreError::NoSuchPoint(why)) if why.contains("\"c\"")));
+        assert!(matches!(refused[3], Err(StoreError::Mismatch(_))));
+        assert_eq!(load(&RealFs, root, "g").unwrap().points.len(), 1);
+        // Keeping one: the older group point goes whole; its members stay pinned by the new.
+        assert!(!commit(point(5, 200, &both), &Retention::from(1)).unwrap());
+        let kept = load(&RealFs, root, "g").unwrap().points;
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].group_cut, GroupCutId(5));
+        assert_eq!(pinned(&RealFs, root, "a").unwrap(), [a]);
+        assert_eq!(
+            find(&RealFs, root, "g", None).unwrap().group_cut,
+            GroupCutId(5)
+        );
+        let missing = find(&RealFs, root, "g", Some(GroupCutId(1))).unwrap_err();
+        assert!(
+            missing.to_string().contains("the newest it keeps"),
+            "{missing}"
+        );
+        // A catalog that is not one is damage, said as such, never an empty group.
+        std::fs::write(root.join("groups/g.json"), b"{\"points\": [oops").unwrap();
+        assert!(matches!(
+            load(&RealFs, root, "g"),
+            Err(StoreError::Damaged { .. })
+        ));
+        assert!(pinned(&RealFs, root, "a").is_err());
+    }
+}
