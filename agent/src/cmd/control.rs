@@ -320,6 +320,13 @@ pub fn status(args: Status) -> Result<()> {
                 out.push_str(&failback_line(f));
             }
         }
+        for g in &a.groups {
+            out.push_str(&format!(
+                "group {}: {} (cut together: cut --group, replicate --group)\n",
+                g.name,
+                g.disks.join(", ")
+            ));
+        }
         out.trim_end().to_string()
     })
 }
