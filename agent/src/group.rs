@@ -44,6 +44,9 @@ pub enum GroupError {
     /// Two groups of one name.
     #[error("group {0:?} is given twice")]
     Duplicate(String),
+    /// More members than a group point may name on the wire.
+    #[error("group {0:?} has more than {max} disks (split it)", max = ctk::wire::GROUP_MEMBERS_MAX)]
+    TooLarge(String),
 }
 
 /// Whether `name` is a valid disk or group name: 1 to 128 of A-Z a-z 0-9 . _ -, not
@@ -87,6 +90,9 @@ pub fn resolve(
         }
         if members.is_empty() {
             return Err(GroupError::Empty(name));
+        }
+        if members.len() > ctk::wire::GROUP_MEMBERS_MAX {
+            return Err(GroupError::TooLarge(name));
         }
         let mut indexes = Vec::with_capacity(members.len());
         for disk in members {
@@ -170,6 +176,14 @@ mod tests {
             GroupError::BadName("../a".into())
         );
         assert!(err(&[("", &["os"])]).to_string().contains("group name"));
+        let many: Vec<String> = (0..=ctk::wire::GROUP_MEMBERS_MAX)
+            .map(|i| format!("d{i}"))
+            .collect();
+        let names: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            resolve(vec![("big".into(), many.clone())], &names),
+            Err(GroupError::TooLarge("big".into()))
+        );
         assert_eq!(
             parse_flag("erp=os, db,,wal"),
             Ok(("erp".into(), vec!["os".into(), "db".into(), "wal".into()]))

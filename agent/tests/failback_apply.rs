@@ -31,15 +31,6 @@ fn delta(size: u64) -> Vec<u8> {
     w.finish().unwrap().0
 }
 
-/// One control request line; its answer.
-fn ask(agent: &Agent, line: &str) -> serde_json::Value {
-    let mut s = UnixStream::connect(&agent.control).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap()
-}
-
 /// An `apply` with `body` after it, the writing half closed; the answer, and whether the
 /// agent closed the connection after it.
 fn apply(agent: &Agent, body: &[u8]) -> (serde_json::Value, bool) {
@@ -66,7 +57,7 @@ fn apply(agent: &Agent, body: &[u8]) -> (serde_json::Value, bool) {
 }
 
 fn passes(agent: &Agent) -> u64 {
-    let status = ask(agent, r#"{"cmd":"status"}"#);
+    let status = agent.call(r#"{"cmd":"status"}"#);
     status["disks"][0]["failback"]["passes"].as_u64().unwrap()
 }
 
@@ -84,7 +75,7 @@ fn a_pass_cut_short_or_damaged_is_refused_unrecorded_and_a_whole_one_is_applied(
     assert!(answer["error"].as_str().unwrap().contains("no failback"));
     assert!(closed, "the connection ends with an apply's answer");
 
-    let begun = ask(&agent, r#"{"cmd":"failback","disk":"d","step":"begin"}"#);
+    let begun = agent.call(r#"{"cmd":"failback","disk":"d","step":"begin"}"#);
     assert_eq!(begun["ok"], true, "{begun}");
     assert_eq!(passes(&agent), 0);
 
@@ -132,6 +123,6 @@ fn a_pass_cut_short_or_damaged_is_refused_unrecorded_and_a_whole_one_is_applied(
     assert!(disk[3 * MIB as usize..][..65536].iter().all(|&b| b == 0x5A));
     assert!(disk[..MIB as usize].iter().all(|&b| b == 0));
     // The writes went through the tracker: the disk's changes name them.
-    let status = ask(&agent, r#"{"cmd":"status"}"#);
+    let status = agent.call(r#"{"cmd":"status"}"#);
     assert!(status["disks"][0]["open_epoch_blocks"].as_u64().unwrap() >= 32);
 }

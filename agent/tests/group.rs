@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::BufReader;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -17,11 +16,7 @@ use ctk::delta::{DeltaReader, DeltaRecord};
 
 /// One control request line; its answer (`ok` checked by the caller).
 fn ask(agent: &Agent, request: serde_json::Value) -> serde_json::Value {
-    let mut s = UnixStream::connect(&agent.control).unwrap();
-    writeln!(s, "{request}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap()
+    agent.call(&request.to_string())
 }
 
 fn ok(agent: &Agent, request: serde_json::Value) -> serde_json::Value {

@@ -209,7 +209,7 @@ fn postgresql_across_two_disks_recovers_from_every_group_cut() {
                 r#"{{"cmd":"group_export","group":"pg","consistency":"crash","members":[{}]}}"#,
                 exports.join(",")
             );
-            let answer = agent_call(&agent, &request);
+            let answer = agent.call(&request);
             assert_eq!(answer["ok"], true, "{answer}");
             floors.push(floor);
         }
@@ -289,14 +289,4 @@ fn recover(
         )
     });
     (count, max)
-}
-
-/// One control request line to the agent; its answer.
-fn agent_call(agent: &Agent, line: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(&agent.control).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap()
 }

@@ -78,22 +78,32 @@ pub fn hold_and_seal_all(
     drop(holds);
     // The seals' fsyncs run with no gate held: writes (which need the tracker lock for
     // every intent and record) go on meanwhile. A ChangeId is returned only once durable.
+    // Every member's seal is finished and every backing flushed even when one fails: a
+    // member left half done would keep its cut unconfirmed until its next one. The first
+    // failure is the answer.
     let mut ids = Vec::with_capacity(pending.len());
+    let mut first_error: Option<anyhow::Error> = failed.map(Into::into);
     for (disk, mut p) in disks.iter().zip(pending) {
         let synced = Instant::now();
         p.sync();
-        let id = disk.with_tracker(|t| Ok(t.finish_cut(p)?))?;
-        ids.push((id, synced.elapsed()));
-    }
-    if let Some(e) = failed {
-        return Err(e.into());
+        match disk.with_tracker(|t| Ok(t.finish_cut(p)?)) {
+            Ok(id) => ids.push((id, synced.elapsed())),
+            Err(e) => {
+                first_error.get_or_insert(e.into());
+            }
+        }
     }
     // Make the cut's data durable on each backing. This needs no hold: every write
     // acknowledged before the seal is flushed by it (later ones too, harmlessly), and
     // readers of the cut (exports) read through this host, protected by copy-on-write.
     // Flushed inside the hold, the hold would last as long as the page cache is dirty.
     for disk in disks {
-        disk.file.sync_data().map_err(DiskError::Io)?;
+        if let Err(e) = disk.file.sync_data() {
+            first_error.get_or_insert(DiskError::Io(e).into());
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     ids.into_iter()
         .zip(values)

@@ -202,6 +202,17 @@ impl Agent {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// One request line on the control socket (JSON, as docs/format.md section 7 says);
+    /// the answer's JSON (`ok` left for the caller to check).
+    pub fn call(&self, line: &str) -> serde_json::Value {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    }
+
     pub fn latest(&self, disk: &str) -> String {
         let status = self.ok(&["status"]);
         let d = status["disks"]

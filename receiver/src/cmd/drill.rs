@@ -39,7 +39,7 @@ qemu-system-x86_64 -m 2G -drive file=nbd+unix:///vm1?socket=/run/ctk/vm1-drill.s
 ctk-receiver drill stop --store /srv/ctk/host1 --disk vm1 --result passed --note \"boots, db answers\"")]
 pub struct Start {
     #[command(flatten)]
-    pub served: super::group::Served,
+    pub served: super::group::ServeSel,
     /// The overlay file, created new and removed at the end (default: drill/overlay.img in
     /// the disk's directory). Its filesystem takes every block the drill writes.
     #[arg(long, conflicts_with = "group")]
@@ -172,15 +172,10 @@ fn stop(args: Stop) -> Result<()> {
     let (store, disks) = match &subject.group {
         Some(g) => {
             let dir = super::disks(&subject.store, subject.agent.as_deref(), None)?.0;
-            let catalog = store::groups::load(&ctk::vfs::RealFs, &dir, g)?;
-            let mut members: Vec<String> = catalog
-                .points
-                .iter()
-                .flat_map(|p| p.members.keys().cloned())
+            let members: Vec<String> = store::groups::member_disks(&ctk::vfs::RealFs, &dir, g)?
+                .into_iter()
                 .filter(|d| state_path(&dir, d).exists())
                 .collect();
-            members.sort();
-            members.dedup();
             if members.is_empty() {
                 bail!("no drill on group {g:?} to stop (start one with `drill start --group`)");
             }

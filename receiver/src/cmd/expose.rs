@@ -25,7 +25,7 @@ The export is named after the disk. It is ready as soon as `expose` prints its U
 exposure per disk at a time.")]
 pub struct Expose {
     #[command(flatten)]
-    pub served: super::group::Served,
+    pub served: super::group::ServeSel,
     /// Print the ready line as JSON: {"ready", "disk", "point", "size", "cut", "consistency",
     /// "writable", "mode" ("read-only", "drill" or "failover"), "uri"}.
     #[arg(long)]

@@ -52,7 +52,7 @@ VM writes. From the first command on, the agent's pushes for this disk are refus
 error naming the failover, and nothing they send is committed.")]
 pub struct Start {
     #[command(flatten)]
-    pub served: super::group::Served,
+    pub served: super::group::ServeSel,
     /// Also copy the point into a standalone image at PATH in the background, while the VM
     /// runs (the overlay becomes that image; progress in the log and in `status`). A restart
     /// goes on where it stopped.
@@ -549,16 +549,8 @@ fn rollback(args: Rollback) -> Result<()> {
     } = args;
     if let Some(group) = &subject.group {
         let dir = disks(&subject.store, subject.agent.as_deref(), None)?.0;
-        let catalog = store::groups::load(&ctk::vfs::RealFs, &dir, group)?;
-        let mut members: Vec<String> = catalog
-            .points
-            .iter()
-            .flat_map(|p| p.members.keys().cloned())
-            .collect();
-        members.sort();
-        members.dedup();
         let mut rolled = 0;
-        for disk in members {
+        for disk in store::groups::member_disks(&ctk::vfs::RealFs, &dir, group)? {
             if store::failed_over(&dir, &disk)?.is_some() {
                 rollback_disk(&dir, disk, discard_writes, json)?;
                 rolled += 1;

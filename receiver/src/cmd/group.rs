@@ -49,7 +49,7 @@ impl Subject {
 
 /// A point served over NBD and where (`expose`, `drill start`).
 #[derive(clap::Args)]
-pub(crate) struct Served {
+pub(crate) struct ServeSel {
     #[command(flatten)]
     pub subject: Subject,
     /// The point's ChangeId (see `points`), or `latest` for the newest; with --group, the
@@ -64,7 +64,7 @@ pub(crate) struct Served {
     pub listen_dir: Option<PathBuf>,
 }
 
-/// What `Served` names: one disk's point and its listener, or a group's and the directory
+/// What `ServeSel` names: one disk's point and its listener, or a group's and the directory
 /// of its members' sockets.
 pub(crate) enum Target {
     Disk(super::PointSel, ctk_net::local::Listen),
@@ -81,9 +81,9 @@ pub(crate) struct GroupTarget {
     pub dir: PathBuf,
 }
 
-impl Served {
+impl ServeSel {
     pub(crate) fn target(self) -> Result<Target> {
-        let Served {
+        let ServeSel {
             subject,
             point,
             listen,

@@ -100,6 +100,18 @@ pub fn groups(fs: &dyn Vfs, root: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Every disk any group point of `group` names, sorted, once each.
+pub fn member_disks(fs: &dyn Vfs, root: &Path, group: &str) -> Result<Vec<String>> {
+    let mut disks: Vec<String> = load(fs, root, group)?
+        .points
+        .into_iter()
+        .flat_map(|p| p.members.into_keys())
+        .collect();
+    disks.sort();
+    disks.dedup();
+    Ok(disks)
+}
+
 /// Every point of disk `disk` that a group point under `root` names: retention keeps them.
 pub fn pinned(fs: &dyn Vfs, root: &Path, disk: &str) -> Result<Vec<ChangeId>> {
     let mut ids = Vec::new();
